@@ -1,0 +1,78 @@
+"""Plain data for GPUs and their processes, and the one interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Device",
+    "GpuProcess",
+    "Backend",
+    "LINK_SAME",
+    "LINK_NVLINK",
+    "LINK_PCIE_SWITCH",
+    "LINK_PCIE_MULTI",
+    "LINK_HOST_BRIDGE",
+    "LINK_NUMA",
+    "LINK_SYSTEM",
+]
+
+# Distances between two devices, smaller is closer (NVML's topology levels, NVLink first).
+LINK_SAME = 0
+LINK_NVLINK = 5
+LINK_PCIE_SWITCH = 10
+LINK_PCIE_MULTI = 20
+LINK_HOST_BRIDGE = 30
+LINK_NUMA = 40
+LINK_SYSTEM = 50
+
+
+@dataclass(frozen=True)
+class Device:
+    """One GPU as a backend sees it at one instant."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: int | None = None
+
+    @property
+    def memory_free_bytes(self) -> int:
+        return max(0, self.memory_total_bytes - self.memory_used_bytes)
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process using GPU memory on one device; ``used_bytes`` is None where the driver hides it."""
+
+    device_index: int
+    device_uuid: str
+    pid: int
+    used_bytes: int | None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What Chronos needs from a source of GPUs: real (NVML) or simulated."""
+
+    #: ``"nvml"`` or ``"simulated"``.
+    name: str
+
+    def devices(self) -> list[Device]:
+        """Every device, ordered by index."""
+        ...
+
+    def processes(self, indices: list[int] | None = None) -> list[GpuProcess]:
+        """GPU processes on the given devices (all devices when None), in one poll."""
+        ...
+
+    def distances(self) -> list[list[int]]:
+        """An n x n matrix of ``LINK_*`` distances between devices."""
+        ...
+
+    def driver_version(self) -> str | None:
+        """The driver's version string, or None where there is no driver."""
+        ...

@@ -1,0 +1,64 @@
+"""One error hierarchy; each class carries the CLI exit code it maps to."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChronosError",
+    "InvalidRequestError",
+    "UnavailableError",
+    "NotAllowedError",
+    "LeaseNotFoundError",
+    "BackendError",
+    "StateError",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_BAD_INPUT",
+    "EXIT_UNAVAILABLE",
+    "EXIT_NOT_ALLOWED",
+    "EXIT_NO_SUCH_LEASE",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_ALLOWED = 4
+EXIT_NO_SUCH_LEASE = 5
+
+
+class ChronosError(Exception):
+    """Base of every error Chronos raises on purpose; the message is one line for a person."""
+
+    exit_code: int = EXIT_ERROR
+
+
+class InvalidRequestError(ChronosError, ValueError):
+    """Bad input: unparsable, out of range, or a request that could never fit on this machine."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UnavailableError(ChronosError):
+    """The request is valid but cannot be satisfied now (not enough free memory, queue timeout)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NotAllowedError(ChronosError, PermissionError):
+    """The caller may not do this: another user's lease, admin-only options, a policy limit."""
+
+    exit_code = EXIT_NOT_ALLOWED
+
+
+class LeaseNotFoundError(ChronosError, LookupError):
+    """No lease has this id."""
+
+    exit_code = EXIT_NO_SUCH_LEASE
+
+
+class BackendError(ChronosError):
+    """The GPU backend failed (NVML missing or returning an error)."""
+
+
+class StateError(ChronosError):
+    """The state directory or ledger is unsafe or unusable (symlinks, foreign owner, corruption)."""

@@ -1,0 +1,1 @@
+"""Chronos for Jupyter: ``%chronos`` magics, a lease widget and a kernel provisioner."""

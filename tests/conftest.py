@@ -1,0 +1,70 @@
+"""Every test gets its own state directory, simulated GPUs and no system config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+HAS_GPU = _has_gpu()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU found")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def chronos_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated state directory; simulated GPUs unless the test is marked ``gpu``."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("CHRONOS_STATE_DIR", str(state))
+    monkeypatch.setenv("CHRONOS_CONFIG", str(state / "no-config.toml"))
+    monkeypatch.setenv("CHRONOS_USER_CONFIG", str(state / "no-user-config.toml"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CHRONOS_LEASE_ID", raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    if "gpu" in request.keywords:
+        monkeypatch.setenv("CHRONOS_BACKEND", "nvml")
+    else:
+        monkeypatch.setenv("CHRONOS_BACKEND", "simulated")
+        monkeypatch.setenv("CHRONOS_SIM_GPUS", "2x80G")
+    from chronos import engine
+
+    engine.reset_default_engine()
+    yield state
+    engine.reset_default_engine()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``chronos ARGS`` as a real subprocess with the test's environment."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "chronos", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, input=input,
+    )
