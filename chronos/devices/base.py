@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "Device",
-    "GpuProcess",
-    "Backend",
-    "LINK_SAME",
-    "LINK_NVLINK",
-    "LINK_PCIE_SWITCH",
-    "LINK_PCIE_MULTI",
     "LINK_HOST_BRIDGE",
     "LINK_NUMA",
+    "LINK_NVLINK",
+    "LINK_PCIE_MULTI",
+    "LINK_PCIE_SWITCH",
+    "LINK_SAME",
     "LINK_SYSTEM",
+    "Backend",
+    "Device",
+    "GpuProcess",
 ]
 
 # Distances between two devices, smaller is closer (NVML's topology levels, NVLink first).
