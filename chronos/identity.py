@@ -1,0 +1,73 @@
+"""Who is asking: OS users, groups and admin rights."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+from functools import lru_cache
+
+from chronos.errors import InvalidRequestError
+
+__all__ = ["User", "current_user", "lookup_user", "is_admin", "groups_of"]
+
+
+@dataclass(frozen=True)
+class User:
+    uid: int
+    name: str
+
+
+@lru_cache(maxsize=64)
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def current_user() -> User:
+    uid = os.getuid()
+    return User(uid, _name_of(uid))
+
+
+def lookup_user(name: str) -> User:
+    """A user by name or numeric uid; unknown names are bad input."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if name.isdigit():
+            return User(int(name), _name_of(int(name)))
+        raise InvalidRequestError(f"no such user {name!r} on this machine") from None
+    return User(entry.pw_uid, entry.pw_name)
+
+
+def groups_of(user: User) -> set[str]:
+    """Names of the groups ``user`` belongs to (primary and supplementary)."""
+    names: set[str] = set()
+    try:
+        entry = pwd.getpwuid(user.uid)
+        names.add(grp.getgrgid(entry.pw_gid).gr_name)
+        names.update(g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem)
+    except KeyError:
+        pass
+    return names
+
+
+def is_admin(user: User, admin_group: str | None) -> bool:
+    """Root, or a member of the configured admin group."""
+    if user.uid == 0:
+        return True
+    if not admin_group:
+        return False
+    try:
+        group = grp.getgrnam(admin_group)
+    except KeyError:
+        return False
+    if user.name in group.gr_mem:
+        return True
+    try:
+        return pwd.getpwuid(user.uid).pw_gid == group.gr_gid
+    except KeyError:
+        return False

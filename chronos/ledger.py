@@ -1,0 +1,280 @@
+"""The SQLite ledger: schema, migrations, short write transactions and the append-only audit log.
+
+This is the only module that speaks SQL. Every write runs in ``BEGIN IMMEDIATE`` so that
+the read-decide-write of an admission is atomic across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chronos.errors import StateError
+from chronos.lease import ACTIVE, QUEUED, Lease
+from chronos.state import prepare_file
+
+__all__ = ["Ledger", "Event", "SCHEMA_VERSION", "DB_NAME"]
+
+DB_NAME = "chronos.db"
+BUSY_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the audit log: who did what to which lease, when."""
+
+    id: int
+    at: float
+    lease_id: str
+    event: str
+    uid: int
+    user: str
+    pid: int
+    detail: dict[str, Any]
+
+
+_V1 = (
+    """CREATE TABLE leases (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        devices TEXT NOT NULL,
+        device_uuids TEXT NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        expires_at REAL,
+        duration_s REAL NOT NULL,
+        priority TEXT NOT NULL,
+        state TEXT NOT NULL,
+        label TEXT,
+        pid INTEGER,
+        pid_start REAL,
+        ended_at REAL,
+        end_reason TEXT,
+        peak_memory_bytes INTEGER,
+        gpu_seconds REAL,
+        request TEXT
+    )""",
+    "CREATE INDEX leases_state ON leases(state)",
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        lease_seq INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        detail TEXT NOT NULL
+    )""",
+    "CREATE INDEX events_at ON events(at)",
+    """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+)
+
+
+#: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
+MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = (
+    "seq, uid, owner, devices, device_uuids, memory_bytes, created_at, started_at, expires_at, duration_s, "
+    "priority, state, label, pid, pid_start, ended_at, end_reason, peak_memory_bytes, gpu_seconds, request"
+)
+
+
+class Ledger:
+    """One connection to the ledger file; safe to share between threads of one process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = prepare_file(Path(directory) / DB_NAME)
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"ledger {self.path} has schema {version}, newer than this Chronos understands "
+                f"({SCHEMA_VERSION}); upgrade Chronos"
+            )
+        while version < SCHEMA_VERSION:
+            with self.transaction():
+                # Another process may have migrated while we waited for the lock.
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if version < SCHEMA_VERSION:
+                    for statement in MIGRATIONS[version]:
+                        self._conn.execute(statement)
+                    version += 1
+                    self._conn.execute(f"PRAGMA user_version = {version}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- transactions ---------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[Ledger]:
+        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Ledger]:
+        """A read transaction: a consistent view without taking the write lock."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self
+            finally:
+                self._conn.execute("COMMIT")
+
+    # -- leases ---------------------------------------------------------------------------
+    def insert(self, lease: Lease, request: dict[str, Any] | None = None) -> str:
+        cur = self._conn.execute(
+            f"INSERT INTO leases ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                lease.uid, lease.owner, json.dumps(list(lease.devices)), json.dumps(list(lease.device_uuids)),
+                lease.memory_bytes, lease.created_at, lease.started_at, lease.expires_at, lease.duration_s,
+                lease.priority, lease.state, lease.label, lease.pid, lease.pid_start, lease.ended_at,
+                lease.end_reason, lease.peak_memory_bytes, lease.gpu_seconds,
+                json.dumps(request) if request is not None else None,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return str(cur.lastrowid)
+
+    _UPDATABLE = frozenset(
+        {"devices", "device_uuids", "memory_bytes", "started_at", "expires_at", "state", "pid", "pid_start",
+         "ended_at", "end_reason", "peak_memory_bytes", "gpu_seconds"}
+    )
+
+    def update(self, lease_id: str, **fields: Any) -> None:
+        unknown = set(fields) - self._UPDATABLE
+        assert not unknown, unknown
+        values = [json.dumps(list(v)) if k in ("devices", "device_uuids") else v for k, v in fields.items()]
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
+
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), gpu_seconds = ? "
+                "WHERE seq = ?",
+                (int(peak_bytes), float(gpu_seconds), int(lease_id)),
+            )
+
+    def get(self, lease_id: str) -> Lease | None:
+        row = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
+        return _lease(row) if row else None
+
+    def request_of(self, lease_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT request FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def in_states(self, *states: str) -> list[Lease]:
+        marks = ", ".join("?" for _ in states)
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM leases WHERE state IN ({marks}) ORDER BY seq", states
+        ).fetchall()
+        return [_lease(r) for r in rows]
+
+    def live(self) -> list[Lease]:
+        """Active and queued leases, oldest first."""
+        return self.in_states(ACTIVE, QUEUED)
+
+    def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None) -> list[Lease]:
+        """Every lease, newest first; optionally one owner's, created since a time."""
+        clauses, params = [], []
+        if uid is not None:
+            clauses.append("uid = ?")
+            params.append(uid)
+        if since is not None:
+            clauses.append("created_at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        tail = f" LIMIT {int(limit)}" if limit else ""
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params
+        ).fetchall()
+        return [_lease(r) for r in rows]
+
+    def next_expiry_or_dead_check(self, now: float) -> bool:
+        """True when some active lease has passed its end (cheap pre-check before a write)."""
+        row = self._conn.execute(
+            "SELECT 1 FROM leases WHERE state = ? AND expires_at <= ? LIMIT 1", (ACTIVE, now)
+        ).fetchone()
+        return row is not None
+
+    # -- audit log ------------------------------------------------------------------------
+    def append_event(
+        self, lease_id: str, event: str, *, uid: int, user: str, pid: int, detail: dict[str, Any] | None = None,
+        at: float | None = None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO events (at, lease_seq, event, uid, user, pid, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (at if at is not None else time.time(), int(lease_id), event, uid, user, pid,
+             json.dumps(detail or {}, sort_keys=True)),
+        )
+
+    def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        if lease_id is not None:
+            clauses.append("lease_seq = ?")
+            params.append(int(lease_id))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id", params
+            ).fetchall()
+        return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+
+def _lease(row: tuple[Any, ...]) -> Lease:
+    return Lease(
+        id=str(row[0]), uid=row[1], owner=row[2], devices=tuple(json.loads(row[3])),
+        device_uuids=tuple(json.loads(row[4])), memory_bytes=row[5], created_at=row[6], started_at=row[7],
+        expires_at=row[8], duration_s=row[9], priority=row[10], state=row[11], label=row[12], pid=row[13],
+        pid_start=row[14], ended_at=row[15], end_reason=row[16], peak_memory_bytes=row[17], gpu_seconds=row[18],
+    )

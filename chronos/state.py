@@ -1,0 +1,106 @@
+"""The state directory: found, created safely, and checked before the ledger trusts it.
+
+The default directory is shared by every user of the machine (sticky and world-writable, like /tmp)
+so that two users coordinate with no setup. An admin hardens it by creating a group-owned directory
+(e.g. ``root:gpu-users`` mode 2770) and pointing ``state_dir`` or ``CHRONOS_STATE_DIR`` at it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from chronos.config import Config, load_config
+from chronos.errors import StateError
+
+__all__ = ["state_dir", "prepare_file", "file_mode_for"]
+
+_SHARED_DIR_MODE = 0o1777
+_PRIVATE_DIR_MODE = 0o700
+
+
+def state_dir(config: Config | None = None) -> Path:
+    """The checked state directory, created when missing."""
+    config = config or load_config()
+    path = Path(config.state_dir)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        _create_dir(path, shared=not config.state_dir_explicit)
+        info = os.lstat(path)
+    except OSError as exc:
+        raise StateError(f"cannot read state directory {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise StateError(f"state directory {path} is a symlink; refusing it (remove it or set CHRONOS_STATE_DIR)")
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateError(f"state directory {path} is not a directory")
+    uid = os.getuid()
+    if info.st_uid not in (uid, 0):
+        writable_by_all = info.st_mode & stat.S_IWOTH
+        sticky = info.st_mode & stat.S_ISVTX
+        if writable_by_all and not sticky:
+            raise StateError(
+                f"state directory {path} is world-writable without the sticky bit; "
+                "ask its owner to run: chmod +t " + str(path)
+            )
+    return path
+
+
+def _create_dir(path: Path, *, shared: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StateError(f"cannot create state directory {path}: {exc.strerror}") from None
+    # chmod after mkdir: the umask must not narrow a shared directory.
+    os.chmod(path, _SHARED_DIR_MODE if shared else _PRIVATE_DIR_MODE)
+
+
+def file_mode_for(directory: Path) -> int:
+    """Files get the read/write bits the directory grants: shared dir, shared files."""
+    dir_mode = os.stat(directory).st_mode
+    mode = 0o600
+    if dir_mode & stat.S_IWGRP:
+        mode |= 0o060
+    if dir_mode & stat.S_IWOTH:
+        mode |= 0o006
+    return mode
+
+
+def prepare_file(path: Path) -> Path:
+    """Create ``path`` if missing, then refuse it if it is a symlink, not a file, or foreign-owned.
+
+    Trusted owners: the caller, root, and the directory's owner (who could replace it anyway).
+    """
+    directory = path.parent
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StateError(f"cannot create {path}: {exc.strerror}") from None
+    else:
+        try:
+            os.fchmod(fd, file_mode_for(directory))
+        finally:
+            os.close(fd)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise StateError(f"{path} is a symlink; refusing it (remove it, or ask an admin to)")
+    if not stat.S_ISREG(info.st_mode):
+        raise StateError(f"{path} is not a regular file; refusing it")
+    trusted = {os.getuid(), 0, os.stat(directory).st_uid}
+    if info.st_uid not in trusted:
+        raise StateError(
+            f"{path} is owned by uid {info.st_uid}, who neither owns the state directory nor is you; "
+            "refusing it (ask an admin to remove it)"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StateError(
+            f"no permission to write {path}; ask its owner to share the state directory "
+            "(see docs/trust-model.md)"
+        )
+    return path
