@@ -1,0 +1,73 @@
+"""Argument parsing, dispatch, and the one place where errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn
+
+__all__ = ["run", "build_parser", "COMMAND_MODULES", "EXIT_CODES_HELP"]
+
+#: One module per command group; each exposes ``register(subparsers)``.
+COMMAND_MODULES = [
+    "chronos.cli.cmd_reserve",
+    "chronos.cli.cmd_list",
+    "chronos.cli.cmd_release",
+    "chronos.cli.cmd_stats",
+]
+
+EXIT_CODES_HELP = """exit codes:
+  0  success
+  1  anything else (a bug, an unusable state directory, a GPU driver error)
+  2  bad input: unknown GPU, unparsable size or duration, a request that could never fit here
+  3  cannot be satisfied now: not enough free memory, queue timeout, extension refused
+  4  not allowed: another user's lease, admin-only options, a policy limit
+  5  no such lease
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="chronos",
+        description="Time-limited, memory-capped GPU leases on a shared machine.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from chronos import __version__
+
+    parser.add_argument("--version", action="version", version=f"chronos {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    from chronos.errors import ChronosError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ChronosError as exc:
+        from chronos.cli import render
+
+        render.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("chronos: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,79 @@
+"""``chronos list`` and ``chronos show``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("list", aliases=["ls"], help="active and queued leases (--all: history)")
+    p.add_argument("--all", action="store_true", help="every lease, ended ones too, newest first")
+    p.add_argument("--user", metavar="NAME", help="only this user's leases")
+    p.add_argument("--json", action="store_true", help="a JSON array of leases")
+    p.set_defaults(func=list_leases)
+
+    s = subparsers.add_parser("show", aliases=["get"], help="one lease in detail")
+    s.add_argument("lease_id", metavar="ID")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=show)
+
+
+def _state(lease: Any) -> str:
+    from chronos.cli import render
+
+    colours = {"active": "green", "queued": "yellow", "released": "dim", "expired": "dim", "revoked": "red",
+               "withdrawn": "dim"}
+    return render.color(lease.state, colours.get(lease.state, "dim"))
+
+
+def list_leases(args: argparse.Namespace) -> int:
+    import chronos
+    from chronos.cli import render
+
+    found = chronos.leases(all=args.all, user=args.user)
+    if args.json:
+        render.dump_json([lease.to_dict() for lease in found])
+        return 0
+    if not found:
+        print("no leases" if args.all else "no active leases (see `chronos list --all` for history)")
+        return 0
+    rows = []
+    for lease in found:
+        gpus = ",".join(str(i) for i in lease.devices) or "any"
+        if lease.state == "active":
+            timing, ends = render.left(lease.expires_at), render.when(lease.expires_at)
+        elif lease.state == "queued":
+            timing, ends = "waiting", "-"
+        else:
+            timing, ends = "-", render.when(lease.ended_at)
+        memory = render.gib(lease.memory_bytes) if lease.memory_bytes else "-"
+        holder = str(lease.pid) if lease.pid else "-"
+        rows.append([lease.id, lease.owner, gpus, memory, _state(lease), timing, ends, holder, lease.label or ""])
+    render.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "ENDS", "PID", "LABEL"], rows)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    import chronos
+    from chronos.cli import render
+
+    lease = chronos.get_lease(args.lease_id)
+    if args.json:
+        render.dump_json(lease.to_dict())
+        return 0
+    rows = [
+        ("id", lease.id), ("owner", f"{lease.owner} (uid {lease.uid})"), ("state", _state(lease)),
+        ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(lease.devices, lease.device_uuids)) or "-"),
+        ("memory", f"{render.gib(lease.memory_bytes)} per GPU"), ("priority", lease.priority),
+        ("created", render.when(lease.created_at)), ("ends", f"{render.when(lease.expires_at)} ({render.left(lease.expires_at)})"),
+        ("holder", str(lease.pid) if lease.pid else "none (lives until released or expired)"),
+        ("label", lease.label or "-"),
+    ]
+    if lease.end_reason:
+        rows.append(("ended", f"{render.when(lease.ended_at)}: {lease.end_reason}"))
+    if lease.peak_memory_bytes is not None:
+        rows.append(("peak memory", render.gib(lease.peak_memory_bytes)))
+    for key, value in rows:
+        print(f"{key:>12}  {value}")
+    return 0

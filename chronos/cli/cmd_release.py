@@ -1,0 +1,57 @@
+"""``chronos release`` and ``chronos extend``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("release", help="end leases now")
+    p.add_argument("lease_ids", metavar="ID", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=release)
+
+    e = subparsers.add_parser("extend", help="push a lease's end back")
+    e.add_argument("lease_id", metavar="ID")
+    e.add_argument("duration", metavar="DURATION", help="30m, 1h, 1h30m or seconds")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=extend)
+
+
+def release(args: argparse.Namespace) -> int:
+    import chronos
+    from chronos.cli import render
+    from chronos.errors import ChronosError
+
+    worst = 0
+    released = []
+    for lease_id in args.lease_ids:
+        try:
+            before = chronos.get_lease(lease_id).state
+            lease = chronos.release(lease_id)
+        except ChronosError as exc:
+            render.error(str(exc))
+            worst = max(worst, exc.exit_code)
+            continue
+        released.append(lease)
+        if not args.json:
+            if before in ("active", "queued"):
+                print(f"released lease {lease.id}")
+            else:
+                print(f"lease {lease.id} had already ended ({lease.state})")
+    if args.json:
+        render.dump_json([lease.to_dict() for lease in released])
+    return worst
+
+
+def extend(args: argparse.Namespace) -> int:
+    import chronos
+    from chronos.cli import render
+
+    lease = chronos.extend(args.lease_id, args.duration)
+    if args.json:
+        render.dump_json(lease.to_dict())
+    else:
+        print(f"extended {render.lease_summary(lease)}")
+    return 0

@@ -1,0 +1,106 @@
+"""Human output: tables, colours (only on a terminal, NO_COLOR respected), sizes and times."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from chronos.units import format_bytes, format_duration
+
+__all__ = ["color", "table", "error", "warn", "when", "left", "gib", "dump_json", "lease_summary"]
+
+_CODES = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
+
+
+def _use_color(stream: TextIO) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def color(text: str, name: str, stream: TextIO | None = None) -> str:
+    if not _use_color(stream or sys.stdout):
+        return text
+    return f"\033[{_CODES[name]}m{text}\033[0m"
+
+
+def error(message: str) -> None:
+    sys.stderr.write(f"{color('chronos: error:', 'red', sys.stderr)} {message}\n")
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"{color('chronos:', 'yellow', sys.stderr)} {message}\n")
+
+
+def _visible_len(text: str) -> int:
+    out, skip = 0, False
+    for ch in text:
+        if ch == "\033":
+            skip = True
+        elif skip and ch == "m":
+            skip = False
+        elif not skip:
+            out += 1
+    return out
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO | None = None) -> None:
+    """A plain aligned table; colour codes in cells do not disturb alignment."""
+    stream = stream or sys.stdout
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], _visible_len(cell))
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c + " " * (w - _visible_len(c)) for c, w in zip(cells, widths)).rstrip()
+    stream.write(color(line(headers), "bold", stream) + "\n")
+    for row in rows:
+        stream.write(line(row) + "\n")
+
+
+def when(epoch: float | None) -> str:
+    """Clock time: ``14:32`` today, ``Nov 29 14:32`` otherwise."""
+    if epoch is None:
+        return "-"
+    now = time.localtime()
+    then = time.localtime(epoch)
+    if then[:3] == now[:3]:
+        return time.strftime("%H:%M", then)
+    return time.strftime("%b %d %H:%M", then)
+
+
+def left(epoch: float | None) -> str:
+    """``1h 12m left`` or ``expired``."""
+    if epoch is None:
+        return "-"
+    seconds = epoch - time.time()
+    if seconds <= 0:
+        return "expired"
+    return f"{format_duration(seconds)} left"
+
+
+def gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else format_bytes(nbytes)
+
+
+def dump_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def lease_summary(lease: Any) -> str:
+    """One sentence about a granted lease, naming its id."""
+    gpus = ",".join(str(i) for i in lease.devices)
+    plural = "s" if len(lease.devices) > 1 else ""
+    each = " each" if len(lease.devices) > 1 else ""
+    span = (lease.expires_at - lease.started_at) if lease.expires_at and lease.started_at else lease.duration_s
+    return (
+        f"lease {color(lease.id, 'bold')}: {format_bytes(lease.memory_bytes)}{each} on GPU{plural} {gpus} "
+        f"for {format_duration(span)}, until {when(lease.expires_at)} ({left(lease.expires_at)})"
+    )
