@@ -1,0 +1,410 @@
+"""The live lease widget: time left, GPU memory used against the cap, Release and Extend.
+
+Only standard ipywidgets are used (no custom JavaScript), so the widget renders in
+JupyterLab, Notebook 7 and VS Code alike. A background thread refreshes it about once
+a second and only ever sets widget traits: it never displays anything, so output never
+lands in whichever cell happens to be running. Front ends without a widget manager
+(terminal IPython, static HTML) get a text or HTML rendering of the same facts.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import chronos
+from chronos.units import format_bytes, format_duration
+
+__all__ = [
+    "CRITICAL_S",
+    "WARNING_S",
+    "LeaseView",
+    "LeaseWidget",
+    "lease_view",
+    "memory_used",
+    "render_html",
+    "render_text",
+]
+
+#: Under this many seconds left the widget turns amber.
+WARNING_S = 600.0
+#: Under this many seconds left the widget turns red.
+CRITICAL_S = 60.0
+
+_ENDED_WORDS = {
+    "released": "released",
+    "expired": "expired",
+    "revoked": "ended: its holder process exited",
+    "withdrawn": "withdrawn from the queue",
+}
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """What the widget shows at one instant, computed once and rendered three ways."""
+
+    lease_id: str
+    devices: tuple[int, ...]
+    state: str
+    label: str | None
+    priority: str
+    remaining_s: float
+    duration_s: float
+    expires_at: float | None
+    ended_at: float | None
+    cap_bytes: int
+    used_bytes: int | None
+    level: str  # "queued", "ok", "warning", "critical" or "ended"
+
+    @property
+    def ended(self) -> bool:
+        return self.level == "ended"
+
+    @property
+    def devices_text(self) -> str:
+        if not self.devices:
+            return "no GPU yet"
+        noun = "GPU" if len(self.devices) == 1 else "GPUs"
+        return f"{noun} {', '.join(str(d) for d in self.devices)}"
+
+    @property
+    def time_text(self) -> str:
+        """The countdown line, e.g. ``1h 12m left (ends 14:32:05)``."""
+        if self.level == "queued":
+            return f"queued for {format_duration(self.duration_s)}"
+        if self.ended:
+            word = _ENDED_WORDS.get(self.state, self.state)
+            if self.state == "active":  # past its end, not yet reclaimed by the ledger
+                word = "expired"
+            when = self.ended_at if self.ended_at is not None else self.expires_at
+            return f"{word} at {_clock(when)}" if when is not None else word
+        return f"{format_duration(self.remaining_s)} left (ends {_clock(self.expires_at)})"
+
+    @property
+    def memory_text(self) -> str:
+        cap = format_bytes(self.cap_bytes)
+        if len(self.devices) > 1:
+            cap = f"{cap} ({format_bytes(self.cap_bytes // len(self.devices))} x {len(self.devices)})"
+        if self.used_bytes is None:
+            return f"cap {cap}; use unknown (no holder process)"
+        return f"{format_bytes(self.used_bytes)} used of {cap}"
+
+    @property
+    def over_cap(self) -> bool:
+        return self.used_bytes is not None and self.used_bytes > self.cap_bytes
+
+
+def _clock(epoch: float | None) -> str:
+    if epoch is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
+def memory_used(lease: chronos.Lease, backend: Any = None) -> int | None:
+    """GPU memory used on the lease's devices by its holder's process tree, or None without a holder."""
+    if lease.pid is None:
+        return None
+    from chronos.devices import get_backend
+    from chronos.procs import descendants
+
+    backend = backend if backend is not None else get_backend()
+    pids = descendants(lease.pid)
+    if not pids:
+        return 0
+    total = 0
+    for proc in backend.processes(list(lease.devices)):
+        if proc.pid in pids and proc.device_index in lease.devices and proc.used_bytes:
+            total += proc.used_bytes
+    return total
+
+
+def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float | None = None) -> LeaseView:
+    """The facts to show for ``lease`` at ``now`` (default: the current time)."""
+    now = time.time() if now is None else now
+    if lease.state == "queued" or lease.expires_at is None:
+        remaining = lease.duration_s
+        level = "queued" if lease.state == "queued" else "ended"
+    else:
+        remaining = max(0.0, lease.expires_at - now) if lease.state == "active" else 0.0
+        if lease.state != "active" or remaining <= 0:
+            level = "ended"
+        elif remaining < CRITICAL_S:
+            level = "critical"
+        elif remaining < WARNING_S:
+            level = "warning"
+        else:
+            level = "ok"
+    return LeaseView(
+        lease_id=lease.id,
+        devices=tuple(lease.devices),
+        state=lease.state,
+        label=lease.label,
+        priority=lease.priority,
+        remaining_s=remaining,
+        duration_s=lease.duration_s,
+        expires_at=lease.expires_at,
+        ended_at=lease.ended_at,
+        cap_bytes=lease.memory_bytes * max(1, len(lease.devices)),
+        used_bytes=used_bytes,
+        level=level,
+    )
+
+
+def render_text(view: LeaseView) -> str:
+    """A few plain lines for terminals and logs."""
+    title = f"Chronos lease {view.lease_id}"
+    if view.label:
+        title += f" ({view.label})"
+    lines = [f"{title}: {view.devices_text}, {view.state}", f"  time:   {view.time_text}"]
+    memory = view.memory_text
+    if view.over_cap:
+        memory += "  OVER THE CAP"
+    lines.append(f"  memory: {memory}")
+    if view.level in ("warning", "critical"):
+        lines.append("  ending soon: save your work or type %chronos extend 30m")
+    return "\n".join(lines)
+
+
+_COLOURS = {
+    "ok": "#2e7d32", "queued": "#1565c0", "warning": "#ef6c00", "critical": "#c62828", "ended": "#616161",
+}
+
+
+def render_html(view: LeaseView) -> str:
+    """A static HTML card with the same facts, for front ends without a widget manager."""
+    colour = _COLOURS[view.level]
+    esc = html.escape
+    label = f" <i>{esc(view.label)}</i>" if view.label else ""
+    pct = 0.0
+    if view.used_bytes is not None and view.cap_bytes:
+        pct = min(100.0, 100.0 * view.used_bytes / view.cap_bytes)
+    warning = ""
+    if view.level in ("warning", "critical"):
+        warning = "<div><b>Ending soon:</b> save your work or type <code>%chronos extend 30m</code>.</div>"
+    return (
+        f'<div class="chronos-lease" style="border-left:4px solid {colour};padding:4px 8px;'
+        'font-family:sans-serif">'
+        f"<div><b>Chronos lease</b> <code>{esc(view.lease_id)}</code>{label} &middot; "
+        f"{esc(view.devices_text)} &middot; {esc(view.state)}</div>"
+        f'<div style="color:{colour}">{esc(view.time_text)}</div>'
+        f"<div>{esc(view.memory_text)}</div>"
+        f'<div style="background:#e0e0e0;width:240px;height:8px">'
+        f'<div style="background:{colour};width:{pct:.1f}%;height:8px"></div></div>'
+        f"{warning}</div>"
+    )
+
+
+class LeaseWidget:
+    """A live view of one lease, with Release and Extend buttons.
+
+    Display it like any object (``display(widget)`` or as a cell's last expression).
+    ``release`` and ``extend`` override what the buttons do (the ``%chronos`` magic
+    passes its own, so its bookkeeping stays right); by default they act on the lease.
+    """
+
+    def __init__(
+        self,
+        lease: chronos.Lease,
+        *,
+        interval: float = 1.0,
+        extend_step: str = "30m",
+        release: Callable[[], object] | None = None,
+        extend: Callable[[str], object] | None = None,
+        start: bool = True,
+    ) -> None:
+        import ipywidgets as w
+
+        self.lease_id = lease.id
+        self.interval = interval
+        self.extend_step = extend_step
+        self._lease = lease
+        self._release_fn = release
+        self._extend_fn = extend
+        self._backend: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._message_text = ""
+        self.updates = 0
+        self.view = lease_view(lease)
+
+        self.title = w.HTML()
+        self.countdown = w.HTML()
+        self.countdown.add_class("chronos-countdown")
+        self.time_bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, description="time left",
+                                        layout=w.Layout(width="360px"))
+        self.memory_bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, description="GPU memory",
+                                          layout=w.Layout(width="360px"))
+        self.memory_label = w.HTML()
+        self.memory_label.add_class("chronos-memory")
+        self.release_button = w.Button(description="Release", button_style="danger", icon="stop",
+                                       tooltip="End the lease now (answers between cells)")
+        self.extend_button = w.Button(description=f"Extend {extend_step}", icon="clock-o",
+                                      tooltip=f"Add {extend_step} to the lease (answers between cells)")
+        self.message = w.HTML()
+        self.release_button.on_click(lambda _b: self._on_release())
+        self.extend_button.on_click(lambda _b: self._on_extend())
+        self.box = w.VBox([
+            self.title,
+            self.countdown,
+            self.time_bar,
+            w.HBox([self.memory_bar, self.memory_label]),
+            w.HBox([self.release_button, self.extend_button]),
+            self.message,
+        ])
+        self.box.add_class("chronos-lease")
+        self.update()
+        if start:
+            self.start()
+
+    # -- refreshing ----------------------------------------------------------------------
+    def refresh_view(self) -> LeaseView:
+        """Read the lease and its memory use again; no widget is touched."""
+        try:
+            lease = chronos.get_lease(self.lease_id)
+        except chronos.ChronosError:
+            lease = self._lease
+        used: int | None = None
+        if lease.state == "active":
+            try:
+                if self._backend is None:
+                    from chronos.devices import get_backend
+
+                    self._backend = get_backend()
+                used = memory_used(lease, self._backend)
+            except chronos.ChronosError:
+                used = None
+        elif self.view.used_bytes is not None:
+            used = self.view.used_bytes
+        self._lease = lease
+        return lease_view(lease, used)
+
+    def update(self) -> LeaseView:
+        """Refresh the facts and set the widget's traits to match."""
+        with self._lock:
+            view = self.refresh_view()
+            self._apply(view)
+            self.view = view
+            self.updates += 1
+            return view
+
+    def _apply(self, view: LeaseView) -> None:
+        colour = _COLOURS[view.level]
+        label = f" <i>{html.escape(view.label)}</i>" if view.label else ""
+        self.title.value = (
+            f"<b>Chronos lease</b> <code>{html.escape(view.lease_id)}</code>{label} &middot; "
+            f"{html.escape(view.devices_text)} &middot; {html.escape(view.state)}"
+        )
+        bold = ("<b>", "</b>") if view.level in ("warning", "critical") else ("", "")
+        self.countdown.value = (
+            f'<span style="color:{colour}">{bold[0]}{html.escape(view.time_text)}{bold[1]}</span>'
+        )
+        styles = {"ok": "success", "queued": "info", "warning": "warning", "critical": "danger", "ended": ""}
+        self.time_bar.bar_style = styles[view.level]
+        self.time_bar.value = 0.0 if view.ended else min(1.0, view.remaining_s / max(view.duration_s, 1e-9))
+        self.memory_bar.max = float(max(view.cap_bytes, 1))
+        self.memory_bar.value = float(min(view.used_bytes or 0, view.cap_bytes))
+        self.memory_bar.bar_style = "danger" if view.over_cap else ("" if view.ended else "info")
+        memory = html.escape(view.memory_text)
+        self.memory_label.value = f"<b>{memory} - over the cap</b>" if view.over_cap else memory
+        self.release_button.disabled = view.ended
+        self.extend_button.disabled = view.ended or view.level == "queued"
+        if view.ended:
+            self.box.remove_class("chronos-active")
+            self.box.add_class("chronos-ended")
+        else:
+            self.box.add_class("chronos-active")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                view = self.update()
+            except Exception as exc:  # keep the thread alive; show why the view is stale
+                self._show_message(f"could not refresh: {exc}")
+                continue
+            if view.ended:
+                break
+
+    def start(self) -> None:
+        """Start the ~1 Hz refresh thread (a daemon; it stops once the lease has ended)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"chronos-widget-{self.lease_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop refreshing (the widget keeps its last state)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop refreshing and close the widget models."""
+        self.stop()
+        for widget in self._all_widgets():
+            widget.close()
+
+    def _all_widgets(self) -> list[Any]:
+        found: list[Any] = []
+        pending: list[Any] = [self.box]
+        while pending:
+            widget = pending.pop()
+            found.append(widget)
+            pending.extend(getattr(widget, "children", ()))
+        return found
+
+    # -- buttons (the kernel handles them between cells) ---------------------------------
+    def _show_message(self, text: str) -> None:
+        self._message_text = text
+        self.message.value = html.escape(text)
+
+    def _on_release(self) -> None:
+        try:
+            if self._release_fn is not None:
+                self._release_fn()
+            else:
+                chronos.release(self.lease_id)
+        except chronos.ChronosError as exc:
+            self._show_message(str(exc))
+        else:
+            self._show_message("released")
+        self.update()
+
+    def _on_extend(self) -> None:
+        try:
+            if self._extend_fn is not None:
+                self._extend_fn(self.extend_step)
+            else:
+                chronos.extend(self.lease_id, self.extend_step)
+        except chronos.ChronosError as exc:
+            self._show_message(str(exc))
+        else:
+            self._show_message(f"extended by {self.extend_step}")
+        self.update()
+
+    # -- display -------------------------------------------------------------------------
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle: dict[str, Any] = dict(self.box._repr_mimebundle_(include=include, exclude=exclude) or {})
+        bundle["text/plain"] = render_text(self.view)
+        bundle["text/html"] = render_html(self.view)
+        return bundle
+
+    def _repr_html_(self) -> str:
+        return render_html(self.view)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(render_text(self.view))
+
+    def __repr__(self) -> str:
+        return render_text(self.view)
