@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_list",
     "chronos.cli.cmd_release",
     "chronos.cli.cmd_stats",
+    "chronos.cli.cmd_run",
+    "chronos.cli.cmd_doctor",
 ]
 
 EXIT_CODES_HELP = """exit codes:

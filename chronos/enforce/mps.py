@@ -1,0 +1,142 @@
+"""Tier 3, driver-enforced caps: where an MPS control daemon runs, the driver itself refuses a
+client's allocation past ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``.
+
+Chronos never starts or stops the daemon (an administrator's choice: MPS serves one Linux user at
+a time, see docs/enforcement.md); it only detects one and gives children the limit. The limit is
+written by device index *as the child sees it* (``0=2048M``): limits keyed by UUID were reported
+ignored. Also here: the probe for NVML's per-cgroup memory limits (driver r615 and later).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+__all__ = [
+    "DEFAULT_PIPE_DIR",
+    "LIMIT_VAR",
+    "MpsStatus",
+    "cgroup_limits_supported",
+    "limit_value",
+    "merge_limit",
+    "mps_env",
+    "mps_status",
+]
+
+DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
+LIMIT_VAR = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+_CONTROL = "nvidia-cuda-mps-control"
+_SERVER = "nvidia-cuda-mps-server"
+
+
+@dataclass(frozen=True)
+class MpsStatus:
+    """What this machine shows of MPS."""
+
+    active: bool
+    pipe_dir: str
+    control_pipe: bool = False
+    control_pids: tuple[int, ...] = ()
+    server_pids: tuple[int, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def mps_status(env: Mapping[str, str] | None = None, scan_processes: bool = True) -> MpsStatus:
+    """Detect an MPS control daemon: its control pipe in the pipe directory, or its process."""
+    source = os.environ if env is None else env
+    pipe_dir = source.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR
+    pipe = _is_fifo(Path(pipe_dir) / "control")
+    controls: list[int] = []
+    servers: list[int] = []
+    if scan_processes:
+        for proc in psutil.process_iter(["name"]):
+            name = proc.info.get("name") or ""
+            if name == _CONTROL:
+                controls.append(proc.pid)
+            elif name == _SERVER:
+                servers.append(proc.pid)
+    notes: list[str] = []
+    if pipe and not controls and scan_processes:
+        notes.append("control pipe present but no daemon process seen (stale pipe, or another pid namespace)")
+    if controls and not pipe:
+        notes.append(f"daemon runs but its pipe is not in {pipe_dir}: set CUDA_MPS_PIPE_DIRECTORY")
+    return MpsStatus(
+        active=pipe and (bool(controls) or not scan_processes),
+        pipe_dir=pipe_dir,
+        control_pipe=pipe,
+        control_pids=tuple(controls),
+        server_pids=tuple(servers),
+        notes=tuple(notes),
+    )
+
+
+def limit_value(device_count: int, memory_bytes: int) -> str:
+    """``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` for ``device_count`` visible devices: ``0=2048M,1=2048M``."""
+    mib = max(1, memory_bytes >> 20)
+    return ",".join(f"{i}={mib}M" for i in range(device_count))
+
+
+def _parse_limit(text: str) -> dict[str, int]:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        value = value.strip().upper()
+        if not sep or not value:
+            continue
+        unit = value[-1] if value[-1] in units and not value[-1].isdigit() else ""
+        number = value[:-1] if unit else value
+        try:
+            out[key.strip()] = int(float(number) * units[unit])
+        except ValueError:
+            continue
+    return out
+
+
+def merge_limit(existing: str | None, device_count: int, memory_bytes: int) -> str:
+    """Our limit per device, with a user's smaller per-device limit kept."""
+    user = _parse_limit(existing or "")
+    parts = []
+    for i in range(device_count):
+        ours = max(1, memory_bytes >> 20) << 20
+        chosen = min(ours, user.get(str(i), ours))
+        parts.append(f"{i}={max(1, chosen >> 20)}M")
+    return ",".join(parts)
+
+
+def mps_env(
+    env: Mapping[str, str], device_count: int, memory_bytes: int, status: MpsStatus | None = None
+) -> dict[str, str]:
+    """``env`` plus the MPS memory limit when a daemon runs; unchanged otherwise."""
+    out = dict(env)
+    status = status if status is not None else mps_status(out)
+    if status.active:
+        out[LIMIT_VAR] = merge_limit(out.get(LIMIT_VAR), device_count, memory_bytes)
+    return out
+
+
+def cgroup_limits_supported() -> bool | None:
+    """Whether the driver offers per-cgroup memory limits; None where it cannot be told (no NVML)."""
+    from chronos.devices import get_backend
+    from chronos.errors import ChronosError
+
+    try:
+        if get_backend().name != "nvml":
+            return None
+        from chronos.devices.nvml import has_cgroup_memory_limits
+
+        return bool(has_cgroup_memory_limits())
+    except ChronosError:
+        return None
