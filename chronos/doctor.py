@@ -117,7 +117,8 @@ def _check_state_dir(report: Report) -> None:
     if stat.S_ISLNK(st.st_mode):
         report.problems.append(f"state directory {path} is a symbolic link; Chronos refuses it")
     elif mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        report.problems.append(f"state directory {path} is world-writable without the sticky bit: chmod +t it")
+        report.problems.append(f"state directory {path} is world-writable without the sticky bit: "
+                               "chmod +t it")
     elif not info["writable"]:
         report.problems.append(f"state directory {path} is not writable by this user")
 
@@ -156,7 +157,9 @@ def _summarise(report: Report) -> None:
     else:
         report.enforcement["watchdog"] = "per process (NVML)"
     report.enforcement["driver caps (MPS)"] = (
-        "active: children get CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" if report.mps.get("active") else "no MPS daemon"
+        "active: children get CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+        if report.mps.get("active")
+        else "no MPS daemon"
     )
     cg = report.cgroup_memory_limits
     report.enforcement["cgroup memory limits"] = (

@@ -59,6 +59,7 @@ FORWARDED_SIGNALS = (
 )
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 _PR_SET_PDEATHSIG = 1
+NO_COMMAND = "no command given: write it after --, e.g. chronos run 8G 1h -- python train.py"
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
 
@@ -210,7 +211,7 @@ def run(
     """
     argv = [str(a) for a in command]
     if not argv or not argv[0]:
-        raise InvalidRequestError("no command given: write it after --, e.g. chronos run 8G 1h -- python train.py")
+        raise InvalidRequestError(NO_COMMAND)
     on_overuse = check_policy(on_overuse, "--on-overuse")
     if on_expiry is not None:
         on_expiry = check_policy(on_expiry, "--on-expiry")
@@ -248,7 +249,7 @@ def _run_leased(argv: list[str], lease: Any, engine: Engine, forwarder: _Forward
     child_env = lease.env(dict(os.environ if env is None else env))
     child_env = mps.mps_env(child_env, len(lease.devices), lease.memory_bytes)
     try:
-        child = subprocess.Popen(argv, env=child_env, preexec_fn=_death_signal_hook())  # noqa: PLW1509
+        child = subprocess.Popen(argv, env=child_env, preexec_fn=_death_signal_hook())
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
         what = "command not found" if code == EXIT_NOT_FOUND else "command cannot be run"
@@ -260,7 +261,8 @@ def _run_leased(argv: list[str], lease: Any, engine: Engine, forwarder: _Forward
     forwarder.started(child)
     watchdog = Watchdog(
         lease, engine=engine, pid=child.pid, rate_hz=rate_hz, grace_s=grace, kill_wait_s=kill_wait,
-        on_overuse=on_overuse, on_expiry=on_expiry, on_release=on_expiry or engine.config.on_expiry,
+        on_overuse=on_overuse, on_expiry=on_expiry,
+        on_release=on_expiry or engine.config.on_expiry or "terminate",
         warn_at=warn_at, on_event=on_event,
     ).start()
     try:
@@ -270,17 +272,17 @@ def _run_leased(argv: list[str], lease: Any, engine: Engine, forwarder: _Forward
         returncode = child.wait()
     watchdog.stop()
     acted = any(isinstance(e, SignalEvent) for e in watchdog.events)
-    reason = watchdog.end_reason if acted else None
+    ended_by: str | None = watchdog.end_reason if acted else None
     result = RunResult(
-        exit_code=shell_status(returncode), returncode=returncode, lease_id=lease.id, reason=reason,
+        exit_code=shell_status(returncode), returncode=returncode, lease_id=lease.id, reason=ended_by,
         peak_memory_bytes=watchdog.peak_bytes, gpu_seconds=watchdog.gpu_seconds,
         wall_s=time.monotonic() - started, memory_bytes=lease.memory_bytes, devices=tuple(lease.devices),
         events=tuple(watchdog.events),
     )
     if stderr is not None:
-        if reason:
+        if ended_by:
             how = f" ({result.signal_name})" if result.signal_name else ""
-            stderr.write(f"chronos: ended the command{how}: {reason}\n")
+            stderr.write(f"chronos: ended the command{how}: {ended_by}\n")
         gpus_text = ",".join(map(str, result.devices))
         stderr.write(
             f"chronos: lease {lease.id} on GPU {gpus_text}: peak {format_bytes(result.peak_memory_bytes)} "

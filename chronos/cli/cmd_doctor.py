@@ -9,8 +9,9 @@ from typing import Any
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "doctor", help="show what Chronos can see and enforce on this machine",
-        description="Report the GPU backend, driver, devices, state directory, MPS, cgroup limits and the "
-        "GPU frameworks found, and which enforcement tiers work here. Exits 1 when a problem needs attention.",
+        description="Report the GPU backend, driver, devices, state directory, MPS, cgroup limits and "
+        "the GPU frameworks found, and which enforcement tiers work here. Exits 1 when a problem "
+        "needs attention.",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=doctor)
@@ -26,7 +27,8 @@ def doctor(args: argparse.Namespace) -> int:
         return 1 if report.problems else 0
     kind = "simulated" if report.simulated else "real" if report.backend else "none"
     print(f"backend:      {report.backend or '-'} ({kind})")
-    print(f"driver:       {report.driver or '-'}" + (f" (CUDA {report.cuda_driver})" if report.cuda_driver else ""))
+    cuda = f" (CUDA {report.cuda_driver})" if report.cuda_driver else ""
+    print(f"driver:       {report.driver or '-'}{cuda}")
     for d in report.devices:
         print(f"GPU {d['index']}:        {d['name']}  {d['uuid']}  "
               f"{render.gib(d['memory_used_bytes'])} used of {render.gib(d['memory_total_bytes'])}")
@@ -35,7 +37,8 @@ def doctor(args: argparse.Namespace) -> int:
         extra = f"mode {sd['mode']}, owner uid {sd['owner_uid']}" if sd.get("exists") else sd.get("note", "")
         print(f"state dir:    {sd['path']} ({extra})")
     mps = report.mps
-    print(f"MPS:          {'daemon running' if mps.get('active') else 'no daemon'} (pipe dir {mps.get('pipe_dir')})")
+    running = "daemon running" if mps.get("active") else "no daemon"
+    print(f"MPS:          {running} (pipe dir {mps.get('pipe_dir')})")
     for note in mps.get("notes", []):
         print(f"              {note}")
     fw = ", ".join(f"{k} {v}" for k, v in report.frameworks.items() if v) or "none found"

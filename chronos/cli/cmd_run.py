@@ -31,9 +31,10 @@ def _split_at_dashes(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run", help="run a command inside a lease",
-        description="Reserve MEMORY per GPU for DURATION, run COMMAND inside the lease (its frameworks capped, "
-        "the watchdog enforcing memory and time), and release the lease when COMMAND exits. Exits with "
-        "COMMAND's status (128+N when signal N ended it); 2 for bad input, 3 when the lease cannot be had now.",
+        description="Reserve MEMORY per GPU for DURATION, run COMMAND inside the lease (its frameworks "
+        "capped, the watchdog enforcing memory and time), and release the lease when COMMAND exits. "
+        "Exits with COMMAND's status (128+N when signal N ended it); 2 for bad input, 3 when the lease "
+        "cannot be had now.",
     )
     p.add_argument("memory", metavar="MEMORY", help="per GPU: 8G, 512M, 8GiB, 50%%, 0.5")
     p.add_argument("duration", metavar="DURATION", help="2h, 90m, 1h30m, 45s, 1d or seconds")
@@ -47,7 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--on-expiry", choices=_POLICIES, default=None,
                    help="what to do when the lease ends (default: the configured one, terminate)")
     p.add_argument("--on-overuse", choices=_POLICIES, default="terminate",
-                   help="what to do when COMMAND uses more than MEMORY past the grace period (default terminate)")
+                   help="what to do when COMMAND uses more than MEMORY past the grace period "
+                   "(default terminate)")
     p.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                    help="how long usage may stay over the cap before --on-overuse applies (default 2)")
     p.add_argument("--kill-wait", type=float, default=None, metavar="SECONDS",
@@ -63,7 +65,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     argv = list(args.argv or [])
     if not argv:
-        raise InvalidRequestError("no command given: write it after --, e.g. chronos run 8G 1h -- python train.py")
+        from chronos.run import NO_COMMAND
+
+        raise InvalidRequestError(NO_COMMAND)
     wait: bool | float = False
     if args.wait is True:
         wait = True
