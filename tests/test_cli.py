@@ -1,0 +1,135 @@
+"""The CLI driven as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+GIB = 1 << 30
+LEASE_KEYS = {"id", "owner", "uid", "devices", "device_uuids", "memory_bytes", "created_at", "expires_at",
+              "remaining_s", "state", "priority", "label", "pid"}
+DEVICE_KEYS = {"index", "uuid", "name", "memory_total_bytes", "memory_used_bytes", "memory_reserved_bytes",
+               "memory_available_bytes", "active_leases"}
+
+
+def test_reserve_prints_the_id_and_lives_after_the_cli_exits() -> None:
+    out = run_cli("reserve", "8G", "2h", "--label", "train")
+    assert out.returncode == 0, out.stderr
+    assert "lease 1" in out.stdout and "8 GiB" in out.stdout and "2h" in out.stdout and "left" in out.stdout
+    listed = json.loads(run_cli("list", "--json").stdout)
+    assert [(lease["id"], lease["state"], lease["label"], lease["pid"]) for lease in listed] == [
+        ("1", "active", "train", None)
+    ]
+    table = run_cli("list").stdout
+    assert "train" in table and "active" in table and "8 GiB" in table
+
+
+def test_json_shapes_are_stable() -> None:
+    lease = json.loads(run_cli("reserve", "50%", "90m", "--gpus", "2", "--json").stdout)
+    assert LEASE_KEYS <= set(lease)
+    assert lease["devices"] == [0, 1] and lease["memory_bytes"] == 40 * GIB
+    assert lease["expires_at"] - lease["created_at"] == pytest.approx(5400)
+    assert json.loads(run_cli("list", "--json", "--all").stdout)[0]["id"] == lease["id"]
+    devices = json.loads(run_cli("stats", "--json").stdout)
+    assert len(devices) == 2 and DEVICE_KEYS <= set(devices[0])
+    assert devices[0]["memory_reserved_bytes"] == 40 * GIB
+    assert devices[0]["memory_available_bytes"] == 40 * GIB
+    run_cli("release", lease["id"])
+    assert json.loads(run_cli("list", "--json").stdout) == []
+
+
+def test_create_the_original_syntax_and_available() -> None:
+    out = run_cli("create", "0", "0.25", "3600")
+    assert out.returncode == 0, out.stderr
+    assert "lease 1" in out.stdout
+    assert run_cli("available", "0").stdout.strip() == "75.00"
+    assert run_cli("available", "1").stdout.strip() == "100.00"
+
+
+def test_extend_and_release_several() -> None:
+    a = json.loads(run_cli("reserve", "1G", "10m", "--json").stdout)
+    b = json.loads(run_cli("reserve", "1G", "10m", "--json").stdout)
+    out = run_cli("extend", a["id"], "30m", "--json")
+    assert json.loads(out.stdout)["expires_at"] == pytest.approx(a["expires_at"] + 1800)
+    out = run_cli("release", a["id"], b["id"])
+    assert out.returncode == 0
+    assert out.stdout.count("released lease") == 2
+
+
+def test_pid_binds_the_lease_to_a_process() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease = json.loads(run_cli("reserve", "1G", "--pid", str(sleeper.pid), "--json").stdout)
+        assert lease["pid"] == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert json.loads(run_cli("show", lease["id"], "--json").stdout)["state"] == "revoked"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["reserve", "8X"], 2, "cannot read memory"),
+        (["reserve", "8G", "2x"], 2, "cannot read duration"),
+        (["reserve", "-8G"], 2, ""),
+        (["reserve", "0G"], 2, "positive"),
+        (["reserve", "150%"], 2, "at most 1"),
+        (["reserve", "81G"], 2, "never fit"),
+        (["reserve", "1G", "--gpus", "3"], 2, "3 GPUs"),
+        (["reserve", "1G", "--gpu", "9"], 2, "unknown GPU 9"),
+        (["reserve", "1G", "--gpu", "x"], 2, "invalid GPU"),
+        (["reserve", "1G", "0"], 2, "positive"),
+        (["reserve", "1G", "--priority", "urgent"], 2, "invalid choice"),
+        (["reserve", "1G", "--user", "no-such-user-here"], 2, "no such user"),
+        (["create", "0", "1.5", "60"], 2, "FRACTION"),
+        (["create", "9", "0.5", "60"], 2, "unknown GPU 9"),
+        (["create", "0", "0.5", "-1"], 2, ""),
+        (["available", "9"], 2, "unknown GPU 9"),
+        (["release", "42"], 5, "no lease 42"),
+        (["extend", "42", "1h"], 5, "no lease 42"),
+        (["show", "nope"], 5, "no lease"),
+        (["extend", "1", "soon"], 2, "cannot read duration"),
+        (["frobnicate"], 2, "invalid choice"),
+        ([], 2, ""),
+    ],
+)
+def test_mistakes_get_one_line_and_an_exit_code(args: list[str], code: int, fragment: str) -> None:
+    out = run_cli(*args)
+    assert out.returncode == code, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    if fragment:
+        assert fragment in out.stderr
+        assert len([line for line in out.stderr.splitlines() if line.strip()]) == 1, out.stderr
+
+
+def test_not_enough_free_memory_is_exit_3_and_says_where() -> None:
+    assert run_cli("reserve", "70G", "--gpu", "0").returncode == 0
+    assert run_cli("reserve", "70G", "--gpu", "1").returncode == 0
+    out = run_cli("reserve", "20G")
+    assert out.returncode == 3
+    assert "GPU 0: 10 GiB" in out.stderr and "GPU 1: 10 GiB" in out.stderr
+
+
+def test_wait_timeout_is_exit_3_and_leaves_no_queued_request() -> None:
+    run_cli("reserve", "70G", "--gpu", "0")
+    out = run_cli("reserve", "70G", "--gpu", "0", "--wait", "1s")
+    assert out.returncode == 3 and "gave up" in out.stderr
+    states = [lease["state"] for lease in json.loads(run_cli("list", "--all", "--json").stdout)]
+    assert states == ["withdrawn", "active"]
+
+
+def test_colour_only_on_request() -> None:
+    run_cli("reserve", "1G")
+    plain = run_cli("list")
+    assert "\033[" not in plain.stdout
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["FORCE_COLOR"] = "1"
+    coloured = subprocess.run([sys.executable, "-m", "chronos", "list"], capture_output=True, text=True, env=env)
+    assert "\033[" in coloured.stdout
