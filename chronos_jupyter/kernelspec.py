@@ -1,0 +1,240 @@
+"""Install kernel specs whose kernels run inside a Chronos lease.
+
+``jupyter chronos install-kernel --name gpu-8g --memory 8G --time 2h`` writes a
+kernel.json that launches the current Python's ipykernel through the ``chronos``
+kernel provisioner, so every kernel started from it takes its own lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError
+from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
+
+__all__ = ["ON_EXPIRY_POLICIES", "PRIORITIES", "install_kernel", "kernel_json", "main"]
+
+#: What happens to a kernel when its lease ends (see ChronosProvisioner.on_expiry).
+ON_EXPIRY_POLICIES = ("warn", "interrupt", "terminate", "kill")
+PRIORITIES = ("low", "normal", "high")
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+def _check_name(name: str) -> str:
+    if not name or not set(name) <= _NAME_OK:
+        raise InvalidRequestError(
+            f"invalid kernel name {name!r}: use letters, digits, '-', '.' and '_' (e.g. gpu-8g)"
+        )
+    return name.lower()
+
+
+def _parse_devices(device: int | str | Sequence[int] | None) -> list[int] | int | None:
+    if device is None:
+        return None
+    if isinstance(device, bool):
+        raise InvalidRequestError(f"invalid device {device!r}: give an index such as 0 or a list such as 0,1")
+    if isinstance(device, int):
+        values = [device]
+    elif isinstance(device, str):
+        try:
+            values = [int(part) for part in device.split(",") if part.strip()]
+        except ValueError:
+            raise InvalidRequestError(
+                f"invalid device {device!r}: give an index such as 0 or a list such as 0,1"
+            ) from None
+    else:
+        values = [int(v) for v in device]
+    if not values or any(v < 0 for v in values):
+        raise InvalidRequestError(f"invalid device {device!r}: indices start at 0")
+    return values[0] if len(values) == 1 else values
+
+
+def kernel_json(
+    *,
+    memory: str | int | float,
+    duration: str | int | float,
+    display_name: str,
+    gpus: int | None = None,
+    device: int | str | Sequence[int] | None = None,
+    priority: str = "normal",
+    wait: str | int | float | bool | None = None,
+    on_expiry: str | None = None,
+    cull_idle: str | int | float | None = None,
+    python: str | None = None,
+) -> dict[str, Any]:
+    """The kernel.json document, with every value validated (InvalidRequestError on bad input)."""
+    parse_memory(memory)  # validate; keep the admin's own spelling
+    seconds = parse_duration(duration)
+    config: dict[str, Any] = {
+        "memory": memory.strip() if isinstance(memory, str) else memory,
+        "duration": format_duration_exact(seconds),
+    }
+    if gpus is not None:
+        if isinstance(gpus, bool) or int(gpus) < 1:
+            raise InvalidRequestError(f"invalid --gpus {gpus!r}: give a whole number of devices, 1 or more")
+        config["gpus"] = int(gpus)
+    devices = _parse_devices(device)
+    if devices is not None:
+        if gpus is not None:
+            raise InvalidRequestError("give either --gpus (how many) or --device (which ones), not both")
+        config["device"] = devices
+    if priority not in PRIORITIES:
+        raise InvalidRequestError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    if priority != "normal":
+        config["priority"] = priority
+    if wait is not None and wait is not False:
+        config["wait"] = True if wait is True else format_duration_exact(parse_duration(wait))
+    if on_expiry is not None:
+        if on_expiry not in ON_EXPIRY_POLICIES:
+            raise InvalidRequestError(
+                f"unknown on-expiry policy {on_expiry!r}: use one of {', '.join(ON_EXPIRY_POLICIES)}"
+            )
+        config["on_expiry"] = on_expiry
+    metadata: dict[str, Any] = {
+        "kernel_provisioner": {"provisioner_name": "chronos", "config": config},
+        "debugger": True,
+    }
+    if cull_idle is not None:
+        # Read by jupyter_server's MappingKernelManager culler (per-kernelspec override).
+        metadata["cull_idle_timeout"] = int(parse_duration(cull_idle))
+    return {
+        "argv": [python or sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": metadata,
+    }
+
+
+def format_duration_exact(seconds: float) -> str:
+    """Seconds as the shortest exact duration string (``7200`` -> ``2h``, ``90`` -> ``90s``)."""
+    whole = int(seconds)
+    if whole != seconds:
+        return f"{seconds:g}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def _default_display_name(memory: str | int | float, duration: str | int | float, gpus: int | None) -> str:
+    mem = parse_memory(memory)
+    size = format_bytes(mem.nbytes) if mem.nbytes is not None else str(mem)
+    where = f"{gpus} GPUs x {size}" if gpus and gpus > 1 else f"GPU {size}"
+    return f"Python 3 ({where}, {format_duration(parse_duration(duration))})"
+
+
+def install_kernel(
+    name: str,
+    memory: str | int | float,
+    duration: str | int | float = "1h",
+    *,
+    gpus: int | None = None,
+    device: int | str | Sequence[int] | None = None,
+    display_name: str | None = None,
+    priority: str = "normal",
+    wait: str | int | float | bool | None = None,
+    on_expiry: str | None = None,
+    cull_idle: str | int | float | None = None,
+    user: bool = False,
+    sys_prefix: bool = False,
+    prefix: str | os.PathLike[str] | None = None,
+    python: str | None = None,
+) -> str:
+    """Install a kernelspec that takes a lease for each kernel; returns the installed directory.
+
+    Where it goes follows ``jupyter kernelspec install``: ``user`` for the calling user,
+    ``sys_prefix`` for this environment, ``prefix`` for ``PREFIX/share/jupyter/kernels``,
+    and the system-wide directory when none is given.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if sum(bool(x) for x in (user, sys_prefix, prefix is not None)) > 1:
+        raise InvalidRequestError("give at most one of --user, --sys-prefix and --prefix")
+    kernel_name = _check_name(name)
+    doc = kernel_json(
+        memory=memory, duration=duration, gpus=gpus, device=device, priority=priority, wait=wait,
+        on_expiry=on_expiry, cull_idle=cull_idle, python=python,
+        display_name=display_name or _default_display_name(memory, duration, gpus),
+    )
+    target_prefix = sys.prefix if sys_prefix else (os.fspath(prefix) if prefix is not None else None)
+    with tempfile.TemporaryDirectory(prefix="chronos-kernelspec-") as tmp:
+        with open(os.path.join(tmp, "kernel.json"), "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.write("\n")
+        try:
+            path: str = KernelSpecManager().install_kernel_spec(
+                tmp, kernel_name=kernel_name, user=user, prefix=target_prefix
+            )
+        except PermissionError as exc:
+            where = exc.filename or "the system kernel directory"
+            raise NotAllowedError(
+                f"cannot write {where}: permission denied; "
+                "run as root, or use --user, --sys-prefix or --prefix DIR"
+            ) from None
+    return path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jupyter chronos", description="Jupyter kernels that run inside a Chronos GPU lease."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    inst = sub.add_parser(
+        "install-kernel",
+        help="install a kernelspec whose kernels each take a lease",
+        description="Install a kernelspec whose kernels each take a GPU lease (chronos provisioner).",
+    )
+    inst.add_argument("--name", required=True, help="kernelspec name, e.g. gpu-8g")
+    inst.add_argument("--memory", required=True, help="GPU memory per device: 8G, 512M, 50%%")
+    inst.add_argument("--time", dest="duration", default="1h",
+                      help="lease duration: 2h, 90m, 1h30m (default 1h)")
+    inst.add_argument("--gpus", type=int, default=None, help="number of devices, granted together")
+    inst.add_argument("--device", default=None, help="which device index(es), e.g. 0 or 0,1")
+    inst.add_argument("--display-name", default=None, help="name shown in the launcher")
+    inst.add_argument("--priority", default="normal", choices=PRIORITIES)
+    inst.add_argument("--wait", default=None, metavar="TIME",
+                      help="wait in the queue up to TIME (or 'forever') when no capacity is free")
+    inst.add_argument("--on-expiry", default=None, choices=ON_EXPIRY_POLICIES,
+                      help="what happens to the kernel when its lease ends (default terminate)")
+    inst.add_argument("--cull-idle", default=None, metavar="TIME",
+                      help="per-kernelspec idle culling timeout (needs the server's culler on)")
+    where = inst.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true", help="install into this Python environment")
+    where.add_argument("--prefix", default=None, help="install into PREFIX/share/jupyter/kernels")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``jupyter chronos`` entry point; bad input prints one line and exits 2."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "install-kernel":
+        parser.print_help()
+        return 0 if args.command is None else 2
+    wait: str | bool | None = args.wait
+    if isinstance(wait, str) and wait.lower() in ("forever", "true", "yes"):
+        wait = True
+    try:
+        path = install_kernel(
+            args.name, args.memory, args.duration, gpus=args.gpus, device=args.device,
+            display_name=args.display_name, priority=args.priority, wait=wait,
+            on_expiry=args.on_expiry, cull_idle=args.cull_idle,
+            user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix,
+        )
+    except ChronosError as exc:
+        print(f"jupyter chronos: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"Installed kernelspec {args.name.lower()} in {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

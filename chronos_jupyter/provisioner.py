@@ -1,0 +1,551 @@
+"""ChronosProvisioner: every Jupyter kernel started from a chronos kernelspec runs inside its own lease.
+
+A kernel.json selects it with ``metadata.kernel_provisioner = {"provisioner_name": "chronos",
+"config": {"memory": "8G", "duration": "2h"}}``; each config key is also a configurable trait, so
+an admin can set defaults in jupyter_server_config.py (``c.ChronosProvisioner.memory = "8G"``).
+
+Life of a kernel:
+
+* start: take the lease (waiting in the queue when ``wait`` is set), give the kernel the lease's
+  environment (CUDA_VISIBLE_DEVICES, framework caps, CHRONOS_LEASE_ID), launch it, and bind the
+  lease to the kernel's pid, so a server and kernel killed outright leave a lease that Chronos
+  reclaims through its dead holder;
+* restart: the lease is held by the server while the old kernel stops and bound to the new kernel
+  once it runs; a restart whose lease is over fails with a message naming the lease;
+* end of the lease: ``on_expiry`` decides (terminate by default); auto-restart is stopped first
+  so the kernel stays down, and the server is told the kernel is dead;
+* shutdown or culling: ``cleanup(restart=False)`` releases the lease.
+
+Nothing here blocks the server's event loop: every Chronos call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from jupyter_client.provisioning import LocalProvisioner
+from jupyter_core.utils import ensure_async
+from tornado.web import HTTPError
+from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
+
+import chronos
+from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError, UnavailableError
+from chronos.lease import ACTIVE, EXPIRED, REVOKED, Lease
+from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
+from chronos_jupyter.kernelspec import ON_EXPIRY_POLICIES, PRIORITIES
+
+__all__ = [
+    "ChronosProvisioner",
+    "KernelLeaseEnded",
+    "KernelLeaseError",
+    "KernelLeaseInvalid",
+    "KernelLeaseRefused",
+    "KernelLeaseUnavailable",
+]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- errors the user sees
+class KernelLeaseError(HTTPError, ChronosError):
+    """A kernel start refused by Chronos, with a message meant for the notebook user.
+
+    It is a tornado HTTPError so that jupyter_server's REST handlers put the message itself in the
+    reply (``POST /api/kernels`` shows ``log_message``, ``POST /api/sessions`` shows ``str()``)
+    instead of "Unhandled error", and a ChronosError so that code outside a server can catch it.
+    """
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        HTTPError.__init__(self, self.status, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
+class KernelLeaseUnavailable(KernelLeaseError, UnavailableError):
+    """No capacity now (or the queue wait ran out): HTTP 503."""
+
+    status = 503
+
+
+class KernelLeaseEnded(KernelLeaseError, UnavailableError):
+    """The kernel's lease is over, so it may not be (re)started: HTTP 409."""
+
+    status = 409
+
+
+class KernelLeaseInvalid(KernelLeaseError, InvalidRequestError):
+    """The kernelspec's Chronos settings are wrong: HTTP 400."""
+
+    status = 400
+
+
+class KernelLeaseRefused(KernelLeaseError, NotAllowedError):
+    """A policy forbids this lease: HTTP 403."""
+
+    status = 403
+
+
+def _surface(exc: ChronosError, message: str) -> KernelLeaseError:
+    if isinstance(exc, KernelLeaseError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return KernelLeaseInvalid(message)
+    if isinstance(exc, NotAllowedError):
+        return KernelLeaseRefused(message)
+    if isinstance(exc, UnavailableError):
+        return KernelLeaseUnavailable(message)
+    return KernelLeaseError(message)
+
+
+class _Cancelled(Exception):
+    """Raised inside a queue wait (through on_wait) to withdraw the request."""
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking Chronos call off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def _in_daemon_thread(fn: Callable[[threading.Event], T]) -> T:
+    """Run a possibly long call (a queue wait) in a daemon thread.
+
+    A daemon thread never holds up the server's exit; cancelling the awaiting task sets the event,
+    which the call polls so that it can withdraw its queued request.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    cancel = threading.Event()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            value = fn(cancel)
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=body, name="chronos-kernel-lease", daemon=True).start()
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+
+
+def _wait_seconds(value: bool | int | float | str) -> bool | float:
+    """``wait`` as chronos.reserve takes it: False, True (forever) or seconds."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "false", "no", "0"):
+            return False
+        if text in ("true", "yes", "forever"):
+            return True
+    return parse_duration(value)
+
+
+# --------------------------------------------------------------------------- the provisioner
+class ChronosProvisioner(LocalProvisioner):
+    """A local kernel launched inside a Chronos GPU lease (entry point name ``chronos``)."""
+
+    memory = Union(
+        [Unicode(), Int(), Float()], default_value="", config=True,
+        help="GPU memory per device for each kernel's lease: 8G, 512M, 50%%. Required.",
+    )
+    duration = Union(
+        [Unicode(), Int(), Float()], default_value="1h", config=True,
+        help="How long each kernel's lease lasts: 2h, 90m, 1h30m or seconds.",
+    )
+    gpus = Int(None, allow_none=True, config=True, help="Number of devices granted together.")
+    device = Union(
+        [Int(), List(Int()), Unicode()], default_value=None, allow_none=True, config=True,
+        help="Which device index(es) to use (all or none); default: the least loaded that fits.",
+    )
+    priority = Enum(PRIORITIES, default_value="normal", config=True, help="Queue priority.")
+    # ``wait`` is a method of every provisioner, so the trait has another name; kernel.json's
+    # config key stays ``wait`` (mapped in __init__).
+    queue_wait = Union(
+        [Bool(), Unicode(), Float()], default_value=False, config=True,
+        help="When no capacity is free: false fails the start at once; true waits in the queue; "
+        "a duration (10m) waits at most that long. kernel.json spells it \"wait\".",
+    )
+    on_expiry = Enum(
+        ON_EXPIRY_POLICIES, default_value="terminate", config=True,
+        help="What happens when the lease ends: warn (log only), interrupt (SIGINT, kernel kept), "
+        "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
+        "stopped for terminate and kill.",
+    )
+    warn_before = Union(
+        [Unicode(), Int(), Float()], default_value="5m", config=True,
+        help="Log a warning this long before the lease ends.",
+    )
+    check_interval = Float(
+        5.0, config=True, help="Seconds between checks of the lease (extensions, releases, expiry)."
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        if "wait" in kwargs:
+            kwargs["queue_wait"] = kwargs.pop("wait")
+        super().__init__(**kwargs)
+
+    _lease: Lease | None = None
+    _lease_id: str | None = None
+    _watch_task: asyncio.Task[None] | None = None
+    _held_by_server = False
+    ended_message: str | None = None
+
+    # -- the lease ------------------------------------------------------------------------
+    @property
+    def lease(self) -> Lease | None:
+        """The kernel's lease as last read (None before the first start)."""
+        return self._lease
+
+    @property
+    def lease_id(self) -> str | None:
+        return self._lease.id if self._lease is not None else self._lease_id
+
+    def _describe(self) -> str:
+        spec = parse_memory(self.memory)
+        size = format_bytes(spec.nbytes) if spec.nbytes is not None else f"{spec.fraction:.0%} of a GPU"
+        count = f"{self.gpus} GPUs x " if self.gpus and self.gpus > 1 else ""
+        return f"{count}{size} for {format_duration(parse_duration(self.duration))}"
+
+    def _label(self) -> str:
+        name = getattr(self.parent, "kernel_name", None) or "kernel"
+        return f"jupyter {name} {self.kernel_id or ''}".strip()[:190]
+
+    def _request(self) -> dict[str, Any]:
+        if self.memory in ("", None):
+            raise KernelLeaseInvalid(
+                "the chronos kernel provisioner needs a memory size: set \"memory\" (e.g. \"8G\") in the "
+                "kernelspec's metadata.kernel_provisioner.config, or c.ChronosProvisioner.memory"
+            )
+        try:
+            parse_memory(self.memory)
+            seconds = parse_duration(self.duration)
+            wait = _wait_seconds(self.queue_wait)
+        except InvalidRequestError as exc:
+            raise KernelLeaseInvalid(
+                f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}"
+            ) from None
+        device: Any = self.device
+        if isinstance(device, str):
+            device = device or None
+        return {
+            "memory": self.memory, "duration": seconds, "device": device, "gpus": self.gpus,
+            "priority": self.priority, "wait": wait,
+        }
+
+    def _kernel_name(self) -> str:
+        return str(getattr(self.parent, "kernel_name", None) or "?")
+
+    async def _take_lease(self) -> Lease:
+        request = self._request()
+        server_pid = os.getpid()
+        label = self._label()
+
+        def reserve(cancel: threading.Event) -> Lease:
+            def on_wait(update: chronos.WaitUpdate) -> None:
+                if cancel.is_set():
+                    raise _Cancelled(update.lease_id)
+
+            return chronos.reserve(
+                request["memory"], request["duration"], device=request["device"], gpus=request["gpus"],
+                priority=request["priority"], label=label, bind=server_pid, wait=request["wait"],
+                on_wait=on_wait,
+            )
+
+        if request["wait"]:
+            self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
+        try:
+            lease = await _in_daemon_thread(reserve)
+        except ChronosError as exc:
+            if isinstance(exc, UnavailableError):
+                raise KernelLeaseUnavailable(
+                    f"no GPU capacity for this kernel ({self._describe()}): {exc}; "
+                    "try again later or choose a smaller kernel"
+                ) from None
+            raise _surface(exc, f"cannot start this kernel: {exc}") from None
+        self.log.info(
+            "Chronos: kernel %s holds lease %s (%s on GPU %s, until %s)", self.kernel_id, lease.id,
+            format_bytes(lease.memory_bytes), ",".join(map(str, lease.devices)),
+            time.strftime("%H:%M:%S", time.localtime(lease.expires_at or time.time())),
+        )
+        return lease
+
+    async def _lease_for_restart(self, lease_id: str) -> Lease:
+        """The lease a restarted kernel runs in: the same one while it is active."""
+        try:
+            lease = await _in_thread(chronos.get_lease, lease_id)
+        except ChronosError as exc:
+            await self._give_up()
+            raise _surface(exc, f"cannot restart this kernel: {exc}") from None
+        if lease.active:
+            return lease
+        now = time.time()
+        if lease.state == REVOKED and lease.expires_at is not None and lease.expires_at - now > 1:
+            # The kernel died on its own (a crash) and took the lease with it; take the rest of its
+            # time again so that auto-restart works as it does without Chronos.
+            remaining = lease.expires_at - now
+            try:
+                fresh = await _in_thread(
+                    chronos.reserve, lease.memory_bytes, remaining, gpus=len(lease.devices) or None,
+                    prefer=list(lease.devices), priority=lease.priority, label=self._label(),
+                    bind=os.getpid(),
+                )
+            except ChronosError as exc:
+                await self._give_up()
+                raise KernelLeaseEnded(
+                    f"lease {lease.id} ended when its kernel exited, and its GPU memory is no longer free "
+                    f"({exc}); start a new kernel to take a new lease"
+                ) from None
+            self.log.warning(
+                "Chronos: lease %s ended when kernel %s exited; the restarted kernel holds lease %s until %s",
+                lease.id, self.kernel_id, fresh.id,
+                time.strftime("%H:%M:%S", time.localtime(fresh.expires_at or now)),
+            )
+            return fresh
+        await self._give_up()
+        raise KernelLeaseEnded(self._ended_text(lease)) from None
+
+    @staticmethod
+    def _ended_text(lease: Lease) -> str:
+        if lease.state == EXPIRED:
+            what = "has expired"
+        elif lease.state == REVOKED:
+            what = f"has ended ({lease.end_reason or 'its holder exited'})"
+        else:
+            what = f"was {lease.state}" + (f" ({lease.end_reason})" if lease.end_reason else "")
+        return f"lease {lease.id} {what}; start a new kernel to take a new lease"
+
+    async def _give_up(self) -> None:
+        """Make a refused restart final: no more auto-restarts, and the server learns the kernel is dead."""
+        km = self.parent
+        if km is None:
+            return
+        with contextlib.suppress(Exception):
+            km.stop_restarter()
+        restarter = getattr(km, "_restarter", None)
+        callbacks = list(restarter.callbacks.get("dead", [])) if restarter is not None else []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                self.log.exception("Chronos: a 'dead' callback of kernel %s failed", self.kernel_id)
+
+    async def _hold_by_server(self) -> None:
+        """Before the kernel stops for a restart, make the server the holder so the lease survives."""
+        lease = self._lease
+        if lease is None or self._held_by_server or not lease.active:
+            return
+        try:
+            await _in_thread(lease.bind, os.getpid())
+            self._held_by_server = True
+        except ChronosError as exc:
+            self.log.warning("Chronos: could not hold lease %s across the restart: %s", lease.id, exc)
+
+    # -- provisioner hooks ----------------------------------------------------------------
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Take the lease (or, on a restart, check it), then build the kernel's environment."""
+        first = self._lease is None and self._lease_id is None
+        if first:
+            lease = await self._take_lease()
+        else:
+            lease = await self._lease_for_restart(self.lease_id or "")
+        self._lease, self._lease_id = lease, lease.id
+        self._held_by_server = True
+        try:
+            kwargs = await super().pre_launch(**kwargs)
+            env = await _in_thread(lease.env, kwargs.get("env"))
+        except BaseException:
+            if first:
+                await self._release_quietly()
+            raise
+        env["CHRONOS_LEASE_ID"] = lease.id
+        kwargs["env"] = env
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Launch, then bind the lease to the kernel's pid: its death ends the lease."""
+        info = await super().launch_kernel(cmd, **kwargs)
+        lease = self._lease
+        assert lease is not None and self.pid is not None
+        try:
+            await _in_thread(lease.bind, self.pid)
+            self._held_by_server = False
+        except ChronosError as exc:
+            await self.kill()
+            await self.wait()
+            raise _surface(exc, f"kernel stopped: {exc}") from None
+        return info
+
+    async def post_launch(self, **kwargs: Any) -> None:
+        await super().post_launch(**kwargs)
+        self._start_watch()
+
+    async def send_signal(self, signum: int) -> None:
+        # A shutdown (or restart) begins with an interrupt while the kernel still runs: hold the lease
+        # by the server now, before the kernel (its holder) exits.
+        if getattr(self.parent, "shutting_down", False):
+            await self._hold_by_server()
+        await super().send_signal(signum)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        if restart:
+            await self._hold_by_server()
+        await super().shutdown_requested(restart=restart)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if restart:
+            await self._hold_by_server()
+        await super().terminate(restart=restart)
+
+    async def kill(self, restart: bool = False) -> None:
+        if restart:
+            await self._hold_by_server()
+        await super().kill(restart=restart)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Release the lease unless the kernel is about to be restarted."""
+        self._stop_watch()
+        if not restart:
+            await self._release_quietly()
+        await super().cleanup(restart=restart)
+
+    async def _release_quietly(self) -> None:
+        lease_id = self.lease_id
+        if lease_id is None:
+            return
+        try:
+            released = await _in_thread(chronos.release, lease_id)
+            self._lease = released
+            self.log.info("Chronos: kernel %s released lease %s", self.kernel_id, lease_id)
+        except ChronosError as exc:
+            self.log.warning("Chronos: could not release lease %s: %s", lease_id, exc)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Keep the lease id with the rest of the kernel's state (server restarts, HA setups)."""
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info["chronos_lease_id"] = self.lease_id
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        lease_id = provisioner_info.get("chronos_lease_id")
+        self._lease_id = str(lease_id) if lease_id is not None else None
+        self._lease = None
+        if self._lease_id is not None:
+            with contextlib.suppress(ChronosError):
+                self._lease = await _in_thread(chronos.get_lease, self._lease_id)
+
+    # -- the end of the lease ---------------------------------------------------------------
+    def _start_watch(self) -> None:
+        self._stop_watch()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - provisioners always run in a loop
+            return
+        self._watch_task = loop.create_task(self._watch(), name=f"chronos-watch-{self.kernel_id}")
+
+    def _stop_watch(self) -> None:
+        task = self._watch_task
+        self._watch_task = None
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+    async def _watch(self) -> None:
+        """Follow the lease (extensions, releases) and apply on_expiry when it ends."""
+        lease = self._lease
+        if lease is None:
+            return
+        try:
+            warn_s = parse_duration(self.warn_before)
+        except InvalidRequestError:
+            warn_s = 300.0
+        warned_for: float | None = None
+        while True:
+            end = lease.expires_at or time.time()
+            left = end - time.time()
+            if warned_for != end and 0 < left <= warn_s:
+                warned_for = end
+                self.log.warning(
+                    "Chronos: lease %s of kernel %s ends in %s (on_expiry=%s); extend it with "
+                    "`chronos extend %s 30m`", lease.id, self.kernel_id, format_duration(left),
+                    self.on_expiry, lease.id,
+                )
+            await asyncio.sleep(min(self.check_interval, max(0.0, left) + 0.05))
+            try:
+                lease = await _in_thread(chronos.get_lease, lease.id)
+            except ChronosError as exc:
+                self.log.warning("Chronos: cannot read lease of kernel %s: %s", self.kernel_id, exc)
+                continue
+            self._lease = lease
+            if lease.state == ACTIVE and lease.remaining > 0:
+                continue
+            if lease.state == REVOKED:
+                return  # the kernel itself exited; the restarter decides what comes next
+            await self._lease_over(lease)
+            return
+
+    async def _lease_over(self, lease: Lease) -> None:
+        """Apply on_expiry to a kernel whose lease has ended."""
+        self.ended_message = self._ended_text(lease)
+        policy = self.on_expiry
+        self.log.warning("Chronos: %s (kernel %s, on_expiry=%s)", self.ended_message, self.kernel_id, policy)
+        if policy == "warn" or not self.has_process:
+            return
+        if policy == "interrupt":
+            with contextlib.suppress(OSError):
+                await super().send_signal(signal.SIGINT)
+            return
+        km = self.parent
+        if km is not None:
+            with contextlib.suppress(Exception):
+                km.stop_restarter()  # the kernel must stay down
+        try:
+            if policy == "terminate":
+                await super().terminate()
+                grace = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
+                try:
+                    await asyncio.wait_for(self._wait_exit(), timeout=grace)
+                except asyncio.TimeoutError:
+                    await super().kill()
+            else:
+                await super().kill()
+            await self.wait()
+        except OSError as exc:
+            self.log.warning("Chronos: could not end kernel %s: %s", self.kernel_id, exc)
+        if km is not None:
+            with contextlib.suppress(Exception):
+                await ensure_async(km.cleanup_resources(restart=False))
+        await self._give_up()
+
+    async def _wait_exit(self) -> None:
+        while await self.poll() is None:
+            await asyncio.sleep(0.05)
