@@ -169,10 +169,22 @@ def device_uuid(index: int, nbytes: int) -> str:
 # --------------------------------------------------------------------------- the shared file
 
 
+_dir_cache: tuple[tuple[str | None, ...], Path] | None = None
+_DIR_ENV = ("CHRONOS_STATE_DIR", "CHRONOS_CONFIG", "CHRONOS_USER_CONFIG")
+
+
 def _state_dir() -> Path:
+    """The configured state directory, cached while the variables that choose it hold (reads are hot)."""
+    global _dir_cache
+    key = tuple(os.environ.get(k) for k in _DIR_ENV)
+    cached = _dir_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
     from chronos.config import load_config
 
-    return load_config().state_dir
+    path = load_config().state_dir
+    _dir_cache = (key, path)
+    return path
 
 
 def _ensure_state_dir() -> Path:
@@ -213,16 +225,32 @@ def _read_bytes(path: Path) -> bytes:
         if exc.errno == errno.ELOOP:
             raise StateError(f"{path} is a symbolic link; remove it") from None
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def _locked(directory: Path, shared: bool = False) -> Iterator[None]:
     """Hold the lock next to the state file: exclusive for writers, shared for a re-reading reader."""
     lock_path = directory / LOCK_FILE
+    flags = (os.O_RDONLY if shared else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _file_mode(directory))
+        try:
+            fd = os.open(lock_path, flags)
+        except FileNotFoundError:
+            # O_CREAT only when missing: with fs.protected_regular, O_CREAT on another user's file
+            # in a sticky directory is refused even though the file itself is writable.
+            try:
+                fd = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, _file_mode(directory))
+            except FileExistsError:
+                fd = os.open(lock_path, flags)
     except OSError as exc:
         raise StateError(f"cannot open lock file {lock_path}: {exc.strerror}") from None
     try:
@@ -297,12 +325,67 @@ def _live(claims: dict[int, list[_Claim]]) -> dict[int, list[_Claim]]:
         for claim in items:
             key = (claim.pid, claim.started)
             if key not in alive:
-                alive[key] = procs.is_alive(claim.pid, claim.started)
+                alive[key] = _is_alive(claim.pid, claim.started)
             if alive[key]:
                 kept.append(claim)
         if kept:
             out[dev] = kept
     return out
+
+
+# (pid, recorded start) -> the kernel's start tick for that pid, once procs.is_alive has confirmed it;
+# and the claims found dead, which never come back to life.
+_confirmed: dict[tuple[int, float | None], bytes] = {}
+_dead: set[tuple[int, float | None]] = set()
+
+
+def _proc_stat(pid: int) -> tuple[bytes, bytes] | None:
+    """(state, start tick) from ``/proc/PID/stat``; None when there is no such process."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = data[data.rfind(b")") + 2:].split()
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]
+
+
+def _is_alive(pid: int, started: float | None) -> bool:
+    """procs.is_alive, made cheap for repeated polls: after one full check, compare the start tick only."""
+    key = (pid, started)
+    if key in _dead:
+        return False
+    known = _confirmed.get(key)
+    if known is not None:
+        stat_now = _proc_stat(pid)
+        if stat_now is not None and stat_now[0] != b"Z" and stat_now[1] == known:
+            return True
+        del _confirmed[key]
+        _note_dead(key)
+        return False
+    stat_before = _proc_stat(pid)
+    if not procs.is_alive(pid, started):
+        if started is not None:  # a claim with no start time may yet be matched by a new process
+            _note_dead(key)
+        return False
+    if stat_before is not None and _proc_stat(pid) == stat_before:
+        if len(_confirmed) > 4096:
+            _confirmed.clear()
+        _confirmed[key] = stat_before[1]
+    return True
+
+
+def _note_dead(key: tuple[int, float | None]) -> None:
+    if len(_dead) > 4096:
+        _dead.clear()
+    _dead.add(key)
 
 
 def _serialise(claims: dict[int, list[_Claim]]) -> dict[str, Any]:
