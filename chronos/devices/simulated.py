@@ -226,7 +226,7 @@ def _read_bytes(path: Path) -> bytes:
             raise StateError(f"{path} is a symbolic link; remove it") from None
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
