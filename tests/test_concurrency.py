@@ -1,0 +1,105 @@
+"""Many real processes racing for the same simulated GPUs: never over-commit, never lose a lease."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import chronos
+from chronos.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "race_worker.py"
+TOTAL = 80 << 30
+PROCESSES = 16
+
+
+def _overcommits(db: Path, stop: threading.Event, seen: list[str]) -> None:
+    """Poll the ledger as a separate reader; record any instant where a device is over-committed."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        while not stop.is_set():
+            rows = conn.execute("SELECT devices, memory_bytes FROM leases WHERE state = 'active'").fetchall()
+            used: Counter[int] = Counter()
+            for devices, memory in rows:
+                for index in json.loads(devices):
+                    used[index] += memory
+            for index, total in used.items():
+                if total > TOTAL:
+                    seen.append(f"GPU {index}: {total} > {TOTAL}")
+            time.sleep(0.005)
+    finally:
+        conn.close()
+
+
+def _spawn(out: Path, rounds: int, seed: int, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), str(rounds), str(seed), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+
+
+def test_sixteen_processes_never_overcommit_nor_lose_a_lease(tmp_path: Path, chronos_env: Path) -> None:
+    engine = Engine()
+    engine.leases()  # creates the ledger before the race
+    db = engine.ledger.path
+    stop, seen = threading.Event(), []  # type: ignore[var-annotated]
+    monitor = threading.Thread(target=_overcommits, args=(db, stop, seen))
+    monitor.start()
+    outs = [tmp_path / f"worker{i}.txt" for i in range(PROCESSES)]
+    workers = [_spawn(out, 40, seed) for seed, out in enumerate(outs)]
+    try:
+        for worker in workers:
+            _, err = worker.communicate(timeout=240)
+            assert worker.returncode == 0, err
+    finally:
+        stop.set()
+        monitor.join()
+    assert seen == []
+    granted = [line for out in outs for line in out.read_text().split()]
+    assert granted, "no worker got a lease"
+    assert len(granted) == len(set(granted)), "a lease id was granted twice"
+    history = {lease.id: lease for lease in engine.leases(all=True)}
+    assert set(granted) == set(history), "the ledger and the workers disagree on what was granted"
+    assert {lease.state for lease in history.values()} == {"released"}
+    granted_events = Counter(e.lease_id for e in engine.events() if e.event == "granted")
+    assert all(granted_events[i] == 1 for i in granted)
+    assert engine.ledger.integrity_check() == "ok"
+
+
+def test_holders_killed_at_random_points_have_their_leases_reclaimed(tmp_path: Path, chronos_env: Path) -> None:
+    engine = Engine()
+    engine.leases()
+    rng = random.Random(7)
+    outs = [tmp_path / f"worker{i}.txt" for i in range(PROCESSES)]
+    workers = [_spawn(out, rng.randint(5, 60), seed, "hold") for seed, out in enumerate(outs)]
+    deadline = time.monotonic() + 60
+    while len(engine.leases()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Kill every worker at a random moment: some mid-race, some while holding their lease.
+    order = list(workers)
+    rng.shuffle(order)
+    for worker in order:
+        time.sleep(rng.random() * 0.15)
+        os.kill(worker.pid, signal.SIGKILL)
+    for worker in workers:
+        worker.communicate(timeout=60)
+    leases = engine.leases()  # the next operation reclaims everything the dead held
+    assert leases == []
+    history = engine.leases(all=True)
+    assert history, "no worker got a lease before being killed"
+    assert {lease.state for lease in history} <= {"released", "revoked"}
+    granted = [line for out in outs if out.exists() for line in out.read_text().split()]
+    assert set(granted) <= {lease.id for lease in history}
+    assert engine.ledger.integrity_check() == "ok"
+    for d in chronos.devices():
+        assert d.memory_reserved_bytes == 0 and d.memory_available_bytes == TOTAL
