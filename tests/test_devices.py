@@ -440,6 +440,33 @@ def test_nvml_without_a_driver_is_a_one_line_backend_error(monkeypatch: pytest.M
         nvml.driver_version()
 
 
+def test_without_the_nvml_package() -> None:
+    code = """
+        import sys
+        sys.modules["pynvml"] = None  # as if nvidia-ml-py were not installed
+        from chronos.devices import get_backend
+        from chronos.errors import BackendError
+        try:
+            get_backend()
+        except BackendError as exc:
+            print("error:", exc)
+        else:
+            print("backend:", get_backend().name)
+    """
+    out = _run(code, env={"CHRONOS_BACKEND": "nvml"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "error: the nvidia-ml-py package is missing: pip install nvidia-ml-py"
+    out = _run(code, env={"CHRONOS_BACKEND": "auto"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "backend: simulated"
+    assert out.stderr.startswith("chronos: nvidia-ml-py is not installed; using 2 simulated GPUs")
+
+
+def test_processes_of_an_unknown_device_is_bad_input() -> None:
+    with pytest.raises(InvalidRequestError, match="no simulated GPU 5"):
+        get_backend().processes([0, 5])
+
+
 # --------------------------------------------------------------------------- real GPUs
 
 

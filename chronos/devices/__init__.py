@@ -57,31 +57,34 @@ def is_simulated() -> bool:
     return get_backend().name == "simulated"
 
 
-def _build(choice: str | None) -> Backend:
-    choice = (choice or "auto").strip().lower() or "auto"
+def _build(raw: str | None) -> Backend:
+    choice = (raw or "").strip().lower() or "auto"
     if choice not in _CHOICES:
-        raise InvalidRequestError(
-            f"CHRONOS_BACKEND={choice!r} is not a backend: use auto, nvml or simulated"
-        )
+        raise InvalidRequestError(f"CHRONOS_BACKEND={raw!r} is not a backend: use auto, nvml or simulated")
     from chronos.devices.simulated import SimulatedBackend
 
     if choice == "simulated":
         return SimulatedBackend()
-    from chronos.devices import nvml
-
-    if choice == "nvml":
-        return nvml.NvmlBackend()
-    simulated = SimulatedBackend()  # parse CHRONOS_SIM_GPUS first: a bad value is an error either way
     try:
-        backend = nvml.NvmlBackend()
-    except nvml.DriverNotFoundError:
-        reason = "no NVIDIA driver found"
-    except BackendError:
-        raise
+        from chronos.devices import nvml
+    except ImportError as exc:
+        if exc.name != "pynvml":
+            raise
+        if choice == "nvml":
+            raise BackendError("the nvidia-ml-py package is missing: pip install nvidia-ml-py") from None
+        reason = "nvidia-ml-py is not installed"
     else:
-        if backend.device_count():
-            return backend
-        reason = "the NVIDIA driver reports no GPU"
+        if choice == "nvml":
+            return nvml.NvmlBackend()
+        try:
+            backend = nvml.NvmlBackend()
+        except nvml.DriverNotFoundError:
+            reason = "no NVIDIA driver found"
+        else:
+            if backend.device_count():
+                return backend
+            reason = "the NVIDIA driver reports no GPU"
+    simulated = SimulatedBackend()
     _say_fallback_once(reason, len(simulated.sizes))
     return simulated
 
