@@ -1,0 +1,217 @@
+"""The lease widget against real leases, real processes and the simulated GPU backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import chronos
+from chronos.devices import simulated
+from chronos_jupyter.widgets import (
+    CRITICAL_S,
+    WARNING_S,
+    LeaseWidget,
+    lease_view,
+    memory_used,
+    render_html,
+    render_text,
+)
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def lease() -> Iterator[chronos.Lease]:
+    held = chronos.reserve("4G", "2h", bind=True, label="train")
+    yield held
+    if held.refresh().state == "active":
+        held.release()
+    simulated.free(held.devices[0])
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+# -- the facts -------------------------------------------------------------------------------
+
+
+def test_levels_follow_the_time_left(lease: chronos.Lease) -> None:
+    assert lease.expires_at is not None
+    end = lease.expires_at
+    assert lease_view(lease, now=end - 3600).level == "ok"
+    assert lease_view(lease, now=end - WARNING_S + 1).level == "warning"
+    assert lease_view(lease, now=end - CRITICAL_S + 1).level == "critical"
+    past = lease_view(lease, now=end + 1)
+    assert past.level == "ended" and past.remaining_s == 0
+    assert past.time_text.startswith("expired at ")
+
+
+def test_text_and_html_carry_the_same_facts(lease: chronos.Lease) -> None:
+    view = lease_view(lease, used_bytes=GiB)
+    text = render_text(view)
+    assert f"Chronos lease {lease.id} (train): GPU {lease.devices[0]}, active" in text
+    assert "1 GiB used of 4 GiB" in text
+    clock = time.strftime("%H:%M", time.localtime(lease.expires_at))
+    assert f"(ends {clock}" in text
+    page = render_html(view)
+    for fact in (lease.id, "train", "1 GiB used of 4 GiB", f"(ends {clock}"):
+        assert fact in page
+    assert "width:25.0%" in page  # the bar: a quarter of the cap
+    soon = render_text(lease_view(lease, used_bytes=5 * GiB, now=(lease.expires_at or 0) - 30))
+    assert "ending soon" in soon and "OVER THE CAP" in soon
+
+
+def test_memory_used_counts_the_holder_tree_only(lease: chronos.Lease) -> None:
+    """The holder and its descendants count, on the lease's devices only; its parent does not."""
+    spawn_grandchild = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", spawn_grandchild], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    grandchild = int(holder.stdout.readline())
+    device, other = lease.devices[0], 1 - lease.devices[0]
+    try:
+        lease.bind(holder.pid)
+        assert memory_used(lease) == 0
+        simulated.allocate(device, GiB, pid=holder.pid)
+        simulated.allocate(device, 2 * GiB, pid=grandchild)
+        simulated.allocate(device, 8 * GiB, pid=os.getpid())  # the holder's parent: not the lease's
+        simulated.allocate(other, 4 * GiB, pid=holder.pid)  # another device: not the lease's
+        assert memory_used(lease) == 3 * GiB
+    finally:
+        for pid in (holder.pid, grandchild, os.getpid()):
+            simulated.free(device, pid=pid)
+        simulated.free(other, pid=holder.pid)
+        os.kill(grandchild, 9)
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_unbound_lease_has_unknown_use() -> None:
+    unbound = chronos.reserve("1G", "10m", bind=False)
+    try:
+        view = lease_view(unbound, memory_used(unbound))
+        assert view.used_bytes is None
+        assert "use unknown" in view.memory_text
+    finally:
+        unbound.release()
+
+
+# -- the live widget -------------------------------------------------------------------------
+
+
+def test_widget_traits_follow_the_lease(lease: chronos.Lease) -> None:
+    widget = LeaseWidget(lease, start=False)
+    try:
+        assert f"<code>{lease.id}</code>" in widget.title.value
+        assert "left (ends" in widget.countdown.value
+        assert widget.memory_bar.max == 4 * GiB
+        assert widget.memory_bar.value == 0
+        simulated.allocate(lease.devices[0], 3 * GiB)
+        widget.update()
+        assert widget.memory_bar.value == 3 * GiB
+        assert "3 GiB used of 4 GiB" in widget.memory_label.value
+        simulated.allocate(lease.devices[0], 5 * GiB)
+        widget.update()
+        assert widget.memory_bar.bar_style == "danger"
+        assert "over the cap" in widget.memory_label.value
+        assert widget.time_bar.bar_style == "success"
+        assert 0.99 < widget.time_bar.value <= 1.0
+        assert "chronos-active" in widget.box._dom_classes
+        chronos.release(lease.id)
+        view = widget.update()
+        assert view.ended
+        assert "released at" in widget.countdown.value
+        assert widget.release_button.disabled and widget.extend_button.disabled
+        assert "chronos-ended" in widget.box._dom_classes
+        assert widget.time_bar.value == 0
+    finally:
+        widget.close()
+
+
+def test_widget_warns_near_the_end() -> None:
+    short = chronos.reserve("1G", "50s", bind=True)
+    widget = LeaseWidget(short, start=False)
+    try:
+        assert widget.view.level == "critical"
+        assert widget.time_bar.bar_style == "danger"
+        assert "<b>" in widget.countdown.value
+        assert "ending soon" in repr(widget)
+    finally:
+        widget.close()
+        short.release()
+
+
+def test_thread_moves_the_countdown_and_stops_at_the_end() -> None:
+    short = chronos.reserve("1G", "3s", bind=True)
+    widget = LeaseWidget(short, interval=0.2)
+    try:
+        first = widget.countdown.value
+        assert widget.running
+        assert wait_for(lambda: widget.countdown.value != first, timeout=5)
+        # The lease expires by itself; the thread shows it and then stops.
+        assert wait_for(lambda: widget.view.ended, timeout=10)
+        assert "expired" in widget.countdown.value
+        assert wait_for(lambda: not widget.running, timeout=5)
+        assert chronos.get_lease(short.id).state == "expired"
+    finally:
+        widget.close()
+
+
+def test_buttons_release_and_extend(lease: chronos.Lease) -> None:
+    widget = LeaseWidget(lease, start=False, extend_step="15m")
+    try:
+        before = chronos.get_lease(lease.id).expires_at
+        assert before is not None
+        widget.extend_button.click()
+        after = chronos.get_lease(lease.id).expires_at
+        assert after is not None and after - before == pytest.approx(900, abs=1)
+        assert "extended by 15m" in widget.message.value
+        widget.release_button.click()
+        assert chronos.get_lease(lease.id).state == "released"
+        assert widget.view.ended
+    finally:
+        widget.close()
+
+
+def test_button_errors_show_in_the_widget(lease: chronos.Lease) -> None:
+    def refuse(_step: str) -> None:
+        raise chronos.NotAllowedError("extension refused: the policy allows at most 2h")
+
+    widget = LeaseWidget(lease, start=False, extend=refuse)
+    try:
+        widget.extend_button.click()
+        assert "extension refused" in widget.message.value
+        assert chronos.get_lease(lease.id).state == "active"
+    finally:
+        widget.close()
+
+
+def test_display_forms(lease: chronos.Lease) -> None:
+    widget = LeaseWidget(lease, start=False)
+    try:
+        bundle = widget._repr_mimebundle_()
+        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.box.model_id
+        assert bundle["text/plain"] == repr(widget) == render_text(widget.view)
+        assert bundle["text/html"] == widget._repr_html_()
+        from IPython.lib.pretty import pretty
+
+        assert pretty(widget) == repr(widget)
+    finally:
+        widget.close()
