@@ -1,34 +1,62 @@
-"""Pure scheduling decisions: a snapshot and a request in, a decision out. No I/O here."""
+"""Pure scheduling decisions: a snapshot and a request in, a decision out. No I/O here.
+
+The model is conservative backfill. Every device's free memory is a step function of time: it
+rises as active leases reach their end (``expires_at``). Queued requests are placed in grant order
+(higher priority class first, first come first served within a class), each at the earliest time it
+fits, and each reserves its future slot. A request may start now only if it fits now *and* does not
+overlap the slot reserved by any earlier request of equal or higher class, so granting it never
+delays them (no starvation), while small short requests still slip into gaps (backfill).
+
+Placement: named devices are all-or-none; ``gpus=N`` is a gang, all-or-none, on devices close
+together (``Snapshot.distances``, smaller is closer), then the least loaded; ``prefer`` wins when the
+preferred devices fit; ``visible`` (the caller's CUDA_VISIBLE_DEVICES) limits the candidates.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from itertools import combinations
+from operator import itemgetter
 
 from chronos.errors import InvalidRequestError
-from chronos.units import MemorySpec, format_bytes
+from chronos.units import MemorySpec, format_bytes, format_duration
 
 __all__ = [
     "PRIORITIES",
+    "Decision",
     "DeviceState",
     "Holding",
     "Request",
+    "Slot",
     "Snapshot",
-    "Decision",
-    "priority_rank",
-    "validate",
     "decide",
-    "queue_order",
+    "estimates",
     "extend_conflict",
+    "forecast",
+    "plan",
+    "priority_rank",
+    "queue_order",
+    "validate",
 ]
 
 #: Priority classes, lowest first; the rank is the index.
 PRIORITIES = ("low", "normal", "high")
+_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+_INF = math.inf
+
+#: A request that fits now is checked against the slots of the earlier requests that could start
+#: before it would end; when there are more than this many it waits its turn instead (as Slurm's
+#: backfill bounds the jobs it tests). This bounds the cost of one decision on a long queue.
+BACKFILL_DEPTH = 64
 
 
 def priority_rank(priority: str) -> int:
     try:
-        return PRIORITIES.index(priority)
-    except ValueError:
+        return _RANK[priority]
+    except (KeyError, TypeError):
         raise InvalidRequestError(
             f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}"
         ) from None
@@ -82,7 +110,12 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Decision:
-    """The outcome for one request: devices granted now, or why not and when it may start."""
+    """The outcome for one request: devices granted now, or why not and when it may start.
+
+    ``position`` is 0 when granted, else the 1-based place in the queue the request has (or would
+    take). ``estimated_start`` is None when it was not computed (see ``decide(estimate=...)``) and
+    ``inf`` when no end time in view lets the request start (memory held outside leases).
+    """
 
     devices: tuple[int, ...] | None
     memory_bytes: int = 0
@@ -96,31 +129,38 @@ class Decision:
         return self.devices is not None
 
 
-def _free(snapshot: Snapshot) -> dict[int, int]:
-    free = {d.index: d.total_bytes - d.unmanaged_bytes for d in snapshot.devices}
-    for holding in snapshot.active:
-        for index in holding.devices:
-            if index in free:
-                free[index] -= holding.memory_bytes
-    return free
+@dataclass(frozen=True)
+class Slot:
+    """Where and when a queued request is expected to start, as planned from known end times."""
+
+    lease_id: str | None
+    position: int
+    start: float
+    devices: tuple[int, ...]
+    memory_bytes: int
 
 
+# -- validation ----------------------------------------------------------------------------------
 def _candidates(snapshot: Snapshot, request: Request) -> list[DeviceState]:
-    devices = list(snapshot.devices)
+    if request.devices is not None:
+        by_index = {d.index: d for d in snapshot.devices}
+        return [by_index[i] for i in request.devices]
     if request.visible is not None:
-        devices = [d for d in devices if d.index in request.visible]
-    return devices
+        return [d for d in snapshot.devices if d.index in request.visible]
+    return list(snapshot.devices)
 
 
 def validate(snapshot: Snapshot, request: Request) -> None:
     """Raise InvalidRequestError for a request that could never fit on this machine."""
     by_index = {d.index: d for d in snapshot.devices}
-    candidates = _candidates(snapshot, request)
+    priority_rank(request.priority)
     if request.gpus < 1:
         raise InvalidRequestError(f"gpus must be at least 1, got {request.gpus}")
+    if not (request.duration_s > 0) or math.isinf(request.duration_s):
+        raise InvalidRequestError(f"duration must be positive seconds, not {request.duration_s!r}")
     if request.devices is not None:
         if len(set(request.devices)) != len(request.devices):
-            raise InvalidRequestError(f"GPU listed twice in {','.join(map(str, request.devices))}")
+            raise InvalidRequestError(f"GPU listed twice in {_list(request.devices)}")
         for index in request.devices:
             if index not in by_index:
                 known = ", ".join(str(i) for i in sorted(by_index)) or "none"
@@ -131,6 +171,7 @@ def validate(snapshot: Snapshot, request: Request) -> None:
                 )
         chosen = [by_index[i] for i in request.devices]
     else:
+        candidates = _candidates(snapshot, request)
         if request.gpus > len(candidates):
             raise InvalidRequestError(
                 f"{request.gpus} GPUs asked for, but this machine has {len(candidates)} that may be used"
@@ -144,7 +185,7 @@ def validate(snapshot: Snapshot, request: Request) -> None:
                 f"{format_bytes(device.total_bytes)} in all"
             )
         if need <= 0:
-            raise InvalidRequestError("memory resolves to 0 bytes on GPU {device.index}: ask for more")
+            raise InvalidRequestError(f"memory resolves to 0 bytes on GPU {device.index}: ask for more")
 
 
 def _list(indices: tuple[int, ...]) -> str:
@@ -153,62 +194,387 @@ def _list(indices: tuple[int, ...]) -> str:
 
 def queue_order(snapshot: Snapshot) -> list[Request]:
     """Queued requests in grant order: higher class first, first come first served within a class."""
-    return sorted(snapshot.queue, key=lambda r: (-priority_rank(r.priority), r.seq))
+    for queued in snapshot.queue:
+        priority_rank(queued.priority)
+    return sorted(snapshot.queue, key=lambda r: (-_RANK[r.priority], r.seq))
 
 
-def _place(snapshot: Snapshot, request: Request, free: dict[int, int]) -> tuple[tuple[int, ...], int] | None:
-    by_index = {d.index: d for d in snapshot.devices}
-    if request.devices is not None:
-        chosen = [by_index[i] for i in request.devices]
-        need = min(request.memory.resolve(d.total_bytes) for d in chosen)
-        if all(free[d.index] >= need for d in chosen):
-            return tuple(request.devices), need
-        return None
-    fitting = []
-    for device in _candidates(snapshot, request):
-        need = request.memory.resolve(device.total_bytes)
-        if free[device.index] >= need:
-            preferred = device.index in request.prefer
-            fitting.append((not preferred, -free[device.index], device.index, need))
-    if len(fitting) < request.gpus:
-        return None
-    fitting.sort()
-    picked = fitting[: request.gpus]
-    need = min(p[3] for p in picked)
-    return tuple(sorted(p[2] for p in picked)), need
-
-
-def decide(snapshot: Snapshot, request: Request) -> Decision:
-    """Grant ``request`` now if it fits and no earlier request of equal or higher class waits."""
-    validate(snapshot, request)
-    free = _free(snapshot)
+def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
+    """Queued requests that must not be delayed by ``request``, in grant order."""
     order = queue_order(snapshot)
     rank = priority_rank(request.priority)
-    ahead = [
-        r
-        for r in order
-        if r.lease_id != request.lease_id
-        and (priority_rank(r.priority) > rank or (priority_rank(r.priority) == rank and r.seq < request.seq))
-    ]
+    if request.lease_id is not None:
+        for i, queued in enumerate(order):
+            if queued.lease_id == request.lease_id:
+                return order[:i]
+        return [r for r in order if (-_RANK[r.priority], r.seq) < (-rank, request.seq)]
+    # A new request comes after every queued request of its class.
+    return [r for r in order if _RANK[r.priority] >= rank]
+
+
+# -- the free-memory profile -----------------------------------------------------------------------
+def _free_now(snapshot: Snapshot) -> dict[int, int]:
+    free = {d.index: d.total_bytes - d.unmanaged_bytes for d in snapshot.devices}
+    for holding in snapshot.active:
+        nbytes = holding.memory_bytes
+        for index in holding.devices:
+            if index in free:
+                free[index] -= nbytes
+    return free
+
+
+def _free_by(snapshot: Snapshot, free_now: dict[int, int], horizon: float) -> dict[int, int]:
+    """Free memory per device just before ``horizon``, counting active leases only."""
+    free = dict(free_now)
+    for holding in snapshot.active:
+        if holding.expires_at < horizon:
+            nbytes = holding.memory_bytes
+            for index in holding.devices:
+                if index in free:
+                    free[index] += nbytes
+    return free
+
+
+class _Profile:
+    """Free memory per device as a step function of time.
+
+    ``free[d][i]`` holds on ``[times[d][i], times[d][i+1])``; the last value holds for ever.
+    """
+
+    __slots__ = ("free", "now", "times")
+
+    def __init__(self, snapshot: Snapshot, free_now: dict[int, int],
+                 override: tuple[str, float] | None = None) -> None:
+        now = snapshot.now
+        # A lease already past its end still holds its memory until reclaimed: release it just after now.
+        soon = math.nextafter(now, _INF)
+        ends = []
+        for holding in snapshot.active:
+            end = holding.expires_at
+            if override is not None and holding.lease_id == override[0]:
+                end = override[1]
+            ends.append((end if end > now else soon, holding.devices, holding.memory_bytes))
+        ends.sort(key=itemgetter(0))
+        self.now = now
+        self.times: dict[int, list[float]] = {index: [now] for index in free_now}
+        self.free: dict[int, list[int]] = {index: [free] for index, free in free_now.items()}
+        times_of = self.times
+        free_of = self.free
+        for end, devices, nbytes in ends:
+            for index in devices:
+                times = times_of.get(index)
+                if times is None:
+                    continue
+                frees = free_of[index]
+                if times[-1] == end:
+                    frees[-1] += nbytes
+                else:
+                    times.append(end)
+                    frees.append(frees[-1] + nbytes)
+
+    @classmethod
+    def flat(cls, snapshot: Snapshot, free_now: dict[int, int]) -> _Profile:
+        """Free memory now, held constant: enough to decide with no future reservation to respect."""
+        profile = cls.__new__(cls)
+        profile.now = snapshot.now
+        profile.times = {index: [snapshot.now] for index in free_now}
+        profile.free = {index: [free] for index, free in free_now.items()}
+        return profile
+
+    def fit(self, index: int, need: int, start: float, length: float, limit: float = _INF) -> float:
+        """Earliest time >= ``start`` from which ``need`` bytes stay free on ``index`` for ``length`` s.
+
+        Gives up (returns inf) once the answer would be later than ``limit``.
+        """
+        times = self.times[index]
+        frees = self.free[index]
+        n = len(times)
+        i = bisect_right(times, start) - 1
+        while True:
+            if start > limit:
+                return _INF
+            end = start + length
+            k = i
+            while k < n and times[k] < end:
+                if frees[k] < need:
+                    break
+                k += 1
+            else:
+                return start
+            k += 1
+            while k < n and frees[k] < need:
+                k += 1
+            if k >= n:
+                return _INF
+            i = k
+            start = times[k]
+
+    def free_at(self, index: int, at: float) -> int:
+        times = self.times[index]
+        return self.free[index][bisect_right(times, at) - 1]
+
+    def take(self, index: int, start: float, end: float, nbytes: int) -> None:
+        """Reserve ``nbytes`` on ``index`` over ``[start, end)``."""
+        times = self.times[index]
+        frees = self.free[index]
+        i = self._split(times, frees, start)
+        j = self._split(times, frees, end)
+        for k in range(i, j):
+            frees[k] -= nbytes
+
+    @staticmethod
+    def _split(times: list[float], frees: list[int], at: float) -> int:
+        i = bisect_left(times, at)
+        if i < len(times) and times[i] == at:
+            return i
+        times.insert(i, at)
+        frees.insert(i, frees[i - 1])
+        return i
+
+
+def _needs(snapshot: Snapshot, request: Request, candidates: list[DeviceState]) -> dict[int, int]:
+    memory = request.memory
+    if memory.nbytes is not None:
+        return {d.index: memory.nbytes for d in candidates}
+    return {d.index: memory.resolve(d.total_bytes) for d in candidates}
+
+
+def _earliest(profile: _Profile, needs: dict[int, int], count: int, length: float,
+              not_before: float) -> tuple[float, list[int]]:
+    """Earliest start with ``count`` of the devices in ``needs`` free for ``length`` s, and which fit then."""
+    if count == 1:
+        best = _INF
+        at_best: list[int] = []
+        for index, need in needs.items():
+            at = profile.fit(index, need, not_before, length, best)
+            if at < best:
+                best, at_best = at, [index]
+            elif at == best and at != _INF:
+                at_best.append(index)
+        return best, at_best
+    start = not_before
+    while True:
+        starts = {index: profile.fit(index, need, start, length) for index, need in needs.items()}
+        ordered = sorted(starts.values())
+        at = ordered[count - 1]
+        if at == _INF:
+            return _INF, []
+        if at == start:
+            return start, [index for index, s in starts.items() if s == start]
+        start = at
+
+
+@lru_cache(maxsize=32)
+def _subsets(positions: tuple[int, ...], distances: tuple[tuple[int, ...], ...] | None,
+             count: int) -> tuple[tuple[tuple[int, ...], int, int], ...]:
+    """Every ``count``-subset of device positions with its widest and summed link distance, closest first."""
+    out = []
+    for combo in combinations(positions, count):
+        widest = 0
+        total = 0
+        if distances is not None:
+            for a, b in combinations(combo, 2):
+                link = distances[a][b] if a < len(distances) and b < len(distances[a]) else 0
+                widest = max(widest, link)
+                total += link
+        out.append((combo, widest, total))
+    out.sort(key=lambda item: (item[1], item[2]))
+    return tuple(out)
+
+
+def _choose(snapshot: Snapshot, request: Request, profile: _Profile, fitting: list[int], count: int,
+            at: float) -> tuple[int, ...]:
+    """Among devices that fit at ``at``, pick ``count``: preferred, close together, least loaded."""
+    if request.devices is not None:
+        return request.devices
+    prefer = request.prefer
+    if count == 1:
+        return (min(fitting, key=lambda i: (i not in prefer, -profile.free_at(i, at), i)),)
+    if len(fitting) == count:
+        return tuple(sorted(fitting))
+    position = {d.index: p for p, d in enumerate(snapshot.devices)}
+    index_at = {p: d.index for p, d in enumerate(snapshot.devices)}
+    positions = tuple(sorted(position[i] for i in fitting))
+    free = {i: profile.free_at(i, at) for i in fitting}
+    best_key: tuple[int, int, int, int, int] | None = None
+    best: tuple[int, ...] = ()
+    if math.comb(len(positions), count) <= 512:
+        for combo, widest, total in _subsets(positions, snapshot.distances, count):
+            indices = tuple(index_at[p] for p in combo)
+            frees = [free[i] for i in indices]
+            key = (sum(i not in prefer for i in indices), widest, total, -min(frees), -sum(frees))
+            if best_key is None or key < best_key:
+                best_key, best = key, indices
+        return tuple(sorted(best))
+    # Very wide machines: preferred and least loaded first, greedily (topology not searched).
+    ranked = sorted(fitting, key=lambda i: (i not in prefer, -free[i], i))
+    return tuple(sorted(ranked[:count]))
+
+
+def _place(snapshot: Snapshot, profile: _Profile, request: Request, not_before: float
+           ) -> tuple[float, tuple[int, ...], int]:
+    """Earliest start, devices and per-device bytes for ``request`` in ``profile`` (start inf: never)."""
+    candidates = _candidates(snapshot, request)
+    needs = _needs(snapshot, request, candidates)
+    count = len(request.devices) if request.devices is not None else request.gpus
+    if count > len(needs):
+        return _INF, (), 0
+    at, fitting = _earliest(profile, needs, count, request.duration_s, not_before)
+    if at == _INF:
+        return _INF, (), 0
+    chosen = _choose(snapshot, request, profile, fitting, count, at)
+    return at, chosen, min(needs[i] for i in chosen)
+
+
+def _reserve(profile: _Profile, start: float, devices: tuple[int, ...], nbytes: int, length: float) -> None:
+    if start == _INF:
+        return
+    for index in devices:
+        profile.take(index, start, start + length, nbytes)
+
+
+def _plan(snapshot: Snapshot, profile: _Profile, order: list[Request]) -> list[Slot]:
+    slots = []
+    now = snapshot.now
+    for position, queued in enumerate(order, 1):
+        try:
+            start, devices, nbytes = _place(snapshot, profile, queued, now)
+        except (KeyError, InvalidRequestError):  # a device it names is gone: it waits for nothing
+            start, devices, nbytes = _INF, (), 0
+        _reserve(profile, start, devices, nbytes, queued.duration_s)
+        slots.append(Slot(queued.lease_id, position, start, devices, nbytes))
+    return slots
+
+
+def _overlapping_prefix(snapshot: Snapshot, free_now: dict[int, int], ahead: list[Request],
+                        horizon: float) -> int:
+    """How many of ``ahead`` must be planned to know every slot that starts before ``horizon``.
+
+    Counting active leases only, free memory only grows with time, so a request that does not fit
+    by ``horizon`` on that count starts at or after it in any plan. The slots of the requests up to
+    the last one that might start earlier are exact only when planned in order, so that prefix is
+    the answer.
+    """
+    reach = _free_by(snapshot, free_now, horizon)
+    ranked = sorted(reach.values(), reverse=True)
+    last = 0
+    for i, queued in enumerate(ahead, 1):
+        nbytes = queued.memory.nbytes
+        if queued.devices is None and queued.visible is None and nbytes is not None:
+            if queued.gpus <= len(ranked) and nbytes <= ranked[queued.gpus - 1]:
+                last = i
+            continue
+        try:
+            candidates = _candidates(snapshot, queued)
+        except KeyError:
+            continue
+        needs = _needs(snapshot, queued, candidates)
+        count = len(queued.devices) if queued.devices is not None else queued.gpus
+        if sum(1 for index, need in needs.items() if reach[index] >= need) >= count:
+            last = i
+    return last
+
+
+# -- public entry points ---------------------------------------------------------------------------
+def plan(snapshot: Snapshot) -> list[Slot]:
+    """Every queued request in grant order with the slot it is expected to start in."""
+    profile = _Profile(snapshot, _free_now(snapshot))
+    return _plan(snapshot, profile, queue_order(snapshot))
+
+
+def estimates(snapshot: Snapshot) -> dict[str, tuple[int, float | None]]:
+    """``lease_id -> (position, estimated start)`` for every queued request.
+
+    The start is None when no known end time frees enough memory (memory held outside leases).
+    """
+    return {slot.lease_id: (slot.position, _known(slot.start)) for slot in plan(snapshot)
+            if slot.lease_id is not None}
+
+
+def forecast(snapshot: Snapshot, request: Request) -> Slot:
+    """Where and when ``request`` would start if it were queued now, behind the requests it must not delay."""
+    validate(snapshot, request)
+    ahead = _ahead(snapshot, request)
+    profile = _Profile(snapshot, _free_now(snapshot))
+    _plan(snapshot, profile, ahead)
+    start, devices, nbytes = _place(snapshot, profile, request, snapshot.now)
+    return Slot(request.lease_id, len(ahead) + 1, start, devices, nbytes)
+
+
+def decide(snapshot: Snapshot, request: Request, *, estimate: bool = False) -> Decision:
+    """Grant ``request`` now if it fits and delays no earlier request of equal or higher class.
+
+    With ``estimate`` a refused request also gets its estimated start, which plans every request
+    ahead of it (tens of milliseconds on a queue of a thousand); without, it is left None.
+    """
+    validate(snapshot, request)
+    free = _free_now(snapshot)
+    ahead = _ahead(snapshot, request)
     position = len(ahead) + 1
-    placed = _place(snapshot, request, free)
-    if placed is not None and not ahead:
-        return Decision(devices=placed[0], memory_bytes=placed[1], position=0, free_bytes=free)
-    if placed is None:
-        reason = _shortage(snapshot, request, free)
-    else:
-        reason = f"{len(ahead)} earlier request(s) of equal or higher priority wait first"
-    return Decision(devices=None, reason=reason, position=position, free_bytes=free)
+
+    def refuse(reason: str, start: float | None = None) -> Decision:
+        if estimate and start is None:
+            start = forecast(snapshot, request).start
+        later = None if start is None else _known(start)
+        return Decision(devices=None, reason=reason, estimated_start=later, position=position,
+                        free_bytes=free)
+
+    needs = _needs(snapshot, request, _candidates(snapshot, request))
+    count = len(request.devices) if request.devices is not None else request.gpus
+    if sum(1 for index, need in needs.items() if free[index] >= need) < count:
+        return refuse(_shortage(snapshot, request, free))
+    if not ahead:
+        # Nothing to protect: free memory only grows from now on, so fitting now is fitting throughout.
+        start, devices, nbytes = _place(snapshot, _Profile.flat(snapshot, free), request, snapshot.now)
+        return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
+    relevant = ahead[: _overlapping_prefix(snapshot, free, ahead, snapshot.now + request.duration_s)]
+    if len(relevant) > BACKFILL_DEPTH:
+        return refuse(f"{len(relevant)} earlier request(s) of equal or higher priority could start before "
+                      f"this one would end; it waits its turn")
+    profile = _Profile(snapshot, free)
+    _plan(snapshot, profile, relevant)
+    start, devices, nbytes = _place(snapshot, profile, request, snapshot.now)
+    if start == snapshot.now:
+        return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
+    return refuse(
+        f"it fits now, but would delay one of the {len(relevant)} earlier request(s) of equal or higher "
+        f"priority that wait",
+        start if len(relevant) == len(ahead) else None,
+    )
+
+
+def _known(start: float) -> float | None:
+    return None if start == _INF else start
 
 
 def _shortage(snapshot: Snapshot, request: Request, free: dict[int, int]) -> str:
     wanted = str(request.memory)
-    where = request.devices if request.devices is not None else [d.index for d in _candidates(snapshot, request)]
+    where = [d.index for d in _candidates(snapshot, request)]
     frees = ", ".join(f"GPU {i}: {format_bytes(max(0, free[i]))}" for i in where)
-    count = f" on each of {request.gpus} GPUs" if request.gpus > 1 else ""
+    count = f" on each of {request.gpus} GPUs" if request.gpus > 1 and request.devices is None else ""
     return f"not enough free memory for {wanted}{count} (free now: {frees})"
 
 
 def extend_conflict(snapshot: Snapshot, lease_id: str, new_expires_at: float) -> str | None:
-    """Why extending ``lease_id`` to ``new_expires_at`` is refused, or None when it is fine."""
-    return None
+    """Why extending ``lease_id`` to ``new_expires_at`` is refused; None when no queued request is delayed."""
+    if not snapshot.queue or not any(h.lease_id == lease_id for h in snapshot.active):
+        return None
+    order = queue_order(snapshot)
+    free = _free_now(snapshot)
+    before = _plan(snapshot, _Profile(snapshot, free), order)
+    after = _plan(snapshot, _Profile(snapshot, free, override=(lease_id, new_expires_at)), order)
+    delayed = [(b, a) for b, a in zip(before, after, strict=True) if a.start > b.start + 1e-6]
+    if not delayed:
+        return None
+    first_before, first_after = delayed[0]
+    if first_after.start == _INF:
+        by = "indefinitely"
+    else:
+        by = f"by {format_duration(first_after.start - first_before.start)}"
+    return (f"it would delay {len(delayed)} queued request(s) (request {first_before.lease_id} at position "
+            f"{first_before.position} {by}); extend by less, or release and reserve again later")
+
+
+def with_seq(request: Request, seq: int) -> Request:
+    """A copy of ``request`` with a queue sequence number."""
+    return replace(request, seq=seq)
