@@ -1,0 +1,101 @@
+"""The ledger file and its directory: safety checks, schema version, the append-only audit log."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import chronos
+from chronos.config import Config
+from chronos.errors import StateError
+from chronos.ledger import DB_NAME, SCHEMA_VERSION, Ledger
+from chronos.state import state_dir
+from tests.conftest import run_cli
+
+
+def test_wal_mode_and_schema_version(chronos_env: Path) -> None:
+    chronos.reserve("1G")
+    conn = sqlite3.connect(chronos_env / DB_NAME)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_audit_log_is_append_only(chronos_env: Path) -> None:
+    chronos.reserve("1G").release()
+    conn = sqlite3.connect(chronos_env / DB_NAME)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE events SET user = 'someone else'")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("DELETE FROM events")
+    finally:
+        conn.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    Ledger(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StateError, match="upgrade Chronos"):
+        Ledger(tmp_path)
+
+
+def test_empty_file_is_migrated(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).touch()
+    ledger = Ledger(tmp_path)
+    assert ledger.schema_version == SCHEMA_VERSION
+    ledger.close()
+
+
+def test_corrupt_file_is_a_clear_error(chronos_env: Path) -> None:
+    (chronos_env / DB_NAME).write_bytes(b"this is not a database" * 100)
+    out = run_cli("list")
+    assert out.returncode == 1
+    assert "unusable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_symlinked_state_file_is_refused(chronos_env: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.db"
+    target.touch()
+    (chronos_env / DB_NAME).symlink_to(target)
+    out = run_cli("list")
+    assert out.returncode == 1
+    assert "symlink" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_symlinked_state_dir_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(StateError, match="symlink"):
+        state_dir(Config(state_dir=link, state_dir_explicit=True))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another owner")
+def test_foreign_owned_state_file_is_refused(chronos_env: Path) -> None:
+    db = chronos_env / DB_NAME
+    db.touch()
+    os.chown(db, 4242, 4242)
+    out = run_cli("list")
+    assert out.returncode == 1
+    assert "owned by uid 4242" in out.stderr
+
+
+def test_default_directory_is_created_shared(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    state_dir(Config(state_dir=shared, state_dir_explicit=False))
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    private = tmp_path / "private"
+    state_dir(Config(state_dir=private, state_dir_explicit=True))
+    assert private.stat().st_mode & 0o777 == 0o700
+    ledger = Ledger(private)
+    assert (private / DB_NAME).stat().st_mode & 0o777 == 0o600
+    ledger.close()
