@@ -367,7 +367,7 @@ def _is_alive(pid: int, started: float | None) -> bool:
         stat_now = _proc_stat(pid)
         if stat_now is not None and stat_now[0] != b"Z" and stat_now[1] == known:
             return True
-        del _confirmed[key]
+        _confirmed.pop(key, None)
         _note_dead(key)
         return False
     stat_before = _proc_stat(pid)
