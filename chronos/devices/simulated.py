@@ -266,7 +266,10 @@ def _locked(directory: Path, shared: bool = False) -> Iterator[None]:
 def _write_raw(path: Path, payload: dict[str, Any]) -> None:
     data = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     mode = _file_mode(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=".simulated-gpus.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".simulated-gpus.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StateError(f"cannot write in {path.parent}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
