@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -53,6 +53,9 @@ Chronos: time-limited, memory-capped GPU leases.
 
 MEMORY: 8G, 512M, 8GiB, 50% or 0.5 of a GPU.  DURATION: 2h, 90m, 1h30m, 45s (default 1h).
 The widget's Release and Extend buttons answer between cells (the kernel is busy during one)."""
+
+#: What the in-kernel watchdog does when the kernel's processes use more than the cap.
+IN_KERNEL_OVERUSE_POLICY = "interrupt"
 
 _COMMANDS = ("reserve", "status", "list", "release", "extend", "stats", "suggest", "help")
 
@@ -164,7 +167,7 @@ class _Activation:
         self.saved_env.clear()
 
 
-def _activate(lease: Lease) -> _Activation:
+def _activate(lease: Lease, on_event: Callable[[Any], None] | None = None) -> _Activation:
     """Make ``lease`` true in this process: environment, framework caps, watchdog."""
     act = _Activation()
     additions = lease.env({})
@@ -188,7 +191,7 @@ def _activate(lease: Lease) -> _Activation:
         act.notes.append(f"warning: caps not applied: {exc}")
     else:
         act.notes.extend(_summarise_caps(capped))
-    act.watchdog, note = _start_watchdog(lease)
+    act.watchdog, note = _start_watchdog(lease, on_event)
     if note:
         act.notes.append(note)
     return act
@@ -204,17 +207,20 @@ def _summarise_caps(capped: list[str]) -> list[str]:
     return notes
 
 
-def _start_watchdog(lease: Lease) -> tuple[Any, str | None]:
-    """Start the lease's watchdog as a thread in this kernel, where chronos provides one."""
+def _start_watchdog(lease: Lease, on_event: Callable[[Any], None] | None) -> tuple[Any, str | None]:
+    """Start the lease's watchdog as a daemon thread in this kernel.
+
+    Over the cap, the running cell gets a KeyboardInterrupt (``interrupt``) rather than the
+    kernel being killed; at the lease's end the machine's ``on_expiry`` policy applies, as it
+    does for kernels started by the provisioner.
+    """
     try:
-        from chronos.enforce import watchdog as watchdog_module
+        from chronos.enforce.watchdog import Watchdog
     except ImportError:
-        return None, "note: no watchdog in this chronos version; the lease is enforced by time and caps only"
-    start = getattr(watchdog_module, "start_thread", None)
-    if start is None:
-        return None, "note: this chronos version has no in-process watchdog; caps and the end time still hold"
+        return None, "note: this chronos has no watchdog; the lease is held to its caps and end time only"
     try:
-        return start(lease), None
+        dog = Watchdog(lease, on_overuse=IN_KERNEL_OVERUSE_POLICY, on_event=on_event)
+        return dog.start(), None
     except chronos.ChronosError as exc:
         return None, f"warning: watchdog not started: {exc}"
 
@@ -330,6 +336,16 @@ class ChronosMagics(Magics):
         display(widget)
         return widget
 
+    def _on_watchdog_event(self, event: Any) -> None:
+        """Called from the watchdog's thread: show the event in the lease's widget, never display()."""
+        message = str(getattr(event, "message", event))
+        lease_id = getattr(event, "lease_id", None)
+        for widget in reversed(self._widgets):
+            if widget.lease_id == lease_id:
+                widget.notify(message)
+                return
+        print(f"chronos: {message}", file=sys.stderr)
+
     def shutdown(self) -> None:
         """Stop every thread this extension started; leases are left as they are."""
         for widget in self._widgets:
@@ -365,7 +381,7 @@ class ChronosMagics(Magics):
         except KeyboardInterrupt:
             raise UsageError("stopped waiting: the request was withdrawn from the queue") from None
         self.lease = lease
-        self._activation = _activate(lease)
+        self._activation = _activate(lease, self._on_watchdog_event)
         self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)
         _print_notes(self._activation.notes)
 
@@ -491,7 +507,7 @@ class ChronosMagics(Magics):
         widget: LeaseWidget | None = None
         result: Any = None
         try:
-            activation = _activate(lease)
+            activation = _activate(lease, self._on_watchdog_event)
             widget = self._show(lease, release=lambda: None, extend=lambda _d: None)
             widget.release_button.layout.display = "none"
             widget.extend_button.layout.display = "none"

@@ -324,7 +324,7 @@ class LeaseWidget:
             try:
                 view = self.update()
             except Exception as exc:  # keep the thread alive; show why the view is stale
-                self._show_message(f"could not refresh: {exc}")
+                self.notify(f"could not refresh: {exc}")
                 continue
             if view.ended:
                 break
@@ -365,7 +365,8 @@ class LeaseWidget:
         return found
 
     # -- buttons (the kernel handles them between cells) ---------------------------------
-    def _show_message(self, text: str) -> None:
+    def notify(self, text: str) -> None:
+        """Show one line under the lease (button results, watchdog events); safe from any thread."""
         self._message_text = text
         self.message.value = html.escape(text)
 
@@ -376,9 +377,9 @@ class LeaseWidget:
             else:
                 chronos.release(self.lease_id)
         except chronos.ChronosError as exc:
-            self._show_message(str(exc))
+            self.notify(str(exc))
         else:
-            self._show_message("released")
+            self.notify("released")
         self.update()
 
     def _on_extend(self) -> None:
@@ -388,9 +389,9 @@ class LeaseWidget:
             else:
                 chronos.extend(self.lease_id, self.extend_step)
         except chronos.ChronosError as exc:
-            self._show_message(str(exc))
+            self.notify(str(exc))
         else:
-            self._show_message(f"extended by {self.extend_step}")
+            self.notify(f"extended by {self.extend_step}")
         self.update()
 
     # -- display -------------------------------------------------------------------------

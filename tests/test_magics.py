@@ -470,3 +470,26 @@ def test_kernel_usage_error_has_no_traceback(kernel: Kernel) -> None:
     assert "UsageError" in shown and "--gpu 0,1" in shown
     assert len([line for line in shown.splitlines() if line.strip()]) == 1
     assert chronos.leases() == []
+
+
+@pytest.mark.slow
+def test_kernel_watchdog_interrupts_a_cell_over_the_cap(kernel: Kernel) -> None:
+    reply, outputs = kernel.execute("%chronos reserve 1G 10m")
+    assert reply["status"] == "ok", text_of(outputs)
+    [lease] = chronos.leases()
+    # The kernel claims 2 GiB of its simulated GPU, over the 1 GiB cap, and keeps working.
+    code = (
+        "from chronos.devices import simulated\n"
+        f"simulated.allocate({lease.devices[0]}, '2G')\n"
+        "import time\n"
+        "for _ in range(600):\n"
+        "    time.sleep(0.1)\n"
+    )
+    started = time.monotonic()
+    reply, outputs = kernel.execute(code, timeout=60)
+    assert reply["status"] == "error"
+    assert reply["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - started < 30  # interrupted after the grace period, not at the loop's end
+    reply, outputs = kernel.execute(f"simulated.free({lease.devices[0]})\nprint('still here')")
+    assert "still here" in text_of(outputs)  # the kernel survives; only the cell was stopped
+    assert chronos.get_lease(lease.id).state == "active"
