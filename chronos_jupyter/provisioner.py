@@ -24,20 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from jupyter_client.provisioning import LocalProvisioner
-from jupyter_core.utils import ensure_async
 from tornado.web import HTTPError
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
 
 import chronos
+from chronos.enforce.watchdog import (
+    ExpiryWarning,
+    LeaseEndedEvent,
+    OveruseEvent,
+    UnkillableEvent,
+    Watchdog,
+    WatchdogEvent,
+)
 from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError, UnavailableError
-from chronos.lease import ACTIVE, EXPIRED, REVOKED, Lease
+from chronos.lease import EXPIRED, REVOKED, Lease
 from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 from chronos_jupyter.kernelspec import ON_EXPIRY_POLICIES, PRIORITIES
 
@@ -201,12 +207,18 @@ class ChronosProvisioner(LocalProvisioner):
         "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
         "stopped for terminate and kill.",
     )
+    on_overuse = Enum(
+        ON_EXPIRY_POLICIES, default_value="terminate", config=True,
+        help="What the watchdog does when the kernel's processes use more GPU memory than the lease "
+        "past its grace period (same choices as on_expiry). A terminated kernel is auto-restarted "
+        "within the rest of its lease's time.",
+    )
     warn_before = Union(
-        [Unicode(), Int(), Float()], default_value="5m", config=True,
-        help="Log a warning this long before the lease ends.",
+        [Unicode(), Int(), Float()], default_value="10m", config=True,
+        help="Log a warning this long before the lease ends (and again a minute before).",
     )
     check_interval = Float(
-        5.0, config=True, help="Seconds between checks of the lease (extensions, releases, expiry)."
+        1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease."
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -217,6 +229,8 @@ class ChronosProvisioner(LocalProvisioner):
     _lease: Lease | None = None
     _lease_id: str | None = None
     _watch_task: asyncio.Task[None] | None = None
+    _ending = False
+    watchdog: Watchdog | None = None
     _held_by_server = False
     ended_message: str | None = None
 
@@ -480,72 +494,67 @@ class ChronosProvisioner(LocalProvisioner):
             task.cancel()
 
     async def _watch(self) -> None:
-        """Follow the lease (extensions, releases) and apply on_expiry when it ends."""
-        lease = self._lease
-        if lease is None:
-            return
-        try:
-            warn_s = parse_duration(self.warn_before)
-        except InvalidRequestError:
-            warn_s = 300.0
-        warned_for: float | None = None
-        while True:
-            end = lease.expires_at or time.time()
-            left = end - time.time()
-            if warned_for != end and 0 < left <= warn_s:
-                warned_for = end
-                self.log.warning(
-                    "Chronos: lease %s of kernel %s ends in %s (on_expiry=%s); extend it with "
-                    "`chronos extend %s 30m`", lease.id, self.kernel_id, format_duration(left),
-                    self.on_expiry, lease.id,
-                )
-            await asyncio.sleep(min(self.check_interval, max(0.0, left) + 0.05))
-            try:
-                lease = await _in_thread(chronos.get_lease, lease.id)
-            except ChronosError as exc:
-                self.log.warning("Chronos: cannot read lease of kernel %s: %s", self.kernel_id, exc)
-                continue
-            self._lease = lease
-            if lease.state == ACTIVE and lease.remaining > 0:
-                continue
-            if lease.state == REVOKED:
-                return  # the kernel itself exited; the restarter decides what comes next
-            await self._lease_over(lease)
-            return
-
-    async def _lease_over(self, lease: Lease) -> None:
-        """Apply on_expiry to a kernel whose lease has ended."""
-        self.ended_message = self._ended_text(lease)
-        policy = self.on_expiry
-        self.log.warning("Chronos: %s (kernel %s, on_expiry=%s)", self.ended_message, self.kernel_id, policy)
-        if policy == "warn" or not self.has_process:
-            return
-        if policy == "interrupt":
-            with contextlib.suppress(OSError):
-                await super().send_signal(signal.SIGINT)
+        """Host the watchdog for this kernel; once it has ended the kernel, keep it down."""
+        lease, pid = self._lease, self.pid
+        if lease is None or pid is None:
             return
         km = self.parent
-        if km is not None:
-            with contextlib.suppress(Exception):
-                km.stop_restarter()  # the kernel must stay down
+        kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
+        warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
+        self._ending = False
         try:
-            if policy == "terminate":
-                await super().terminate()
-                grace = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
-                try:
-                    await asyncio.wait_for(self._wait_exit(), timeout=grace)
-                except asyncio.TimeoutError:
-                    await super().kill()
-            else:
-                await super().kill()
-            await self.wait()
-        except OSError as exc:
-            self.log.warning("Chronos: could not end kernel %s: %s", self.kernel_id, exc)
-        if km is not None:
-            with contextlib.suppress(Exception):
-                await ensure_async(km.cleanup_resources(restart=False))
-        await self._give_up()
+            dog = await _in_thread(
+                Watchdog, lease.id, pid=pid, rate_hz=1.0 / max(0.05, self.check_interval),
+                on_overuse=self.on_overuse, on_expiry=self.on_expiry, on_release=self.on_expiry,
+                kill_wait_s=kill_wait, warn_at=warn_at, on_event=self._on_watchdog_event,
+            )
+        except ChronosError as exc:
+            self.log.warning("Chronos: no watchdog for kernel %s: %s", self.kernel_id, exc)
+            return
+        self.watchdog = dog
+        await dog.run_async()
+        if self._ending:
+            await self._after_end()
 
-    async def _wait_exit(self) -> None:
-        while await self.poll() is None:
-            await asyncio.sleep(0.05)
+    @staticmethod
+    def _seconds(value: str | int | float, fallback: float) -> float:
+        try:
+            return parse_duration(value)
+        except InvalidRequestError:
+            return fallback
+
+    def _on_watchdog_event(self, event: WatchdogEvent) -> None:
+        """Watchdog events, on the event loop: log them, and stop auto-restart when the lease is over."""
+        if isinstance(event, LeaseEndedEvent):
+            if event.state == REVOKED:
+                return  # the kernel itself exited: the restarter decides what comes next
+            self.ended_message = (
+                f"lease {event.lease_id} {'has expired' if event.state == EXPIRED else 'was ' + event.state}"
+                "; start a new kernel to take a new lease"
+            )
+            self.log.warning("Chronos: %s (kernel %s, on_expiry=%s)", self.ended_message, self.kernel_id,
+                             event.action)
+            if event.action in ("terminate", "kill"):
+                self._ending = True
+                km = self.parent
+                if km is not None:
+                    with contextlib.suppress(Exception):
+                        km.stop_restarter()  # the kernel must stay down
+        elif isinstance(event, (ExpiryWarning, OveruseEvent, UnkillableEvent)):
+            self.log.warning("Chronos: kernel %s: %s", self.kernel_id, event.message)
+        else:
+            self.log.info("Chronos: kernel %s: %s", self.kernel_id, event.message)
+
+    async def _after_end(self) -> None:
+        """The watchdog ended the kernel for its lease: reap it, free its resources, report it dead."""
+        if await self.poll() is None:
+            self.log.warning("Chronos: kernel %s outlived its lease's end", self.kernel_id)
+            return
+        await self.wait()
+        # Free what the kernel held (its ports, its connection file) but leave the manager usable:
+        # the server may still ask it to restart or shut down, and must get a clear answer.
+        await self.cleanup(restart=False)
+        if self.parent is not None:
+            with contextlib.suppress(Exception):
+                self.parent.cleanup_connection_file()
+        await self._give_up()
