@@ -5,7 +5,7 @@
 ...     print(lease.id, lease.devices, lease.remaining)
 """
 
-from chronos.api import devices, extend, get_lease, leases, release, reserve
+from chronos.api import extend, get_lease, leases, make_devices_callable, release, reserve
 from chronos.compat import Partition, Partitioner, is_stub_mode
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import (
@@ -21,6 +21,9 @@ from chronos.lease import Lease
 from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
 __version__ = "2.0.0"
+
+# ``chronos.devices`` is the backends package; calling it lists devices with their lease accounting.
+make_devices_callable()
 
 __all__ = [
     "BackendError",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
 
 from chronos.engine import DeviceStatus, WaitUpdate, default_engine
 from chronos.lease import Lease
 from chronos.units import MemorySpec
 
-__all__ = ["reserve", "release", "extend", "get_lease", "leases", "devices"]
+__all__ = ["reserve", "release", "extend", "get_lease", "leases", "devices", "make_devices_callable"]
 
 
 def reserve(
@@ -64,3 +65,17 @@ def leases(*, all: bool = False, user: str | None = None) -> list[Lease]:
 def devices() -> list[DeviceStatus]:
     """Every GPU with its memory total, used, reserved by leases and available."""
     return default_engine().devices()
+
+
+class _CallableDevicesModule(types.ModuleType):
+    """``chronos.devices`` is both the backends package and the ``chronos.devices()`` call."""
+
+    def __call__(self) -> list[DeviceStatus]:
+        return devices()
+
+
+def make_devices_callable() -> None:
+    """Let ``chronos.devices()`` work while ``chronos.devices.simulated`` stays importable."""
+    import chronos.devices as package
+
+    package.__class__ = _CallableDevicesModule

@@ -156,8 +156,12 @@ class Engine:
         self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=os.getpid(), detail=detail)
 
     # -- reclaiming -----------------------------------------------------------------------
-    def _reclaim(self, now: float, who: User) -> None:
-        """End leases past their time and leases or queued requests whose holder died (inside a write)."""
+    def _reclaim(self, now: float, who: User) -> list[Lease]:
+        """End leases past their time and leases or queued requests whose holder died (inside a write).
+
+        Returns the leases still live (active or queued), oldest first.
+        """
+        still = []
         for lease in self.ledger.live():
             if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
                 self._end(lease, EXPIRED, "reached its end time", who, at=lease.expires_at)
@@ -166,6 +170,9 @@ class Engine:
                     self._end(lease, WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
                 else:
                     self._end(lease, REVOKED, f"holder process {lease.pid} exited", who, at=now)
+            else:
+                still.append(lease)
+        return still
 
     def _end(self, lease: Lease, state: str, reason: str, who: User, *, at: float) -> None:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
@@ -176,8 +183,9 @@ class Engine:
         backend = self.backend
         return backend.devices(), backend.processes()
 
-    def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess]) -> scheduler.Snapshot:
-        live = self.ledger.live()
+    def _snapshot(
+        self, now: float, devices: list[Device], gpu_procs: list[GpuProcess], live: list[Lease]
+    ) -> scheduler.Snapshot:
         active = [lease for lease in live if lease.state == ACTIVE]
         unmanaged = unmanaged_bytes(devices, gpu_procs, active)
         queue = []
@@ -257,13 +265,13 @@ class Engine:
         request_json = _request_to_json(request, bind)
         with self.ledger.transaction():
             now = time.time()
-            self._reclaim(now, caller)
-            snapshot = self._snapshot(now, devices, gpu_procs)
+            live = self._reclaim(now, caller)
+            snapshot = self._snapshot(now, devices, gpu_procs, live)
             request = _with_seq(request, _next_seq(snapshot))
             decision = scheduler.decide(snapshot, request)
             self._check_policy(owner, request, snapshot, decision)
             if decision.granted:
-                return self._grant_new(owner, caller, request, decision, holder, label, now)
+                return self._grant_new(owner, caller, request, decision, holder, label, now, devices)
             if timeout is None:
                 raise UnavailableError(decision.reason)
             waiter = procs.caller()
@@ -283,10 +291,10 @@ class Engine:
 
     def _grant_new(
         self, owner: User, caller: User, request: scheduler.Request, decision: scheduler.Decision,
-        holder: tuple[int, float] | None, label: str | None, now: float,
+        holder: tuple[int, float] | None, label: str | None, now: float, devices: list[Device],
     ) -> Lease:
         assert decision.devices is not None
-        uuids = self._uuids(decision.devices)
+        uuids = _uuids(devices, decision.devices)
         lease = Lease(
             id="", owner=owner.name, uid=owner.uid, devices=decision.devices, device_uuids=uuids,
             memory_bytes=decision.memory_bytes, created_at=now, started_at=now, expires_at=now + request.duration_s,
@@ -296,10 +304,6 @@ class Engine:
         lease.id = self.ledger.insert(lease, _request_to_json(request, holder[0] if holder else False))
         self._event(lease.id, "granted", caller, _grant_detail(lease))
         return self._bound(lease)
-
-    def _uuids(self, indices: tuple[int, ...]) -> tuple[str, ...]:
-        by_index = {d.index: d.uuid for d in self.backend.devices()}
-        return tuple(by_index[i] for i in indices)
 
     def _wait(
         self, lease_id: str, caller: User, holder: tuple[int, float] | None, timeout: float,
@@ -311,19 +315,19 @@ class Engine:
                 devices, gpu_procs = self._poll_devices()
                 with self.ledger.transaction():
                     now = time.time()
-                    self._reclaim(now, caller)
+                    live = self._reclaim(now, caller)
                     lease = self.ledger.get(lease_id)
                     assert lease is not None
                     if lease.state != QUEUED:
                         raise UnavailableError(f"queued request {lease_id} ended: {lease.end_reason or lease.state}")
-                    snapshot = self._snapshot(now, devices, gpu_procs)
+                    snapshot = self._snapshot(now, devices, gpu_procs, live)
                     request = self._queued_request(lease)
                     decision = scheduler.decide(snapshot, request)
                     if decision.granted:
                         assert decision.devices is not None
                         self.ledger.update(
                             lease_id, state=ACTIVE, devices=decision.devices,
-                            device_uuids=self._uuids(decision.devices), memory_bytes=decision.memory_bytes,
+                            device_uuids=_uuids(devices, decision.devices), memory_bytes=decision.memory_bytes,
                             started_at=now, expires_at=now + lease.duration_s,
                             pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
                         )
@@ -377,7 +381,7 @@ class Engine:
         devices, gpu_procs = self._poll_devices()
         with self.ledger.transaction():
             now = time.time()
-            self._reclaim(now, caller)
+            live = self._reclaim(now, caller)
             lease = self._owned(lease_id, caller, "extend")
             if lease.state == QUEUED:
                 raise UnavailableError(f"lease {lease.id} is still queued; it can be extended once granted")
@@ -386,7 +390,7 @@ class Engine:
             assert lease.expires_at is not None
             new_end = lease.expires_at + seconds
             self._check_extend_policy(lease, new_end)
-            snapshot = self._snapshot(now, devices, gpu_procs)
+            snapshot = self._snapshot(now, devices, gpu_procs, live)
             conflict = scheduler.extend_conflict(snapshot, lease.id, new_end)
             if conflict:
                 raise UnavailableError(f"cannot extend lease {lease.id}: {conflict}")
@@ -476,6 +480,11 @@ class Engine:
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _uuids(devices: list[Device], indices: tuple[int, ...]) -> tuple[str, ...]:
+    by_index = {d.index: d.uuid for d in devices}
+    return tuple(by_index[i] for i in indices)
+
+
 def _lease_key(lease_id: str | int) -> str:
     text = str(lease_id).strip()
     if text[:1] in ("L", "l"):
