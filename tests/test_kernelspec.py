@@ -1,0 +1,132 @@
+"""`jupyter chronos install-kernel` and install_kernel(): real kernelspec directories, real `jupyter` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chronos.errors import InvalidRequestError
+from chronos_jupyter.kernelspec import install_kernel, kernel_json, main
+
+
+@pytest.fixture
+def jupyter_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {
+        "JUPYTER_PATH": str(tmp_path / "prefix" / "share" / "jupyter"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return dict(os.environ)
+
+
+def jupyter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("jupyter", path=os.path.dirname(sys.executable)) or "jupyter"
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_cli_installs_a_kernelspec_that_jupyter_lists(jupyter_env: dict[str, str], tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    done = jupyter("chronos", "install-kernel", "--name", "gpu-8g", "--memory", "8G", "--time", "2h",
+                   "--display-name", "GPU 8G (2h)", "--prefix", str(prefix), env=jupyter_env)
+    assert done.returncode == 0, done.stderr
+    spec_dir = prefix / "share" / "jupyter" / "kernels" / "gpu-8g"
+    assert done.stdout.strip() == f"Installed kernelspec gpu-8g in {spec_dir}"
+
+    listed = jupyter("kernelspec", "list", "--json", env=jupyter_env)
+    assert listed.returncode == 0, listed.stderr
+    specs = json.loads(listed.stdout)["kernelspecs"]
+    assert Path(specs["gpu-8g"]["resource_dir"]) == spec_dir
+    spec = specs["gpu-8g"]["spec"]
+    assert spec["display_name"] == "GPU 8G (2h)"
+    assert Path(spec["argv"][0]).resolve() == Path(sys.executable).resolve()
+    assert spec["argv"][1:] == ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    assert spec["metadata"]["kernel_provisioner"] == {
+        "provisioner_name": "chronos", "config": {"memory": "8G", "duration": "2h"},
+    }
+
+
+def test_cli_writes_every_setting(jupyter_env: dict[str, str], tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    done = jupyter("chronos", "install-kernel", "--name", "Pair-40G", "--memory", "40G", "--time", "90m",
+                   "--gpus", "2", "--priority", "high", "--wait", "10m", "--on-expiry", "kill",
+                   "--cull-idle", "30m", "--prefix", str(prefix), env=jupyter_env)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((prefix / "share" / "jupyter" / "kernels" / "pair-40g" / "kernel.json").read_text())
+    assert doc["metadata"]["kernel_provisioner"]["config"] == {
+        "memory": "40G", "duration": "90m", "gpus": 2, "priority": "high", "wait": "10m", "on_expiry": "kill",
+    }
+    assert doc["metadata"]["cull_idle_timeout"] == 1800
+    assert doc["display_name"] == "Python 3 (2 GPUs x 40 GiB, 1h 30m)"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory", "8Q"], "cannot read memory '8Q'"),
+        (["--memory", "8G", "--time", "2x"], "cannot read duration '2x'"),
+        (["--memory", "8G", "--gpus", "0"], "invalid --gpus 0"),
+        (["--memory", "8G", "--gpus", "2", "--device", "0"], "give either --gpus (how many) or --device"),
+        (["--memory", "8G", "--wait", "soon"], "cannot read duration 'soon'"),
+        (["--memory", "150%"], "memory fraction '150%' must be above 0 and at most 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(jupyter_env: dict[str, str], tmp_path: Path,
+                                          args: list[str], message: str) -> None:
+    prefix = tmp_path / "prefix"
+    done = jupyter("chronos", "install-kernel", "--name", "bad", *args, "--prefix", str(prefix),
+                   env=jupyter_env)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jupyter chronos: error: ") and message in lines[0], lines
+    assert not (prefix / "share" / "jupyter" / "kernels" / "bad").exists()
+
+
+def test_bad_name_is_refused(jupyter_env: dict[str, str], tmp_path: Path) -> None:
+    code = main(["install-kernel", "--name", "gpu 8g", "--memory", "8G", "--prefix", str(tmp_path)])
+    assert code == 2
+
+
+def test_user_install_goes_to_the_jupyter_data_dir(jupyter_env: dict[str, str]) -> None:
+    path = install_kernel("mine", "4G", "1h", user=True)
+    assert Path(path) == Path(jupyter_env["JUPYTER_DATA_DIR"]) / "kernels" / "mine"
+    doc = json.loads((Path(path) / "kernel.json").read_text())
+    assert doc["metadata"]["kernel_provisioner"]["config"] == {"memory": "4G", "duration": "1h"}
+
+
+def test_reinstall_replaces_the_spec(jupyter_env: dict[str, str], tmp_path: Path) -> None:
+    first = install_kernel("gpu", "4G", "1h", prefix=tmp_path)
+    second = install_kernel("gpu", "16G", "1h", prefix=tmp_path)
+    assert first == second
+    doc = json.loads((Path(second) / "kernel.json").read_text())
+    assert doc["metadata"]["kernel_provisioner"]["config"]["memory"] == "16G"
+
+
+def test_install_locations_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="at most one of --user, --sys-prefix and --prefix"):
+        install_kernel("x", "1G", user=True, prefix=tmp_path)
+
+
+def test_kernel_json_keeps_the_admins_spelling_and_normalises_durations() -> None:
+    doc = kernel_json(memory="50%", duration=5400, display_name="half", wait=True, device="0,1")
+    config = doc["metadata"]["kernel_provisioner"]["config"]
+    assert config == {"memory": "50%", "duration": "90m", "wait": True, "device": [0, 1]}
+    other = kernel_json(memory="1G", duration="1h30m", display_name="x", python="/opt/py")
+    assert other["metadata"]["kernel_provisioner"]["config"]["duration"] == "90m"
+    assert other["argv"][0] == "/opt/py"
+
+
+def test_help_lists_the_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "chronos_jupyter.kernelspec", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "install-kernel" in done.stdout
