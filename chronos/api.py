@@ -9,7 +9,7 @@ from chronos.engine import DeviceStatus, WaitUpdate, default_engine
 from chronos.lease import Lease
 from chronos.units import MemorySpec
 
-__all__ = ["reserve", "release", "extend", "get_lease", "leases", "devices", "make_devices_callable"]
+__all__ = ["devices", "extend", "get_lease", "leases", "make_devices_callable", "release", "reserve"]
 
 
 def reserve(

@@ -26,12 +26,12 @@ from chronos.errors import (
     UnavailableError,
 )
 from chronos.identity import User, current_user, is_admin, lookup_user
-from chronos.ledger import Event, Ledger
 from chronos.lease import ACTIVE, EXPIRED, QUEUED, RELEASED, REVOKED, WITHDRAWN, Lease
+from chronos.ledger import Event, Ledger
 from chronos.state import state_dir
 from chronos.units import MemorySpec, format_duration, parse_duration, parse_memory
 
-__all__ = ["Engine", "DeviceStatus", "WaitUpdate", "default_engine", "reset_default_engine"]
+__all__ = ["DeviceStatus", "Engine", "WaitUpdate", "default_engine", "reset_default_engine"]
 
 #: How often a queued request re-checks whether it can start.
 WAIT_POLL_S = 0.2
@@ -203,7 +203,8 @@ class Engine:
                 scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0)) for d in devices
             ),
             active=tuple(
-                scheduler.Holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now) for lease in active
+                scheduler.Holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
+                for lease in active
             ),
             queue=tuple(queue),
             distances=dist,
@@ -359,7 +360,9 @@ class Engine:
         if lease is None:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         if lease.uid != caller.uid and not is_admin(caller, self.config.admin_group):
-            raise NotAllowedError(f"lease {lease.id} belongs to {lease.owner}; only its owner or an admin may {action} it")
+            raise NotAllowedError(
+                f"lease {lease.id} belongs to {lease.owner}; only its owner or an admin may {action} it"
+            )
         return lease
 
     def release(self, lease_id: str) -> Lease:

@@ -22,7 +22,7 @@ from chronos.errors import StateError
 from chronos.lease import ACTIVE, QUEUED, Lease
 from chronos.state import prepare_file
 
-__all__ = ["Ledger", "Event", "SCHEMA_VERSION", "DB_NAME"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
 
 DB_NAME = "chronos.db"
 LOCK_NAME = "chronos.lock"
@@ -235,7 +235,8 @@ class Ledger:
 
     def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None) -> list[Lease]:
         """Every lease, newest first; optionally one owner's, created since a time."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[float] = []
         if uid is not None:
             clauses.append("uid = ?")
             params.append(uid)

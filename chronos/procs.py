@@ -12,7 +12,7 @@ import sys
 
 import psutil
 
-__all__ = ["start_time", "is_alive", "descendants", "caller"]
+__all__ = ["caller", "descendants", "is_alive", "start_time"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
 _TOLERANCE_S = 0.05

@@ -14,7 +14,7 @@ from pathlib import Path
 from chronos.config import Config, load_config
 from chronos.errors import StateError
 
-__all__ = ["state_dir", "prepare_file", "file_mode_for"]
+__all__ = ["file_mode_for", "prepare_file", "state_dir"]
 
 _SHARED_DIR_MODE = 0o1777
 _PRIVATE_DIR_MODE = 0o700

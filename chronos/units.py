@@ -14,10 +14,10 @@ from chronos.errors import InvalidRequestError
 
 __all__ = [
     "MemorySpec",
-    "parse_memory",
-    "parse_duration",
     "format_bytes",
     "format_duration",
+    "parse_duration",
+    "parse_memory",
 ]
 
 _UNITS = {
@@ -126,7 +126,7 @@ def format_bytes(nbytes: int | float) -> str:
 
 def format_duration(seconds: float) -> str:
     """``4320`` -> ``1h 12m``; seconds shown only under ten minutes."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)

@@ -206,7 +206,7 @@ def test_wait_is_granted_when_capacity_frees() -> None:
     assert chronos.get_lease(blocker.id).state == "expired"
     with pytest.raises(UnavailableError, match="gave up"):
         chronos.reserve("70G", device=0, wait=0.5)
-    assert [lease.state for lease in chronos.leases(all=True)][0] == "withdrawn"
+    assert chronos.leases(all=True)[0].state == "withdrawn"
 
 
 def test_partitioner_compatibility() -> None:

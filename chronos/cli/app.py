@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-__all__ = ["run", "build_parser", "COMMAND_MODULES", "EXIT_CODES_HELP"]
+__all__ = ["COMMAND_MODULES", "EXIT_CODES_HELP", "build_parser", "run"]
 
 #: One module per command group; each exposes ``register(subparsers)``.
 COMMAND_MODULES = [

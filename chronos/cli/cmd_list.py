@@ -64,9 +64,10 @@ def show(args: argparse.Namespace) -> int:
         return 0
     rows = [
         ("id", lease.id), ("owner", f"{lease.owner} (uid {lease.uid})"), ("state", _state(lease)),
-        ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(lease.devices, lease.device_uuids)) or "-"),
+        ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(lease.devices, lease.device_uuids, strict=True)) or "-"),
         ("memory", f"{render.gib(lease.memory_bytes)} per GPU"), ("priority", lease.priority),
-        ("created", render.when(lease.created_at)), ("ends", f"{render.when(lease.expires_at)} ({render.left(lease.expires_at)})"),
+        ("created", render.when(lease.created_at)),
+        ("ends", f"{render.when(lease.expires_at)} ({render.left(lease.expires_at)})"),
         ("holder", str(lease.pid) if lease.pid else "none (lives until released or expired)"),
         ("label", lease.label or "-"),
     ]

@@ -17,10 +17,10 @@ def register(subparsers: Any) -> None:
 
 
 def stats(args: argparse.Namespace) -> int:
-    import chronos
+    from chronos import api
     from chronos.cli import render
 
-    devices = chronos.devices()
+    devices = api.devices()
     if args.json:
         render.dump_json([d.to_dict() for d in devices])
         return 0
@@ -38,16 +38,16 @@ def stats(args: argparse.Namespace) -> int:
 
 
 def available(args: argparse.Namespace) -> int:
-    import chronos
+    from chronos import api
     from chronos.errors import InvalidRequestError
 
     try:
         index = int(args.device)
     except ValueError:
         raise InvalidRequestError(f"DEVICE must be a GPU index such as 0, got {args.device!r}") from None
-    for d in chronos.devices():
+    for d in api.devices():
         if d.index == index:
             print(f"{100.0 * d.memory_available_bytes / d.memory_total_bytes:.2f}")
             return 0
-    known = ", ".join(str(d.index) for d in chronos.devices())
+    known = ", ".join(str(d.index) for d in api.devices())
     raise InvalidRequestError(f"unknown GPU {index}: this machine has GPUs {known}")

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from chronos.units import format_bytes, format_duration
 
-__all__ = ["color", "table", "error", "warn", "when", "left", "gib", "dump_json", "lease_summary"]
+__all__ = ["color", "dump_json", "error", "gib", "lease_summary", "left", "table", "warn", "when"]
 
 _CODES = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
 
@@ -58,7 +58,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO 
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], _visible_len(cell))
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c + " " * (w - _visible_len(c)) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(c + " " * (w - _visible_len(c)) for c, w in zip(cells, widths, strict=True)).rstrip()
     stream.write(color(line(headers), "bold", stream) + "\n")
     for row in rows:
         stream.write(line(row) + "\n")
