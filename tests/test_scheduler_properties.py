@@ -1,0 +1,242 @@
+"""Properties of the scheduler over generated machines, leases and queues (hypothesis)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chronos import scheduler as S
+from chronos.units import MemorySpec
+
+G = 1 << 30
+NOW = 10_000.0
+PRIORITY = st.sampled_from(S.PRIORITIES)
+PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def machines(draw: st.DrawFn) -> tuple[S.DeviceState, ...]:
+    n = draw(st.integers(1, 4))
+    sizes = draw(st.lists(st.sampled_from([16, 24, 40]), min_size=n, max_size=n))
+    return tuple(S.DeviceState(i, f"GPU-{i}", size * G, draw(st.sampled_from([0, 0, 2 * G])))
+                 for i, size in enumerate(sizes))
+
+
+@st.composite
+def requests(draw: st.DrawFn, devices: tuple[S.DeviceState, ...], *, seq: int = 0,
+             lease_id: str | None = None) -> S.Request:
+    smallest = min(d.total_bytes - d.unmanaged_bytes for d in devices) // G
+    n = len(devices)
+    named = draw(st.booleans()) and n > 1
+    if named:
+        chosen = tuple(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n))))
+        gpus = len(chosen)
+    else:
+        chosen = None
+        gpus = draw(st.integers(1, n))
+    if draw(st.integers(0, 5)) == 0:
+        memory = MemorySpec(fraction=draw(st.sampled_from([0.25, 0.5])))
+    else:
+        memory = MemorySpec(nbytes=draw(st.integers(1, max(1, smallest))) * G)
+    return S.Request(
+        memory=memory,
+        duration_s=float(draw(st.integers(1, 50)) * 10),
+        gpus=gpus,
+        devices=chosen,
+        prefer=tuple(draw(st.sets(st.integers(0, n - 1), max_size=2))),
+        priority=draw(PRIORITY),
+        seq=seq,
+        lease_id=lease_id,
+    )
+
+
+@st.composite
+def snapshots(draw: st.DrawFn, max_queue: int = 6) -> S.Snapshot:
+    devices = draw(machines())
+    free = {d.index: d.total_bytes - d.unmanaged_bytes for d in devices}
+    active = []
+    for i in range(draw(st.integers(0, 6))):
+        index = draw(st.integers(0, len(devices) - 1))
+        if free[index] < G:
+            continue
+        nbytes = draw(st.integers(1, free[index] // G)) * G
+        free[index] -= nbytes
+        active.append(S.Holding(f"a{i}", (index,), nbytes, NOW + draw(st.integers(1, 60)) * 10))
+    queue = [draw(requests(devices, seq=i + 1, lease_id=f"q{i + 1}")) for i in range(draw(st.integers(0, max_queue)))]
+    return S.Snapshot(now=NOW, devices=devices, active=tuple(active), queue=tuple(queue))
+
+
+def used_after(snapshot: S.Snapshot, decision: S.Decision) -> dict[int, int]:
+    used = {d.index: d.unmanaged_bytes for d in snapshot.devices}
+    for holding in snapshot.active:
+        for index in holding.devices:
+            used[index] += holding.memory_bytes
+    for index in decision.devices or ():
+        used[index] += decision.memory_bytes
+    return used
+
+
+def grant(snapshot: S.Snapshot, request: S.Request, decision: S.Decision, lease_id: str) -> S.Snapshot:
+    assert decision.devices is not None
+    holding = S.Holding(lease_id, decision.devices, decision.memory_bytes, snapshot.now + request.duration_s)
+    queue = tuple(r for r in snapshot.queue if r.lease_id != request.lease_id or request.lease_id is None)
+    return replace(snapshot, active=(*snapshot.active, holding), queue=queue)
+
+
+@PROPS
+@given(st.data())
+def test_a_grant_never_overcommits_and_a_gang_is_all_or_nothing(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots())
+    request = data.draw(requests(snapshot.devices))
+    decision = S.decide(snapshot, request)
+    if not decision.granted:
+        assert decision.reason
+        return
+    assert decision.devices is not None
+    wanted = len(request.devices) if request.devices is not None else request.gpus
+    assert len(decision.devices) == wanted == len(set(decision.devices))
+    if request.devices is not None:
+        assert set(decision.devices) == set(request.devices)
+    totals = {d.index: d.total_bytes for d in snapshot.devices}
+    assert decision.memory_bytes == min(request.memory.resolve(totals[i]) for i in decision.devices)
+    for index, used in used_after(snapshot, decision).items():
+        assert used <= totals[index], f"GPU {index} over-committed"
+
+
+@PROPS
+@given(st.data())
+def test_backfill_never_delays_the_head_of_the_queue(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots())
+    request = data.draw(requests(snapshot.devices))
+    decision = S.decide(snapshot, request)
+    if not decision.granted:
+        return
+    before = S.plan(snapshot)
+    after = S.plan(grant(snapshot, request, decision, "new"))
+    rank = S.priority_rank(request.priority)
+    protected = [(b, a) for b, a, r in zip(before, after, S.queue_order(snapshot), strict=True)
+                 if S.priority_rank(r.priority) >= rank]
+    if protected:
+        head_before, head_after = protected[0]
+        assert head_after.start <= head_before.start, "the head of the queue was delayed"
+
+
+@PROPS
+@given(st.data())
+def test_a_grant_never_overlaps_a_slot_reserved_for_an_earlier_request(data: st.DataObject) -> None:
+    # Conservative backfill: the new lease fits beside the planned slots of every request it must not delay.
+    snapshot = data.draw(snapshots())
+    request = data.draw(requests(snapshot.devices))
+    decision = S.decide(snapshot, request)
+    if not decision.granted:
+        return
+    rank = S.priority_rank(request.priority)
+    ahead = [r for r in S.queue_order(snapshot) if S.priority_rank(r.priority) >= rank]
+    slots = S.plan(replace(snapshot, queue=tuple(ahead)))
+    end = snapshot.now + request.duration_s
+    totals = {d.index: d.total_bytes for d in snapshot.devices}
+    # Check every instant where the load can change inside the new lease's window.
+    instants = {snapshot.now} | {s.start for s in slots if snapshot.now <= s.start < end}
+    for at in instants:
+        used = {d.index: d.unmanaged_bytes for d in snapshot.devices}
+        for holding in snapshot.active:
+            if holding.expires_at > at:
+                for index in holding.devices:
+                    used[index] += holding.memory_bytes
+        for slot, queued in zip(slots, ahead, strict=True):
+            if slot.start <= at < slot.start + queued.duration_s:
+                for index in slot.devices:
+                    used[index] += slot.memory_bytes
+        for index in decision.devices or ():
+            used[index] += decision.memory_bytes
+        for index, value in used.items():
+            assert value <= totals[index], f"GPU {index} over-committed at +{at - snapshot.now}s"
+
+
+@st.composite
+def same_shape_queues(draw: st.DrawFn, *, one_at_a_time: bool) -> tuple[S.Snapshot, list[str]]:
+    devices = draw(machines())
+    smallest = min(d.total_bytes - d.unmanaged_bytes for d in devices) // G
+    if one_at_a_time:  # each request takes every GPU whole: only one can run at a time
+        memory = MemorySpec(nbytes=smallest * G)
+        gpus = len(devices)
+        priorities = draw(st.lists(PRIORITY, min_size=2, max_size=8))
+    else:
+        memory = MemorySpec(nbytes=draw(st.integers(1, max(1, smallest))) * G)
+        gpus = draw(st.integers(1, len(devices)))
+        priorities = [draw(PRIORITY)] * draw(st.integers(2, 8))
+    duration = float(draw(st.integers(1, 30)) * 10)
+    queue = [S.Request(memory=memory, duration_s=duration, gpus=gpus, priority=p, seq=i + 1, lease_id=f"q{i + 1}")
+             for i, p in enumerate(priorities)]
+    busy = tuple(S.Holding(f"a{d.index}", (d.index,), d.total_bytes - d.unmanaged_bytes, NOW + 10 * (d.index + 1))
+                 for d in devices)
+    expected = [r.lease_id for r in sorted(queue, key=lambda r: (-S.priority_rank(r.priority), r.seq))]
+    return S.Snapshot(now=NOW, devices=devices, active=busy, queue=tuple(queue)), [str(x) for x in expected]
+
+
+def simulate(snapshot: S.Snapshot, *, limit: int = 400) -> list[str]:
+    """Run time forward: leases end at their time, each waiter re-checks (in arrival order) as waiters
+    do; returns queued ids in the order they were granted. Asserts no over-commit on the way."""
+    granted: list[str] = []
+    totals = {d.index: d.total_bytes for d in snapshot.devices}
+    for _ in range(limit):
+        if not snapshot.queue:
+            return granted
+        progress = True
+        while progress:
+            progress = False
+            for queued in sorted(snapshot.queue, key=lambda r: r.seq):
+                decision = S.decide(snapshot, queued)
+                if decision.granted:
+                    assert queued.lease_id is not None
+                    snapshot = grant(snapshot, queued, decision, queued.lease_id)
+                    granted.append(queued.lease_id)
+                    for index, used in used_after(snapshot, S.Decision(devices=None)).items():
+                        assert used <= totals[index]
+                    progress = True
+                    break
+        if not snapshot.active:
+            assert not snapshot.queue, f"{len(snapshot.queue)} request(s) stuck on an idle machine"
+            return granted
+        now = min(h.expires_at for h in snapshot.active)
+        snapshot = replace(snapshot, now=now, active=tuple(h for h in snapshot.active if h.expires_at > now))
+    raise AssertionError("the simulation did not finish")
+
+
+@PROPS
+@given(same_shape_queues(one_at_a_time=False))
+def test_first_come_first_served_within_a_class(case: tuple[S.Snapshot, list[str]]) -> None:
+    snapshot, expected = case
+    assert simulate(snapshot) == expected
+
+
+@PROPS
+@given(same_shape_queues(one_at_a_time=True))
+def test_higher_class_first_then_first_come(case: tuple[S.Snapshot, list[str]]) -> None:
+    snapshot, expected = case
+    assert simulate(snapshot) == expected
+
+
+@PROPS
+@given(st.data())
+def test_every_queued_request_is_eventually_granted(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots(max_queue=8))
+    ids = {r.lease_id for r in snapshot.queue}
+    assert set(simulate(snapshot)) == ids
+
+
+@PROPS
+@given(st.data())
+def test_estimates_cover_the_queue_in_order_and_never_lie_about_now(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots())
+    est = S.estimates(snapshot)
+    order = S.queue_order(snapshot)
+    assert [est[str(r.lease_id)][0] for r in order] == list(range(1, len(order) + 1))
+    for queued in order:
+        start = est[str(queued.lease_id)][1]
+        assert start is not None and start >= snapshot.now
+        # A request the plan starts now and that has no one to protect is granted now.
+        if start == snapshot.now and queued is order[0]:
+            assert S.decide(snapshot, queued).granted
