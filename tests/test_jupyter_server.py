@@ -1,0 +1,214 @@
+"""A real `jupyter server` subprocess: kernels started over its REST API run inside Chronos leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import chronos
+from chronos_jupyter.kernelspec import install_kernel
+
+pytestmark = pytest.mark.slow
+
+# Only the server itself: the front-end extensions add seconds to every start and play no part here.
+_NO_EXTENSIONS = {
+    "ServerApp": {
+        "jpserver_extensions": {
+            name: False
+            for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook",
+                         "nbclassic", "jupyter_server_ydoc", "jupyter_collaboration")
+        }
+    }
+}
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    process: subprocess.Popen[str]
+    log: Path
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as reply:
+                raw = reply.read()
+                return reply.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            err.close()
+            return err.code, json.loads(raw) if raw else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
+    """Start `jupyter server` (as this user, with the test's Chronos state) with extra CLI settings."""
+    prefix = tmp_path / "prefix"
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "jupyter_server_config.json").write_text(json.dumps(_NO_EXTENSIONS))
+    (tmp_path / "root").mkdir()
+    for key, value in {
+        "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_CONFIG_DIR": str(config_dir),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    install_kernel("gpu-8g", "8G", "1h", prefix=prefix)
+    started: list[Server] = []
+
+    def start(*extra: str) -> Server:
+        port, token = _free_port(), secrets.token_hex(16)
+        log = tmp_path / f"server-{len(started)}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+                 "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+                 f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'root'}", *extra],
+                stdout=out, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+            )
+        server = Server(f"http://127.0.0.1:{port}", token, process, log)
+        started.append(server)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if server.request("GET", "/api/status")[0] == 200:
+                    return server
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"jupyter server did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.terminate()  # the server shuts its kernels down on SIGTERM
+            try:
+                server.process.wait(30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_rest_kernel_holds_a_lease_and_delete_releases_it(start_server: Callable[..., Server]) -> None:
+    server = start_server()
+    status, model = server.request("POST", "/api/kernels", {"name": "gpu-8g"})
+    assert status == 201, model
+    kernel_id = model["id"]
+    [lease] = chronos.leases()
+    assert lease.state == "active" and lease.memory_bytes == 8 << 30
+    assert lease.label is not None and kernel_id in lease.label
+    kernel = psutil.Process(lease.pid)  # the holder is the kernel, a child of the server
+    assert kernel.ppid() == server.process.pid
+    assert kernel.environ()["CHRONOS_LEASE_ID"] == lease.id
+    assert kernel.environ()["CUDA_VISIBLE_DEVICES"] == ",".join(lease.device_uuids)
+
+    status, _ = server.request("DELETE", f"/api/kernels/{kernel_id}")
+    assert status == 204
+    assert chronos.get_lease(lease.id).state == "released"
+    assert chronos.leases() == []
+
+
+def test_no_capacity_reaches_the_front_end_as_a_message(start_server: Callable[..., Server]) -> None:
+    server = start_server()
+    chronos.reserve("80G", "1h", gpus=2, bind=False)
+    status, reply = server.request("POST", "/api/kernels", {"name": "gpu-8g"})
+    assert status == 503
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    # JupyterLab opens notebooks through sessions; that handler passes str(error) on as the message
+    status, reply = server.request(
+        "POST", "/api/sessions", {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gpu-8g"}}
+    )
+    assert status == 500
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    _, kernels = server.request("GET", "/api/kernels")
+    assert kernels == []
+
+
+def test_expired_kernel_is_ended_and_dropped_by_the_server(start_server: Callable[..., Server],
+                                                          tmp_path: Path) -> None:
+    install_kernel("short", "4G", "3s", prefix=tmp_path / "prefix")
+    spec = tmp_path / "prefix" / "share" / "jupyter" / "kernels" / "short" / "kernel.json"
+    doc = json.loads(spec.read_text())
+    doc["metadata"]["kernel_provisioner"]["config"]["check_interval"] = 0.25
+    spec.write_text(json.dumps(doc))
+    server = start_server("--KernelRestarter.time_to_dead=0.5")
+    status, model = server.request("POST", "/api/kernels", {"name": "short"})
+    assert status == 201, model
+    [lease] = chronos.leases()
+    kernel_pid = lease.pid
+    assert kernel_pid is not None
+
+    def dropped() -> bool:
+        return server.request("GET", "/api/kernels")[1] == []
+
+    _wait_for(dropped, 30, "the server to drop the expired kernel")
+    assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
+    assert chronos.get_lease(lease.id).state == "expired"
+    time.sleep(1.5)  # three restarter periods: no new kernel, no new lease
+    assert chronos.leases() == []
+    assert [c for c in psutil.Process(server.process.pid).children() if c.status() != psutil.STATUS_ZOMBIE] == []
+    log = server.log.read_text()
+    assert f"lease {lease.id} has expired; start a new kernel to take a new lease" in log
+
+
+def test_culled_kernel_releases_its_lease(start_server: Callable[..., Server], tmp_path: Path) -> None:
+    # The culler runs only when the server-wide timeout is positive; the kernelspec's own
+    # metadata.cull_idle_timeout then overrides it for kernels of that spec.
+    install_kernel("gpu-cull", "4G", "1h", cull_idle="2s", prefix=tmp_path / "prefix")
+    server = start_server(
+        "--MappingKernelManager.cull_idle_timeout=3600", "--MappingKernelManager.cull_interval=1",
+    )
+    status, culled = server.request("POST", "/api/kernels", {"name": "gpu-cull"})
+    assert status == 201, culled
+    status, kept = server.request("POST", "/api/kernels", {"name": "gpu-8g"})
+    assert status == 201, kept
+    by_label = {lease.label: lease for lease in chronos.leases()}
+    cull_lease = next(v for k, v in by_label.items() if k and culled["id"] in k)
+    kept_lease = next(v for k, v in by_label.items() if k and kept["id"] in k)
+
+    def gone() -> bool:
+        return [k["id"] for k in server.request("GET", "/api/kernels")[1]] == [kept["id"]]
+
+    _wait_for(gone, 30, "the idle culler to shut the kernel down")
+    assert chronos.get_lease(cull_lease.id).state == "released"
+    assert chronos.get_lease(kept_lease.id).state == "active"
+    assert re.search(r"Culling '\w+' kernel 'gpu-cull' .* due to \d+ seconds of inactivity", server.log.read_text())
