@@ -19,7 +19,7 @@ def reserve(
     device: int | str | Sequence[int] | None = None,
     gpus: int | None = None,
     prefer: int | str | Sequence[int] | None = None,
-    priority: str = "normal",
+    priority: str | None = None,
     label: str | None = None,
     user: str | None = None,
     bind: bool | int = True,

@@ -1,21 +1,71 @@
-"""Settings: the system file, the user's file (personal defaults only) and the environment."""
+"""Settings: the system file, the user's file (personal defaults only) and the environment.
+
+The system file (``/etc/chronos/config.toml``, or ``CHRONOS_CONFIG``) is the administrator's: the
+state directory, the admin group, defaults and limits. The user's file
+(``~/.config/chronos/config.toml``, or ``CHRONOS_USER_CONFIG``) may only set personal defaults, so a
+user cannot lift a limit. ``CHRONOS_STATE_DIR`` overrides the state directory. A file that cannot be
+read, or names a setting Chronos does not know, is an error naming the file and line: a typo in a
+limit must never silently leave the machine unlimited.
+
+    state_dir = "/var/lib/chronos"
+    admin_group = "chronos-admin"
+
+    [defaults]            # also allowed in a user's file
+    duration = "1h"
+    priority = "normal"
+    on_expiry = "terminate"
+
+    [limits]
+    max_duration = "8h"
+    max_memory_per_lease = "40G"
+    max_memory_per_user = "80G"
+    max_leases_per_user = 4
+    high_priority_groups = ["ml-leads"]
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Config", "load_config", "SYSTEM_CONFIG", "DEFAULT_STATE_DIR"]
+from chronos.errors import InvalidRequestError
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "ON_EXPIRY",
+    "SYSTEM_CONFIG",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "describe",
+    "load_config",
+    "system_config_path",
+    "user_config_path",
+]
 
 SYSTEM_CONFIG = Path("/etc/chronos/config.toml")
 #: Shared by every user of the machine with no setup; see docs/trust-model.md for hardening.
 DEFAULT_STATE_DIR = Path("/var/tmp/chronos")
+#: What happens to a lease's processes when it reaches its end, mildest first.
+ON_EXPIRY = ("warn", "interrupt", "terminate", "kill")
+_PRIORITIES = ("low", "normal", "high")  # as chronos.scheduler.PRIORITIES; config sits below it
+
+DEFAULT = "default"
+
+
+class ConfigError(InvalidRequestError):
+    """A configuration file that cannot be used as written (exit 2); the message names file and line."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """Effective settings."""
+    """Effective settings. ``sources`` says where each non-default setting came from."""
 
     state_dir: Path = DEFAULT_STATE_DIR
     state_dir_explicit: bool = False
@@ -27,11 +77,277 @@ class Config:
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
     on_expiry: str = "terminate"
+    default_priority: str = "normal"
+    sources: dict[str, str] = field(default_factory=dict)
+    system_file: str | None = None
+    user_file: str | None = None
+
+    def source(self, name: str) -> str:
+        """Where setting ``name`` (a Config field) came from: ``default``, a file path, or ``env NAME``."""
+        return self.sources.get(name, DEFAULT)
+
+
+@dataclass(frozen=True)
+class _Key:
+    field: str
+    parse: Callable[[Any], Any]
+    show: Callable[[Any], str]
+    user_allowed: bool = False
+
+
+def _duration(value: Any) -> float:
+    from chronos.units import parse_duration
+
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("give a duration such as \"2h\", \"90m\" or a number of seconds")
+    return parse_duration(value)
+
+
+def _bytes(value: Any) -> int:
+    from chronos.units import parse_memory
+
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("give a size such as \"40G\" or \"512M\"")
+    spec = parse_memory(value)
+    if spec.nbytes is None:
+        raise ValueError("give an absolute size such as \"40G\"; a fraction of a GPU is not a limit here")
+    return spec.nbytes
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("give a whole number of at least 1")
+    return value
+
+
+def _groups(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("give a list of group names such as [\"ml-leads\"]")
+    return tuple(value)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("give a non-empty name")
+    return value.strip()
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"use one of {', '.join(options)}")
+        return str(value)
+
+    return parse
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("give an absolute path such as \"/var/lib/chronos\"")
+    return Path(value)
+
+
+def _show_duration(value: Any) -> str:
+    from chronos.units import format_duration
+
+    return format_duration(value)
+
+
+def _show_bytes(value: Any) -> str:
+    from chronos.units import format_bytes
+
+    return format_bytes(value)
+
+
+def _show_groups(value: Any) -> str:
+    return ", ".join(value) if value else "nobody but admins"
+
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "": {
+        "state_dir": _Key("state_dir", _path, str),
+        "admin_group": _Key("admin_group", _name, str),
+    },
+    "defaults": {
+        "duration": _Key("default_duration_s", _duration, _show_duration, user_allowed=True),
+        "priority": _Key("default_priority", _choice(_PRIORITIES), str, user_allowed=True),
+        "on_expiry": _Key("on_expiry", _choice(ON_EXPIRY), str, user_allowed=True),
+    },
+    "limits": {
+        "max_duration": _Key("max_duration_s", _duration, _show_duration),
+        "max_memory_per_lease": _Key("max_memory_per_lease_bytes", _bytes, _show_bytes),
+        "max_memory_per_user": _Key("max_memory_per_user_bytes", _bytes, _show_bytes),
+        "max_leases_per_user": _Key("max_leases_per_user", _count, str),
+        "high_priority_groups": _Key("high_priority_groups", _groups, _show_groups),
+    },
+}
+
+
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+#: Config field -> its name in a file (``limits.max_duration``).
+SETTING_NAMES = {k.field: _dotted(section, name) for section, keys in _SCHEMA.items() for name, k in keys.items()}
+
+
+def system_config_path() -> Path:
+    return Path(os.environ.get("CHRONOS_CONFIG") or SYSTEM_CONFIG)
+
+
+def user_config_path() -> Path:
+    explicit = os.environ.get("CHRONOS_USER_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "chronos" / "config.toml"
+
+
+def _read(path: Path) -> tuple[dict[str, Any], str] | None:
+    """The parsed file and its text, or None when there is no such file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot be read (permission denied); ask the administrator") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    tomllib = _toml()
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        col = getattr(exc, "colno", None)
+        found = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        if line is None and found:  # older tomllib/tomli keep the position in the message only
+            line, col = int(found.group(1)), int(found.group(2))
+        elif line is None and "end of document" in str(exc):
+            line, col = text.count("\n") + 1, len(text.rsplit("\n", 1)[-1]) + 1
+        message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
+        where = f"{path}:{line}:{col}" if line is not None else str(path)
+        raise ConfigError(f"{where}: not valid TOML: {message}") from None
+
+
+def _toml() -> Any:
+    """tomllib (3.11+) or its backport tomli, which has the same API and error positions."""
+    import importlib
+
+    return importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    """The line where ``key`` is set inside ``[section]`` (tomllib keeps no positions)."""
+    current = ""
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1).strip().strip("\"'")
+            if not section and current == key:
+                return number
+            continue
+        if current == section and pattern.match(line):
+            return number
+    return None
+
+
+def _where(path: Path, text: str, section: str, key: str) -> str:
+    line = _line_of(text, section, key)
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], sources: dict[str, str],
+           *, user: bool) -> None:
+    for top, value in data.items():
+        if isinstance(value, dict) and top in _SCHEMA and top:
+            entries = [(top, key, v) for key, v in value.items()]
+        elif top in _SCHEMA[""]:
+            entries = [("", top, value)]
+        elif top in _SCHEMA:
+            raise ConfigError(f"{_where(path, text, '', top)}: {top} must be a table: write [{top}] on its own line")
+        else:
+            known = [k for k in _SCHEMA if k] + list(_SCHEMA[""])
+            hint = difflib.get_close_matches(top, known, n=1)
+            for section, keys in _SCHEMA.items():
+                if top in keys and section:
+                    hint = [f"[{section}] {top}"]
+            tip = f"; did you mean {hint[0]}?" if hint else f"; known: {', '.join(sorted(known))}"
+            raise ConfigError(f"{_where(path, text, '', top)}: unknown setting {top!r}{tip}")
+        for section, key, raw in entries:
+            keys = _SCHEMA[section]
+            name = _dotted(section, key)
+            if key not in keys:
+                hint = difflib.get_close_matches(key, list(keys), n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known in [{section}]: {', '.join(keys)}"
+                raise ConfigError(f"{_where(path, text, section, key)}: unknown setting {name!r}{tip}")
+            spec = keys[key]
+            if user and not spec.user_allowed:
+                allowed = ", ".join(_dotted(s, k) for s, ks in _SCHEMA.items() for k, v in ks.items()
+                                    if v.user_allowed)
+                raise ConfigError(
+                    f"{_where(path, text, section, key)}: {name} may only be set by the administrator in "
+                    f"{system_config_path()}; a user's file holds personal defaults only ({allowed})"
+                )
+            try:
+                values[spec.field] = spec.parse(raw)
+            except (ValueError, InvalidRequestError) as exc:
+                where = _where(path, text, section, key)
+                raise ConfigError(f"{where}: bad value for {name} ({raw!r}): {exc}") from None
+            sources[spec.field] = str(path)
 
 
 def load_config() -> Config:
-    """The effective configuration for this process."""
+    """The effective configuration for this process: defaults, then the system file, the user's file, env."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    system = system_config_path()
+    user = user_config_path()
+    found_system = _read(system)
+    if found_system is not None:
+        _apply(system, found_system[0], found_system[1], values, sources, user=False)
+    found_user = _read(user)
+    if found_user is not None:
+        _apply(user, found_user[0], found_user[1], values, sources, user=True)
     env_dir = os.environ.get("CHRONOS_STATE_DIR")
     if env_dir:
-        return Config(state_dir=Path(env_dir), state_dir_explicit=True)
-    return Config()
+        values["state_dir"] = Path(env_dir)
+        values["state_dir_explicit"] = True
+        sources["state_dir"] = "env CHRONOS_STATE_DIR"
+    return Config(
+        **values,
+        sources=sources,
+        system_file=str(system) if found_system is not None else None,
+        user_file=str(user) if found_user is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One effective setting for display: its name in a file, its value, and where it came from."""
+
+    name: str
+    value: Any
+    text: str
+    source: str
+
+
+def describe(config: Config) -> list[Setting]:
+    """Every setting with its effective value and source, in file order (for ``chronos config``)."""
+    out = []
+    for section, keys in _SCHEMA.items():
+        for key, spec in keys.items():
+            value = getattr(config, spec.field)
+            if value is None:
+                text = "anyone" if spec.field == "high_priority_groups" else "no limit"
+            else:
+                text = spec.show(value)
+            plain: Any = value
+            if isinstance(value, Path):
+                plain = str(value)
+            elif isinstance(value, tuple):
+                plain = list(value)
+            out.append(Setting(_dotted(section, key), plain, text, config.source(spec.field)))
+    return out

@@ -223,7 +223,7 @@ class Engine:
         device: int | str | Sequence[int] | None = None,
         gpus: int | None = None,
         prefer: int | str | Sequence[int] | None = None,
-        priority: str = "normal",
+        priority: str | None = None,
         label: str | None = None,
         user: str | None = None,
         bind: bool | int = True,
@@ -231,6 +231,7 @@ class Engine:
         on_wait: Callable[[WaitUpdate], None] | None = None,
     ) -> Lease:
         """Grant a lease now, or (with ``wait``) queue for one; see ``chronos.reserve``."""
+        priority = priority or self.config.default_priority
         spec = parse_memory(memory)
         duration_s = parse_duration(duration) if duration is not None else self.config.default_duration_s
         devices_named = _parse_devices(device)
@@ -289,6 +290,20 @@ class Engine:
     def _check_policy(self, owner: User, request: scheduler.Request, snapshot: scheduler.Snapshot,
                       decision: scheduler.Decision) -> None:
         """Hook for configured limits (chronos.policy)."""
+        from chronos import policy
+
+        config = self.config
+        usage = policy.Usage()
+        if config.max_memory_per_user_bytes is not None or config.max_leases_per_user is not None:
+            usage = policy.usage_of(self.ledger.live(), owner.uid)
+        groups: set[str] = set()
+        admin = False
+        if request.priority == "high" and config.high_priority_groups is not None:
+            from chronos.identity import groups_of
+
+            groups, admin = groups_of(owner), is_admin(owner, config.admin_group)
+        info = policy.request_info(request, snapshot, decision)
+        policy.check(config, info, owner.name, groups, usage, admin=admin)
 
     def _grant_new(
         self, owner: User, caller: User, request: scheduler.Request, decision: scheduler.Decision,
@@ -405,6 +420,9 @@ class Engine:
 
     def _check_extend_policy(self, lease: Lease, new_end: float) -> None:
         """Hook for configured limits on extension (chronos.policy)."""
+        from chronos import policy
+
+        policy.check_extend(self.config, new_end - (lease.started_at or lease.created_at))
 
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_stats",
     "chronos.cli.cmd_run",
     "chronos.cli.cmd_doctor",
+    "chronos.cli.cmd_config",
 ]
 
 EXIT_CODES_HELP = """exit codes:
