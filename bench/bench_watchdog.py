@@ -209,7 +209,8 @@ def main() -> int:
 
     results: dict[str, Any] = {"backend": get_backend().name, "python": sys.version.split()[0]}
     results["poll_costs"] = poll_costs()
-    results["reaction"] = reaction(args.trials, args.grace)
+    if args.trials:
+        results["reaction"] = reaction(args.trials, args.grace)
     if args.default_grace_trials:
         results["reaction_default_grace"] = reaction(args.default_grace_trials, 2.0)
     results["cpu"] = cpu_cost([int(n) for n in args.leases.split(",") if n], args.cpu_seconds)

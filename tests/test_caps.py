@@ -39,8 +39,8 @@ def _fake_dist(root: Path, name: str, version: str) -> None:
 
 def test_framework_budget_leaves_room_for_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CHRONOS_CONTEXT_RESERVE", raising=False)
-    assert framework_budget(8 * GIB) == 8 * GIB - 512 * MIB
-    assert framework_budget(GIB) == GIB - GIB // 4
+    assert framework_budget(8 * GIB) == 8 * GIB - 768 * MIB
+    assert framework_budget(GIB) == GIB // 2
     monkeypatch.setenv("CHRONOS_CONTEXT_RESERVE", str(100 * MIB))
     assert framework_budget(8 * GIB) == 8 * GIB - 100 * MIB
 
@@ -52,7 +52,7 @@ def test_env_names_devices_by_uuid_and_caps_each_framework() -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa,GPU-bbbb"
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["CHRONOS_LEASE_ID"] == "42"
-    budget = 2 * GIB - 512 * MIB
+    budget = 2 * GIB - 768 * MIB
     # one fraction for all devices: the smallest, so no device's share exceeds the lease
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(budget / (80 * GIB), abs=1e-6)
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) * 80 * GIB <= budget
@@ -71,7 +71,7 @@ def test_user_settings_are_merged_not_clobbered() -> None:
     env = lease_env(_lease(uuids=("GPU-aaaa",)), base=base, totals=totals)
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.001"  # the user's smaller limit wins
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"  # preallocating the capped fraction is fine
-    assert env["CUPY_GPU_MEMORY_LIMIT"] == str(2 * GIB - 512 * MIB)  # 50% of 80G is larger: ours wins
+    assert env["CUPY_GPU_MEMORY_LIMIT"] == str(2 * GIB - 768 * MIB)  # 50% of 80G is larger: ours wins
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"  # the lease decides the devices
     smaller = lease_env(_lease(uuids=("GPU-aaaa",)), base={"CUPY_GPU_MEMORY_LIMIT": "1000"}, totals=totals)
     assert smaller["CUPY_GPU_MEMORY_LIMIT"] == "1000"
@@ -100,7 +100,7 @@ def test_torch_fraction_only_for_releases_that_read_it(
         base={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
         totals=totals,
     )
-    fraction = (2 * GIB - 512 * MIB) / (80 * GIB)
+    fraction = (2 * GIB - 768 * MIB) / (80 * GIB)
     assert (
         env["PYTORCH_CUDA_ALLOC_CONF"] == f"expandable_segments:True,per_process_memory_fraction:{fraction:g}"
     )
@@ -119,7 +119,7 @@ def test_lease_env_from_a_real_lease_uses_backend_totals() -> None:
     env = lease.env(base={})
     assert env["CUDA_VISIBLE_DEVICES"] == lease.device_uuids[0]
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(
-        (8 * GIB - 512 * MIB) / (80 * GIB), abs=1e-6
+        (8 * GIB - 768 * MIB) / (80 * GIB), abs=1e-6
     )
 
 
@@ -138,7 +138,7 @@ def test_apply_caps_without_frameworks_sets_the_environment(monkeypatch: pytest.
     done = apply_caps(lease, modules={})
     assert os.environ["CHRONOS_LEASE_ID"] == lease.id
     assert os.environ["CUDA_VISIBLE_DEVICES"] == lease.device_uuids[0]
-    assert os.environ["CUPY_GPU_MEMORY_LIMIT"] == str(8 * GIB - 512 * MIB)
+    assert os.environ["CUPY_GPU_MEMORY_LIMIT"] == str(8 * GIB - 768 * MIB)
     assert any(line.startswith("jax: XLA_PYTHON_CLIENT_MEM_FRACTION=") for line in done)
     assert any(line.startswith("cupy: CUPY_GPU_MEMORY_LIMIT=") for line in done)
 

@@ -81,7 +81,7 @@ def test_child_environment_carries_the_lease(tmp_path: Path) -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == lease.device_uuids[0] and lease.devices == (1,)
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(
-        (8 * GIB - (512 << 20)) / (80 * GIB), abs=1e-6
+        (8 * GIB - (768 << 20)) / (80 * GIB), abs=1e-6
     )
     assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in env  # no MPS daemon here
 

@@ -129,10 +129,7 @@ class TreeMembership:
             return False
         if pid == self.root_pid:
             return True
-        try:
-            started: float | None = psutil.Process(pid).create_time()
-        except (psutil.Error, OSError):
-            started = None
+        started = procs.start_time(pid)
         cached = self._cache.get(pid)
         if cached is not None and (
             cached[0] is None or started is None or abs(cached[0] - started) <= _TOLERANCE_S

@@ -32,8 +32,9 @@ __all__ = [
     "torch_env_fraction_supported",
 ]
 
-#: Device memory set aside for the CUDA context (the H200 with PyTorch 2.11 showed about 0.5 GiB).
-CONTEXT_RESERVE_BYTES = 512 << 20
+#: Device memory set aside for the CUDA context: on the H200 (driver 580, CUDA 13) a bare driver
+#: context took 0.51 GiB, PyTorch 2.11's 0.60 GiB, and 0.67 GiB once cuBLAS ran (docs/gpu-validation.md).
+CONTEXT_RESERVE_BYTES = 768 << 20
 #: PyTorch learned ``per_process_memory_fraction`` in PYTORCH_CUDA_ALLOC_CONF in 2.10 (pytorch#161035).
 _TORCH_ENV_FRACTION_SINCE = (2, 10)
 _TORCH_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -42,11 +43,12 @@ _TORCH_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 def framework_budget(memory_bytes: int) -> int:
     """Bytes a framework allocator may take under a lease of ``memory_bytes``.
 
-    The lease minus room for the CUDA context: 512 MiB, or a quarter of a lease below 2 GiB.
+    The lease minus room for the CUDA context: 768 MiB, or half of a lease below 1.5 GiB (such a
+    lease is too small for a framework's context plus much data; the watchdog still counts both).
     ``CHRONOS_CONTEXT_RESERVE`` (bytes) overrides the reserve.
     """
     override = os.environ.get("CHRONOS_CONTEXT_RESERVE", "").strip()
-    reserve = min(CONTEXT_RESERVE_BYTES, memory_bytes // 4)
+    reserve = min(CONTEXT_RESERVE_BYTES, memory_bytes // 2)
     if override.isdigit():
         reserve = min(int(override), memory_bytes - 1)
     return max(1, memory_bytes - reserve)

@@ -46,34 +46,51 @@ class MpsStatus:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _is_fifo(path: Path) -> bool:
+def _is_channel(path: Path) -> bool:
+    """A named pipe or a UNIX socket: what the daemon leaves in its pipe directory."""
     try:
-        return stat.S_ISFIFO(path.stat().st_mode)
+        mode = path.stat().st_mode
     except OSError:
         return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _daemon_pipe_dir(proc: psutil.Process) -> str | None:
+    try:
+        return proc.environ().get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR
+    except (psutil.Error, OSError):
+        return None  # another user's daemon: its environment is not ours to read
 
 
 def mps_status(env: Mapping[str, str] | None = None, scan_processes: bool = True) -> MpsStatus:
-    """Detect an MPS control daemon: its control pipe in the pipe directory, or its process."""
+    """Detect an MPS control daemon: its control pipe or socket in the pipe directory, and its process.
+
+    With ``scan_processes`` a daemon counts when its process runs and it serves our pipe directory
+    (its control entry is there, or its environment names the directory); without, the control
+    entry alone decides.
+    """
     source = os.environ if env is None else env
     pipe_dir = source.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR
-    pipe = _is_fifo(Path(pipe_dir) / "control")
+    pipe = _is_channel(Path(pipe_dir) / "control")
     controls: list[int] = []
     servers: list[int] = []
+    ours = False
     if scan_processes:
         for proc in psutil.process_iter(["name"]):
             name = proc.info.get("name") or ""
             if name == _CONTROL:
                 controls.append(proc.pid)
+                served = _daemon_pipe_dir(proc)
+                ours = ours or (served is not None and os.path.realpath(served) == os.path.realpath(pipe_dir))
             elif name == _SERVER:
                 servers.append(proc.pid)
     notes: list[str] = []
     if pipe and not controls and scan_processes:
         notes.append("control pipe present but no daemon process seen (stale pipe, or another pid namespace)")
-    if controls and not pipe:
+    if controls and not pipe and not ours:
         notes.append(f"daemon runs but its pipe is not in {pipe_dir}: set CUDA_MPS_PIPE_DIRECTORY")
     return MpsStatus(
-        active=pipe and (bool(controls) or not scan_processes),
+        active=(bool(controls) and (pipe or ours)) if scan_processes else pipe,
         pipe_dir=pipe_dir,
         control_pipe=pipe,
         control_pids=tuple(controls),

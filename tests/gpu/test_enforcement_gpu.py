@@ -32,11 +32,11 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
-def record(name: str, **data: Any) -> None:
+def record(test: str, **data: Any) -> None:
     path = os.environ.get("CHRONOS_GPU_RECORD")
     if path:
         with open(path, "a") as handle:
-            handle.write(json.dumps({"test": name, **data}) + "\n")
+            handle.write(json.dumps({"test": test, **data}) + "\n")
 
 
 def smi(*fields: str) -> list[list[str]]:
@@ -110,23 +110,33 @@ def test_torch_child_gets_oom_past_its_cap_and_succeeds_under_it() -> None:
 
     assert torch_env_fraction_supported(), "this PyTorch does not read per_process_memory_fraction"
     code = textwrap.dedent("""
-        import json, os, torch
+        import json, os, time, torch
         out = {"alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+        big_or_none = None
         try:
-            big = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+            big_or_none = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
             out["4g"] = "allocated"
         except torch.cuda.OutOfMemoryError as exc:
             out["4g"] = "OutOfMemoryError"
         small = torch.ones(1 << 30, dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
-        out["1g"] = int(small.sum().item())
-        out["reserved"] = torch.cuda.memory_reserved()
+        out["1g"] = small.numel() if bool((small[-1] == 1).item()) else 0
+        del big_or_none
+        chunks = []
+        try:
+            while True:  # fill the budget: NVML must still show the process under its 2 GiB lease
+                chunks.append(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.synchronize()
+        out["reserved_full"] = torch.cuda.memory_reserved()
         import pynvml
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByUUID(os.environ["CUDA_VISIBLE_DEVICES"])
         out["nvml_process_bytes"] = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)
                                      if p.pid == os.getpid()]
         print(json.dumps(out), flush=True)
+        time.sleep(3)  # longer than the watchdog's grace: a process over its cap would be ended now
     """)
     result = chronos_run("2G", "5m", "--", sys.executable, "-c", code)
     assert result.returncode == 0, result.stderr
@@ -134,6 +144,7 @@ def test_torch_child_gets_oom_past_its_cap_and_succeeds_under_it() -> None:
     record("torch_cap", child=seen, stderr=result.stderr.strip().splitlines())
     assert seen["4g"] == "OutOfMemoryError"
     assert seen["1g"] == 1 << 30
+    assert seen["nvml_process_bytes"] and max(seen["nvml_process_bytes"]) < 2 * GIB
     assert "ended the command" not in result.stderr  # the user got an error, not a kill
 
 
@@ -227,7 +238,9 @@ def test_mps_driver_refuses_allocation_past_the_cap(tmp_path: Path, monkeypatch:
         while not status.active and time.monotonic() < deadline:
             time.sleep(0.1)
             status = mps.mps_status()
-        assert status.active, status
+        listing = {p.name: oct(p.lstat().st_mode) for p in pipe.iterdir()}
+        record("mps_start", status=str(status), pipe_dir=listing)
+        assert status.active, (status, listing)
         result = chronos_run(
             "2G",
             "5m",
