@@ -235,10 +235,11 @@ class LeaseWidget:
         self.title = w.HTML()
         self.countdown = w.HTML()
         self.countdown.add_class("chronos-countdown")
+        bar_style = {"description_width": "90px"}
         self.time_bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, description="time left",
-                                        layout=w.Layout(width="360px"))
+                                        style=bar_style, layout=w.Layout(width="380px"))
         self.memory_bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, description="GPU memory",
-                                          layout=w.Layout(width="360px"))
+                                          style=bar_style, layout=w.Layout(width="380px"))
         self.memory_label = w.HTML()
         self.memory_label.add_class("chronos-memory")
         self.release_button = w.Button(description="Release", button_style="danger", icon="stop",

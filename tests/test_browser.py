@@ -1,0 +1,189 @@
+"""The widget in a real JupyterLab, driven through Debian's Chromium (headless) with Playwright.
+
+JupyterLab is served on localhost from a temporary root directory with its own runtime,
+config and data directories; the kernel inherits this test's isolated Chronos state, so the
+test can check the ledger that the notebook's lease lives in. Set CHRONOS_UPDATE_SCREENSHOT=1
+to refresh docs/screenshot-widget.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import chronos
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "screenshot-widget.png"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def notebook(cells: list[str]) -> dict[str, object]:
+    return {
+        "cells": [{"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {},
+                   "outputs": [], "source": source} for i, source in enumerate(cells)],
+        "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                                    "name": "python3"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+class Lab:
+    """A JupyterLab server on a free localhost port, in its own directories."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "root"
+        self.root.mkdir()
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        env = dict(os.environ)
+        env.update({
+            "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+            "JUPYTER_CONFIG_DIR": str(base / "config"),
+            "JUPYTER_DATA_DIR": str(base / "data"),
+            "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
+            "IPYTHONDIR": str(base / "ipython"),
+            "JUPYTER_PLATFORM_DIRS": "1",
+        })
+        self.log_path = base / "lab.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}",
+             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={self.root}", "--ServerApp.port_retries=0",
+             "--ServerApp.terminals_enabled=False", "--LabApp.extension_manager=readonly",
+             "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+             "jupyterlab.handlers.announcements.NeverCheckForUpdate",
+             *(["--allow-root"] if os.geteuid() == 0 else [])],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}?token={self.token}"
+
+    def wait_ready(self, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"jupyter lab exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url("api/status"), timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        raise AssertionError(f"jupyter lab not ready in {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    server = Lab(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_widget_shows_the_lease_and_a_moving_countdown(lab: Lab, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    source = ("%load_ext chronos_jupyter\n%chronos reserve 1G 10m --label browser\n"
+              "from chronos.devices import simulated\nsimulated.allocate(0, '384M')  # the kernel uses GPU memory")
+    (lab.root / "lease.ipynb").write_text(json.dumps(notebook([source])))
+    lab.wait_ready()
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 700},
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.goto(lab.url("lab/tree/lease.ipynb"), wait_until="domcontentloaded")
+            # Wait for the kernel, then run the cell.
+            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=30_000)
+            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=30_000)
+            page.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
+            page.keyboard.press("Shift+Enter")
+
+            # The live widget (not the static HTML fallback): a widget box with the countdown and buttons.
+            widget = page.locator(".widget-vbox.chronos-lease").first
+            widget.wait_for(timeout=30_000)
+            [lease] = chronos.leases()
+            assert lease.label == "browser"
+            title = widget.inner_text()
+            assert f"Chronos lease {lease.id}" in title and "browser" in title and "GPU 0" in title
+            assert widget.locator("button", has_text="Release").count() == 1
+            assert widget.locator("button", has_text="Extend").count() == 1
+            countdown = widget.locator(".chronos-countdown")
+            first = countdown.inner_text()
+            assert "left (ends" in first, first
+            deadline = time.monotonic() + 10
+            later = first
+            while later == first and time.monotonic() < deadline:
+                time.sleep(0.25)
+                later = countdown.inner_text()
+            assert later != first, f"the countdown did not move from {first!r}"
+            assert "left (ends" in later
+            memory = widget.locator(".chronos-memory")
+            deadline = time.monotonic() + 10
+            while "384 MiB used of 1 GiB" not in memory.inner_text() and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert "384 MiB used of 1 GiB" in memory.inner_text()
+
+            no_news = page.get_by_role("button", name="No", exact=True)
+            if no_news.count():
+                no_news.first.click()
+
+            cell = page.locator(".jp-Notebook .jp-Cell").first
+            shot = tmp_path / "widget.png"
+            cell.screenshot(path=str(shot))
+            assert shot.stat().st_size > 1000
+            if os.environ.get("CHRONOS_UPDATE_SCREENSHOT") == "1":
+                shutil.copyfile(shot, SCREENSHOT)
+        finally:
+            context.close()
+    lab.stop()
+    # The kernel went with the server, and the lease with the kernel.
+    assert chronos.leases() == []
