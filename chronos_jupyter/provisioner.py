@@ -34,6 +34,7 @@ from tornado.web import HTTPError
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
 
 import chronos
+from chronos.config import load_config
 from chronos.enforce.watchdog import (
     ExpiryWarning,
     LeaseEndedEvent,
@@ -202,10 +203,11 @@ class ChronosProvisioner(LocalProvisioner):
         "a duration (10m) waits at most that long. kernel.json spells it \"wait\".",
     )
     on_expiry = Enum(
-        ON_EXPIRY_POLICIES, default_value="terminate", config=True,
+        ON_EXPIRY_POLICIES, default_value=None, allow_none=True, config=True,
         help="What happens when the lease ends: warn (log only), interrupt (SIGINT, kernel kept), "
         "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
-        "stopped for terminate and kill.",
+        "stopped for terminate and kill. Default: on_expiry in /etc/chronos/config.toml [defaults] "
+        "(terminate).",
     )
     on_overuse = Enum(
         ON_EXPIRY_POLICIES, default_value="terminate", config=True,
@@ -501,11 +503,13 @@ class ChronosProvisioner(LocalProvisioner):
         km = self.parent
         kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
         warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
+        # The same policy for a lease released by someone else (`chronos release`) as for its end.
+        policy = self.on_expiry or load_config().on_expiry
         self._ending = False
         try:
             dog = await _in_thread(
                 Watchdog, lease.id, pid=pid, rate_hz=1.0 / max(0.05, self.check_interval),
-                on_overuse=self.on_overuse, on_expiry=self.on_expiry, on_release=self.on_expiry,
+                on_overuse=self.on_overuse, on_expiry=policy, on_release=policy,
                 kill_wait_s=kill_wait, warn_at=warn_at, on_event=self._on_watchdog_event,
             )
         except ChronosError as exc:

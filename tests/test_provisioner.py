@@ -436,3 +436,34 @@ def _no_stray_kernels() -> Iterator[None]:
             break
         time.sleep(0.1)
     assert not stray, f"kernels left running: {[p.pid for p in stray]}"
+
+
+@pytest.mark.slow
+def test_lease_released_from_the_cli_ends_the_kernel(spec_8g: str) -> None:
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+    from traitlets.config import Config
+
+    from tests.conftest import run_cli
+
+    add_config(spec_8g, check_interval=0.2)
+
+    async def scenario() -> None:
+        km = AsyncIOLoopKernelManager(kernel_name="gpu-8g", config=Config({"KernelRestarter": {"time_to_dead": 0.3}}))
+        await km.start_kernel()
+        events: list[str] = []
+        km.add_restart_callback(lambda: events.append("restart"), "restart")
+        km.add_restart_callback(lambda: events.append("dead"), "dead")
+        lease_id = km.provisioner.lease_id
+        try:
+            done = await asyncio.to_thread(run_cli, "release", lease_id)
+            assert done.returncode == 0, done.stderr
+            await eventually(lambda: _true(events == ["dead"]), 20, "the kernel to be reported dead")
+            assert km.provisioner.ended_message == (
+                f"lease {lease_id} was released; start a new kernel to take a new lease"
+            )
+            await asyncio.sleep(1.0)
+            assert events == ["dead"] and not await km.is_alive()
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    run(scenario())
