@@ -42,3 +42,35 @@ def test_notebook_passes_nbval(notebook: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+# -- binder ------------------------------------------------------------------------------------
+
+
+def test_binder_start_selects_simulated_gpus(tmp_path: Path) -> None:
+    """binder/start gives the server (and so every kernel) simulated GPUs and a private state dir."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CHRONOS_")}
+    env["HOME"] = str(tmp_path)
+    proc = subprocess.run(
+        [str(ROOT / "binder" / "start"), sys.executable, "-m", "chronos", "list", "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / ".chronos").is_dir()  # the ledger lives in the Binder user's home
+    shown = subprocess.run(
+        [str(ROOT / "binder" / "start"), sys.executable, "-c",
+         "import chronos; print([d.name for d in chronos.devices()])"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("Simulated GPU (80 GiB)") == 2
+
+
+def test_binder_post_build_installs_the_jupyter_extra() -> None:
+    post_build = (ROOT / "binder" / "postBuild").read_text()
+    assert 'pip install --no-cache-dir ".[jupyter]"' in post_build
+    assert os.access(ROOT / "binder" / "postBuild", os.X_OK)
+    assert os.access(ROOT / "binder" / "start", os.X_OK)
+    assert subprocess.run(["bash", "-n", str(ROOT / "binder" / "postBuild")]).returncode == 0
+    requirements = (ROOT / "binder" / "requirements.txt").read_text()
+    assert "jupyterlab" in requirements and "ipywidgets" in requirements
