@@ -35,6 +35,8 @@ __all__ = ["DeviceStatus", "Engine", "WaitUpdate", "default_engine", "reset_defa
 
 #: How often a queued request re-checks whether it can start.
 WAIT_POLL_S = 0.2
+#: How often a waiter with a progress callback re-plans the queue for its estimated start.
+ESTIMATE_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,7 @@ class Engine:
         on_wait: Callable[[WaitUpdate], None] | None,
     ) -> Lease:
         deadline = time.monotonic() + timeout
+        next_estimate, estimated = 0.0, None
         try:
             while True:
                 devices, gpu_procs = self._poll_devices()
@@ -353,7 +356,10 @@ class Engine:
                                     {**_grant_detail(granted), "waited_s": round(now - lease.created_at, 3)})
                         return self._bound(granted)
                 if on_wait is not None:
-                    on_wait(WaitUpdate(lease_id, decision.position, decision.estimated_start, decision.reason))
+                    if time.monotonic() >= next_estimate:  # outside the write lock, and not every poll
+                        estimated = scheduler.estimate_start(snapshot, request)
+                        next_estimate = time.monotonic() + ESTIMATE_EVERY_S
+                    on_wait(WaitUpdate(lease_id, decision.position, estimated, decision.reason))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise UnavailableError(
@@ -456,6 +462,13 @@ class Engine:
         else:
             found = [lease for lease in self.ledger.live() if uid is None or lease.uid == uid]
         return [self._bound(lease) for lease in found]
+
+    def snapshot(self) -> tuple[scheduler.Snapshot, list[Lease]]:
+        """The scheduler's view of the machine now, and the live leases it was built from (read-only)."""
+        devices, gpu_procs = self._poll_devices()
+        self._reclaim_if_due()
+        live = self.ledger.live()
+        return self._snapshot(time.time(), devices, gpu_procs, live), [self._bound(lease) for lease in live]
 
     def _reclaim_if_due(self) -> None:
         """Reads reclaim too, but take the write lock only when something is due."""

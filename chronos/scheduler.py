@@ -33,6 +33,7 @@ __all__ = [
     "Slot",
     "Snapshot",
     "decide",
+    "estimate_start",
     "estimates",
     "extend_conflict",
     "forecast",
@@ -499,6 +500,11 @@ def forecast(snapshot: Snapshot, request: Request) -> Slot:
     _plan(snapshot, profile, ahead)
     start, devices, nbytes = _place(snapshot, profile, request, snapshot.now)
     return Slot(request.lease_id, len(ahead) + 1, start, devices, nbytes)
+
+
+def estimate_start(snapshot: Snapshot, request: Request) -> float | None:
+    """When ``request`` is expected to start (now or later), or None when no known end frees enough."""
+    return _known(forecast(snapshot, request).start)
 
 
 def decide(snapshot: Snapshot, request: Request, *, estimate: bool = False) -> Decision:

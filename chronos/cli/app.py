@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_run",
     "chronos.cli.cmd_doctor",
     "chronos.cli.cmd_config",
+    "chronos.cli.cmd_queue",
+    "chronos.cli.cmd_suggest",
 ]
 
 EXIT_CODES_HELP = """exit codes:
