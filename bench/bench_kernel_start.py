@@ -9,7 +9,8 @@ through AsyncKernelManager as Jupyter Server does. Per start it records:
 * launch: ``await km.start_kernel()`` (for chronos: take the lease, build the environment, launch,
   bind the lease to the kernel's pid);
 * ready: launch plus the first kernel_info reply (what a user waits for);
-* shutdown: ``await km.shutdown_kernel()`` (for chronos: also release the lease).
+* shutdown: ``await km.shutdown_kernel()`` (for chronos: also release the lease);
+* poll: one poll of the kernel's watchdog in the server (the steady cost, once per check_interval).
 
 The figure of merit is the difference of medians (chronos minus local), goal under 150 ms for ready.
 Uses a fresh temporary state directory, and simulated GPUs unless --backend nvml.
@@ -74,20 +75,35 @@ async def _one(name: str) -> dict[str, float]:
         t2 = time.perf_counter()
     finally:
         kc.stop_channels()
+    polls: list[float] = []
     if name == "bench-chronos":
         import chronos
 
-        lease = chronos.get_lease(km.provisioner.lease_id)  # type: ignore[union-attr]
-        assert lease.active and lease.pid == km.provisioner.pid  # type: ignore[union-attr]
+        prov: Any = km.provisioner
+        lease = chronos.get_lease(prov.lease_id)
+        assert lease.active and lease.pid == prov.pid
+        for _ in range(50):  # wait for the provisioner's watchdog, then time its polls
+            if prov.watchdog is not None:
+                break
+            await asyncio.sleep(0.01)
+        dog = prov.watchdog
+        assert dog is not None, "the provisioner started no watchdog"
+        for _ in range(10):
+            p0 = time.perf_counter()
+            dog.poll()
+            polls.append(time.perf_counter() - p0)
     t3 = time.perf_counter()
     await km.shutdown_kernel()
     t4 = time.perf_counter()
-    return {"launch": t1 - t0, "ready": t2 - t0, "shutdown": t4 - t3}
+    out = {"launch": t1 - t0, "ready": t2 - t0, "shutdown": t4 - t3}
+    if polls:
+        out["poll"] = statistics.median(polls)
+    return out
 
 
 async def _run(n: int) -> dict[str, dict[str, list[float]]]:
     samples: dict[str, dict[str, list[float]]] = {
-        k: {"launch": [], "ready": [], "shutdown": []} for k in ("chronos", "local")
+        k: {"launch": [], "ready": [], "shutdown": [], "poll": []} for k in ("chronos", "local")
     }
     await _one("bench-chronos")  # warm up imports, the ledger, page cache
     await _one("bench-local")
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         result[phase] = {"local_median_ms": round(lm, 1), "chronos_median_ms": round(cm, 1),
                          "added_ms": round(cm - lm, 1), "local_p90_ms": round(lp, 1), "chronos_p90_ms": round(cp, 1)}
         print(f"{phase:<10}{lm:>12.1f}ms{cm:>14.1f}ms{cm - lm:>8.1f}ms{lp:>10.1f}ms{cp:>11.1f}ms")
+    poll = statistics.median(samples["chronos"]["poll"]) * 1e3
+    result["watchdog_poll_median_ms"] = round(poll, 3)
+    print(f"watchdog poll in the server (one per kernel per check_interval, 1 s by default): {poll:.2f} ms")
     added = result["ready"]["added_ms"]
     print(f"added at the median (ready): {added:.1f} ms; goal < 150 ms: {'met' if added < 150 else 'NOT met'}")
     if args.json:
