@@ -9,6 +9,9 @@ from typing import Any
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("stats", help="GPUs: memory total, used, reserved by leases, available")
     p.add_argument("--json", action="store_true", help="a JSON array of devices")
+    p.add_argument("--detailed", action="store_true",
+                   help="also memory reserved vs really used, queue per GPU, and your GPU-hours (day, week)")
+    p.add_argument("--all", action="store_true", help="--detailed, with GPU-hours for every user")
     p.set_defaults(func=stats)
 
     a = subparsers.add_parser("available", help="percent of a GPU's memory still available, e.g. 75.00")
@@ -20,6 +23,8 @@ def stats(args: argparse.Namespace) -> int:
     from chronos import api
     from chronos.cli import render
 
+    if args.detailed or args.all:
+        return detailed(args)
     devices = api.devices()
     if args.json:
         render.dump_json([d.to_dict() for d in devices])
@@ -34,6 +39,40 @@ def stats(args: argparse.Namespace) -> int:
             str(d.active_leases), util,
         ])
     render.table(["GPU", "NAME", "TOTAL", "USED", "RESERVED", "UNMANAGED", "AVAILABLE", "LEASES", "UTIL"], rows)
+    return 0
+
+
+def detailed(args: argparse.Namespace) -> int:
+    """Per-GPU reserved vs used memory and queue, and GPU-hours per user (chronos.stats)."""
+    from chronos import stats as figures
+    from chronos.cli import render
+    from chronos.identity import current_user
+
+    found = figures.detailed(user=None if args.all else current_user().name)
+    if args.json:
+        render.dump_json(found.to_dict())
+        return 0
+    rows = []
+    for d in found.devices:
+        util = f"{d.utilization_percent}%" if d.utilization_percent is not None else "n/a"
+        share = f"{d.reserved_used_percent:.0f}%" if d.reserved_used_percent is not None else "-"
+        rows.append([
+            str(d.index), d.name, render.gib(d.memory_total_bytes), render.gib(d.memory_reserved_bytes),
+            render.gib(d.memory_used_in_leases_bytes), share, render.gib(d.peak_in_leases_bytes),
+            render.gib(d.unmanaged_bytes), render.gib(d.memory_available_bytes), util, str(d.active_leases),
+            str(d.queued),
+        ])
+    render.table(["GPU", "NAME", "TOTAL", "RESERVED", "USED IN LEASES", "OF RESERVED", "PEAKS", "UNMANAGED",
+                  "AVAILABLE", "UTIL", "LEASES", "QUEUED"], rows)
+    print(f"\nqueue: {found.queue_length} request(s) waiting")
+    print(f"\nGPU-hours held ({'every user' if args.all else 'you'}; a 2-GPU lease for 1h counts 2):")
+    users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.leases_day}/{u.leases_week}",
+              str(u.active), str(u.queued),
+              f"{u.peak_to_cap_percent:.0f}%" if u.peak_to_cap_percent is not None else "-"] for u in found.users]
+    if users:
+        render.table(["USER", "LAST DAY", "LAST WEEK", "LEASES DAY/WEEK", "ACTIVE", "QUEUED", "PEAK/CAP"], users)
+    else:
+        print("no leases in the last week")
     return 0
 
 
