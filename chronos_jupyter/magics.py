@@ -24,6 +24,7 @@ from IPython.display import display
 
 import chronos
 from chronos import Lease
+from chronos.api import devices as gpu_status  # ``chronos.devices`` is also the name of a subpackage
 from chronos.units import format_bytes, format_duration, parse_duration
 from chronos_jupyter.widgets import LeaseWidget
 
@@ -45,7 +46,7 @@ Chronos: time-limited, memory-capped GPU leases.
                                add time, e.g. %chronos extend 30m
   %chronos release [LEASE]     end this kernel's lease (or LEASE) now
   %chronos stats               usage so far: leases, GPU-hours, peak memory
-  %chronos suggest             what would fit now (when available)
+  %chronos suggest             how much to ask for, for how long, and where
   %chronos help                this text
 
   %%chronos MEMORY [DURATION] [options]
@@ -430,8 +431,8 @@ class ChronosMagics(Magics):
         self._print_devices()
 
     def _print_devices(self) -> None:
-        rows = [("GPU", "NAME", "TOTAL", "LEASED", "AVAILABLE", "LEASES")]
-        for dev in chronos.devices():
+        rows: list[tuple[str, ...]] = [("GPU", "NAME", "TOTAL", "LEASED", "AVAILABLE", "LEASES")]
+        for dev in gpu_status():
             active = getattr(dev, "active_leases", 0)
             count = len(active) if isinstance(active, (list, tuple, set)) else active
             rows.append((
@@ -469,27 +470,46 @@ class ChronosMagics(Magics):
     def _cmd_stats(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos stats takes no arguments")
-        stats = getattr(chronos, "stats", None)
-        if callable(stats):
-            result = stats()
-            if hasattr(result, "to_dict"):
-                result = result.to_dict()
-            if isinstance(result, dict):
-                print(_table([("", "")] + [(str(k), str(v)) for k, v in result.items()]).split("\n", 1)[1])
-            else:
-                print(result)
+        try:
+            from chronos import stats as chronos_stats
+        except ImportError:  # an older core: figures from the leases alone
+            print(_stats_text(chronos.leases(all=True)))
             return
-        print(_stats_text(chronos.leases(all=True)))
+        figures = chronos_stats.detailed()
+        rows: list[tuple[str, ...]] = [
+            ("USER", "GPU-HOURS (DAY)", "GPU-HOURS (WEEK)", "LEASES (WEEK)", "ACTIVE", "QUEUED", "PEAK/CAP")
+        ]
+        for user in figures.users:
+            peak = "-" if user.peak_to_cap_percent is None else f"{user.peak_to_cap_percent:.0f}%"
+            rows.append((user.user, f"{user.gpu_hours_day:.2f}", f"{user.gpu_hours_week:.2f}",
+                         str(user.leases_week), str(user.active), str(user.queued), peak))
+        print(_table(rows) if len(rows) > 1 else "No leases in the last week.")
+        print()
+        rows = [("GPU", "RESERVED", "USED IN LEASES", "AVAILABLE", "LEASES", "QUEUED")]
+        for dev in figures.devices:
+            rows.append((str(dev.index), format_bytes(dev.memory_reserved_bytes),
+                         format_bytes(dev.memory_used_in_leases_bytes), format_bytes(dev.memory_available_bytes),
+                         str(dev.active_leases), str(dev.queued)))
+        print(_table(rows))
 
-    def _cmd_suggest(self, rest: list[str]) -> Any:
-        suggest = getattr(chronos, "suggest", None)
-        if not callable(suggest):
-            raise UsageError("this chronos version has no suggest: type %chronos list to see what is free")
+    def _cmd_suggest(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos suggest takes no arguments")
-        result = suggest()
-        print(result if isinstance(result, str) else _describe(result))
-        return None
+        try:
+            from chronos.stats import suggest
+        except ImportError:
+            raise UsageError("this chronos has no suggest: type %chronos list to see what is free") from None
+        advice = suggest()
+        command = advice.command
+        if command.startswith("chronos reserve"):
+            command = "%" + command
+        where = f"GPU {advice.device}" if advice.device is not None else "no GPU yet"
+        when = "now" if advice.fits_now else f"at about {_clock(advice.estimated_start)}"
+        print(command)
+        print(f"  {format_bytes(advice.memory_bytes)} for {format_duration(advice.duration_s)} on {where}, "
+              f"starting {when}")
+        for reason in advice.reasons:
+            print(f"  - {reason}")
 
     # -- the cell magic ------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
@@ -553,16 +573,6 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
     return "\n".join(lines)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "\n".join(_describe(v) for v in value) or "nothing fits now"
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
 
 
 def _stats_text(leases: list[Lease]) -> str:

@@ -171,10 +171,26 @@ def test_release_and_extend_by_id(shell: InteractiveShell) -> None:
 def test_stats_reports_the_ledger(shell: InteractiveShell) -> None:
     run(shell, "%chronos reserve 1G 10m")
     run(shell, "%chronos release")
+    run(shell, "%chronos reserve 2G 10m --gpu 1")
     result, captured = run(shell, "%chronos stats")
     assert result.success, result.error_in_exec
-    assert captured.stdout.strip()
-    assert "1" in captured.stdout
+    lines = captured.stdout.splitlines()
+    assert lines[0].split()[0] == "USER"
+    user_row = lines[1].split()
+    assert user_row[3:6] == ["2", "1", "0"]  # leases this week, active, queued
+    gpu_rows = {line.split()[0]: line for line in lines if line[:1].isdigit()}
+    assert "2 GiB" in gpu_rows["1"] and gpu_rows["0"].split()[1:3] == ["0", "GiB"]
+
+
+def test_suggest_gives_a_magic_to_type(shell: InteractiveShell) -> None:
+    result, captured = run(shell, "%chronos suggest")
+    assert result.success, result.error_in_exec
+    first = captured.stdout.splitlines()[0]
+    assert first.startswith("%chronos reserve ")
+    # What it suggests can be typed as it is.
+    result, _ = run(shell, first)
+    assert result.success, result.error_in_exec
+    assert len(own_active()) == 1
 
 
 # -- the cell magic --------------------------------------------------------------------------
