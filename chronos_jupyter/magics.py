@@ -134,6 +134,22 @@ def _reserve_kwargs(args: argparse.Namespace, usage: str) -> dict[str, Any]:
     return kwargs
 
 
+def _queue_reporter() -> Callable[[chronos.WaitUpdate], None]:
+    """Print the request's place in the queue whenever it changes (called in the waiting thread)."""
+    last: list[tuple[int | None, str | None]] = []
+
+    def report(update: chronos.WaitUpdate) -> None:
+        start = _clock(update.estimated_start) if update.estimated_start else None
+        if last and last[-1] == (update.position, start):
+            return
+        last.append((update.position, start))
+        place = f"position {update.position}" if update.position is not None else "queued"
+        when = f", expected to start about {start}" if start else ""
+        print(f"chronos: {place}{when}", flush=True)
+
+    return report
+
+
 def _cuda_initialised() -> str | None:
     """The framework that has already initialised CUDA in this process, if any."""
     torch = sys.modules.get("torch")
@@ -377,6 +393,7 @@ class ChronosMagics(Magics):
         if kwargs.get("wait"):
             print(f"chronos: waiting in the queue for {args.memory}; interrupt the kernel to give up",
                   flush=True)
+            kwargs["on_wait"] = _queue_reporter()
         try:
             lease = chronos.reserve(args.memory, args.duration, bind=True, **kwargs)
         except KeyboardInterrupt:

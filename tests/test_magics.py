@@ -291,9 +291,12 @@ def test_wait_queues_until_memory_is_free(shell: InteractiveShell) -> None:
     big = chronos.reserve("79G", "10m", device=0, bind=False)
     also = chronos.reserve("79G", "10m", device=1, bind=False)
     try:
-        message = usage_error(shell, "%chronos reserve 8G 10m --wait 1s")
-        assert message
+        result, captured = run(shell, "%chronos reserve 8G 10m --wait 1s")
+        assert isinstance(result.error_in_exec, UsageError)
+        assert "gave up after waiting" in str(result.error_in_exec)
+        assert "chronos: position 1" in captured.stdout
         assert [lease.id for lease in own_active()] == sorted([big.id, also.id], key=int)
+        assert [lease.state for lease in chronos.leases()].count("queued") == 0  # withdrawn
     finally:
         big.release()
         also.release()
