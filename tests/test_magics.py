@@ -512,3 +512,16 @@ def test_kernel_watchdog_interrupts_a_cell_over_the_cap(kernel: Kernel) -> None:
     reply, outputs = kernel.execute(f"simulated.free({lease.devices[0]})\nprint('still here')")
     assert "still here" in text_of(outputs)  # the kernel survives; only the cell was stopped
     assert chronos.get_lease(lease.id).state == "active"
+
+
+@pytest.mark.slow
+def test_kernel_stopped_at_the_end_of_its_lease(kernel: Kernel) -> None:
+    """With the default on_expiry (terminate) the watchdog stops the kernel when its lease ends."""
+    reply, outputs = kernel.execute("%chronos reserve 1G 3s")
+    assert reply["status"] == "ok", text_of(outputs)
+    [lease] = chronos.leases()
+    deadline = time.monotonic() + 30
+    while kernel.km.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not kernel.km.is_alive()
+    assert chronos.get_lease(lease.id).state == "expired"
