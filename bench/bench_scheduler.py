@@ -6,6 +6,8 @@ Each case builds a fresh snapshot per run (so nothing is cached between runs) an
 
   queue-new     a new request that does not fit now (refused at once, the usual case when busy)
   backfill      a new request that fits now, checked against the slots of every request ahead
+  backfill-64   the same on a queue of 64 (the depth checked exactly), all of which could start
+                before the request would end: the longest exact check a decision makes
   waiter        the last queued request re-checking, as each waiting process does
   estimate      decide() with the estimated start, as shown to a waiting user
   plan          every queued request's slot (``chronos queue``)
@@ -111,20 +113,29 @@ def main() -> None:
                 free[i] -= h.memory_bytes
         return free
 
+    depth = scheduler.BACKFILL_DEPTH
+
+    def build_deep() -> scheduler.Snapshot:
+        # Only as many queued requests as backfill checks exactly, all able to start within 8 hours.
+        return make_snapshot(args.leases, depth, args.devices, 7, now + next(counter) * 1e-3)
+
+    long_small = scheduler.Request(memory=MemorySpec(nbytes=4 * GIB), duration_s=8 * 3600, priority="normal")
+
     def waiter(s: scheduler.Snapshot) -> object:
         return scheduler.decide(s, scheduler.queue_order(s)[-1])
 
     def extend(s: scheduler.Snapshot) -> object:
         return scheduler.extend_conflict(s, "a7", s.active[7].expires_at + 3600)
 
-    cases: list[tuple[str, Callable[[scheduler.Snapshot], object], int]] = [
-        ("baseline", baseline, args.runs),
-        ("queue-new", lambda s: scheduler.decide(s, big), args.runs),
-        ("backfill", lambda s: scheduler.decide(s, small), args.runs),
-        ("waiter", waiter, args.runs),
-        ("estimate", lambda s: scheduler.decide(s, big, estimate=True), max(10, args.runs // 10)),
-        ("plan", scheduler.plan, max(10, args.runs // 10)),
-        ("extend", extend, max(10, args.runs // 10)),
+    cases: list[tuple[str, Callable[[scheduler.Snapshot], object], int, Callable[[], scheduler.Snapshot]]] = [
+        ("baseline", baseline, args.runs, build),
+        ("queue-new", lambda s: scheduler.decide(s, big), args.runs, build),
+        ("backfill", lambda s: scheduler.decide(s, small), args.runs, build),
+        (f"backfill-{depth}", lambda s: scheduler.decide(s, long_small), args.runs, build_deep),
+        ("waiter", waiter, args.runs, build),
+        ("estimate", lambda s: scheduler.decide(s, big, estimate=True), max(10, args.runs // 10), build),
+        ("plan", scheduler.plan, max(10, args.runs // 10), build),
+        ("extend", extend, max(10, args.runs // 10), build),
     ]
     sample = build()
     granted_small = scheduler.decide(sample, small)
@@ -133,14 +144,16 @@ def main() -> None:
     print(f"  (backfill request granted: {granted_small.granted}, "
           f"reason: {granted_small.reason or 'fits without delaying anyone'})")
     base = None
-    print(f"{'case':<10} {'runs':>5} {'median ms':>10} {'p99 ms':>9} {'x baseline':>11}")
-    for name, call, runs in cases:
-        samples = timed(runs, build, call)
+    deep = scheduler.decide(build_deep(), long_small)
+    print(f"  (backfill-{depth} granted: {deep.granted}, reason: {deep.reason or 'fits without delaying anyone'})")
+    print(f"{'case':<12} {'runs':>5} {'median ms':>10} {'p99 ms':>9} {'x baseline':>11}")
+    for name, call, runs, builder in cases:
+        samples = timed(runs, builder, call)
         median = statistics.median(samples)
         p99 = sorted(samples)[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
         if base is None:
             base = median
-        print(f"{name:<10} {runs:>5} {median * 1e3:>10.3f} {p99 * 1e3:>9.3f} {median / base:>11.1f}")
+        print(f"{name:<12} {runs:>5} {median * 1e3:>10.3f} {p99 * 1e3:>9.3f} {median / base:>11.1f}")
 
 
 if __name__ == "__main__":

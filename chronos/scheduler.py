@@ -19,7 +19,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import combinations
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
 from chronos.errors import InvalidRequestError
 from chronos.units import MemorySpec, format_bytes, format_duration
@@ -195,9 +195,14 @@ def _list(indices: tuple[int, ...]) -> str:
 
 def queue_order(snapshot: Snapshot) -> list[Request]:
     """Queued requests in grant order: higher class first, first come first served within a class."""
-    for queued in snapshot.queue:
-        priority_rank(queued.priority)
-    return sorted(snapshot.queue, key=lambda r: (-_RANK[r.priority], r.seq))
+    by_seq = sorted(snapshot.queue, key=attrgetter("seq"))
+    classes: dict[str, list[Request]] = {name: [] for name in reversed(PRIORITIES)}
+    for queued in by_seq:
+        try:
+            classes[queued.priority].append(queued)
+        except KeyError:
+            priority_rank(queued.priority)  # raises, naming the priority
+    return [queued for members in classes.values() for queued in members]
 
 
 def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
@@ -537,6 +542,9 @@ def decide(snapshot: Snapshot, request: Request, *, estimate: bool = False) -> D
     if len(relevant) > BACKFILL_DEPTH:
         return refuse(f"{len(relevant)} earlier request(s) of equal or higher priority could start before "
                       f"this one would end; it waits its turn")
+    if not relevant:  # none of them can start before this one would end
+        start, devices, nbytes = _place(snapshot, _Profile.flat(snapshot, free), request, snapshot.now)
+        return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
     profile = _Profile(snapshot, free)
     _plan(snapshot, profile, relevant)
     start, devices, nbytes = _place(snapshot, profile, request, snapshot.now)
@@ -562,23 +570,39 @@ def _shortage(snapshot: Snapshot, request: Request, free: dict[int, int]) -> str
 
 
 def extend_conflict(snapshot: Snapshot, lease_id: str, new_expires_at: float) -> str | None:
-    """Why extending ``lease_id`` to ``new_expires_at`` is refused; None when no queued request is delayed."""
-    if not snapshot.queue or not any(h.lease_id == lease_id for h in snapshot.active):
+    """Why extending ``lease_id`` to ``new_expires_at`` is refused; None when no queued request is delayed.
+
+    The queue is planned as it stands; the extension is fine when the lease's memory, kept on its
+    devices from its current end to the new one, fits beside every slot planned there.
+    """
+    holding = next((h for h in snapshot.active if h.lease_id == lease_id), None)
+    if holding is None or not snapshot.queue or new_expires_at <= holding.expires_at:
         return None
     order = queue_order(snapshot)
     free = _free_now(snapshot)
-    before = _plan(snapshot, _Profile(snapshot, free), order)
-    after = _plan(snapshot, _Profile(snapshot, free, override=(lease_id, new_expires_at)), order)
-    delayed = [(b, a) for b, a in zip(before, after, strict=True) if a.start > b.start + 1e-6]
-    if not delayed:
+    relevant = order[: _overlapping_prefix(snapshot, free, order, new_expires_at)]
+    if not relevant:
         return None
-    first_before, first_after = delayed[0]
-    if first_after.start == _INF:
-        by = "indefinitely"
-    else:
-        by = f"by {format_duration(first_after.start - first_before.start)}"
-    return (f"it would delay {len(delayed)} queued request(s) (request {first_before.lease_id} at position "
-            f"{first_before.position} {by}); extend by less, or release and reserve again later")
+    profile = _Profile(snapshot, free)
+    slots = _plan(snapshot, profile, relevant)
+    old_end = holding.expires_at if holding.expires_at > snapshot.now else math.nextafter(snapshot.now, _INF)
+    for index in holding.devices:
+        times = profile.times.get(index)
+        if times is None:
+            continue
+        frees = profile.free[index]
+        k = bisect_right(times, old_end) - 1
+        while k < len(times) and times[k] < new_expires_at:
+            if frees[k] < holding.memory_bytes:
+                at = max(times[k], old_end)
+                for slot, queued in zip(slots, relevant, strict=True):
+                    if index in slot.devices and slot.start <= at < slot.start + queued.duration_s:
+                        return (f"it would delay queued request {slot.lease_id} (position {slot.position}), "
+                                f"planned to start on GPU {index} in {format_duration(slot.start - snapshot.now)}; "
+                                f"extend by less, or release and reserve again later")
+                return "it would delay a queued request; extend by less, or release and reserve again later"
+            k += 1
+    return None
 
 
 def with_seq(request: Request, seq: int) -> Request:

@@ -228,7 +228,7 @@ def test_extend_conflict_when_it_would_delay_a_queued_request() -> None:
     s = snap(1, active=[hold("a", (0,), 50, 600), hold("b", (0,), 10, 600)],
              queue=[req(60, seq=1, lease_id="q1")])
     reason = S.extend_conflict(s, "a", NOW + 1200)
-    assert reason is not None and "delay 1 queued request" in reason and "q1" in reason
+    assert reason is not None and "delay queued request q1 (position 1)" in reason and "in 10m" in reason
     # "b" may be extended: its 10 GiB is not needed for q1 (80 - 60 >= 10).
     assert S.extend_conflict(s, "b", NOW + 7200) is None
     assert S.extend_conflict(snap(1, active=[hold("a", (0,), 50, 600)]), "a", NOW + 9000) is None

@@ -240,3 +240,27 @@ def test_estimates_cover_the_queue_in_order_and_never_lie_about_now(data: st.Dat
         # A request the plan starts now and that has no one to protect is granted now.
         if start == snapshot.now and queued is order[0]:
             assert S.decide(snapshot, queued).granted
+
+
+@PROPS
+@given(st.data())
+def test_an_allowed_extension_never_delays_the_head(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots())
+    if not snapshot.active:
+        return
+    holding = data.draw(st.sampled_from(snapshot.active))
+    new_end = holding.expires_at + data.draw(st.integers(1, 60)) * 10
+    reason = S.extend_conflict(snapshot, holding.lease_id, new_end)
+    if reason is not None or not snapshot.queue:
+        return
+    extended = replace(snapshot, active=tuple(replace(h, expires_at=new_end) if h is holding else h
+                                              for h in snapshot.active))
+    assert S.plan(extended)[0].start <= S.plan(snapshot)[0].start
+
+
+def test_an_extension_into_a_reserved_slot_is_refused() -> None:
+    devices = (S.DeviceState(0, "GPU-0", 40 * G),)
+    snapshot = S.Snapshot(now=NOW, devices=devices, active=(S.Holding("a", (0,), 30 * G, NOW + 100),),
+                          queue=(S.Request(memory=MemorySpec(nbytes=20 * G), duration_s=50, seq=1, lease_id="q"),))
+    assert S.extend_conflict(snapshot, "a", NOW + 101) is not None
+    assert S.extend_conflict(snapshot, "a", NOW + 90) is None  # not later: nothing to check
