@@ -504,7 +504,7 @@ class ChronosProvisioner(LocalProvisioner):
         kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
         warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
         # The same policy for a lease released by someone else (`chronos release`) as for its end.
-        policy = self.on_expiry or load_config().on_expiry
+        policy = self.on_expiry or (await _in_thread(load_config)).on_expiry
         self._ending = False
         try:
             dog = await _in_thread(
