@@ -525,3 +525,42 @@ def test_kernel_stopped_at_the_end_of_its_lease(kernel: Kernel) -> None:
         time.sleep(0.2)
     assert not kernel.km.is_alive()
     assert chronos.get_lease(lease.id).state == "expired"
+
+
+# -- on a real GPU, with PyTorch where it is installed ------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_kernel_sees_only_its_gpu_and_is_capped(kernel: Kernel) -> None:
+    pytest.importorskip("torch")
+    reply, outputs = kernel.execute("%chronos reserve 4G 10m")
+    assert reply["status"] == "ok", text_of(outputs)
+    code = (
+        "import torch\n"
+        "print('devices', torch.cuda.device_count())\n"
+        "fits = torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "try:\n"
+        "    torch.empty(6 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "    print('not capped')\n"
+        "except torch.cuda.OutOfMemoryError:\n"
+        "    print('capped')\n"
+    )
+    reply, outputs = kernel.execute(code, timeout=120)
+    assert reply["status"] == "ok", text_of(outputs)
+    shown = text_of(outputs)
+    assert "devices 1" in shown
+    assert "capped" in shown and "not capped" not in shown
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_reserve_after_cuda_started_warns(kernel: Kernel) -> None:
+    pytest.importorskip("torch")
+    reply, outputs = kernel.execute("import torch\ntorch.zeros(1, device='cuda')\nprint(torch.cuda.is_initialized())")
+    assert "True" in text_of(outputs)
+    reply, outputs = kernel.execute("%chronos reserve 1G 10m\nimport os\nprint(os.environ.get('CUDA_VISIBLE_DEVICES'))")
+    assert reply["status"] == "ok", text_of(outputs)
+    shown = text_of(outputs)
+    assert "torch has already initialised CUDA" in shown and "restart the kernel" in shown
+    assert "None" in shown  # the variable is left alone: it could not take effect any more
