@@ -358,7 +358,8 @@ class Engine:
                 if on_wait is not None:
                     if time.monotonic() >= next_estimate:  # outside the write lock, and not every poll
                         estimated = scheduler.estimate_start(snapshot, request)
-                        next_estimate = time.monotonic() + ESTIMATE_EVERY_S
+                        # Planning costs ~0.1 ms per queued request: on a long queue, re-plan less often.
+                        next_estimate = time.monotonic() + max(ESTIMATE_EVERY_S, 0.05 * len(snapshot.queue))
                     on_wait(WaitUpdate(lease_id, decision.position, estimated, decision.reason))
                 left = deadline - time.monotonic()
                 if left <= 0:
