@@ -14,9 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from chronos import procs, scheduler
+from chronos import accounting, procs, scheduler
 from chronos.config import Config, load_config
 from chronos.devices import Backend, Device, GpuProcess, get_backend
 from chronos.errors import (
@@ -53,9 +51,16 @@ class DeviceStatus:
     active_leases: int
     utilization_percent: int | None
     unmanaged_bytes: int
+    #: GPU processes here that hold no lease, or whose lease does not name this device.
+    unmanaged_processes: tuple[accounting.Unmanaged, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["unmanaged_processes"] = [
+            {"pid": u.process.pid, "used_bytes": u.process.used_bytes, "reason": u.reason, "lease_id": u.lease_id}
+            for u in self.unmanaged_processes
+        ]
+        return data
 
 
 @dataclass(frozen=True)
@@ -490,6 +495,7 @@ class Engine:
         self._reclaim_if_due()
         active = [lease for lease in self.ledger.live() if lease.state == ACTIVE]
         unmanaged = unmanaged_bytes(devices, gpu_procs, active)
+        strays = accounting.unmanaged(gpu_procs, active) if gpu_procs else []
         out = []
         for d in devices:
             holding = [lease for lease in active if d.index in lease.devices]
@@ -501,6 +507,7 @@ class Engine:
                     memory_used_bytes=d.memory_used_bytes, memory_reserved_bytes=reserved,
                     memory_available_bytes=max(0, d.memory_total_bytes - reserved - extra),
                     active_leases=len(holding), utilization_percent=d.utilization_percent, unmanaged_bytes=extra,
+                    unmanaged_processes=tuple(u for u in strays if u.process.device_index == d.index),
                 )
             )
         return out
@@ -593,42 +600,26 @@ def _request_from_json(spec: dict[str, Any], lease: Lease) -> scheduler.Request:
 def unmanaged_bytes(devices: list[Device], gpu_procs: list[GpuProcess], active: list[Lease]) -> dict[int, int]:
     """Memory per device that no lease accounts for.
 
-    Processes in a lease holder's tree (or, for an unbound lease, of its owner) count against that
-    lease up to its size; anything else a device reports as used — other processes, usage above a
-    lease, driver overhead — is unmanaged.
+    A process that belongs to a lease (see :func:`chronos.accounting.lease_of_process`) counts
+    against that lease, on the lease's devices, up to its size; anything else a device reports as
+    used (other processes, usage above a lease, a lease's process on a device it does not name,
+    driver overhead) is unmanaged.
     """
     covered: dict[tuple[str, int], int] = {}
     if gpu_procs and active:
+        resolve = accounting.lease_of_process(active)
+        by_id = {lease.id: lease for lease in active}
         for proc in gpu_procs:
-            lease = _lease_of(proc, active)
-            if lease is not None and proc.used_bytes:
-                key = (lease.id, proc.device_index)
+            lease_id = resolve(proc.pid)
+            if lease_id is not None and proc.used_bytes and proc.device_index in by_id[lease_id].devices:
+                key = (lease_id, proc.device_index)
                 covered[key] = covered.get(key, 0) + proc.used_bytes
     out = {}
-    by_id = {lease.id: lease for lease in active}
+    sizes = {lease.id: lease.memory_bytes for lease in active}
     for d in devices:
-        within = sum(min(used, by_id[lid].memory_bytes) for (lid, idx), used in covered.items() if idx == d.index)
+        within = sum(min(used, sizes[lid]) for (lid, idx), used in covered.items() if idx == d.index)
         out[d.index] = max(0, d.memory_used_bytes - within)
     return out
-
-
-def _lease_of(proc: GpuProcess, active: list[Lease]) -> Lease | None:
-    candidates = [lease for lease in active if proc.device_index in lease.devices]
-    if not candidates:
-        return None
-    try:
-        p = psutil.Process(proc.pid)
-        lineage = {proc.pid} | {parent.pid for parent in p.parents()}
-        uid = p.uids().real
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-    for lease in candidates:
-        if lease.pid is not None and lease.pid in lineage:
-            return lease
-    for lease in candidates:
-        if lease.pid is None and lease.uid == uid:
-            return lease
-    return None
 
 
 _default: tuple[tuple[str | None, ...], Engine] | None = None

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["User", "current_user", "lookup_user", "is_admin", "groups_of"]
+__all__ = ["User", "current_user", "groups_of", "is_admin", "lookup_user"]
 
 
 @dataclass(frozen=True)

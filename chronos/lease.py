@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from chronos.engine import Engine
 
-__all__ = ["Lease", "QUEUED", "ACTIVE", "RELEASED", "EXPIRED", "REVOKED", "WITHDRAWN", "ENDED_STATES"]
+__all__ = ["ACTIVE", "ENDED_STATES", "EXPIRED", "QUEUED", "RELEASED", "REVOKED", "WITHDRAWN", "Lease"]
 
 QUEUED = "queued"
 ACTIVE = "active"

@@ -133,3 +133,38 @@ def test_colour_only_on_request() -> None:
     env["FORCE_COLOR"] = "1"
     coloured = subprocess.run([sys.executable, "-m", "chronos", "list"], capture_output=True, text=True, env=env)
     assert "\033[" in coloured.stdout
+
+
+def test_stats_reports_unmanaged_processes() -> None:
+    code = (
+        "import sys, time, chronos\n"
+        "from chronos.devices import simulated\n"
+        "lease = chronos.reserve('10G', device=0)\n"
+        "simulated.allocate(0, 4 << 30)\n"
+        "simulated.allocate(1, 2 << 30)\n"
+        "print(lease.id, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert holder.stdout is not None
+        lease_id = holder.stdout.readline().strip()
+        from chronos.devices import simulated
+
+        simulated.allocate(0, 3 << 30, pid=stray.pid)
+        devices = json.loads(run_cli("stats", "--json").stdout)
+        found = {(d["index"], p["pid"]): p for d in devices for p in d["unmanaged_processes"]}
+        assert found[(0, stray.pid)]["reason"] == "no lease"
+        assert found[(1, holder.pid)] == {"pid": holder.pid, "used_bytes": 2 << 30,
+                                          "reason": "device not in lease", "lease_id": lease_id}
+        assert (0, holder.pid) not in found
+        assert devices[0]["unmanaged_bytes"] == 3 << 30 and devices[1]["unmanaged_bytes"] == 2 << 30
+        table = run_cli("stats").stdout
+        assert "unmanaged GPU processes" in table and str(stray.pid) in table
+    finally:
+        for proc in (holder, stray):
+            proc.kill()
+            proc.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import chronos
+from chronos.accounting import NO_LEASE, WRONG_DEVICE, TreeMembership, unmanaged
 from chronos.devices.base import GpuProcess
 from chronos.devices.simulated import SimulatedBackend, allocate
-from chronos.enforce.accounting import NO_LEASE, WRONG_DEVICE, TreeMembership, unmanaged
 from chronos.enforce.watchdog import (
     ExpiryWarning,
     HolderExitedEvent,

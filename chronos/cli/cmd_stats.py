@@ -39,6 +39,14 @@ def stats(args: argparse.Namespace) -> int:
             str(d.active_leases), util,
         ])
     render.table(["GPU", "NAME", "TOTAL", "USED", "RESERVED", "UNMANAGED", "AVAILABLE", "LEASES", "UTIL"], rows)
+    strays = [u for d in devices for u in d.unmanaged_processes]
+    if strays:
+        print("\nunmanaged GPU processes (memory no lease accounts for):")
+        render.table(
+            ["PID", "GPU", "MEMORY", "WHY"],
+            [[str(u.process.pid), str(u.process.device_index), render.gib(u.process.used_bytes),
+              u.reason + (f" (lease {u.lease_id})" if u.lease_id else "")] for u in strays],
+        )
     return 0
 
 

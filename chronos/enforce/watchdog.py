@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chronos import procs
-from chronos.enforce.accounting import TreeMembership
+from chronos.accounting import TreeMembership
 from chronos.errors import ChronosError, InvalidRequestError, LeaseNotFoundError
 from chronos.lease import ACTIVE, EXPIRED, Lease
 from chronos.units import format_bytes, format_duration
