@@ -41,7 +41,7 @@ class Partition:
 
     @property
     def duration_seconds(self) -> int:
-        return int(round(self._lease.duration_s))
+        return round(self._lease.duration_s)
 
     @property
     def time_remaining(self) -> float:
@@ -86,7 +86,9 @@ class Partitioner:
     def _totals(self) -> dict[int, int]:
         return {d.index: d.memory_total_bytes for d in default_engine().backend.devices()}
 
-    def create(self, device: int = 0, memory: float = 0.5, duration: float = 3600, user: str | None = None) -> Partition:
+    def create(
+        self, device: int = 0, memory: float = 0.5, duration: float = 3600, user: str | None = None
+    ) -> Partition:
         """Reserve ``memory`` (a fraction in (0, 1]) of GPU ``device`` for ``duration`` seconds."""
         if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory <= 1:
             raise ChronosError(f"memory must be a fraction in (0, 1], got {memory!r}")

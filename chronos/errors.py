@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 __all__ = [
-    "ChronosError",
-    "InvalidRequestError",
-    "UnavailableError",
-    "NotAllowedError",
-    "LeaseNotFoundError",
-    "BackendError",
-    "StateError",
-    "EXIT_OK",
-    "EXIT_ERROR",
     "EXIT_BAD_INPUT",
-    "EXIT_UNAVAILABLE",
+    "EXIT_ERROR",
     "EXIT_NOT_ALLOWED",
     "EXIT_NO_SUCH_LEASE",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "BackendError",
+    "ChronosError",
+    "InvalidRequestError",
+    "LeaseNotFoundError",
+    "NotAllowedError",
+    "StateError",
+    "UnavailableError",
 ]
 
 EXIT_OK = 0
