@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -353,10 +354,10 @@ def test_terminal_ipython_loads_from_config_and_prints_text() -> None:
 class Kernel:
     """A real IPython kernel started through jupyter_client, with this test's environment."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_name: str = "python3") -> None:
         from jupyter_client.manager import KernelManager
 
-        self.km = KernelManager(kernel_name="python3")
+        self.km = KernelManager(kernel_name=kernel_name)
         self.km.start_kernel(env=dict(os.environ))
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -525,6 +526,33 @@ def test_kernel_stopped_at_the_end_of_its_lease(kernel: Kernel) -> None:
         time.sleep(0.2)
     assert not kernel.km.is_alive()
     assert chronos.get_lease(lease.id).state == "expired"
+
+
+@pytest.mark.slow
+def test_kernel_started_inside_a_lease_by_the_provisioner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel from a Chronos kernelspec: %chronos status shows its lease; reserve points there."""
+    from chronos_jupyter.kernelspec import install_kernel
+
+    install_kernel("chronos-test", "2G", "20m", prefix=str(tmp_path))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    k = Kernel("chronos-test")
+    try:
+        [lease] = chronos.leases()
+        assert lease.pid == k.pid
+        reply, outputs = k.execute("%load_ext chronos_jupyter\n%chronos status")
+        assert reply["status"] == "ok", text_of(outputs)
+        assert f"Chronos lease {lease.id}" in text_of(outputs)
+        assert "2 GiB" in text_of(outputs)
+        reply, outputs = k.execute("%chronos reserve 1G 10m")
+        assert reply["status"] == "error"
+        assert f"already runs inside lease {lease.id}" in reply["evalue"]
+        reply, outputs = k.execute("%chronos extend 10m")
+        assert reply["status"] == "ok", text_of(outputs)
+        assert chronos.get_lease(lease.id).remaining > 25 * 60
+        assert len(chronos.leases()) == 1
+    finally:
+        k.stop()
+    assert chronos.get_lease(lease.id).state != "active"
 
 
 # -- on a real GPU, with PyTorch where it is installed ------------------------------------------
