@@ -302,7 +302,7 @@ class Engine:
         config = self.config
         usage = policy.Usage()
         if config.max_memory_per_user_bytes is not None or config.max_leases_per_user is not None:
-            usage = policy.usage_of(self.ledger.live(), owner.uid)
+            usage = policy.usage_of(self.ledger.live(), owner.uid, snapshot.queue)
         groups: set[str] = set()
         admin = False
         if request.priority == "high" and config.high_priority_groups is not None:

@@ -46,14 +46,20 @@ class _LeaseLike(Protocol):
     memory_bytes: int
 
 
-def usage_of(leases: Iterable[_LeaseLike], uid: int) -> Usage:
-    """``uid``'s usage among ``leases`` (active and queued ones count)."""
+def usage_of(leases: Iterable[_LeaseLike], uid: int, queue: Iterable[scheduler.Request] = ()) -> Usage:
+    """``uid``'s usage among ``leases`` (active and queued ones count).
+
+    A queued lease knows its GPUs only once granted; ``queue`` (the snapshot's queued requests) gives
+    how many it asked for.
+    """
+    wanted = {r.lease_id: (len(r.devices) if r.devices is not None else r.gpus) for r in queue}
     count = 0
     total = 0
     for lease in leases:
         if lease.uid == uid and lease.state in ("active", "queued"):
             count += 1
-            total += lease.memory_bytes * max(1, len(lease.devices))
+            gpus = len(lease.devices) or wanted.get(getattr(lease, "id", None), 1)
+            total += lease.memory_bytes * max(1, gpus)
     return Usage(count, total)
 
 

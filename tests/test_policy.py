@@ -288,3 +288,20 @@ def test_cli_config_shows_values_and_sources(system_file: Path, user_file: Path)
                                                           "source": str(system_file)}
     assert as_json["settings"]["limits.max_leases_per_user"]["value"] is None
     assert {s.name for s in describe(load_config())} == set(as_json["settings"])
+
+
+def test_usage_counts_active_and_queued_leases_of_the_user_on_every_gpu() -> None:
+    from chronos import scheduler
+    from chronos.lease import Lease
+    from chronos.units import MemorySpec
+
+    def made(lease_id: str, uid: int, state: str, devices: tuple[int, ...], gib: int) -> Lease:
+        return Lease(id=lease_id, owner="x", uid=uid, devices=devices, device_uuids=(), memory_bytes=gib * G,
+                     created_at=0.0, expires_at=None, duration_s=60.0, state=state)
+
+    leases = [made("1", 7, "active", (0, 1), 10), made("2", 7, "queued", (), 5), made("3", 7, "released", (0,), 50),
+              made("4", 8, "active", (0,), 30)]
+    queue = [scheduler.Request(memory=MemorySpec(nbytes=5 * G), duration_s=60, gpus=4, lease_id="2")]
+    assert policy.usage_of(leases, 7, queue) == policy.Usage(2, 20 * G + 20 * G)
+    assert policy.usage_of(leases, 7) == policy.Usage(2, 25 * G)
+    assert policy.usage_of(leases, 8) == policy.Usage(1, 30 * G)
