@@ -432,17 +432,20 @@ def test_kernel_reserve_status_extend_release(kernel: Kernel) -> None:
 
     # Between cells the widget's thread moves the countdown by itself, through comm messages.
     countdowns: set[str] = set()
+    kinds: set[str] = set()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and len(countdowns) < 3:
         try:
             msg = kernel.kc.get_iopub_msg(timeout=1)
         except queue.Empty:
             continue
+        kinds.add(msg["msg_type"])
         if msg["msg_type"] == "comm_msg":
             value = msg["content"]["data"].get("state", {}).get("value", "")
             if isinstance(value, str) and "left (ends" in value:
                 countdowns.add(value)
     assert len(countdowns) >= 3, countdowns
+    assert kinds == {"comm_msg"}  # the thread only sets traits: no output lands in any cell
 
     reply, outputs = kernel.execute("%chronos status")
     assert reply["status"] == "ok"
