@@ -305,3 +305,15 @@ def test_usage_counts_active_and_queued_leases_of_the_user_on_every_gpu() -> Non
     assert policy.usage_of(leases, 7, queue) == policy.Usage(2, 20 * G + 20 * G)
     assert policy.usage_of(leases, 7) == policy.Usage(2, 25 * G)
     assert policy.usage_of(leases, 8) == policy.Usage(1, 30 * G)
+
+
+def test_the_configured_expiry_behaviour_reaches_the_watchdog(system_file: Path, user_file: Path) -> None:
+    from chronos.enforce.watchdog import Watchdog
+
+    write(system_file, '[defaults]\non_expiry = "kill"\n')
+    lease = chronos.reserve("1G", "10m", bind=False)
+    me = os.getpid()
+    assert Watchdog(lease, pid=me).on_expiry == "kill"
+    write(user_file, '[defaults]\non_expiry = "warn"\n')
+    assert Watchdog(lease.id, pid=me).on_expiry == "warn"
+    assert Watchdog(lease.id, pid=me, on_expiry="interrupt").on_expiry == "interrupt"  # an explicit choice wins
