@@ -264,3 +264,27 @@ def test_an_extension_into_a_reserved_slot_is_refused() -> None:
                           queue=(S.Request(memory=MemorySpec(nbytes=20 * G), duration_s=50, seq=1, lease_id="q"),))
     assert S.extend_conflict(snapshot, "a", NOW + 101) is not None
     assert S.extend_conflict(snapshot, "a", NOW + 90) is None  # not later: nothing to check
+
+
+@PROPS
+@given(st.data(), st.sampled_from([0, 1, 2]))
+def test_a_shallow_backfill_depth_keeps_every_guarantee(data: st.DataObject, depth: int) -> None:
+    # With few requests checked exactly, more requests wait their turn; none is over-committed,
+    # none overlaps an earlier request's slot, and all are still granted in the end.
+    saved = S.BACKFILL_DEPTH
+    S.BACKFILL_DEPTH = depth
+    try:
+        snapshot = data.draw(snapshots(max_queue=8))
+        ids = {r.lease_id for r in snapshot.queue}
+        assert set(simulate(snapshot)) == ids
+        request = data.draw(requests(snapshot.devices))
+        decision = S.decide(snapshot, request)
+        if decision.granted and snapshot.queue:
+            rank = S.priority_rank(request.priority)
+            protected = [(b, a) for b, a, r in zip(S.plan(snapshot), S.plan(grant(snapshot, request, decision, "n")),
+                                                    S.queue_order(snapshot), strict=True)
+                         if S.priority_rank(r.priority) >= rank]
+            if protected:
+                assert protected[0][1].start <= protected[0][0].start
+    finally:
+        S.BACKFILL_DEPTH = saved
