@@ -203,8 +203,20 @@ def user_config_path() -> Path:
     return Path(base) / "chronos" / "config.toml"
 
 
-def _read(path: Path) -> tuple[dict[str, Any], str] | None:
-    """The parsed file and its text, or None when there is no such file."""
+def _read(path: Path, *, user: bool = False) -> tuple[dict[str, Any], str] | None:
+    """The parsed file and its text, or None when there is no such file.
+
+    A file that is there but cannot be read is an error. A user's file behind a directory this
+    process may not search (a service account whose HOME is someone else's) counts as absent: it
+    holds personal defaults only, never limits.
+    """
+    if user:
+        try:
+            os.stat(path)
+        except PermissionError:
+            return None
+        except OSError:
+            pass
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -308,7 +320,7 @@ def load_config() -> Config:
     found_system = _read(system)
     if found_system is not None:
         _apply(system, found_system[0], found_system[1], values, sources, user=False)
-    found_user = _read(user)
+    found_user = _read(user, user=True)
     if found_user is not None:
         _apply(user, found_user[0], found_user[1], values, sources, user=True)
     env_dir = os.environ.get("CHRONOS_STATE_DIR")

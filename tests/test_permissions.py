@@ -56,6 +56,9 @@ def as_other(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subproce
         env = {
             "PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src), "NO_COLOR": "1",
             **{k: v for k, v in os.environ.items() if k.startswith("CHRONOS_")},
+            # The test's config paths sit in root's private directory; an unreadable config is an error.
+            "CHRONOS_CONFIG": "/nonexistent/chronos/config.toml",
+            "CHRONOS_USER_CONFIG": "/nonexistent/chronos/user-config.toml",
         }
         return subprocess.run(
             [str(python), "-m", "chronos", *args], capture_output=True, text=True, env=env, cwd="/",
