@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from operator import attrgetter, itemgetter
@@ -603,8 +603,3 @@ def extend_conflict(snapshot: Snapshot, lease_id: str, new_expires_at: float) ->
                 return "it would delay a queued request; extend by less, or release and reserve again later"
             k += 1
     return None
-
-
-def with_seq(request: Request, seq: int) -> Request:
-    """A copy of ``request`` with a queue sequence number."""
-    return replace(request, seq=seq)
