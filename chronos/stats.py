@@ -369,7 +369,7 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, defa
                 reasons.append("nothing fits now and no known end time frees enough memory")
     command = f"chronos reserve {memory_arg(memory)} {duration_arg(duration)}"
     if device is not None:
-        command += f" --gpu {device}"
+        command += f" --prefer {device}"
     if not fits_now:
         command += " --wait"
     return Suggestion(memory_bytes=memory, duration_s=duration, device=device, fits_now=fits_now,

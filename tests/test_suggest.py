@@ -40,7 +40,7 @@ def test_no_history_gives_the_defaults_and_a_gpu_that_fits() -> None:
     advice = stats.suggest_from(machine((S.Holding("x", (0,), 40 * G, NOW + 600),)), [], default_duration_s=5400)
     assert advice.memory_bytes == 8 * G and advice.duration_s == 5400
     assert advice.device == 1 and advice.fits_now and advice.estimated_start == NOW
-    assert advice.command == "chronos reserve 8G 1h30m --gpu 1"
+    assert advice.command == "chronos reserve 8G 1h30m --prefer 1"
     assert advice.based_on == 0 and any("no leases of yours" in r for r in advice.reasons)
 
 
@@ -52,7 +52,7 @@ def test_memory_from_recorded_peaks_with_headroom_and_time_from_real_use() -> No
     assert advice.memory_bytes == 13 * G
     # 75th percentile of time held is 2700 s; +25% is 3375 s -> up to the quarter hour: 1h.
     assert advice.duration_s == 3600
-    assert advice.command == "chronos reserve 13G 1h --gpu 0"
+    assert advice.command == "chronos reserve 13G 1h --prefer 0"
     assert advice.based_on == 5
     assert any("90th percentile" in r for r in advice.reasons)
 
@@ -75,14 +75,14 @@ def test_limits_cap_the_suggestion() -> None:
     history = [lease(i, gib=70, peak_gib=70, held=20 * 3600, duration=24 * 3600) for i in range(3)]
     advice = stats.suggest_from(machine(), history, max_duration_s=4 * 3600, max_memory_bytes=40 * G)
     assert advice.memory_bytes == 40 * G and advice.duration_s == 4 * 3600
-    assert advice.command == "chronos reserve 40G 4h --gpu 0"
+    assert advice.command == "chronos reserve 40G 4h --prefer 0"
 
 
 def test_when_nothing_fits_the_first_gpu_to_free_is_suggested_with_wait() -> None:
     busy = (S.Holding("a", (0,), 78 * G, NOW + 7200), S.Holding("b", (1,), 78 * G, NOW + 1800))
     advice = stats.suggest_from(machine(busy), [])
     assert not advice.fits_now and advice.device == 1 and advice.estimated_start == NOW + 1800
-    assert advice.command == "chronos reserve 8G 1h --gpu 1 --wait"
+    assert advice.command == "chronos reserve 8G 1h --prefer 1 --wait"
 
 
 def test_argument_forms_read_back_by_the_parsers() -> None:
