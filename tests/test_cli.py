@@ -168,3 +168,26 @@ def test_stats_reports_unmanaged_processes() -> None:
             proc.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_list_shows_queued_requests_with_position_and_estimate() -> None:
+    assert run_cli("reserve", "70G", "10m", "--gpu", "0").returncode == 0
+    assert run_cli("reserve", "70G", "10m", "--gpu", "1").returncode == 0
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "chronos", "reserve", "70G", "5m", "--wait", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(200):
+            listed = json.loads(run_cli("list", "--json").stdout)
+            queued = [item for item in listed if item["state"] == "queued"]
+            if queued:
+                break
+        assert queued, "the waiter never appeared in the queue"
+        assert queued[0]["queue_position"] == 1
+        assert queued[0]["estimated_start"] == pytest.approx(listed[0]["expires_at"], abs=2)
+        table = run_cli("list").stdout
+        assert "#1 in queue" in table and "starts ~" in table
+    finally:
+        waiter.kill()
+        waiter.communicate()

@@ -32,8 +32,20 @@ def list_leases(args: argparse.Namespace) -> int:
     from chronos.cli import render
 
     found = chronos.leases(all=args.all, user=args.user)
+    queue = {}
+    if any(lease.state == "queued" for lease in found):
+        from chronos import stats
+
+        queue = {entry.lease_id: entry for entry in stats.queue()}
     if args.json:
-        render.dump_json([lease.to_dict() for lease in found])
+        items = []
+        for lease in found:
+            item = lease.to_dict()
+            if lease.id in queue:
+                item["queue_position"] = queue[lease.id].position
+                item["estimated_start"] = queue[lease.id].estimated_start
+            items.append(item)
+        render.dump_json(items)
         return 0
     if not found:
         print("no leases" if args.all else "no active leases (see `chronos list --all` for history)")
@@ -44,7 +56,9 @@ def list_leases(args: argparse.Namespace) -> int:
         if lease.state == "active":
             timing, ends = render.left(lease.expires_at), render.when(lease.expires_at)
         elif lease.state == "queued":
-            timing, ends = "waiting", "-"
+            entry = queue.get(lease.id)
+            timing = f"#{entry.position} in queue" if entry else "waiting"
+            ends = f"starts ~{render.when(entry.estimated_start)}" if entry and entry.estimated_start else "-"
         else:
             timing, ends = "-", render.when(lease.ended_at)
         memory = render.gib(lease.memory_bytes) if lease.memory_bytes else "-"
