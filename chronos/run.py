@@ -190,7 +190,7 @@ def run(
     *,
     gpus: int | None = None,
     device: int | str | Sequence[int] | None = None,
-    priority: str = "normal",
+    priority: str | None = None,
     wait: bool | float = False,
     on_expiry: str | None = None,
     on_overuse: str = "terminate",

@@ -62,7 +62,7 @@ def kernel_json(
     display_name: str,
     gpus: int | None = None,
     device: int | str | Sequence[int] | None = None,
-    priority: str = "normal",
+    priority: str | None = None,
     wait: str | int | float | bool | None = None,
     on_expiry: str | None = None,
     cull_idle: str | int | float | None = None,
@@ -84,9 +84,9 @@ def kernel_json(
         if gpus is not None:
             raise InvalidRequestError("give either --gpus (how many) or --device (which ones), not both")
         config["device"] = devices
-    if priority not in PRIORITIES:
-        raise InvalidRequestError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
-    if priority != "normal":
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise InvalidRequestError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
         config["priority"] = priority
     if wait is not None and wait is not False:
         config["wait"] = True if wait is True else format_duration_exact(parse_duration(wait))
@@ -138,7 +138,7 @@ def install_kernel(
     gpus: int | None = None,
     device: int | str | Sequence[int] | None = None,
     display_name: str | None = None,
-    priority: str = "normal",
+    priority: str | None = None,
     wait: str | int | float | bool | None = None,
     on_expiry: str | None = None,
     cull_idle: str | int | float | None = None,
@@ -198,7 +198,7 @@ def _build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gpus", type=int, default=None, help="number of devices, granted together")
     inst.add_argument("--device", default=None, help="which device index(es), e.g. 0 or 0,1")
     inst.add_argument("--display-name", default=None, help="name shown in the launcher")
-    inst.add_argument("--priority", default="normal", choices=PRIORITIES)
+    inst.add_argument("--priority", default=None, choices=PRIORITIES)
     inst.add_argument("--wait", default=None, metavar="TIME",
                       help="wait in the queue up to TIME (or 'forever') when no capacity is free")
     inst.add_argument("--on-expiry", default=None, choices=ON_EXPIRY_POLICIES,

@@ -194,7 +194,10 @@ class ChronosProvisioner(LocalProvisioner):
         [Int(), List(Int()), Unicode()], default_value=None, allow_none=True, config=True,
         help="Which device index(es) to use (all or none); default: the least loaded that fits.",
     )
-    priority = Enum(PRIORITIES, default_value="normal", config=True, help="Queue priority.")
+    priority = Enum(
+        PRIORITIES, default_value=None, allow_none=True, config=True,
+        help="Queue priority (default: the system config's default_priority).",
+    )
     # ``wait`` is a method of every provisioner, so the trait has another name; kernel.json's
     # config key stays ``wait`` (mapped in __init__).
     queue_wait = Union(

@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", metavar="I[,I...]", help="these GPUs, all at once or none")
     where.add_argument("--gpus", type=int, metavar="N", help="any N GPUs at once")
-    p.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    p.add_argument("--priority", choices=("high", "normal", "low"), default=None,
+                   help="queue priority (default: the configured default, normally normal)")
     p.add_argument("--wait", nargs="?", const=True, default=False, metavar="TIMEOUT",
                    help="wait in the queue (at most TIMEOUT) instead of failing when it does not fit now")
     p.add_argument("--on-expiry", choices=_POLICIES, default=None,
