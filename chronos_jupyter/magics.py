@@ -31,8 +31,8 @@ from chronos_jupyter.widgets import LeaseWidget
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
 
 RESERVE_USAGE = (
-    "%chronos reserve MEMORY [DURATION] [--gpu I[,I]] [--gpus N] [--priority low|normal|high] "
-    "[--wait [TIMEOUT]] [--label TEXT]"
+    "%chronos reserve MEMORY [DURATION] [--gpu I[,I]] [--gpus N] [--prefer I[,I]] "
+    "[--priority low|normal|high] [--wait [TIMEOUT]] [--label TEXT]"
 )
 
 HELP = f"""\
@@ -93,6 +93,7 @@ def _reserve_parser(usage: str = RESERVE_USAGE) -> _Parser:
     parser.add_argument("duration", nargs="?")
     parser.add_argument("--gpu", dest="device")
     parser.add_argument("--gpus", type=int)
+    parser.add_argument("--prefer")
     parser.add_argument("--priority", default="normal")
     parser.add_argument("--wait", nargs="?", const=True, default=False)
     parser.add_argument("--label")
@@ -106,20 +107,25 @@ def _split(line: str) -> list[str]:
         raise UsageError(f"cannot read {line!r} ({exc}); type %chronos help") from None
 
 
+def _indices(option: str, text: str) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        indices = []
+    if not indices:
+        raise UsageError(f"{option} takes device indices, e.g. {option} 0 or {option} 0,1 (got {text!r})")
+    return indices
+
+
 def _reserve_kwargs(args: argparse.Namespace, usage: str) -> dict[str, Any]:
     if args.memory is None:
         raise UsageError(f"say how much GPU memory and for how long, e.g. {usage.split(' MEMORY')[0]} 8G 2h")
     kwargs: dict[str, Any] = {"priority": args.priority, "label": args.label}
     if args.device is not None:
-        try:
-            devices = [int(part) for part in args.device.split(",") if part.strip()]
-        except ValueError:
-            raise UsageError(
-                f"--gpu takes device indices, e.g. --gpu 0 or --gpu 0,1 (got {args.device!r})"
-            ) from None
-        if not devices:
-            raise UsageError("--gpu takes device indices, e.g. --gpu 0 or --gpu 0,1")
+        devices = _indices("--gpu", args.device)
         kwargs["device"] = devices[0] if len(devices) == 1 else devices
+    if args.prefer is not None:
+        kwargs["prefer"] = _indices("--prefer", args.prefer)
     if args.gpus is not None:
         if args.device is not None:
             raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")

@@ -112,6 +112,10 @@ def test_reserve_on_chosen_devices(shell: InteractiveShell) -> None:
     [lease] = own_active()
     assert lease.devices == (0, 1)
     assert lease.priority == "high"
+    run(shell, "%chronos release")
+    result, _ = run(shell, "%chronos reserve 2G 5m --prefer 1")
+    assert result.success, result.error_in_exec
+    assert [lease.devices for lease in own_active()] == [(1,)]
 
 
 def test_status_list_extend_release(shell: InteractiveShell) -> None:
@@ -251,6 +255,7 @@ def test_cell_lease_beside_a_kernel_lease_restores_its_environment(shell: Intera
     ("%chronos reserve", "%chronos reserve 8G 2h"),
     ("%chronos reserve 1G 10m --gpu x", "--gpu 0,1"),
     ("%chronos reserve 1G 10m --gpu 0 --gpus 2", "not both"),
+    ("%chronos reserve 1G 10m --prefer first", "--prefer 0,1"),
     ("%chronos reserve 1G 10m --bogus", "unrecognized arguments: --bogus"),
     ("%chronos reserve 1G 10m --wait soon", "--wait 10m"),
     ("%chronos reserve 12 10m", "12G"),
