@@ -94,7 +94,7 @@ def _reserve_parser(usage: str = RESERVE_USAGE) -> _Parser:
     parser.add_argument("--gpu", dest="device")
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--prefer")
-    parser.add_argument("--priority", default="normal")
+    parser.add_argument("--priority")
     parser.add_argument("--wait", nargs="?", const=True, default=False)
     parser.add_argument("--label")
     return parser
@@ -120,7 +120,9 @@ def _indices(option: str, text: str) -> list[int]:
 def _reserve_kwargs(args: argparse.Namespace, usage: str) -> dict[str, Any]:
     if args.memory is None:
         raise UsageError(f"say how much GPU memory and for how long, e.g. {usage.split(' MEMORY')[0]} 8G 2h")
-    kwargs: dict[str, Any] = {"priority": args.priority, "label": args.label}
+    kwargs: dict[str, Any] = {"label": args.label}
+    if args.priority is not None:  # otherwise the configured default applies
+        kwargs["priority"] = args.priority
     if args.device is not None:
         devices = _indices("--gpu", args.device)
         kwargs["device"] = devices[0] if len(devices) == 1 else devices
@@ -519,7 +521,7 @@ class ChronosMagics(Magics):
         if rest:
             raise UsageError("%chronos suggest takes no arguments")
         try:
-            from chronos.stats import suggest
+            from chronos import suggest
         except ImportError:
             raise UsageError("this chronos has no suggest: type %chronos list to see what is free") from None
         advice = suggest()

@@ -118,6 +118,16 @@ def test_reserve_on_chosen_devices(shell: InteractiveShell) -> None:
     assert [lease.devices for lease in own_active()] == [(1,)]
 
 
+def test_reserve_leaves_the_priority_to_the_configured_default(shell: InteractiveShell) -> None:
+    Path(os.environ["CHRONOS_USER_CONFIG"]).write_text('[defaults]\npriority = "low"\n')
+    from chronos.engine import reset_default_engine
+
+    reset_default_engine()
+    result, _ = run(shell, "%chronos reserve 1G 5m")
+    assert result.success, result.error_in_exec
+    assert [lease.priority for lease in own_active()] == ["low"]
+
+
 def test_status_list_extend_release(shell: InteractiveShell) -> None:
     run(shell, "%chronos reserve 1G 10m")
     [lease] = own_active()
