@@ -299,6 +299,9 @@ def test_second_user_updates_a_sticky_shared_directory(monkeypatch: pytest.Monke
         state.mkdir()
         os.chmod(state, 0o1777)
         monkeypatch.setenv("CHRONOS_STATE_DIR", str(state))
+        # The per-test config paths sit in root's private temp directory, which nobody cannot read.
+        monkeypatch.setenv("CHRONOS_CONFIG", "/nonexistent/config.toml")
+        monkeypatch.setenv("CHRONOS_USER_CONFIG", "/nonexistent/user.toml")
         simulated.allocate(0, GiB)  # the file is now root's
         child = _python(textwrap.dedent(_AS_NOBODY) + textwrap.dedent("""
             simulated.allocate(1, 2 << 30)
