@@ -6,11 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-
-def _wait_value(text: str) -> float | bool:
-    from chronos.units import parse_duration
-
-    return parse_duration(text)
+from chronos.cli import options
 
 
 def register(subparsers: Any) -> None:
@@ -27,8 +23,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gpus", type=int, metavar="N", help="any N GPUs at once")
     p.add_argument("--prefer", metavar="I[,I...]", help="prefer these GPUs when they fit")
     p.add_argument("--priority", choices=("high", "normal", "low"), default=None)
-    p.add_argument("--wait", nargs="?", const=True, default=False, metavar="TIMEOUT",
-                   help="wait in the queue (at most TIMEOUT) instead of failing when it does not fit now")
+    options.add_wait(p)
     p.add_argument("--label", help="a note shown in chronos list")
     p.add_argument("--user", metavar="NAME", help="reserve for another user (admins only)")
     p.add_argument("--pid", type=int, help="bind the lease to this process: it ends when the process exits")
@@ -61,28 +56,16 @@ def _granted(lease: Any, as_json: bool, verb: str) -> int:
 
 def reserve(args: argparse.Namespace) -> int:
     import chronos
-    from chronos.cli import render
-    from chronos.errors import InvalidRequestError
 
-    wait: bool | float = False
-    if args.wait is True:
-        wait = True
-    elif args.wait:
-        try:
-            wait = _wait_value(args.wait)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"--wait: {exc}") from None
-    kwargs: dict[str, Any] = {}
-    if args.priority:
-        kwargs["priority"] = args.priority
+    wait = options.wait_value(args.wait)
     on_wait = _progress_printer() if wait else None
     lease = chronos.reserve(
         args.memory, args.duration, device=args.gpu, gpus=args.gpus, prefer=args.prefer, label=args.label,
-        user=args.user, bind=args.pid if args.pid is not None else False, wait=wait, on_wait=on_wait, **kwargs,
+        user=args.user, bind=args.pid if args.pid is not None else False, wait=wait, on_wait=on_wait,
+        priority=args.priority,
     )
     if on_wait is not None and sys.stderr.isatty():
         sys.stderr.write("\n")
-    del render
     return _granted(lease, args.json, "granted")
 
 

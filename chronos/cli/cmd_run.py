@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from chronos.cli import options
+
 _POLICIES = ("warn", "interrupt", "terminate", "kill")
 
 
@@ -44,8 +46,7 @@ def register(subparsers: Any) -> None:
     where.add_argument("--gpus", type=int, metavar="N", help="any N GPUs at once")
     p.add_argument("--priority", choices=("high", "normal", "low"), default=None,
                    help="queue priority (default: the configured default, normally normal)")
-    p.add_argument("--wait", nargs="?", const=True, default=False, metavar="TIMEOUT",
-                   help="wait in the queue (at most TIMEOUT) instead of failing when it does not fit now")
+    options.add_wait(p)
     p.add_argument("--on-expiry", choices=_POLICIES, default=None,
                    help="what to do when the lease ends (default: the configured one, terminate)")
     p.add_argument("--on-overuse", choices=_POLICIES, default="terminate",
@@ -62,21 +63,13 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from chronos.errors import InvalidRequestError
-    from chronos.units import parse_duration
 
     argv = list(args.argv or [])
     if not argv:
         from chronos.run import NO_COMMAND
 
         raise InvalidRequestError(NO_COMMAND)
-    wait: bool | float = False
-    if args.wait is True:
-        wait = True
-    elif args.wait:
-        try:
-            wait = parse_duration(args.wait)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"--wait: {exc}") from None
+    wait = options.wait_value(args.wait)
     from chronos.enforce.watchdog import DEFAULT_GRACE_S, DEFAULT_KILL_WAIT_S
     from chronos.run import run
 
