@@ -110,6 +110,7 @@ class DeviceDetail:
     """One GPU: memory reserved by leases against memory really used, utilisation, and its queue."""
 
     index: int
+    uuid: str
     name: str
     memory_total_bytes: int
     memory_reserved_bytes: int
@@ -202,7 +203,7 @@ def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot,
         mine = [lease for lease in active if d.index in lease.devices]
         peaks = [lease.peak_memory_bytes for lease in mine if lease.peak_memory_bytes is not None]
         out.append(DeviceDetail(
-            index=d.index, name=d.name, memory_total_bytes=d.memory_total_bytes,
+            index=d.index, uuid=d.uuid, name=d.name, memory_total_bytes=d.memory_total_bytes,
             memory_reserved_bytes=d.memory_reserved_bytes, memory_used_bytes=d.memory_used_bytes,
             memory_used_in_leases_bytes=max(0, d.memory_used_bytes - d.unmanaged_bytes),
             unmanaged_bytes=d.unmanaged_bytes, memory_available_bytes=d.memory_available_bytes,

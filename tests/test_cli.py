@@ -191,3 +191,10 @@ def test_list_shows_queued_requests_with_position_and_estimate() -> None:
     finally:
         waiter.kill()
         waiter.communicate()
+
+
+def test_stats_all_names_every_gpu_by_uuid() -> None:
+    plain = {d["index"]: d["uuid"] for d in json.loads(run_cli("stats", "--json").stdout)}
+    detailed = json.loads(run_cli("stats", "--all", "--json").stdout)
+    assert {d["index"]: d["uuid"] for d in detailed["devices"]} == plain
+    assert all(uuid in run_cli("stats", "--all").stdout for uuid in plain.values())

@@ -232,3 +232,13 @@ def test_extend_conflict_when_it_would_delay_a_queued_request() -> None:
     # "b" may be extended: its 10 GiB is not needed for q1 (80 - 60 >= 10).
     assert S.extend_conflict(s, "b", NOW + 7200) is None
     assert S.extend_conflict(snap(1, active=[hold("a", (0,), 50, 600)]), "a", NOW + 9000) is None
+
+
+def test_fraction_gang_on_unequal_gpus_takes_the_smallest_share() -> None:
+    gib = 1 << 30
+    devices = (S.DeviceState(0, "GPU-a", 80 * gib), S.DeviceState(1, "GPU-b", 40 * gib))
+    # GPU 0 has 30 GiB free: half of GPU 1 (20 GiB) fits on both, half of GPU 0 (40 GiB) would not.
+    busy = S.Snapshot(now=0.0, devices=devices, active=(S.Holding("1", (0,), 50 * gib, 3600.0),))
+    decision = S.decide(busy, S.Request(memory=MemorySpec(fraction=0.5), duration_s=60, gpus=2))
+    assert decision.devices == (0, 1)
+    assert decision.memory_bytes == 20 * gib

@@ -68,10 +68,10 @@ def detailed(args: argparse.Namespace) -> int:
             str(d.index), d.name, render.gib(d.memory_total_bytes), render.gib(d.memory_reserved_bytes),
             render.gib(d.memory_used_in_leases_bytes), share, render.gib(d.peak_in_leases_bytes),
             render.gib(d.unmanaged_bytes), render.gib(d.memory_available_bytes), util, str(d.active_leases),
-            str(d.queued),
+            str(d.queued), d.uuid,
         ])
     render.table(["GPU", "NAME", "TOTAL", "RESERVED", "USED IN LEASES", "OF RESERVED", "PEAKS", "UNMANAGED",
-                  "AVAILABLE", "UTIL", "LEASES", "QUEUED"], rows)
+                  "AVAILABLE", "UTIL", "LEASES", "QUEUED", "UUID"], rows)
     print(f"\nqueue: {found.queue_length} request(s) waiting")
     print(f"\nGPU-hours held ({'every user' if args.all else 'you'}; a 2-GPU lease for 1h counts 2):")
     users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.leases_day}/{u.leases_week}",
