@@ -181,9 +181,14 @@ def validate(snapshot: Snapshot, request: Request) -> None:
     for device in chosen:
         need = request.memory.resolve(device.total_bytes)
         if need > device.total_bytes:
+            if request.devices is not None:
+                where = f"GPU {device.index}, which has"
+            elif request.gpus == 1:
+                where = "any GPU here: the largest has"
+            else:
+                where = f"each of {request.gpus} GPUs here: GPU {device.index} has"
             raise InvalidRequestError(
-                f"{format_bytes(need)} can never fit on GPU {device.index}, which has "
-                f"{format_bytes(device.total_bytes)} in all"
+                f"{format_bytes(need)} can never fit on {where} {format_bytes(device.total_bytes)} in all"
             )
         if need <= 0:
             raise InvalidRequestError(f"memory resolves to 0 bytes on GPU {device.index}: ask for more")

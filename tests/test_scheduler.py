@@ -118,7 +118,7 @@ def test_fraction_resolves_per_device_and_stays_uniform_in_a_gang() -> None:
 
 def test_requests_that_can_never_fit_are_bad_input() -> None:
     s = snap(2)
-    with pytest.raises(InvalidRequestError, match="can never fit on GPU"):
+    with pytest.raises(InvalidRequestError, match="can never fit on any GPU here"):
         S.decide(s, req(100))
     with pytest.raises(InvalidRequestError, match="unknown GPU 5"):
         S.decide(s, req(1, devices=(5,)))
