@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +181,10 @@ class Engine:
                 still.append(lease)
         return still
 
-    def _end(self, lease: Lease, state: str, reason: str, who: User, *, at: float) -> None:
+    def _end(self, lease: Lease, state: str, reason: str, who: User, *, at: float) -> Lease:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
         self._event(lease.id, state, who, {"reason": reason})
+        return replace(lease, state=state, ended_at=at, end_reason=reason)
 
     # -- snapshot -------------------------------------------------------------------------
     def _poll_devices(self) -> tuple[list[Device], list[GpuProcess]]:
@@ -382,8 +383,9 @@ class Engine:
             if lease is not None and lease.state == QUEUED:
                 self._end(lease, WITHDRAWN, "withdrawn by the waiting process", caller, at=time.time())
 
-    def _owned(self, lease_id: str, caller: User, action: str) -> Lease:
-        lease = self.ledger.get(_lease_key(lease_id))
+    def _owned(self, lease_id: str, caller: User, action: str, live: list[Lease] | None = None) -> Lease:
+        key = _lease_key(lease_id)
+        lease = next((item for item in live or () if item.id == key), None) or self.ledger.get(key)
         if lease is None:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         if lease.uid != caller.uid and not is_admin(caller, self.config.admin_group):
@@ -396,12 +398,11 @@ class Engine:
         """End a lease (or withdraw a queued request). Releasing an ended lease changes nothing."""
         caller = current_user()
         with self.ledger.transaction():
-            self._reclaim(time.time(), caller)
-            lease = self._owned(lease_id, caller, "release")
+            live = self._reclaim(time.time(), caller)
+            lease = self._owned(lease_id, caller, "release", live)
             if lease.state in (ACTIVE, QUEUED):
                 state = RELEASED if lease.state == ACTIVE else WITHDRAWN
-                self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
-                lease = self.ledger.get(lease.id) or lease
+                lease = self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
         return self._bound(lease)
 
     def extend(self, lease_id: str, duration: str | int | float) -> Lease:
@@ -412,7 +413,7 @@ class Engine:
         with self.ledger.transaction():
             now = time.time()
             live = self._reclaim(now, caller)
-            lease = self._owned(lease_id, caller, "extend")
+            lease = self._owned(lease_id, caller, "extend", live)
             if lease.state == QUEUED:
                 raise UnavailableError(f"lease {lease.id} is still queued; it can be extended once granted")
             if lease.state != ACTIVE:
@@ -570,8 +571,6 @@ def _next_seq(snapshot: scheduler.Snapshot) -> int:
 
 
 def _with_seq(request: scheduler.Request, seq: int) -> scheduler.Request:
-    from dataclasses import replace
-
     return replace(request, seq=seq)
 
 

@@ -6,9 +6,7 @@ the read-decide-write of an admission is atomic across processes.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -25,7 +23,6 @@ from chronos.state import prepare_file
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
 
 DB_NAME = "chronos.db"
-LOCK_NAME = "chronos.lock"
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -100,10 +97,6 @@ class Ledger:
 
     def __init__(self, directory: Path) -> None:
         self.path = prepare_file(Path(directory) / DB_NAME)
-        # Writers queue on an flock, which wakes the next one the moment the lock is free;
-        # SQLite's own busy handler sleeps in growing steps and starves under contention.
-        self._lock_path = prepare_file(Path(directory) / LOCK_NAME)
-        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._lock = threading.RLock()
         try:
             self._conn = sqlite3.connect(
@@ -120,7 +113,6 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-            os.close(self._lock_fd)
 
     # -- schema ---------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -153,21 +145,17 @@ class Ledger:
     def transaction(self) -> Iterator[Ledger]:
         """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
         with self._lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
-                try:
-                    yield self
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                else:
-                    self._conn.execute("COMMIT")
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
 
     @contextmanager
     def snapshot(self) -> Iterator[Ledger]:
