@@ -112,7 +112,7 @@ def cold_start(state: str, runs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2000)
-    parser.add_argument("--procs", type=int, default=8)
+    parser.add_argument("--procs", default="8", help="comma-separated process counts, e.g. 1,2,4,8")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--cold-runs", type=int, default=20)
     args = parser.parse_args()
@@ -121,11 +121,12 @@ def main() -> None:
         rt = round_trip(args.rounds)
         print(f"reserve+release round trip: median {rt['median_ms']:.3f} ms, p99 {rt['p99_ms']:.3f} ms "
               f"(original Chronos: 0.65 + 0.21 = 0.86 ms; goal < 1 ms)")
-    with tempfile.TemporaryDirectory() as state:
-        os.environ.update(_env(state))
-        tp = throughput(args.procs, args.seconds, state)
-        print(f"throughput, {tp['processes']} processes for {tp['seconds']:.0f} s: {tp['grants_per_s']:.0f} "
-              f"reserve+release/s, {tp['overcommits']} over-commits (original's ceiling ~1,500 creations/s)")
+    for procs in (int(p) for p in args.procs.split(",")):
+        with tempfile.TemporaryDirectory() as state:
+            os.environ.update(_env(state))
+            tp = throughput(procs, args.seconds, state)
+            print(f"throughput, {tp['processes']} processes for {tp['seconds']:.0f} s: {tp['grants_per_s']:.0f} "
+                  f"reserve+release/s, {tp['overcommits']} over-commits (original's ceiling ~1,500 creations/s)")
     with tempfile.TemporaryDirectory() as state:
         subprocess.run([sys.executable, "-m", "chronos", "reserve", "1G"], env=_env(state), check=True,
                        stdout=subprocess.DEVNULL)
