@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import chronos
 from chronos.engine import Engine
+from tests.ledger_watch import overcommit_watch
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "race_worker.py"
 TOTAL = 80 << 30
 PROCESSES = 16
-
-
-def _overcommits(db: Path, stop: threading.Event, seen: list[str]) -> None:
-    """Poll the ledger as a separate reader; record any instant where a device is over-committed."""
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        while not stop.is_set():
-            rows = conn.execute("SELECT devices, memory_bytes FROM leases WHERE state = 'active'").fetchall()
-            used: Counter[int] = Counter()
-            for devices, memory in rows:
-                for index in json.loads(devices):
-                    used[index] += memory
-            for index, total in used.items():
-                if total > TOTAL:
-                    seen.append(f"GPU {index}: {total} > {TOTAL}")
-            time.sleep(0.005)
-    finally:
-        conn.close()
 
 
 def _spawn(out: Path, rounds: int, seed: int, *extra: str) -> subprocess.Popen[str]:
@@ -52,18 +32,12 @@ def test_sixteen_processes_never_overcommit_nor_lose_a_lease(tmp_path: Path, chr
     engine = Engine()
     engine.leases()  # creates the ledger before the race
     db = engine.ledger.path
-    stop, seen = threading.Event(), []  # type: ignore[var-annotated]
-    monitor = threading.Thread(target=_overcommits, args=(db, stop, seen))
-    monitor.start()
     outs = [tmp_path / f"worker{i}.txt" for i in range(PROCESSES)]
-    workers = [_spawn(out, 40, seed) for seed, out in enumerate(outs)]
-    try:
+    with overcommit_watch(db, TOTAL) as seen:
+        workers = [_spawn(out, 40, seed) for seed, out in enumerate(outs)]
         for worker in workers:
             _, err = worker.communicate(timeout=240)
             assert worker.returncode == 0, err
-    finally:
-        stop.set()
-        monitor.join()
     assert seen == []
     granted = [line for out in outs for line in out.read_text().split()]
     assert granted, "no worker got a lease"

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +27,7 @@ from chronos.devices import get_backend
 from chronos.devices.base import LINK_NVLINK, LINK_SAME, LINK_SYSTEM
 from chronos.engine import Engine
 from tests.conftest import ROOT, run_cli
+from tests.ledger_watch import overcommit_watch, replay
 
 GIB = 1 << 30
 TOTAL = 80 * GIB
@@ -247,56 +246,13 @@ BURST_WORKER = textwrap.dedent("""
 """)
 
 
-def _watch_ledger(db: Path, stop: threading.Event, seen: list[str]) -> None:
-    """Poll the ledger read-only from another connection; note any instant a GPU is over-committed."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        while not stop.is_set():
-            rows = conn.execute("SELECT devices, memory_bytes FROM leases WHERE state = 'active'").fetchall()
-            used: Counter[int] = Counter()
-            for devices, memory in rows:
-                for index in json.loads(devices):
-                    used[index] += memory
-            seen.extend(f"GPU {i}: {n} > {TOTAL}" for i, n in used.items() if n > TOTAL)
-            time.sleep(0.005)
-    finally:
-        conn.close()
-
-
-def _replay(engine: Engine) -> tuple[dict[int, int], list[str]]:
-    """Walk the audit log in commit order; the highest bytes held per GPU, and any over-commit."""
-    held: dict[str, tuple[list[int], int]] = {}
-    now: Counter[int] = Counter()
-    peak: Counter[int] = Counter()
-    over: list[str] = []
-    for event in sorted(engine.events(), key=lambda e: e.id):
-        if event.event == "granted":
-            devices, nbytes = list(event.detail["devices"]), int(event.detail["memory_bytes"])
-            assert event.lease_id not in held, f"lease {event.lease_id} granted twice"
-            held[event.lease_id] = (devices, nbytes)
-            for index in devices:
-                now[index] += nbytes
-                peak[index] = max(peak[index], now[index])
-                if now[index] > TOTAL:
-                    over.append(f"event {event.id}: GPU {index} at {now[index]}")
-        elif event.event in ENDED and event.lease_id in held:
-            devices, nbytes = held.pop(event.lease_id)
-            for index in devices:
-                now[index] -= nbytes
-    assert not held, f"leases granted and never ended: {sorted(held)}"
-    return dict(peak), over
-
-
 def test_a_burst_of_gang_and_single_requests_never_overcommits(tmp_path: Path) -> None:
     engine = Engine()
     engine.leases()  # the ledger exists before the race
-    stop, seen = threading.Event(), []  # type: ignore[var-annotated]
-    monitor = threading.Thread(target=_watch_ledger, args=(engine.ledger.path, stop, seen))
     worker = tmp_path / "burst_worker.py"
     worker.write_text(BURST_WORKER)
     outs = [tmp_path / f"worker{i}.txt" for i in range(10)]
-    monitor.start()
-    try:
+    with overcommit_watch(engine.ledger.path, TOTAL) as seen:
         procs = [
             subprocess.Popen([sys.executable, str(worker), str(out), "15", str(seed)], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -312,9 +268,6 @@ def test_a_burst_of_gang_and_single_requests_never_overcommits(tmp_path: Path) -
         for proc in procs + runs:
             _, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err
-    finally:
-        stop.set()
-        monitor.join()
     assert seen == []
     granted = [line.split() for out in outs for line in out.read_text().splitlines()]
     kinds = Counter(int(want) for _, want, _ in granted)
@@ -329,7 +282,7 @@ def test_a_burst_of_gang_and_single_requests_never_overcommits(tmp_path: Path) -
     assert len(run_leases) == 2 and all(len(history[i].devices) == 2 for i in run_leases)
     assert set(ids) | run_leases == {i for i, lease in history.items() if lease.state != "withdrawn"}
     assert {history[i].state for i in set(ids) | run_leases} == {"released"}
-    peak, over = _replay(engine)
+    peak, over = replay(engine, TOTAL)
     assert over == []
     assert max(peak.values()) > TOTAL // 2, f"the burst never loaded a GPU past half: {peak}"
     granted_events = Counter(e.lease_id for e in engine.events() if e.event == "granted")
