@@ -238,13 +238,6 @@ class Ledger:
         ).fetchall()
         return [_lease(r) for r in rows]
 
-    def next_expiry_or_dead_check(self, now: float) -> bool:
-        """True when some active lease has passed its end (cheap pre-check before a write)."""
-        row = self._conn.execute(
-            "SELECT 1 FROM leases WHERE state = ? AND expires_at <= ? LIMIT 1", (ACTIVE, now)
-        ).fetchone()
-        return row is not None
-
     # -- audit log ------------------------------------------------------------------------
     def append_event(
         self, lease_id: str, event: str, *, uid: int, user: str, pid: int, detail: dict[str, Any] | None = None,
