@@ -462,23 +462,22 @@ class Engine:
 
     def leases(self, *, all: bool = False, user: str | None = None) -> list[Lease]:
         """Active and queued leases (every lease, newest first, with ``all``); optionally one user's."""
-        self._reclaim_if_due()
+        live = self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
         if all:
             found = self.ledger.history(uid=uid)
         else:
-            found = [lease for lease in self.ledger.live() if uid is None or lease.uid == uid]
+            found = [lease for lease in live if uid is None or lease.uid == uid]
         return [self._bound(lease) for lease in found]
 
     def snapshot(self) -> tuple[scheduler.Snapshot, list[Lease]]:
         """The scheduler's view of the machine now, and the live leases it was built from (read-only)."""
         devices, gpu_procs = self._poll_devices()
-        self._reclaim_if_due()
-        live = self.ledger.live()
+        live = self._reclaim_if_due()
         return self._snapshot(time.time(), devices, gpu_procs, live), [self._bound(lease) for lease in live]
 
-    def _reclaim_if_due(self) -> None:
-        """Reads reclaim too, but take the write lock only when something is due."""
+    def _reclaim_if_due(self) -> list[Lease]:
+        """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
         live = self.ledger.live()
         due = any(
@@ -486,15 +485,15 @@ class Engine:
             or (lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start))
             for lease in live
         )
-        if due:
-            with self.ledger.transaction():
-                self._reclaim(time.time(), current_user())
+        if not due:
+            return live
+        with self.ledger.transaction():
+            return self._reclaim(time.time(), current_user())
 
     def devices(self) -> list[DeviceStatus]:
         """Every device with its memory reserved by leases, used outside them, and available."""
         devices, gpu_procs = self._poll_devices()
-        self._reclaim_if_due()
-        active = [lease for lease in self.ledger.live() if lease.state == ACTIVE]
+        active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
         unmanaged = unmanaged_bytes(devices, gpu_procs, active)
         strays = accounting.unmanaged(gpu_procs, active) if gpu_procs else []
         out = []
