@@ -347,7 +347,8 @@ def _needs(snapshot: Snapshot, request: Request, candidates: list[DeviceState]) 
     memory = request.memory
     if memory.nbytes is not None:
         return {d.index: memory.nbytes for d in candidates}
-    if request.gpus > 1 and candidates:
+    gang = request.gpus > 1 or (request.devices is not None and len(request.devices) > 1)
+    if gang and candidates:
         # A gang holds the same amount on each device: the fraction of the smallest candidate.
         need = memory.resolve(min(d.total_bytes for d in candidates))
         return {d.index: need for d in candidates}

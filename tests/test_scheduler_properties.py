@@ -100,7 +100,13 @@ def test_a_grant_never_overcommits_and_a_gang_is_all_or_nothing(data: st.DataObj
     if request.devices is not None:
         assert set(decision.devices) == set(request.devices)
     totals = {d.index: d.total_bytes for d in snapshot.devices}
-    assert decision.memory_bytes == min(request.memory.resolve(totals[i]) for i in decision.devices)
+    if wanted > 1:
+        # A gang holds the same amount on each device: a fraction is of the smallest candidate.
+        candidates = request.devices if request.devices is not None else (
+            request.visible if request.visible is not None else tuple(totals))
+        assert decision.memory_bytes == request.memory.resolve(min(totals[i] for i in candidates))
+    else:
+        assert decision.memory_bytes == request.memory.resolve(totals[decision.devices[0]])
     for index, used in used_after(snapshot, decision).items():
         assert used <= totals[index], f"GPU {index} over-committed"
 
