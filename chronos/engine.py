@@ -168,18 +168,17 @@ class Engine:
 
         Returns the leases still live (active or queued), oldest first.
         """
-        still = []
-        for lease in self.ledger.live():
-            if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
-                self._end(lease, EXPIRED, "reached its end time", who, at=lease.expires_at)
-            elif lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start):
-                if lease.state == QUEUED:
-                    self._end(lease, WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
-                else:
-                    self._end(lease, REVOKED, f"holder process {lease.pid} exited", who, at=now)
-            else:
-                still.append(lease)
-        return still
+        return [lease for lease in self.ledger.live() if self._reclaim_one(lease, now, who) is lease]
+
+    def _reclaim_one(self, lease: Lease, now: float, who: User) -> Lease:
+        """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
+        if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
+            return self._end(lease, EXPIRED, "reached its end time", who, at=lease.expires_at)
+        if lease.state in (ACTIVE, QUEUED) and lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start):
+            if lease.state == QUEUED:
+                return self._end(lease, WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
+            return self._end(lease, REVOKED, f"holder process {lease.pid} exited", who, at=now)
+        return lease
 
     def _end(self, lease: Lease, state: str, reason: str, who: User, *, at: float) -> Lease:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
@@ -398,8 +397,10 @@ class Engine:
         """End a lease (or withdraw a queued request). Releasing an ended lease changes nothing."""
         caller = current_user()
         with self.ledger.transaction():
-            live = self._reclaim(time.time(), caller)
-            lease = self._owned(lease_id, caller, "release", live)
+            # Only this lease is reclaimed here (did it already end?): releasing frees capacity, and
+            # the next reservation reclaims the rest.
+            now = time.time()
+            lease = self._reclaim_one(self._owned(lease_id, caller, "release"), now, caller)
             if lease.state in (ACTIVE, QUEUED):
                 state = RELEASED if lease.state == ACTIVE else WITHDRAWN
                 lease = self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
