@@ -195,10 +195,9 @@ class Engine:
     ) -> scheduler.Snapshot:
         active = [lease for lease in live if lease.state == ACTIVE]
         unmanaged = unmanaged_bytes(devices, gpu_procs, active)
-        queue = []
-        for lease in live:
-            if lease.state == QUEUED:
-                queue.append(self._queued_request(lease))
+        queued = [lease for lease in live if lease.state == QUEUED]
+        specs = self.ledger.queued_requests() if queued else {}
+        queue = [_request_from_json(specs.get(lease.id, {}), lease) for lease in queued]
         try:
             distances = self.backend.distances()
             dist: tuple[tuple[int, ...], ...] | None = tuple(tuple(row) for row in distances)

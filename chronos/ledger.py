@@ -206,6 +206,11 @@ class Ledger:
         row = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
         return _lease(row) if row else None
 
+    def queued_requests(self) -> dict[str, dict[str, Any]]:
+        """The stored request of every queued lease, by id, in one read."""
+        rows = self._conn.execute("SELECT seq, request FROM leases WHERE state = ?", (QUEUED,)).fetchall()
+        return {str(seq): json.loads(text) for seq, text in rows if text}
+
     def request_of(self, lease_id: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT request FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
