@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -270,10 +271,16 @@ class Ledger:
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
 
+@lru_cache(maxsize=1024)
+def _tuple(text: str) -> tuple[Any, ...]:
+    """A stored JSON list as a tuple; the same few device lists recur in every read."""
+    return tuple(json.loads(text))
+
+
 def _lease(row: tuple[Any, ...]) -> Lease:
     return Lease(
-        id=str(row[0]), uid=row[1], owner=row[2], devices=tuple(json.loads(row[3])),
-        device_uuids=tuple(json.loads(row[4])), memory_bytes=row[5], created_at=row[6], started_at=row[7],
+        id=str(row[0]), uid=row[1], owner=row[2], devices=_tuple(row[3]),
+        device_uuids=_tuple(row[4]), memory_bytes=row[5], created_at=row[6], started_at=row[7],
         expires_at=row[8], duration_s=row[9], priority=row[10], state=row[11], label=row[12], pid=row[13],
         pid_start=row[14], ended_at=row[15], end_reason=row[16], peak_memory_bytes=row[17], gpu_seconds=row[18],
     )
