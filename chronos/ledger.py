@@ -7,6 +7,7 @@ the read-decide-write of an admission is atomic across processes.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -104,12 +105,28 @@ class Ledger:
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
+            self._setup()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+
+    def _setup(self) -> None:
+        """WAL mode and the schema, retried while other processes do the same on a new file.
+
+        Two connections switching a new file to WAL at once can deadlock on their locks; SQLite then
+        answers "database is locked" at once, without its busy handler, so the wait is ours.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if self._conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.002, 0.02))
 
     def close(self) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,3 +78,36 @@ def test_holders_killed_at_random_points_have_their_leases_reclaimed(tmp_path: P
     assert engine.ledger.integrity_check() == "ok"
     for d in chronos.devices():
         assert d.memory_reserved_bytes == 0 and d.memory_available_bytes == TOTAL
+
+
+def test_many_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path, chronos_env: Path) -> None:
+    """The first use of a state directory may come from many processes together (a hub starting)."""
+    code = (
+        "import sys, chronos\n"
+        "engine = chronos.engine.default_engine()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()  # every process opens the new ledger at the same moment\n"
+        "engine.ledger\n"
+        "lease = chronos.reserve('1G', '1m')\n"
+        "print(lease.id)\n"
+        "lease.release()\n"
+    )
+    fresh = tmp_path / "fresh-state"
+    env = {**os.environ, "CHRONOS_STATE_DIR": str(fresh), "CHRONOS_SIM_GPUS": "2x80G"}
+    for _ in range(5):  # each round starts from a directory that does not exist yet
+        shutil.rmtree(fresh, ignore_errors=True)
+        starters = [
+            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(PROCESSES)
+        ]
+        for p in starters:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in starters:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [(*p.communicate(timeout=120), p.returncode) for p in starters]
+        assert [rc for _, _, rc in results] == [0] * PROCESSES, [err for _, err, rc in results if rc]
+        ids = [out.strip() for out, _, _ in results]
+        assert len(set(ids)) == PROCESSES
