@@ -328,67 +328,12 @@ def _live(claims: dict[int, list[_Claim]]) -> dict[int, list[_Claim]]:
         for claim in items:
             key = (claim.pid, claim.started)
             if key not in alive:
-                alive[key] = _is_alive(claim.pid, claim.started)
+                alive[key] = procs.is_alive(claim.pid, claim.started)
             if alive[key]:
                 kept.append(claim)
         if kept:
             out[dev] = kept
     return out
-
-
-# (pid, recorded start) -> the kernel's start tick for that pid, once procs.is_alive has confirmed it;
-# and the claims found dead, which never come back to life.
-_confirmed: dict[tuple[int, float | None], bytes] = {}
-_dead: set[tuple[int, float | None]] = set()
-
-
-def _proc_stat(pid: int) -> tuple[bytes, bytes] | None:
-    """(state, start tick) from ``/proc/PID/stat``; None when there is no such process."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    fields = data[data.rfind(b")") + 2:].split()
-    if len(fields) < 20:
-        return None
-    return fields[0], fields[19]
-
-
-def _is_alive(pid: int, started: float | None) -> bool:
-    """procs.is_alive, made cheap for repeated polls: after one full check, compare the start tick only."""
-    key = (pid, started)
-    if key in _dead:
-        return False
-    known = _confirmed.get(key)
-    if known is not None:
-        stat_now = _proc_stat(pid)
-        if stat_now is not None and stat_now[0] != b"Z" and stat_now[1] == known:
-            return True
-        _confirmed.pop(key, None)
-        _note_dead(key)
-        return False
-    stat_before = _proc_stat(pid)
-    if not procs.is_alive(pid, started):
-        if started is not None:  # a claim with no start time may yet be matched by a new process
-            _note_dead(key)
-        return False
-    if stat_before is not None and _proc_stat(pid) == stat_before:
-        if len(_confirmed) > 4096:
-            _confirmed.clear()
-        _confirmed[key] = stat_before[1]
-    return True
-
-
-def _note_dead(key: tuple[int, float | None]) -> None:
-    if len(_dead) > 4096:
-        _dead.clear()
-    _dead.add(key)
 
 
 def _serialise(claims: dict[int, list[_Claim]]) -> dict[str, Any]:
