@@ -1,9 +1,11 @@
 """Real GPUs through NVML (the ``nvidia-ml-py`` package, imported as ``pynvml``).
 
-This is the only module that imports pynvml. NVML is initialised lazily, once per process (again
-in a forked child), under a lock. Every NVML failure leaves this module as a
-:class:`~chronos.errors.BackendError` with a one-line message; values NVML marks as not available
-(utilisation on some GPUs and MIG instances, per-process memory under some drivers) become None.
+This is the only module that imports pynvml. Everything NVML-specific goes through one
+:class:`_Nvml` per library, so that a stand-in library can drive the same code in tests without a
+GPU. The real library is initialised lazily, once per process (again in a forked child), under a
+lock. Every NVML failure leaves this module as a :class:`~chronos.errors.BackendError` with a
+one-line message; values NVML marks as not available (utilisation on some GPUs and MIG instances,
+per-process memory under some drivers) become None.
 
 Process ids are those NVML reports: the host's pid namespace. Inside a container with its own pid
 namespace they do not match the container's pids.
@@ -42,23 +44,12 @@ __all__ = [
 
 T = TypeVar("T")
 
-_NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
-_NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED}
-_NO_V2 = {_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-          getattr(pynvml, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", 25)}
 _VALUE_NOT_AVAILABLE = (1 << 64) - 1  # NVML_VALUE_NOT_AVAILABLE as an unsigned long long
-_LEVELS = {
-    pynvml.NVML_TOPOLOGY_INTERNAL: LINK_SAME,
-    pynvml.NVML_TOPOLOGY_SINGLE: LINK_PCIE_SWITCH,
-    pynvml.NVML_TOPOLOGY_MULTIPLE: LINK_PCIE_MULTI,
-    pynvml.NVML_TOPOLOGY_HOSTBRIDGE: LINK_HOST_BRIDGE,
-    pynvml.NVML_TOPOLOGY_NODE: LINK_NUMA,
-    pynvml.NVML_TOPOLOGY_SYSTEM: LINK_SYSTEM,
+_PROCESS_CALLS = {
+    "compute": ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"),
+    "graphics": ("nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses_v2"),
+    "MPS": ("nvmlDeviceGetMPSComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses_v2"),
 }
-
-_init_lock = threading.Lock()
-_init_pid: int | None = None
-_memory_v2: bool | None = None  # whether nvmlDeviceGetMemoryInfo_v2 works here; None: not tried
 
 
 class DriverNotFoundError(BackendError):
@@ -75,103 +66,8 @@ def _message(what: str, exc: BaseException) -> str:
     return f"NVML {what} failed: {text}"
 
 
-def _call(what: str, fn: Callable[..., T], *args: Any) -> T:
-    """Run one NVML call; its failure becomes a one-line BackendError."""
-    try:
-        return fn(*args)
-    except (pynvml.NVMLError, pynvml.NVMLLibraryMismatchError) as exc:
-        raise BackendError(_message(what, exc)) from None
-
-
-def _optional(what: str, fn: Callable[..., T], *args: Any) -> T | None:
-    """Like :func:`_call`, but None where NVML says the query is not supported here."""
-    try:
-        return fn(*args)
-    except pynvml.NVMLError as exc:
-        if _code(exc) in (_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
-            return None
-        raise BackendError(_message(what, exc)) from None
-    except pynvml.NVMLLibraryMismatchError:
-        return None
-
-
-def init() -> None:
-    """Initialise NVML once for this process (thread-safe; again after a fork)."""
-    global _init_pid
-    pid = os.getpid()
-    if _init_pid == pid:
-        return
-    with _init_lock:
-        if _init_pid == pid:
-            return
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            if _code(exc) in _NO_DRIVER:
-                raise DriverNotFoundError(
-                    "no NVIDIA driver found (NVML could not load libnvidia-ml.so.1); "
-                    "set CHRONOS_BACKEND=simulated to use simulated GPUs"
-                ) from None
-            raise BackendError(_message("initialisation", exc)) from None
-        except OSError as exc:
-            raise DriverNotFoundError(f"no NVIDIA driver found ({exc}); "
-                                      "set CHRONOS_BACKEND=simulated to use simulated GPUs") from None
-        _init_pid = pid
-
-
 def _text(value: str | bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def driver_version() -> str:
-    """The NVIDIA driver's version, e.g. ``550.54.15``."""
-    init()
-    return _text(_call("driver version query", pynvml.nvmlSystemGetDriverVersion))
-
-
-def cuda_driver_version() -> str | None:
-    """The CUDA version the driver supports, e.g. ``12.4``; None where NVML cannot say."""
-    init()
-    value = _optional("CUDA driver version query", pynvml.nvmlSystemGetCudaDriverVersion)
-    if not value:
-        return None
-    major, minor = divmod(int(value), 1000)
-    return f"{major}.{minor // 10}"
-
-
-def has_cgroup_memory_limits() -> bool:
-    """Whether per-cgroup GPU memory limits (``nvmlDeviceSetMemoryLimits_v1``) exist here.
-
-    A capability probe only: True when the Python binding has the call and, where NVML loads, the
-    driver's library exports it. Nothing is set.
-    """
-    if not hasattr(pynvml, "nvmlDeviceSetMemoryLimits_v1"):
-        return False
-    try:
-        init()
-    except BackendError:
-        return False
-    lib = getattr(pynvml, "nvmlLib", None)
-    if lib is None:
-        return False
-    return hasattr(lib, "nvmlDeviceSetMemoryLimits_v1")
-
-
-def _memory(handle: Any) -> tuple[int, int]:
-    """(total, used) bytes, from the v2 query where the driver has it (it leaves out reserved memory)."""
-    global _memory_v2
-    version = getattr(pynvml, "nvmlMemory_v2", None)
-    if _memory_v2 is not False and version is not None:
-        try:
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=version)
-            _memory_v2 = True
-            return int(info.total), int(info.used)
-        except pynvml.NVMLError as exc:
-            if _memory_v2 or _code(exc) not in _NO_V2:
-                raise BackendError(_message("memory query", exc)) from None
-            _memory_v2 = False
-    info = _call("memory query", pynvml.nvmlDeviceGetMemoryInfo, handle)
-    return int(info.total), int(info.used)
 
 
 def _used(value: Any) -> int | None:
@@ -181,29 +77,183 @@ def _used(value: Any) -> int | None:
     return None if value == _VALUE_NOT_AVAILABLE else value
 
 
-def _running(handle: Any, kind: str) -> list[Any]:
-    """One kind of running process on one device; [] where NVML does not support that kind here."""
-    names = {
-        "compute": ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"),
-        "graphics": ("nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses_v2"),
-        "MPS": ("nvmlDeviceGetMPSComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses_v2"),
-    }[kind]
-    for name in names:
-        fn = getattr(pynvml, name, None)
-        if fn is None:
-            continue
+def _no_driver(detail: str) -> DriverNotFoundError:
+    return DriverNotFoundError(f"no NVIDIA driver found ({detail}); "
+                               "set CHRONOS_BACKEND=simulated to use simulated GPUs")
+
+
+class _Nvml:
+    """One NVML library (pynvml, or a stand-in in tests) and what this process learned about it."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self._lock = threading.Lock()
+        self._init_pid: int | None = None
+        self._memory_v2: bool | None = None  # whether the v2 memory query works here; None: not tried
+        self._not_supported = lib.NVML_ERROR_NOT_SUPPORTED
+        self._unsupported = {lib.NVML_ERROR_NOT_SUPPORTED, lib.NVML_ERROR_FUNCTION_NOT_FOUND}
+        self._no_v2 = self._unsupported | {getattr(lib, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", 25)}
+        self._levels = {
+            lib.NVML_TOPOLOGY_INTERNAL: LINK_SAME,
+            lib.NVML_TOPOLOGY_SINGLE: LINK_PCIE_SWITCH,
+            lib.NVML_TOPOLOGY_MULTIPLE: LINK_PCIE_MULTI,
+            lib.NVML_TOPOLOGY_HOSTBRIDGE: LINK_HOST_BRIDGE,
+            lib.NVML_TOPOLOGY_NODE: LINK_NUMA,
+            lib.NVML_TOPOLOGY_SYSTEM: LINK_SYSTEM,
+        }
+
+    def init(self) -> None:
+        """Initialise NVML once for this process (thread-safe; again after a fork)."""
+        pid = os.getpid()
+        if self._init_pid == pid:
+            return
+        with self._lock:
+            if self._init_pid == pid:
+                return
+            lib = self.lib
+            try:
+                lib.nvmlInit()
+            except lib.NVMLError as exc:
+                if _code(exc) in (lib.NVML_ERROR_LIBRARY_NOT_FOUND, lib.NVML_ERROR_DRIVER_NOT_LOADED):
+                    raise _no_driver("NVML could not load libnvidia-ml.so.1") from None
+                raise BackendError(_message("initialisation", exc)) from None
+            except OSError as exc:
+                raise _no_driver(str(exc)) from None
+            self._init_pid = pid
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run one NVML call; its failure becomes a one-line BackendError."""
         try:
-            return list(fn(handle))
-        except pynvml.NVMLLibraryMismatchError:
-            continue  # the unversioned call is newer than the driver: try the older version
-        except pynvml.NVMLError as exc:
-            code = _code(exc)
-            if code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+            return fn(*args)
+        except (self.lib.NVMLError, self.lib.NVMLLibraryMismatchError) as exc:
+            raise BackendError(_message(what, exc)) from None
+
+    def optional(self, what: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Like :meth:`call`, but None where NVML says the query is not supported here."""
+        try:
+            return fn(*args)
+        except self.lib.NVMLError as exc:
+            if _code(exc) in self._unsupported:
+                return None
+            raise BackendError(_message(what, exc)) from None
+        except self.lib.NVMLLibraryMismatchError:
+            return None
+
+    def driver_version(self) -> str:
+        self.init()
+        return _text(self.call("driver version query", self.lib.nvmlSystemGetDriverVersion))
+
+    def cuda_driver_version(self) -> str | None:
+        self.init()
+        value = self.optional("CUDA driver version query", self.lib.nvmlSystemGetCudaDriverVersion)
+        if not value:
+            return None
+        major, minor = divmod(int(value), 1000)
+        return f"{major}.{minor // 10}"
+
+    def has_cgroup_memory_limits(self) -> bool:
+        if not hasattr(self.lib, "nvmlDeviceSetMemoryLimits_v1"):
+            return False
+        try:
+            self.init()
+        except BackendError:
+            return False
+        loaded = getattr(self.lib, "nvmlLib", None)  # the driver's library, once NVML has loaded it
+        return loaded is not None and hasattr(loaded, "nvmlDeviceSetMemoryLimits_v1")
+
+    def memory(self, handle: Any) -> tuple[int, int]:
+        """(total, used) bytes, from the v2 query where the driver has it (it leaves out reserved memory)."""
+        lib = self.lib
+        version = getattr(lib, "nvmlMemory_v2", None)
+        if self._memory_v2 is not False and version is not None:
+            try:
+                info = lib.nvmlDeviceGetMemoryInfo(handle, version=version)
+                self._memory_v2 = True
+                return int(info.total), int(info.used)
+            except lib.NVMLError as exc:
+                if self._memory_v2 or _code(exc) not in self._no_v2:
+                    raise BackendError(_message("memory query", exc)) from None
+                self._memory_v2 = False
+        info = self.call("memory query", lib.nvmlDeviceGetMemoryInfo, handle)
+        return int(info.total), int(info.used)
+
+    def running(self, handle: Any, kind: str) -> list[Any]:
+        """One kind of running process on one device; [] where NVML does not support that kind here."""
+        lib = self.lib
+        for name in _PROCESS_CALLS[kind]:
+            fn = getattr(lib, name, None)
+            if fn is None:
                 continue
-            if code == _NOT_SUPPORTED:
-                return []
-            raise BackendError(_message(f"{kind} process query", exc)) from None
-    return []
+            try:
+                return list(fn(handle))
+            except lib.NVMLLibraryMismatchError:
+                continue  # the unversioned call is newer than the driver: try the older version
+            except lib.NVMLError as exc:
+                code = _code(exc)
+                if code == lib.NVML_ERROR_FUNCTION_NOT_FOUND:
+                    continue
+                if code == self._not_supported:
+                    return []
+                raise BackendError(_message(f"{kind} process query", exc)) from None
+        return []
+
+    def level(self, a: Any, b: Any) -> int:
+        """The ``LINK_*`` distance NVML's topology gives two devices (PCIe and CPUs only)."""
+        level = self.optional("topology query", self.lib.nvmlDeviceGetTopologyCommonAncestor, a, b)
+        return LINK_SYSTEM if level is None else self._levels.get(int(level), LINK_SYSTEM)
+
+    def nvlink_peers(self, handle: Any, bus_ids: dict[tuple[int, int, int], int],
+                     on_switch: set[int], index: int) -> list[int]:
+        """GPUs at the far end of ``handle``'s active NVLinks; notes NVSwitch links in ``on_switch``."""
+        lib = self.lib
+        peers = []
+        for link in range(int(getattr(lib, "NVML_NVLINK_MAX_LINKS", 18))):
+            try:
+                if not lib.nvmlDeviceGetNvLinkState(handle, link):
+                    continue
+                remote = lib.nvmlDeviceGetNvLinkRemotePciInfo(handle, link)
+            except lib.NVMLError as exc:
+                if _code(exc) in self._unsupported:
+                    break  # no NVLink on this device
+                continue  # past this device's last link (INVALID_ARGUMENT) or a link NVML cannot read
+            key = (int(remote.domain), int(remote.bus), int(remote.device))
+            if key in bus_ids:
+                peers.append(bus_ids[key])
+                continue
+            try:
+                kind = lib.nvmlDeviceGetNvLinkRemoteDeviceType(handle, link)
+            except (lib.NVMLError, AttributeError):
+                continue
+            if kind == lib.NVML_NVLINK_DEVICE_TYPE_SWITCH:
+                on_switch.add(index)
+        return peers
+
+
+_REAL = _Nvml(pynvml)
+
+
+def init() -> None:
+    """Initialise NVML once for this process (thread-safe; again after a fork)."""
+    _REAL.init()
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version, e.g. ``550.54.15``."""
+    return _REAL.driver_version()
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA version the driver supports, e.g. ``12.4``; None where NVML cannot say."""
+    return _REAL.cuda_driver_version()
+
+
+def has_cgroup_memory_limits() -> bool:
+    """Whether per-cgroup GPU memory limits (``nvmlDeviceSetMemoryLimits_v1``) exist here.
+
+    A capability probe only: True when the Python binding has the call and, where NVML loads, the
+    driver's library exports it. Nothing is set.
+    """
+    return _REAL.has_cgroup_memory_limits()
 
 
 class NvmlBackend:
@@ -211,14 +261,16 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self) -> None:
-        init()
-        count = _call("device count query", pynvml.nvmlDeviceGetCount)
-        self._handles = [_call(f"handle query for GPU {i}", pynvml.nvmlDeviceGetHandleByIndex, i)
+    def __init__(self, lib: Any = None) -> None:
+        """``lib`` is the NVML binding to use: None for pynvml; tests pass a stand-in without a GPU."""
+        nv = self._nv = _REAL if lib is None else _Nvml(lib)
+        nv.init()
+        count = nv.call("device count query", nv.lib.nvmlDeviceGetCount)
+        self._handles = [nv.call(f"handle query for GPU {i}", nv.lib.nvmlDeviceGetHandleByIndex, i)
                          for i in range(count)]
-        self._uuids = [_text(_call(f"UUID query for GPU {i}", pynvml.nvmlDeviceGetUUID, h))
+        self._uuids = [_text(nv.call(f"UUID query for GPU {i}", nv.lib.nvmlDeviceGetUUID, h))
                        for i, h in enumerate(self._handles)]
-        self._names = [_text(_call(f"name query for GPU {i}", pynvml.nvmlDeviceGetName, h))
+        self._names = [_text(nv.call(f"name query for GPU {i}", nv.lib.nvmlDeviceGetName, h))
                        for i, h in enumerate(self._handles)]
         self._distances: list[list[int]] | None = None
 
@@ -226,11 +278,12 @@ class NvmlBackend:
         return len(self._handles)
 
     def devices(self) -> list[Device]:
-        init()
+        nv = self._nv
+        nv.init()
         out = []
         for i, handle in enumerate(self._handles):
-            total, used = _memory(handle)
-            rates = _optional(f"utilisation query for GPU {i}", pynvml.nvmlDeviceGetUtilizationRates, handle)
+            total, used = nv.memory(handle)
+            rates = nv.optional(f"utilisation query for GPU {i}", nv.lib.nvmlDeviceGetUtilizationRates, handle)
             util = None if rates is None else int(rates.gpu)
             if util is not None and not 0 <= util <= 100:
                 util = None
@@ -239,14 +292,14 @@ class NvmlBackend:
         return out
 
     def processes(self, indices: list[int] | None = None) -> list[GpuProcess]:
-        init()
+        self._nv.init()
         wanted = range(len(self._handles)) if indices is None else indices
         found: dict[tuple[int, int], int | None] = {}
         for i in wanted:
             if not 0 <= i < len(self._handles):
                 raise InvalidRequestError(f"no GPU {i}: this machine has {len(self._handles)}")
-            for kind in ("compute", "graphics", "MPS"):
-                for proc in _running(self._handles[i], kind):
+            for kind in _PROCESS_CALLS:
+                for proc in self._nv.running(self._handles[i], kind):
                     key = (i, int(proc.pid))
                     used = _used(getattr(proc, "usedGpuMemory", None))
                     if key in found:
@@ -259,27 +312,25 @@ class NvmlBackend:
     def distances(self) -> list[list[int]]:
         """Topology levels between every pair, NVLink (direct or through NVSwitch) first; cached."""
         if self._distances is None:
-            init()
+            self._nv.init()
             self._distances = self._topology()
         return [row[:] for row in self._distances]
 
     def _topology(self) -> list[list[int]]:
+        nv = self._nv
         n = len(self._handles)
         matrix = [[LINK_SAME if i == j else LINK_SYSTEM for j in range(n)] for i in range(n)]
         for i in range(n):
             for j in range(i + 1, n):
-                level = _optional("topology query", pynvml.nvmlDeviceGetTopologyCommonAncestor,
-                                  self._handles[i], self._handles[j])
-                link = LINK_SYSTEM if level is None else _LEVELS.get(int(level), LINK_SYSTEM)
-                matrix[i][j] = matrix[j][i] = link
+                matrix[i][j] = matrix[j][i] = nv.level(self._handles[i], self._handles[j])
         bus_ids: dict[tuple[int, int, int], int] = {}
         for i, handle in enumerate(self._handles):
-            pci = _optional("PCI query", pynvml.nvmlDeviceGetPciInfo, handle)
+            pci = nv.optional("PCI query", nv.lib.nvmlDeviceGetPciInfo, handle)
             if pci is not None:
                 bus_ids[(int(pci.domain), int(pci.bus), int(pci.device))] = i
         on_switch: set[int] = set()
         for i, handle in enumerate(self._handles):
-            for peer in self._nvlink_peers(handle, bus_ids, on_switch, i):
+            for peer in nv.nvlink_peers(handle, bus_ids, on_switch, i):
                 if peer != i:
                     matrix[i][peer] = matrix[peer][i] = LINK_NVLINK
         for i in on_switch:
@@ -288,34 +339,8 @@ class NvmlBackend:
                     matrix[i][j] = LINK_NVLINK
         return matrix
 
-    @staticmethod
-    def _nvlink_peers(handle: Any, bus_ids: dict[tuple[int, int, int], int], on_switch: set[int],
-                      index: int) -> list[int]:
-        """GPUs at the far end of ``handle``'s active NVLinks; notes NVSwitch links in ``on_switch``."""
-        peers = []
-        for link in range(int(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18))):
-            try:
-                if not pynvml.nvmlDeviceGetNvLinkState(handle, link):
-                    continue
-                remote = pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link)
-            except pynvml.NVMLError as exc:
-                if _code(exc) in (_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
-                    break  # no NVLink on this device
-                continue  # past this device's last link (INVALID_ARGUMENT) or a link NVML cannot read
-            key = (int(remote.domain), int(remote.bus), int(remote.device))
-            if key in bus_ids:
-                peers.append(bus_ids[key])
-                continue
-            try:
-                kind = pynvml.nvmlDeviceGetNvLinkRemoteDeviceType(handle, link)
-            except (pynvml.NVMLError, AttributeError):
-                continue
-            if kind == pynvml.NVML_NVLINK_DEVICE_TYPE_SWITCH:
-                on_switch.add(index)
-        return peers
-
     def driver_version(self) -> str | None:
-        return driver_version()
+        return self._nv.driver_version()
 
     def cuda_driver_version(self) -> str | None:
-        return cuda_driver_version()
+        return self._nv.cuda_driver_version()
