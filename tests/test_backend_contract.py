@@ -1,4 +1,4 @@
-"""One set of tests for every GPU backend.
+"""One set of tests for every GPU backend, then the NVML backend's driver behaviours without a GPU.
 
 The contract runs over the simulated backend (its shared usage file) and the NVML backend driven by
 :mod:`tests.fake_nvml`, both describing the same machine: two 80 GiB GPUs on one PCIe host bridge,
@@ -12,6 +12,9 @@ import dataclasses
 import inspect
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import typing
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,9 +37,10 @@ from chronos.devices.base import (
     Device,
     GpuProcess,
 )
-from chronos.errors import InvalidRequestError
+from chronos.errors import BackendError, InvalidRequestError
 from tests import fake_nvml
-from tests.fake_nvml import NOT_AVAILABLE, FakeGpu, FakeNvml, FakeProcess
+from tests.conftest import ROOT
+from tests.fake_nvml import NOT_AVAILABLE, SWITCH, FakeGpu, FakeNvml, FakeProcess
 
 GiB = 1 << 30
 UUID_RE = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -238,3 +242,383 @@ def test_the_fake_refuses_calls_before_init() -> None:
     with pytest.raises(fake_nvml.NVMLError) as info:
         fake.nvmlDeviceGetCount()
     assert info.value.value == pynvml.NVML_ERROR_UNINITIALIZED
+
+
+# --------------------------------------------------------------------------- NVML: values not available
+
+
+def test_process_memory_not_available_is_none() -> None:
+    fake = FakeNvml(_gpus(1))
+    fake.gpus[0].processes = [FakeProcess(10, None), FakeProcess(11, NOT_AVAILABLE), FakeProcess(12, 2 * GiB)]
+    backend = nvml.NvmlBackend(lib=fake)
+    assert [(p.pid, p.used_bytes) for p in backend.processes()] == [(10, None), (11, None), (12, 2 * GiB)]
+    assert backend.devices()[0].memory_used_bytes == 2 * GiB
+
+
+def test_utilisation_not_supported_is_none() -> None:
+    fake = FakeNvml(_gpus(3))
+    fake.gpus[0].utilization = None  # e.g. a MIG instance
+    fake.gpus[1].utilization = 37
+    fake.gpus[2].utilization = 255  # nonsense from the driver
+    assert [d.utilization_percent for d in nvml.NvmlBackend(lib=fake).devices()] == [None, 37, None]
+
+
+def test_utilisation_call_missing_from_the_driver_is_none() -> None:
+    fake = FakeNvml(_gpus(2, utilization=50), errors={"nvmlDeviceGetUtilizationRates": 13})
+    assert [d.utilization_percent for d in nvml.NvmlBackend(lib=fake).devices()] == [None, None]
+
+
+# --------------------------------------------------------------------------- NVML: memory query versions
+
+
+def _reserving(**kwargs: typing.Any) -> FakeNvml:
+    """One GPU with 8 GiB in a process and 1 GiB the driver reserves (used in v1, not in v2)."""
+    fake = FakeNvml(_gpus(1, reserved=GiB), **kwargs)
+    fake.gpus[0].processes.append(FakeProcess(ME, 8 * GiB))
+    return fake
+
+
+def test_memory_comes_from_the_v2_query() -> None:
+    assert nvml.NvmlBackend(lib=_reserving()).devices()[0].memory_used_bytes == 8 * GiB
+
+
+def test_memory_from_v1_where_the_binding_has_no_v2() -> None:
+    fake = _reserving(missing={"nvmlMemory_v2"})
+    assert nvml.NvmlBackend(lib=fake).devices()[0].memory_used_bytes == 9 * GiB
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+                                  pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH])
+def test_memory_falls_back_to_v1_and_remembers(code: int) -> None:
+    fake = _reserving(memory_v2_error=code)
+    backend = nvml.NvmlBackend(lib=fake)
+    assert backend.devices()[0].memory_used_bytes == 9 * GiB
+    fake.memory_v2_error = None  # v2 is not asked again once the driver said it lacks it
+    assert backend.devices()[0].memory_used_bytes == 9 * GiB
+    assert nvml.NvmlBackend(lib=_reserving()).devices()[0].memory_used_bytes == 8 * GiB  # per library
+
+
+def test_memory_v2_failing_after_it_worked_is_an_error() -> None:
+    fake = _reserving()
+    backend = nvml.NvmlBackend(lib=fake)
+    assert backend.devices()[0].memory_used_bytes == 8 * GiB
+    fake.memory_v2_error = pynvml.NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(BackendError, match=r"^NVML memory query failed: Not Supported$"):
+        backend.devices()
+
+
+def test_memory_v2_failing_otherwise_is_an_error_not_a_fallback() -> None:
+    backend = nvml.NvmlBackend(lib=_reserving(memory_v2_error=pynvml.NVML_ERROR_GPU_IS_LOST))
+    with pytest.raises(BackendError, match=r"^NVML memory query failed: GPU is lost$"):
+        backend.devices()
+
+
+# --------------------------------------------------------------------------- NVML: process queries
+
+
+def _one_of_each_kind() -> list[FakeGpu]:
+    gpus = _gpus(1)
+    gpus[0].processes = [FakeProcess(10, GiB, "compute"), FakeProcess(11, 2 * GiB, "graphics"),
+                         FakeProcess(12, 3 * GiB, "MPS")]
+    return gpus
+
+
+@pytest.mark.parametrize("how", ["mismatch", "missing", "absent"])
+def test_process_calls_fall_back_to_v2(how: str) -> None:
+    unversioned = {"nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses",
+                   "nvmlDeviceGetMPSComputeRunningProcesses"}
+    if how == "absent":  # a binding without the unversioned calls
+        fake = FakeNvml(_one_of_each_kind(), missing=unversioned)
+    else:  # the unversioned calls are newer than the driver's library
+        fake = FakeNvml(_one_of_each_kind(), unversioned_processes=how)
+    got = nvml.NvmlBackend(lib=fake).processes()
+    assert [(p.pid, p.used_bytes) for p in got] == [(10, GiB), (11, 2 * GiB), (12, 3 * GiB)]
+    assert {name + "_v2" for name in unversioned} <= set(fake.calls)
+
+
+def test_process_calls_missing_everywhere_find_nothing() -> None:
+    fake = FakeNvml(_one_of_each_kind(), unversioned_processes="mismatch",
+                    errors={"nvmlDeviceGetComputeRunningProcesses_v2": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND},
+                    missing={"nvmlDeviceGetGraphicsRunningProcesses_v2"})
+    assert [p.pid for p in nvml.NvmlBackend(lib=fake).processes()] == [12]
+
+
+def test_a_process_kind_not_supported_is_empty() -> None:
+    fake = FakeNvml(_one_of_each_kind(), errors={
+        "nvmlDeviceGetGraphicsRunningProcesses": pynvml.NVML_ERROR_NOT_SUPPORTED,
+        "nvmlDeviceGetMPSComputeRunningProcesses": pynvml.NVML_ERROR_NOT_SUPPORTED,
+    })
+    assert [p.pid for p in nvml.NvmlBackend(lib=fake).processes()] == [10]
+    assert "nvmlDeviceGetGraphicsRunningProcesses_v2" not in fake.calls  # not supported is not a version problem
+
+
+def test_compute_graphics_and_mps_merge_per_device_and_pid() -> None:
+    gpus = _gpus(2)
+    gpus[0].processes = [
+        FakeProcess(100, 4 * GiB, "compute"), FakeProcess(100, None, "graphics"), FakeProcess(100, 6 * GiB, "MPS"),
+        FakeProcess(200, None, "graphics"),
+        FakeProcess(300, None, "compute"), FakeProcess(300, 3 * GiB, "graphics"),
+        FakeProcess(400, 5 * GiB, "compute"), FakeProcess(400, None, "MPS"),
+        FakeProcess(50, 2 * GiB, "MPS"),
+    ]
+    gpus[1].processes = [FakeProcess(100, GiB, "compute")]
+    backend = nvml.NvmlBackend(lib=FakeNvml(gpus))
+    got = [(p.device_index, p.device_uuid, p.pid, p.used_bytes) for p in backend.processes()]
+    assert got == [(0, _uuid(0), 50, 2 * GiB), (0, _uuid(0), 100, 6 * GiB), (0, _uuid(0), 200, None),
+                   (0, _uuid(0), 300, 3 * GiB), (0, _uuid(0), 400, 5 * GiB), (1, _uuid(1), 100, GiB)]
+    assert [p.pid for p in backend.processes([1])] == [100]
+
+
+# --------------------------------------------------------------------------- NVML: topology
+
+
+@pytest.mark.parametrize(("level", "link"), [
+    (pynvml.NVML_TOPOLOGY_INTERNAL, LINK_SAME),
+    (pynvml.NVML_TOPOLOGY_SINGLE, LINK_PCIE_SWITCH),
+    (pynvml.NVML_TOPOLOGY_MULTIPLE, LINK_PCIE_MULTI),
+    (pynvml.NVML_TOPOLOGY_HOSTBRIDGE, LINK_HOST_BRIDGE),
+    (pynvml.NVML_TOPOLOGY_NODE, LINK_NUMA),
+    (pynvml.NVML_TOPOLOGY_SYSTEM, LINK_SYSTEM),
+    (77, LINK_SYSTEM),  # a level newer than this code
+])
+def test_pcie_levels_map_to_links(level: int, link: int) -> None:
+    backend = nvml.NvmlBackend(lib=FakeNvml(_gpus(2), topology=level))
+    assert backend.distances() == [[LINK_SAME, link], [link, LINK_SAME]]
+
+
+def test_topology_not_supported_is_across_the_system() -> None:
+    fake = FakeNvml(_gpus(2), errors={"nvmlDeviceGetTopologyCommonAncestor": pynvml.NVML_ERROR_NOT_SUPPORTED})
+    assert nvml.NvmlBackend(lib=fake).distances()[0][1] == LINK_SYSTEM
+
+
+def test_an_nvlink_pair_beside_a_pcie_gpu() -> None:
+    gpus = _gpus(3)
+    gpus[0].nvlinks = [1, 1, None]  # two links to GPU 1 and one that is down
+    gpus[1].nvlinks = [0, 0, None, None]
+    fake = FakeNvml(gpus, topology=pynvml.NVML_TOPOLOGY_NODE, links={(0, 1): pynvml.NVML_TOPOLOGY_SYSTEM})
+    backend = nvml.NvmlBackend(lib=fake)
+    n, u = LINK_NVLINK, LINK_NUMA
+    assert backend.distances() == [[LINK_SAME, n, u], [n, LINK_SAME, u], [u, u, LINK_SAME]]
+    asked = fake.calls.count("nvmlDeviceGetTopologyCommonAncestor")
+    assert backend.distances()[0][1] == n
+    assert fake.calls.count("nvmlDeviceGetTopologyCommonAncestor") == asked  # cached
+
+
+def test_an_nvlink_seen_from_one_end_only_is_still_a_pair() -> None:
+    gpus = _gpus(2)
+    gpus[1].nvlinks = [0]
+    backend = nvml.NvmlBackend(lib=FakeNvml(gpus, topology=pynvml.NVML_TOPOLOGY_SYSTEM))
+    assert backend.distances() == [[LINK_SAME, LINK_NVLINK], [LINK_NVLINK, LINK_SAME]]
+
+
+def test_gpus_on_an_nvswitch_are_all_nvlinked() -> None:
+    gpus = _gpus(5)
+    for gpu in gpus[:4]:
+        gpu.nvlinks = [SWITCH] * 18
+    backend = nvml.NvmlBackend(lib=FakeNvml(gpus, topology=pynvml.NVML_TOPOLOGY_SYSTEM))
+    m = backend.distances()
+    for i in range(5):
+        for j in range(5):
+            want = LINK_SAME if i == j else LINK_NVLINK if i < 4 and j < 4 else LINK_SYSTEM
+            assert m[i][j] == want, (i, j)
+
+
+# --------------------------------------------------------------------------- NVML: driver and errors
+
+
+@pytest.mark.parametrize("error", [pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+                                   OSError("libnvidia-ml.so.1: cannot open shared object file")])
+def test_no_driver_is_driver_not_found(error: int | Exception) -> None:
+    with pytest.raises(nvml.DriverNotFoundError) as info:
+        nvml.NvmlBackend(lib=FakeNvml(_gpus(1), init_error=error))
+    message = str(info.value)
+    assert message.startswith("no NVIDIA driver found (")
+    assert "CHRONOS_BACKEND=simulated" in message
+    assert "\n" not in message
+
+
+def test_another_init_failure_is_a_backend_error_not_a_missing_driver() -> None:
+    with pytest.raises(BackendError) as info:
+        nvml.NvmlBackend(lib=FakeNvml(_gpus(1), init_error=pynvml.NVML_ERROR_NO_PERMISSION))
+    assert not isinstance(info.value, nvml.DriverNotFoundError)
+    assert str(info.value) == "NVML initialisation failed: Insufficient Permissions"
+
+
+def test_nvml_is_initialised_once_and_again_in_a_forked_child() -> None:
+    fake = FakeNvml(_gpus(2))
+    backend = nvml.NvmlBackend(lib=fake)
+    for _ in range(3):
+        backend.devices()
+        backend.processes()
+        backend.distances()
+        backend.driver_version()
+    assert fake.calls.count("nvmlInit") == 1
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            backend.devices()
+            backend.devices()
+            os._exit(fake.calls.count("nvmlInit"))
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert fake.calls.count("nvmlInit") == 1
+
+
+@pytest.mark.parametrize(("call", "query", "action"), [
+    ("nvmlDeviceGetCount", "device count query", "__init__"),
+    ("nvmlDeviceGetHandleByIndex", "handle query for GPU 0", "__init__"),
+    ("nvmlDeviceGetUUID", "UUID query for GPU 0", "__init__"),
+    ("nvmlDeviceGetName", "name query for GPU 0", "__init__"),
+    ("nvmlDeviceGetMemoryInfo", "memory query", "devices"),
+    ("nvmlDeviceGetUtilizationRates", "utilisation query for GPU 0", "devices"),
+    ("nvmlDeviceGetComputeRunningProcesses", "compute process query", "processes"),
+    ("nvmlDeviceGetGraphicsRunningProcesses", "graphics process query", "processes"),
+    ("nvmlDeviceGetMPSComputeRunningProcesses", "MPS process query", "processes"),
+    ("nvmlDeviceGetTopologyCommonAncestor", "topology query", "distances"),
+    ("nvmlDeviceGetPciInfo", "PCI query", "distances"),
+    ("nvmlSystemGetDriverVersion", "driver version query", "driver_version"),
+    ("nvmlSystemGetCudaDriverVersion", "CUDA driver version query", "cuda_driver_version"),
+])
+def test_any_other_nvml_error_is_a_one_line_backend_error(call: str, query: str, action: str) -> None:
+    fake = FakeNvml(_gpus(2))
+    backend = None if action == "__init__" else nvml.NvmlBackend(lib=fake)
+    error = fake_nvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+    error.text = "GPU is lost:\n  Xid 79 on 0000:18:00.0 "
+    fake.errors[call] = error
+    with pytest.raises(BackendError) as info:
+        if backend is None:
+            nvml.NvmlBackend(lib=fake)
+        else:
+            getattr(backend, action)()
+    assert str(info.value) == f"NVML {query} failed: GPU is lost: Xid 79 on 0000:18:00.0"
+    assert not isinstance(info.value, nvml.DriverNotFoundError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no NVML traceback behind it
+
+
+def test_a_library_mismatch_on_a_plain_call_is_a_backend_error() -> None:
+    fake = FakeNvml(_gpus(1), errors={"nvmlDeviceGetCount": fake_nvml.NVMLLibraryMismatchError("too new")})
+    with pytest.raises(BackendError, match=r"^NVML device count query failed: too new$"):
+        nvml.NvmlBackend(lib=fake)
+
+
+def test_strings_from_an_older_binding_as_bytes() -> None:
+    fake = FakeNvml(_gpus(1, name="Tesla V100"), driver=b"470.82.01")  # type: ignore[arg-type]
+    fake.gpus[0].uuid = _uuid(0).encode()  # type: ignore[assignment]
+    backend = nvml.NvmlBackend(lib=fake)
+    assert backend.devices()[0].uuid == _uuid(0)
+    assert backend.driver_version() == "470.82.01"
+
+
+@pytest.mark.parametrize(("value", "want"), [(12040, "12.4"), (11080, "11.8"), (13000, "13.0"), (0, None)])
+def test_cuda_driver_version(value: int, want: str | None) -> None:
+    assert nvml.NvmlBackend(lib=FakeNvml(_gpus(1), cuda=value)).cuda_driver_version() == want
+
+
+def test_cuda_driver_version_not_supported_is_none() -> None:
+    fake = FakeNvml(_gpus(1), errors={"nvmlSystemGetCudaDriverVersion": pynvml.NVML_ERROR_NOT_SUPPORTED})
+    assert nvml.NvmlBackend(lib=fake).cuda_driver_version() is None
+
+
+# --------------------------------------------------------------------------- the real module over the fake
+
+
+_PRELUDE = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.fake_nvml import FakeGpu, FakeNvml
+sys.modules["pynvml"] = FakeNvml({gpus}, **{kwargs!r})  # in place of the NVIDIA library
+"""
+
+
+def _with_fake_pynvml(code: str, gpus: int, backend: str = "auto",
+                      **kwargs: typing.Any) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python whose ``import pynvml`` gets a fake with ``gpus`` GPUs."""
+    gpu_list = f"[FakeGpu(uuid='GPU-{{:08x}}-0000-4000-8000-000000000000'.format(i)) for i in range({gpus})]"
+    prelude = _PRELUDE.format(root=str(ROOT), gpus=gpu_list, kwargs=kwargs)
+    env = dict(os.environ, CHRONOS_BACKEND=backend, CHRONOS_SIM_GPUS="2x80G")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(prelude) + textwrap.dedent(code)],
+                          env=env, text=True, capture_output=True, timeout=60)
+
+
+_SELECT = """
+from chronos.devices import get_backend
+from chronos.errors import BackendError
+try:
+    backend = get_backend()
+except BackendError as exc:
+    print("error:", type(exc).__name__, exc)
+else:
+    print(backend.name, len(backend.devices()), get_backend() is backend)
+"""
+
+_FALLBACK = "(set CHRONOS_SIM_GPUS to change them, CHRONOS_BACKEND=simulated to silence this)"
+
+
+def test_auto_picks_nvml_where_the_driver_has_gpus() -> None:
+    out = _with_fake_pynvml(_SELECT, gpus=3)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["nvml", "3", "True"]
+    assert out.stderr == ""
+
+
+@pytest.mark.parametrize(("gpus", "kwargs", "reason"), [
+    (2, {"init_error": pynvml.NVML_ERROR_LIBRARY_NOT_FOUND}, "no NVIDIA driver found"),
+    (2, {"init_error": pynvml.NVML_ERROR_DRIVER_NOT_LOADED}, "no NVIDIA driver found"),
+    (0, {}, "the NVIDIA driver reports no GPU"),
+])
+def test_auto_falls_back_to_simulated_and_says_why(gpus: int, kwargs: dict[str, typing.Any], reason: str) -> None:
+    out = _with_fake_pynvml(_SELECT, gpus=gpus, **kwargs)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["simulated", "2", "True"]
+    assert out.stderr.splitlines() == [f"chronos: {reason}; using 2 simulated GPUs {_FALLBACK}"]
+
+
+def test_auto_does_not_hide_a_broken_driver() -> None:
+    out = _with_fake_pynvml(_SELECT, gpus=2, init_error=pynvml.NVML_ERROR_NO_PERMISSION)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "error: BackendError NVML initialisation failed: Insufficient Permissions"
+    assert out.stderr == ""
+
+
+def test_nvml_chosen_without_a_driver_is_an_error() -> None:
+    out = _with_fake_pynvml(_SELECT, gpus=2, backend="nvml", init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("error: DriverNotFoundError no NVIDIA driver found (")
+    assert out.stderr == ""
+
+
+_MODULE = """
+from chronos.devices import nvml
+from chronos.errors import BackendError
+try:
+    print(nvml.driver_version(), nvml.cuda_driver_version(), end=" ")
+except BackendError as exc:
+    print(type(exc).__name__, end=" ")
+print(nvml.has_cgroup_memory_limits())
+"""
+
+
+@pytest.mark.parametrize(("kwargs", "want"), [
+    ({"cgroup_limits": True}, "550.54.15 12.4 True"),
+    ({"cgroup_limits": False}, "550.54.15 12.4 False"),
+    ({"cgroup_limits": True, "missing": {"nvmlDeviceSetMemoryLimits_v1"}}, "550.54.15 12.4 False"),
+    ({"cgroup_limits": True, "init_error": pynvml.NVML_ERROR_LIBRARY_NOT_FOUND}, "DriverNotFoundError False"),
+])
+def test_module_functions_use_the_real_binding(kwargs: dict[str, typing.Any], want: str) -> None:
+    out = _with_fake_pynvml(_MODULE, gpus=1, **kwargs)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want
+
+
+def test_the_real_binding_is_initialised_once_per_process() -> None:
+    out = _with_fake_pynvml("""
+        import pynvml
+        from chronos.devices import nvml
+        first, second = nvml.NvmlBackend(), nvml.NvmlBackend()
+        first.devices(), second.processes(), nvml.driver_version(), nvml.init()
+        print(pynvml.calls.count("nvmlInit"))
+    """, gpus=2)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
