@@ -3,72 +3,108 @@
 >>> import chronos
 >>> with chronos.reserve("8G", "2h") as lease:
 ...     print(lease.id, lease.devices, lease.remaining)
+
+Every public name is re-exported here and imported on first use, so ``import chronos`` (and so
+every CLI start, ``chronos --version`` included) stays light.
 """
 
-from typing import TYPE_CHECKING
+from __future__ import annotations
 
-from chronos.api import extend, get_lease, leases, make_devices_callable, release, reserve
-from chronos.compat import Partition, Partitioner, is_stub_mode
-from chronos.config import ConfigError
-from chronos.engine import DeviceStatus, Engine, WaitUpdate
-from chronos.errors import (
-    BackendError,
-    ChronosError,
-    InvalidRequestError,
-    LeaseNotFoundError,
-    NotAllowedError,
-    StateError,
-    UnavailableError,
-)
-from chronos.lease import Lease
-from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
-
-if TYPE_CHECKING:
-    from chronos.enforce.watchdog import Watchdog, WatchdogEvent
-    from chronos.run import RunResult
-    from chronos.run import run as run_command
-    from chronos.stats import QueueEntry, Suggestion, queue, suggest
+import importlib
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "2.0.0"
 
-# ``chronos.devices`` is the backends package; calling it lists devices with their lease accounting.
-make_devices_callable()
+if TYPE_CHECKING:
+    from chronos.api import detailed_stats, extend, get_lease, gpus, leases, queue, release, reserve, suggest
+    from chronos.compat import Partition, Partitioner, is_stub_mode
+    from chronos.config import ConfigError
+    from chronos.enforce.watchdog import Watchdog, WatchdogEvent
+    from chronos.engine import DeviceStatus, Engine, WaitUpdate
+    from chronos.errors import (
+        BackendError,
+        ChronosError,
+        InvalidRequestError,
+        LeaseNotFoundError,
+        NotAllowedError,
+        StateError,
+        UnavailableError,
+    )
+    from chronos.lease import Lease
+    from chronos.model import Action, LeaseRecord, LeaseState, Priority
+    from chronos.run import RunResult
+    from chronos.run import run as run_command
+    from chronos.stats import DetailedStats, QueueEntry, Suggestion
+    from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
-# Imported on first use, so that `import chronos` (and every CLI start) stays light.
-_LAZY = {
-    "suggest": ("chronos.stats", "suggest"),
-    "Suggestion": ("chronos.stats", "Suggestion"),
-    "queue": ("chronos.stats", "queue"),
-    "QueueEntry": ("chronos.stats", "QueueEntry"),
-    "run_command": ("chronos.run", "run"),
-    "RunResult": ("chronos.run", "RunResult"),
-    "Watchdog": ("chronos.enforce.watchdog", "Watchdog"),
-    "WatchdogEvent": ("chronos.enforce.watchdog", "WatchdogEvent"),
+_EXPORTS = {
+    "chronos.api": ("detailed_stats", "extend", "get_lease", "gpus", "leases", "queue", "release", "reserve",
+                    "suggest"),
+    "chronos.compat": ("Partition", "Partitioner", "is_stub_mode"),
+    "chronos.config": ("ConfigError",),
+    "chronos.engine": ("DeviceStatus", "Engine", "WaitUpdate"),
+    "chronos.enforce.watchdog": ("Watchdog", "WatchdogEvent"),
+    "chronos.errors": ("BackendError", "ChronosError", "InvalidRequestError", "LeaseNotFoundError",
+                       "NotAllowedError", "StateError", "UnavailableError"),
+    "chronos.lease": ("Lease",),
+    "chronos.model": ("Action", "LeaseRecord", "LeaseState", "Priority"),
+    "chronos.run": ("RunResult",),
+    "chronos.stats": ("DetailedStats", "QueueEntry", "Suggestion"),
+    "chronos.units": ("format_bytes", "format_duration", "parse_duration", "parse_memory"),
 }
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE["run_command"] = "chronos.run"
+_RENAMED = {"run_command": "run"}
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        try:  # a submodule, as ``chronos.engine`` was when this package imported everything at once
+            return importlib.import_module(f"chronos.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"chronos.{name}":
+                raise
+        raise AttributeError(f"module 'chronos' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
 
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'chronos' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+class _DevicesPackage(types.ModuleType):
+    """``chronos.devices`` is the backends package, and ``chronos.devices()`` (the 2.0 name of
+    :func:`chronos.gpus`) still lists the GPUs. Python documents setting a module's ``__class__``
+    to a subclass as the way to give a module such behaviour; typed code calls ``chronos.gpus()``."""
+
+    def __call__(self) -> list[DeviceStatus]:
+        return list(__getattr__("gpus")())
+
+
+_devices_package = importlib.import_module("chronos.devices")
+_devices_package.__class__ = _DevicesPackage
 
 __all__ = [
+    "Action",
     "BackendError",
     "ChronosError",
     "ConfigError",
+    "DetailedStats",
     "DeviceStatus",
     "Engine",
     "InvalidRequestError",
     "Lease",
     "LeaseNotFoundError",
+    "LeaseRecord",
+    "LeaseState",
     "NotAllowedError",
     "Partition",
     "Partitioner",
+    "Priority",
     "QueueEntry",
     "RunResult",
     "StateError",
@@ -78,11 +114,13 @@ __all__ = [
     "Watchdog",
     "WatchdogEvent",
     "__version__",
+    "detailed_stats",
     "devices",
     "extend",
     "format_bytes",
     "format_duration",
     "get_lease",
+    "gpus",
     "is_stub_mode",
     "leases",
     "parse_duration",

@@ -1,27 +1,53 @@
-"""Who uses which GPU memory: pure functions over a backend's process list and the active leases.
+"""Which processes belong to which lease, and how much GPU memory each lease uses.
 
-``chronos stats`` uses :func:`unmanaged` to report GPU processes that hold no lease, or that use a
-device their lease does not name; the watchdog uses :class:`TreeMembership` to tell which GPU
-processes belong to a lease holder's process tree.
+This is the one rule. Admission (memory no lease accounts for counts against a device), the
+watchdog (what it enforces) and the widget and ``chronos stats`` (what a user sees) all ask
+:class:`Membership`, so the figure shown and the figure enforced are the same figure.
+
+A process belongs to a lease when, in this order:
+
+1. it, or one of its ancestors, is the lease's holder (pid *and* start time);
+2. its environment names the lease (``CHRONOS_LEASE_ID``, which ``lease.env()`` sets): a program
+   that detaches (a double fork, ``nohup … &``, a daemon) keeps it. Environments are readable for
+   one's own processes, or by root;
+3. its owner holds exactly one active lease with no holder, which it is then given.
+
+A process keeps the answer it first got while it lives, so a child re-parented to init when its
+parent exits stays with its lease. The functions below are pure given a :class:`Judge`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import psutil
 
 from chronos import procs
-from chronos.devices.base import GpuProcess
-from chronos.lease import Lease
+from chronos.devices.base import Device, GpuProcess
+from chronos.model import LeaseRecord, LeaseState
 
-__all__ = ["NO_LEASE", "WRONG_DEVICE", "TreeMembership", "Unmanaged", "lease_of_process", "unmanaged"]
+__all__ = [
+    "LEASE_ENV",
+    "NO_LEASE",
+    "WRONG_DEVICE",
+    "DeviceStatus",
+    "Judge",
+    "Membership",
+    "Unmanaged",
+    "unmanaged",
+    "unmanaged_bytes",
+    "usage",
+]
 
+#: The variable ``lease.env()`` sets in a lease's processes.
+LEASE_ENV = "CHRONOS_LEASE_ID"
 NO_LEASE = "no lease"
 WRONG_DEVICE = "device not in lease"
 _TOLERANCE_S = 0.05
+_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -33,66 +59,133 @@ class Unmanaged:
     lease_id: str | None = None
 
 
-def unmanaged(
-    processes: Iterable[GpuProcess],
-    leases: Sequence[Lease],
-    owner_of: Callable[[int], str | None] | None = None,
-) -> list[Unmanaged]:
-    """GPU processes that hold no lease or use a device their lease does not name.
+@dataclass(frozen=True)
+class DeviceStatus:
+    """A device with its lease accounting: what is reserved, used outside leases, and still free."""
 
-    ``owner_of(pid)`` names the lease a process belongs to (None: no lease). The default follows
-    each process's parents up to a lease holder (pid and start time), then looks for
-    ``CHRONOS_LEASE_ID`` in its environment (readable for one's own processes, or as root), and
-    last gives it to its owner's only unbound lease, if there is one. Only active leases count.
-    Pure when ``owner_of`` is given.
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_reserved_bytes: int
+    memory_available_bytes: int
+    active_leases: int
+    utilization_percent: int | None
+    unmanaged_bytes: int
+    #: GPU processes here that hold no lease, or whose lease does not name this device.
+    unmanaged_processes: tuple[Unmanaged, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["unmanaged_processes"] = [
+            {"pid": u.process.pid, "used_bytes": u.process.used_bytes, "reason": u.reason, "lease_id": u.lease_id}
+            for u in self.unmanaged_processes
+        ]
+        return data
+
+
+class Judge(Protocol):
+    """Who decides which lease a pid belongs to: :class:`Membership`, or a table in a pure test."""
+
+    @property
+    def leases(self) -> Sequence[LeaseRecord]: ...
+
+    def lease_of(self, pid: int) -> str | None: ...
+
+
+class Membership:
+    """The lease each process belongs to, over one set of active leases (see the module doc).
+
+    ``roots`` overrides a lease's holder as the root of its tree (``lease id -> (pid, start)``):
+    ``chronos run`` and a kernel's watchdog watch the command they started.
     """
-    active = [lease for lease in leases if lease.state == "active"]
-    by_id = {lease.id: lease for lease in active}
-    resolve = owner_of if owner_of is not None else lease_of_process(active)
-    out: list[Unmanaged] = []
-    for proc in processes:
-        lease_id = resolve(proc.pid)
-        lease = by_id.get(lease_id) if lease_id else None
-        if lease is None:
-            out.append(Unmanaged(proc, NO_LEASE))
-        elif proc.device_index not in lease.devices and proc.device_uuid not in lease.device_uuids:
-            out.append(Unmanaged(proc, WRONG_DEVICE, lease.id))
-    return out
 
+    def __init__(self, leases: Sequence[LeaseRecord] = (),
+                 roots: dict[str, tuple[int, float | None]] | None = None) -> None:
+        self._roots = dict(roots or {})
+        self._cache: dict[int, tuple[float | None, str | None]] = {}
+        self._leases: tuple[LeaseRecord, ...] = ()
+        self.update(leases)
 
-def lease_of_process(leases: Sequence[Lease]) -> Callable[[int], str | None]:
-    """A resolver pid -> lease id over ``leases``, by ancestry first, then by environment."""
-    holders = {lease.pid: lease for lease in leases if lease.pid is not None}
-    ids = {lease.id for lease in leases}
+    @property
+    def leases(self) -> tuple[LeaseRecord, ...]:
+        """The active leases judged against."""
+        return self._leases
 
-    def resolve(pid: int) -> str | None:
+    def update(self, leases: Sequence[LeaseRecord]) -> None:
+        """Judge against a new set of leases; answers for leases still there are kept."""
+        active = tuple(lease for lease in leases if lease.state == LeaseState.ACTIVE)
+        self._leases = active
+        self._by_id = {lease.id: lease for lease in active}
+        self._holders: dict[int, tuple[str, float | None]] = {}
+        for lease in active:
+            root = self._roots.get(lease.id)
+            if root is None and lease.pid is not None:
+                root = (lease.pid, lease.pid_start)
+            if root is not None:
+                self._holders[root[0]] = (lease.id, root[1])
+        unbound: dict[int, list[str]] = {}
+        for lease in active:
+            if lease.pid is None and lease.id not in self._roots:
+                unbound.setdefault(lease.uid, []).append(lease.id)
+        self._unbound = {uid: ids[0] for uid, ids in unbound.items() if len(ids) == 1}
+        self._cache = {pid: entry for pid, entry in self._cache.items()
+                       if entry[1] is not None and entry[1] in self._by_id}
+
+    def lease_of(self, pid: int) -> str | None:
+        """The id of the lease ``pid`` belongs to, or None."""
+        started = procs.start_time(pid)
+        cached = self._cache.get(pid)
+        if cached is not None and _same(cached[0], started):
+            return cached[1]
+        found = self._judge(pid)
+        if len(self._cache) > _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[pid] = (started, found)
+        return found
+
+    def _judge(self, pid: int) -> str | None:
         for ancestor, started in _ancestors(pid):
-            lease = holders.get(ancestor)
-            if lease is not None and (
-                lease.pid_start is None or started is None or abs(started - lease.pid_start) <= _TOLERANCE_S
-            ):
-                return lease.id
-        env_id: str | None = None
+            holder = self._holders.get(ancestor)
+            if holder is not None and _same(holder[1], started):
+                return holder[0]
         uid: int | None = None
+        named: str | None = None
         try:
             proc = psutil.Process(pid)
-            uid = _uid(proc)
-            env_id = proc.environ().get("CHRONOS_LEASE_ID")
+            uid = int(proc.uids().real)
+            named = proc.environ().get(LEASE_ENV)
         except (psutil.Error, OSError):
             pass
-        if env_id in ids:
-            return env_id
-        unbound = [lease.id for lease in leases if lease.pid is None and lease.uid == uid]
-        return unbound[0] if len(unbound) == 1 else None
+        if named in self._by_id:
+            return named
+        return self._unbound.get(uid) if uid is not None else None
 
-    return resolve
+    def members(self, lease_id: str) -> list[tuple[int, float]]:
+        """The lease's processes now, the root of its tree first: the tree as it is, plus every
+        process judged a member earlier that still runs. The calling process is left out unless
+        it is the root (a kernel's watchdog never signals the server hosting it)."""
+        root: tuple[int, float | None] | None = self._roots.get(lease_id)
+        lease = self._by_id.get(lease_id)
+        if root is None and lease is not None and lease.pid is not None:
+            root = (lease.pid, lease.pid_start)
+        me = os.getpid()
+        found: dict[int, float] = {}
+        if root is not None and procs.is_alive(root[0], root[1]):
+            for pid in sorted(procs.descendants(root[0]), key=lambda p: p != root[0]):
+                started = procs.start_time(pid)
+                if started is not None and (pid != me or pid == root[0]):
+                    found[pid] = started
+        for pid, (started, owner) in list(self._cache.items()):
+            if owner == lease_id and pid not in found and pid != me and started is not None \
+                    and procs.is_alive(pid, started):
+                found[pid] = started
+        return list(found.items())
 
 
-def _uid(proc: psutil.Process) -> int | None:
-    try:
-        return int(proc.uids().real)
-    except (psutil.Error, OSError):
-        return None
+def _same(a: float | None, b: float | None) -> bool:
+    return a is None or b is None or abs(a - b) <= _TOLERANCE_S
 
 
 def _ancestors(pid: int) -> list[tuple[int, float | None]]:
@@ -104,52 +197,60 @@ def _ancestors(pid: int) -> list[tuple[int, float | None]]:
         seen.add(current)
         try:
             proc = psutil.Process(current)
-            out.append((current, proc.create_time()))
+            out.append((current, procs.start_time(current)))
             current = proc.ppid()
         except (psutil.Error, OSError):
             break
     return out
 
 
-class TreeMembership:
-    """Whether a pid belongs to the tree under one root process, cached per (pid, start time).
+def usage(processes: Iterable[GpuProcess], membership: Judge) -> dict[str, dict[int, int | None]]:
+    """Memory each lease's processes use, per device of the lease: ``lease id -> device -> bytes``.
 
-    A process keeps the answer it first got while it lives, so one seen inside the tree stays a
-    member even when re-parented (a daemonised grandchild still counts against the lease).
-    Walking each GPU process's parents costs far less than listing the whole machine's processes every poll.
+    None for a device where the driver hides a member's usage (MPS on older drivers, some
+    containers). A lease's process on a device the lease does not name is not counted here
+    (:func:`unmanaged` reports it).
     """
+    by_id = {lease.id: lease for lease in membership.leases}
+    out: dict[str, dict[int, int | None]] = {}
+    for proc in processes:
+        lease_id = membership.lease_of(proc.pid)
+        lease = by_id.get(lease_id) if lease_id is not None else None
+        if lease is None or proc.device_index not in lease.devices:
+            continue
+        per = out.setdefault(lease.id, {})
+        if proc.used_bytes is None:
+            per[proc.device_index] = None
+        elif per.get(proc.device_index, 0) is not None:
+            per[proc.device_index] = (per.get(proc.device_index) or 0) + proc.used_bytes
+    return out
 
-    def __init__(self, root_pid: int, root_start: float | None = None) -> None:
-        self.root_pid = root_pid
-        self.root_start = root_start if root_start is not None else procs.start_time(root_pid)
-        self._cache: dict[int, tuple[float | None, bool]] = {}
 
-    def __contains__(self, pid: object) -> bool:
-        if not isinstance(pid, int):
-            return False
-        if pid == self.root_pid:
-            return True
-        started = procs.start_time(pid)
-        cached = self._cache.get(pid)
-        if cached is not None and (
-            cached[0] is None or started is None or abs(cached[0] - started) <= _TOLERANCE_S
-        ):
-            return cached[1]
-        member = any(p == self.root_pid for p, _ in _ancestors(pid)[1:])
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[pid] = (started, member)
-        return member
+def unmanaged(processes: Iterable[GpuProcess], membership: Judge) -> list[Unmanaged]:
+    """GPU processes that hold no lease or use a device their lease does not name."""
+    by_id = {lease.id: lease for lease in membership.leases}
+    out: list[Unmanaged] = []
+    for proc in processes:
+        lease_id = membership.lease_of(proc.pid)
+        lease = by_id.get(lease_id) if lease_id is not None else None
+        if lease is None:
+            out.append(Unmanaged(proc, NO_LEASE))
+        elif proc.device_index not in lease.devices and proc.device_uuid not in lease.device_uuids:
+            out.append(Unmanaged(proc, WRONG_DEVICE, lease.id))
+    return out
 
-    def members(self) -> list[tuple[int, float]]:
-        """The tree now (root first), each with its start time; the calling process left out
-        unless it is the root."""
-        me = os.getpid()
-        out: list[tuple[int, float]] = []
-        for pid in sorted(procs.descendants(self.root_pid), key=lambda p: p != self.root_pid):
-            if pid == me and pid != self.root_pid:
-                continue
-            started = procs.start_time(pid)
-            if started is not None:
-                out.append((pid, started))
-        return out
+
+def unmanaged_bytes(devices: Iterable[Device], processes: Sequence[GpuProcess],
+                    membership: Judge) -> dict[int, int]:
+    """Memory per device that no lease accounts for.
+
+    A lease's processes count against the lease, on its devices, up to its size; anything else a
+    device reports as used (other processes, usage above a lease, driver overhead) is unmanaged.
+    """
+    sizes = {lease.id: lease.memory_bytes for lease in membership.leases}
+    covered: dict[int, int] = {}
+    if processes and sizes:
+        for lease_id, per_device in usage(processes, membership).items():
+            for index, used in per_device.items():
+                covered[index] = covered.get(index, 0) + min(used or 0, sizes[lease_id])
+    return {d.index: max(0, d.memory_used_bytes - covered.get(d.index, 0)) for d in devices}

@@ -1,15 +1,60 @@
-"""The public calls, each a thin shim over the process-wide engine."""
+"""The module-level calls, each a thin shim over the process's default engine.
+
+These, the CLI, the magics and the provisioner are the only places that fetch the default engine;
+everything else is handed an engine. The default engine follows this process's settings
+(:func:`chronos.settings.current`): change ``CHRONOS_STATE_DIR`` or ``CHRONOS_SIM_GPUS`` and the
+next call uses a new one.
+"""
 
 from __future__ import annotations
 
-import types
+import threading
 from collections.abc import Callable, Sequence
 
-from chronos.engine import DeviceStatus, WaitUpdate, default_engine
+from chronos import settings, stats
+from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.lease import Lease
+from chronos.model import Priority
 from chronos.units import MemorySpec
 
-__all__ = ["devices", "extend", "get_lease", "leases", "make_devices_callable", "release", "reserve"]
+__all__ = [
+    "default_engine",
+    "detailed_stats",
+    "extend",
+    "get_lease",
+    "gpus",
+    "leases",
+    "queue",
+    "release",
+    "reserve",
+    "reset_default_engine",
+    "suggest",
+]
+
+_default: Engine | None = None
+_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """The engine for this process's current settings (a new one when they change)."""
+    global _default
+    current = settings.current()
+    with _lock:
+        if _default is None or _default.settings is not current:
+            if _default is not None:
+                _default.close()
+            _default = Engine(settings=current)
+        return _default
+
+
+def reset_default_engine() -> None:
+    """Close the default engine and forget the settings; the next call reads them again."""
+    global _default
+    settings.refresh()
+    with _lock:
+        if _default is not None:
+            _default.close()
+        _default = None
 
 
 def reserve(
@@ -19,11 +64,11 @@ def reserve(
     device: int | str | Sequence[int] | None = None,
     gpus: int | None = None,
     prefer: int | str | Sequence[int] | None = None,
-    priority: str | None = None,
+    priority: Priority | str | None = None,
     label: str | None = None,
     user: str | None = None,
     bind: bool | int = True,
-    wait: bool | float = False,
+    wait: bool | float | str | None = False,
     on_wait: Callable[[WaitUpdate], None] | None = None,
 ) -> Lease:
     """Reserve ``memory`` on GPUs for ``duration`` (default 1h) and return the lease.
@@ -33,8 +78,8 @@ def reserve(
     indices (all or none), ``gpus`` asks for N devices at once; otherwise the least-loaded device that
     fits is chosen. By default the lease is bound to the calling process and ends when it exits
     (``bind=False`` keeps it until released or expired; an int binds it to that pid). Without
-    ``wait`` a request that does not fit now raises UnavailableError; ``wait=True`` (or seconds)
-    queues it.
+    ``wait`` a request that does not fit now raises UnavailableError; ``wait=True`` (or
+    ``"forever"``) queues it, ``wait="10m"`` (or seconds) queues it at most that long.
     """
     return default_engine().reserve(
         memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority, label=label, user=user,
@@ -62,20 +107,21 @@ def leases(*, all: bool = False, user: str | None = None) -> list[Lease]:
     return default_engine().leases(all=all, user=user)
 
 
-def devices() -> list[DeviceStatus]:
-    """Every GPU with its memory total, used, reserved by leases and available."""
+def gpus() -> list[DeviceStatus]:
+    """Every GPU with its memory total, used, reserved by leases and available (also ``chronos.devices()``)."""
     return default_engine().devices()
 
 
-class _CallableDevicesModule(types.ModuleType):
-    """``chronos.devices`` is both the backends package and the ``chronos.devices()`` call."""
-
-    def __call__(self) -> list[DeviceStatus]:
-        return devices()
+def queue() -> list[stats.QueueEntry]:
+    """Every queued request in grant order, with its position and estimated start."""
+    return stats.queue(default_engine())
 
 
-def make_devices_callable() -> None:
-    """Let ``chronos.devices()`` work while ``chronos.devices.simulated`` stays importable."""
-    import chronos.devices as package
+def suggest(user: str | None = None) -> stats.Suggestion:
+    """Advice for your next request (or ``user``'s): how much, how long, where, and the command."""
+    return stats.suggest(default_engine(), user)
 
-    package.__class__ = _CallableDevicesModule
+
+def detailed_stats(user: str | None = None) -> stats.DetailedStats:
+    """Per-GPU reserved against used memory, and GPU-hours (every user's, or only ``user``'s)."""
+    return stats.detailed(default_engine(), user=user)

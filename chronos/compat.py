@@ -1,17 +1,21 @@
 """The original Chronos Python API, so its users' scripts run unchanged.
 
 ``Partitioner().create(device=0, memory=0.5, duration=3600)`` is a lease of half of GPU 0 for an
-hour, bound to the calling process like every lease made through the Python API.
+hour, bound to the calling process like every lease made through the Python API. A partitioner
+works on the default engine unless it is given one.
 """
 
 from __future__ import annotations
 
 import time
 
-from chronos.devices import is_simulated as _is_simulated
-from chronos.engine import default_engine
+from chronos.api import default_engine
+from chronos.engine import Engine
 from chronos.errors import ChronosError
-from chronos.lease import ACTIVE, Lease
+from chronos.lease import Lease
+from chronos.model import LeaseState
+
+ACTIVE = LeaseState.ACTIVE
 
 __all__ = ["Partition", "Partitioner", "is_stub_mode"]
 
@@ -83,8 +87,15 @@ class Partition:
 class Partitioner:
     """Creates, lists and releases partitions (leases) as the original API did."""
 
+    def __init__(self, engine: Engine | None = None) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine if self._engine is not None else default_engine()
+
     def _totals(self) -> dict[int, int]:
-        return {d.index: d.memory_total_bytes for d in default_engine().backend.devices()}
+        return {d.index: d.memory_total_bytes for d in self.engine.backend.devices()}
 
     def create(
         self, device: int = 0, memory: float = 0.5, duration: float = 3600, user: str | None = None
@@ -94,7 +105,7 @@ class Partitioner:
             raise ChronosError(f"memory must be a fraction in (0, 1], got {memory!r}")
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
             raise ChronosError(f"duration must be positive seconds, got {duration!r}")
-        lease = default_engine().reserve(float(memory), float(duration), device=device, user=user)
+        lease = self.engine.reserve(float(memory), float(duration), device=device, user=user)
         return Partition(lease, self._totals().get(device, 0))
 
     def list(self) -> list[Partition]:
@@ -102,20 +113,20 @@ class Partitioner:
         totals = self._totals()
         return [
             Partition(lease, totals.get(lease.devices[0], 0))
-            for lease in default_engine().leases()
+            for lease in self.engine.leases()
             if lease.state == ACTIVE
         ]
 
     def release(self, partition_id: str | int) -> bool:
         """Release a partition by id; True when it was active."""
-        lease = default_engine().get(str(partition_id))
+        lease = self.engine.get(str(partition_id))
         was_active = lease.state == ACTIVE
-        default_engine().release(lease.id)
+        self.engine.release(lease.id)
         return was_active
 
     def get_available(self, device: int = 0) -> float:
         """Percent of ``device``'s memory still available for new leases."""
-        for status in default_engine().devices():
+        for status in self.engine.devices():
             if status.index == device:
                 return 100.0 * status.memory_available_bytes / status.memory_total_bytes
         raise ChronosError(f"unknown GPU {device}")
@@ -123,4 +134,4 @@ class Partitioner:
 
 def is_stub_mode() -> bool:
     """True exactly when the GPUs are simulated."""
-    return _is_simulated()
+    return default_engine().backend.name == "simulated"

@@ -29,16 +29,17 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chronos.errors import InvalidRequestError
+from chronos.model import Action, Priority
+from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
 __all__ = [
     "DEFAULT_STATE_DIR",
-    "ON_EXPIRY",
     "SYSTEM_CONFIG",
     "Config",
     "ConfigError",
@@ -52,10 +53,6 @@ __all__ = [
 SYSTEM_CONFIG = Path("/etc/chronos/config.toml")
 #: Shared by every user of the machine with no setup; see docs/trust-model.md for hardening.
 DEFAULT_STATE_DIR = Path("/var/tmp/chronos")
-#: What happens to a lease's processes when it reaches its end, mildest first.
-ON_EXPIRY = ("warn", "interrupt", "terminate", "kill")
-_PRIORITIES = ("low", "normal", "high")  # as chronos.scheduler.PRIORITIES; config sits below it
-
 DEFAULT = "default"
 
 
@@ -76,9 +73,9 @@ class Config:
     max_leases_per_user: int | None = None
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
-    on_expiry: str = "terminate"
-    default_priority: str = "normal"
-    sources: dict[str, str] = field(default_factory=dict)
+    on_expiry: Action = Action.TERMINATE
+    default_priority: Priority = Priority.NORMAL
+    sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     system_file: str | None = None
     user_file: str | None = None
 
@@ -96,16 +93,12 @@ class _Key:
 
 
 def _duration(value: Any) -> float:
-    from chronos.units import parse_duration
-
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("give a duration such as \"2h\", \"90m\" or a number of seconds")
     return parse_duration(value)
 
 
 def _bytes(value: Any) -> int:
-    from chronos.units import parse_memory
-
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError("give a size such as \"40G\" or \"512M\"")
     spec = parse_memory(value)
@@ -132,11 +125,11 @@ def _name(value: Any) -> str:
     return value.strip()
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"use one of {', '.join(options)}")
-        return str(value)
+def _choice(kind: type[Action] | type[Priority]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if value not in kind.choices():
+            raise ValueError(f"use one of {', '.join(kind.choices())}")
+        return kind(value)
 
     return parse
 
@@ -148,14 +141,10 @@ def _path(value: Any) -> Path:
 
 
 def _show_duration(value: Any) -> str:
-    from chronos.units import format_duration
-
     return format_duration(value)
 
 
 def _show_bytes(value: Any) -> str:
-    from chronos.units import format_bytes
-
     return format_bytes(value)
 
 
@@ -170,8 +159,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "defaults": {
         "duration": _Key("default_duration_s", _duration, _show_duration, user_allowed=True),
-        "priority": _Key("default_priority", _choice(_PRIORITIES), str, user_allowed=True),
-        "on_expiry": _Key("on_expiry", _choice(ON_EXPIRY), str, user_allowed=True),
+        "priority": _Key("default_priority", _choice(Priority), str, user_allowed=True),
+        "on_expiry": _Key("on_expiry", _choice(Action), str, user_allowed=True),
     },
     "limits": {
         "max_duration": _Key("max_duration_s", _duration, _show_duration),
@@ -191,15 +180,17 @@ def _dotted(section: str, key: str) -> str:
 SETTING_NAMES = {k.field: _dotted(section, name) for section, keys in _SCHEMA.items() for name, k in keys.items()}
 
 
-def system_config_path() -> Path:
-    return Path(os.environ.get("CHRONOS_CONFIG") or SYSTEM_CONFIG)
+def system_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("CHRONOS_CONFIG") or SYSTEM_CONFIG)
 
 
-def user_config_path() -> Path:
-    explicit = os.environ.get("CHRONOS_USER_CONFIG")
+def user_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    explicit = env.get("CHRONOS_USER_CONFIG")
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
     return Path(base) / "chronos" / "config.toml"
 
 
@@ -311,19 +302,20 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             sources[spec.field] = str(path)
 
 
-def load_config() -> Config:
-    """The effective configuration for this process: defaults, then the system file, the user's file, env."""
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """The effective configuration: defaults, then the system file, the user's file, ``CHRONOS_STATE_DIR``."""
+    env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    system = system_config_path()
-    user = user_config_path()
+    system = system_config_path(env)
+    user = user_config_path(env)
     found_system = _read(system)
     if found_system is not None:
         _apply(system, found_system[0], found_system[1], values, sources, user=False)
     found_user = _read(user, user=True)
     if found_user is not None:
         _apply(user, found_user[0], found_user[1], values, sources, user=True)
-    env_dir = os.environ.get("CHRONOS_STATE_DIR")
+    env_dir = env.get("CHRONOS_STATE_DIR")
     if env_dir:
         values["state_dir"] = Path(env_dir)
         values["state_dir_explicit"] = True

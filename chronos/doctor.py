@@ -13,6 +13,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from chronos.enforce import caps, mps
+from chronos.engine import Engine
+from chronos.errors import ChronosError
+
 __all__ = ["Report", "diagnose", "framework_versions"]
 
 _FRAMEWORKS = {
@@ -67,17 +71,16 @@ def framework_versions() -> dict[str, str | None]:
     return out
 
 
-def _check_backend(report: Report) -> None:
-    from chronos.devices import get_backend
-    from chronos.errors import ChronosError
-
+def _check_backend(report: Report, engine: Engine) -> None:
     try:
-        backend = get_backend()
+        backend = engine.backend
         report.backend = backend.name
         report.simulated = backend.name == "simulated"
         report.driver = backend.driver_version()
-        cuda = getattr(backend, "cuda_driver_version", None)
-        report.cuda_driver = cuda() if callable(cuda) else None
+        if backend.name == "nvml":
+            from chronos.devices.nvml import cuda_driver_version  # pynvml only where NVML is in use
+
+            report.cuda_driver = cuda_driver_version()
         for d in backend.devices():
             report.devices.append({
                 "index": d.index, "uuid": d.uuid, "name": d.name, "memory_total_bytes": d.memory_total_bytes,
@@ -89,16 +92,8 @@ def _check_backend(report: Report) -> None:
         report.problems.append(f"GPU backend: {exc}")
 
 
-def _check_state_dir(report: Report) -> None:
-    from chronos.config import load_config
-    from chronos.errors import ChronosError
-
-    try:
-        config = load_config()
-    except ChronosError as exc:
-        report.problems.append(f"configuration: {exc}")
-        return
-    path = Path(config.state_dir)
+def _check_state_dir(report: Report, engine: Engine) -> None:
+    path = Path(engine.config.state_dir)
     info: dict[str, Any] = {"path": str(path), "exists": False}
     report.state_dir = info
     try:
@@ -123,22 +118,21 @@ def _check_state_dir(report: Report) -> None:
         report.problems.append(f"state directory {path} is not writable by this user")
 
 
-def _check_mps(report: Report) -> None:
-    from chronos.enforce import mps
-
+def _check_mps(report: Report, engine: Engine) -> None:
     status = mps.mps_status()
     report.mps = {
         "active": status.active, "pipe_dir": status.pipe_dir, "control_pipe": status.control_pipe,
         "control_pids": list(status.control_pids), "server_pids": list(status.server_pids),
         "notes": list(status.notes),
     }
-    report.cgroup_memory_limits = mps.cgroup_limits_supported()
+    try:
+        report.cgroup_memory_limits = mps.cgroup_limits_supported(engine.backend)
+    except ChronosError:
+        report.cgroup_memory_limits = None
 
 
 def _summarise(report: Report) -> None:
-    from chronos.enforce.caps import torch_env_fraction_supported
-
-    report.torch_env_fraction = torch_env_fraction_supported()
+    report.torch_env_fraction = caps.torch_env_fraction_supported()
     fw = report.frameworks
     coop = []
     if fw.get("torch"):
@@ -167,12 +161,12 @@ def _summarise(report: Report) -> None:
     )
 
 
-def diagnose() -> Report:
-    """Run every check; never raises for a machine-side problem."""
+def diagnose(engine: Engine) -> Report:
+    """Run every check on ``engine``'s machine; never raises for a machine-side problem."""
     report = Report()
-    _check_backend(report)
-    _check_state_dir(report)
-    _check_mps(report)
+    _check_backend(report, engine)
+    _check_state_dir(report, engine)
+    _check_mps(report, engine)
     report.frameworks = framework_versions()
     _summarise(report)
     return report

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import StateError
-from chronos.lease import ACTIVE, QUEUED, Lease
+from chronos.model import LeaseRecord, LeaseState, Priority
 from chronos.state import prepare_file
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
@@ -95,7 +95,12 @@ _COLUMNS = (
 
 
 class Ledger:
-    """One connection to the ledger file; safe to share between threads of one process."""
+    """One connection to the ledger file; safe to share between threads of one process.
+
+    Every read and every transaction holds one lock, so a thread never sees another thread's
+    uncommitted write on the shared connection (a kernel runs its main, widget and watchdog
+    threads on one engine).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.path = prepare_file(Path(directory) / DB_NAME)
@@ -152,11 +157,10 @@ class Ledger:
 
     @property
     def schema_version(self) -> int:
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._read("PRAGMA user_version")[0][0])
 
     def integrity_check(self) -> str:
-        with self._lock:
-            return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+        return str(self._read("PRAGMA integrity_check")[0][0])
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
@@ -175,24 +179,19 @@ class Ledger:
             else:
                 self._conn.execute("COMMIT")
 
-    @contextmanager
-    def snapshot(self) -> Iterator[Ledger]:
-        """A read transaction: a consistent view without taking the write lock."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                yield self
-            finally:
-                self._conn.execute("COMMIT")
-
     # -- leases ---------------------------------------------------------------------------
-    def insert(self, lease: Lease, request: dict[str, Any] | None = None) -> str:
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one query, under the connection's lock."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
             f"INSERT INTO leases ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 lease.uid, lease.owner, json.dumps(list(lease.devices)), json.dumps(list(lease.device_uuids)),
                 lease.memory_bytes, lease.created_at, lease.started_at, lease.expires_at, lease.duration_s,
-                lease.priority, lease.state, lease.label, lease.pid, lease.pid_start, lease.ended_at,
+                str(lease.priority), str(lease.state), lease.label, lease.pid, lease.pid_start, lease.ended_at,
                 lease.end_reason, lease.peak_memory_bytes, lease.gpu_seconds,
                 json.dumps(request) if request is not None else None,
             ),
@@ -208,7 +207,8 @@ class Ledger:
     def update(self, lease_id: str, **fields: Any) -> None:
         unknown = set(fields) - self._UPDATABLE
         assert not unknown, unknown
-        values = [json.dumps(list(v)) if k in ("devices", "device_uuids") else v for k, v in fields.items()]
+        values = [json.dumps(list(v)) if k in ("devices", "device_uuids") else
+                  str(v) if isinstance(v, LeaseState) else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
 
@@ -220,31 +220,31 @@ class Ledger:
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
 
-    def get(self, lease_id: str) -> Lease | None:
-        row = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
-        return _lease(row) if row else None
+    def get(self, lease_id: str) -> LeaseRecord | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE seq = ?", (int(lease_id),))
+        return _lease(rows[0]) if rows else None
 
     def queued_requests(self) -> dict[str, dict[str, Any]]:
         """The stored request of every queued lease, by id, in one read."""
-        rows = self._conn.execute("SELECT seq, request FROM leases WHERE state = ?", (QUEUED,)).fetchall()
+        rows = self._read("SELECT seq, request FROM leases WHERE state = ?", (str(LeaseState.QUEUED),))
         return {str(seq): json.loads(text) for seq, text in rows if text}
 
     def request_of(self, lease_id: str) -> dict[str, Any] | None:
-        row = self._conn.execute("SELECT request FROM leases WHERE seq = ?", (int(lease_id),)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
+        rows = self._read("SELECT request FROM leases WHERE seq = ?", (int(lease_id),))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
-    def in_states(self, *states: str) -> list[Lease]:
+    def in_states(self, *states: LeaseState) -> list[LeaseRecord]:
         marks = ", ".join("?" for _ in states)
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM leases WHERE state IN ({marks}) ORDER BY seq", states
-        ).fetchall()
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE state IN ({marks}) ORDER BY seq",
+                          [str(state) for state in states])
         return [_lease(r) for r in rows]
 
-    def live(self) -> list[Lease]:
+    def live(self) -> list[LeaseRecord]:
         """Active and queued leases, oldest first."""
-        return self.in_states(ACTIVE, QUEUED)
+        return self.in_states(LeaseState.ACTIVE, LeaseState.QUEUED)
 
-    def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None) -> list[Lease]:
+    def history(self, *, uid: int | None = None, since: float | None = None,
+                limit: int | None = None) -> list[LeaseRecord]:
         """Every lease, newest first; optionally one owner's, created since a time."""
         clauses: list[str] = []
         params: list[float] = []
@@ -256,9 +256,7 @@ class Ledger:
             params.append(since)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         tail = f" LIMIT {int(limit)}" if limit else ""
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params
-        ).fetchall()
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
 
     # -- audit log ------------------------------------------------------------------------
@@ -281,10 +279,8 @@ class Ledger:
             clauses.append("lease_seq = ?")
             params.append(int(lease_id))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id", params
-            ).fetchall()
+        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id",
+                          params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
 
@@ -294,10 +290,15 @@ def _tuple(text: str) -> tuple[Any, ...]:
     return tuple(json.loads(text))
 
 
-def _lease(row: tuple[Any, ...]) -> Lease:
-    return Lease(
+_STATES = {state.value: state for state in LeaseState}
+_PRIORITIES = {priority.value: priority for priority in Priority}
+
+
+def _lease(row: tuple[Any, ...]) -> LeaseRecord:
+    return LeaseRecord(
         id=str(row[0]), uid=row[1], owner=row[2], devices=_tuple(row[3]),
         device_uuids=_tuple(row[4]), memory_bytes=row[5], created_at=row[6], started_at=row[7],
-        expires_at=row[8], duration_s=row[9], priority=row[10], state=row[11], label=row[12], pid=row[13],
+        expires_at=row[8], duration_s=row[9], priority=_PRIORITIES[row[10]], state=_STATES[row[11]],
+        label=row[12], pid=row[13],
         pid_start=row[14], ended_at=row[15], end_reason=row[16], peak_memory_bytes=row[17], gpu_seconds=row[18],
     )

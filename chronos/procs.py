@@ -12,7 +12,9 @@ import sys
 
 import psutil
 
-__all__ = ["caller", "descendants", "is_alive", "start_time"]
+from chronos.errors import InvalidRequestError
+
+__all__ = ["caller", "descendants", "holder", "is_alive", "start_time"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
 _TOLERANCE_S = 0.05
@@ -95,3 +97,17 @@ def caller() -> tuple[int, float]:
         assert started is not None
         _caller = (pid, started)
     return _caller
+
+
+def holder(bind: bool | int | None) -> tuple[int, float] | None:
+    """A lease's holder as asked for: the caller (True), none (False/None), or a process id."""
+    if bind is True:
+        return caller()
+    if bind is False or bind is None:
+        return None
+    if isinstance(bind, bool) or not isinstance(bind, int) or bind <= 0:
+        raise InvalidRequestError(f"bind takes True, False or a process id, got {bind!r}")
+    started = start_time(bind)
+    if started is None:
+        raise InvalidRequestError(f"no running process {bind} to bind the lease to")
+    return bind, started

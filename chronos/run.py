@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from chronos.enforce import mps
 from chronos.enforce.watchdog import (
@@ -39,13 +39,12 @@ from chronos.enforce.watchdog import (
     UnkillableEvent,
     Watchdog,
     WatchdogEvent,
-    check_policy,
 )
+from chronos.engine import Engine
 from chronos.errors import InvalidRequestError
+from chronos.lease import Lease
+from chronos.model import Action
 from chronos.units import format_bytes, format_duration
-
-if TYPE_CHECKING:
-    from chronos.engine import Engine
 
 __all__ = ["FORWARDED_SIGNALS", "RunResult", "run", "shell_status"]
 
@@ -191,9 +190,9 @@ def run(
     gpus: int | None = None,
     device: int | str | Sequence[int] | None = None,
     priority: str | None = None,
-    wait: bool | float = False,
-    on_expiry: str | None = None,
-    on_overuse: str = "terminate",
+    wait: bool | float | str | None = False,
+    on_expiry: Action | str | None = None,
+    on_overuse: Action | str = Action.TERMINATE,
     grace: float = DEFAULT_GRACE_S,
     kill_wait: float = DEFAULT_KILL_WAIT_S,
     rate_hz: float = DEFAULT_RATE_HZ,
@@ -208,17 +207,18 @@ def run(
 
     ``stderr`` receives the one-line reason when Chronos ends the command, expiry warnings and
     the closing summary (None: silent). ``on_event`` replaces the default printing of events.
+    ``engine`` defaults to the process's default engine.
     """
     argv = [str(a) for a in command]
     if not argv or not argv[0]:
         raise InvalidRequestError(NO_COMMAND)
-    on_overuse = check_policy(on_overuse, "--on-overuse")
-    if on_expiry is not None:
-        on_expiry = check_policy(on_expiry, "--on-expiry")
-    if grace < 0 or kill_wait < 0:
-        raise InvalidRequestError("--grace and --kill-wait must be zero or more seconds")
+    overuse = Action.parse(on_overuse, "--on-overuse")
+    expiry = Action.parse(on_expiry, "--on-expiry") if on_expiry is not None else None
+    for value, name in ((grace, "--grace"), (kill_wait, "--kill-wait")):
+        if not (0 <= float(value) < float("inf")):
+            raise InvalidRequestError(f"{name} must be zero or more seconds, got {value!r}")
     if engine is None:
-        from chronos.engine import default_engine
+        from chronos.api import default_engine
 
         engine = default_engine()
     if on_event is None and stderr is not None:
@@ -233,7 +233,7 @@ def run(
             label=label or os.path.basename(argv[0]), bind=True, wait=wait,
         )
         try:
-            return _run_leased(argv, lease, engine, forwarder, started, env, on_expiry, on_overuse,
+            return _run_leased(argv, lease, engine, forwarder, started, env, expiry, overuse,
                                grace, kill_wait, rate_hz, warn_at, on_event, stderr)
         finally:
             with contextlib.suppress(Exception):
@@ -242,8 +242,8 @@ def run(
         forwarder.restore()
 
 
-def _run_leased(argv: list[str], lease: Any, engine: Engine, forwarder: _Forwarder, started: float,
-                env: Mapping[str, str] | None, on_expiry: str | None, on_overuse: str, grace: float,
+def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwarder, started: float,
+                env: Mapping[str, str] | None, on_expiry: Action | None, on_overuse: Action, grace: float,
                 kill_wait: float, rate_hz: float, warn_at: Sequence[float],
                 on_event: Callable[[WatchdogEvent], None] | None, stderr: TextIO | None) -> RunResult:
     child_env = lease.env(dict(os.environ if env is None else env))
@@ -262,7 +262,7 @@ def _run_leased(argv: list[str], lease: Any, engine: Engine, forwarder: _Forward
     watchdog = Watchdog(
         lease, engine=engine, pid=child.pid, rate_hz=rate_hz, grace_s=grace, kill_wait_s=kill_wait,
         on_overuse=on_overuse, on_expiry=on_expiry,
-        on_release=on_expiry or engine.config.on_expiry or "terminate",
+        on_release=on_expiry or engine.on_expiry,
         warn_at=warn_at, on_event=on_event,
     ).start()
     try:

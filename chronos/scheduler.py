@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from operator import attrgetter, itemgetter
+from typing import Any
 
 from chronos.errors import InvalidRequestError
+from chronos.model import Priority
 from chronos.units import MemorySpec, format_bytes, format_duration
 
 __all__ = [
-    "PRIORITIES",
     "Decision",
     "DeviceState",
     "Holding",
@@ -38,29 +39,16 @@ __all__ = [
     "extend_conflict",
     "forecast",
     "plan",
-    "priority_rank",
     "queue_order",
     "validate",
 ]
 
-#: Priority classes, lowest first; the rank is the index.
-PRIORITIES = ("low", "normal", "high")
-_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _INF = math.inf
 
 #: A request that fits now is checked against the slots of the earlier requests that could start
 #: before it would end; when there are more than this many it waits its turn instead (as Slurm's
 #: backfill bounds the jobs it tests). This bounds the cost of one decision on a long queue.
 BACKFILL_DEPTH = 64
-
-
-def priority_rank(priority: str) -> int:
-    try:
-        return _RANK[priority]
-    except (KeyError, TypeError):
-        raise InvalidRequestError(
-            f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -92,10 +80,33 @@ class Request:
     gpus: int = 1
     devices: tuple[int, ...] | None = None
     prefer: tuple[int, ...] = ()
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
     seq: int = 0
     lease_id: str | None = None
     visible: tuple[int, ...] | None = None
+
+    def to_json(self, bind: bool | int) -> dict[str, Any]:
+        """The form the ledger stores beside a lease (and ``bind``, how its holder was given)."""
+        return {
+            "nbytes": self.memory.nbytes, "fraction": self.memory.fraction, "gpus": self.gpus,
+            "devices": list(self.devices) if self.devices is not None else None, "prefer": list(self.prefer),
+            "visible": list(self.visible) if self.visible is not None else None, "bind": bind,
+        }
+
+    @classmethod
+    def from_json(cls, spec: dict[str, Any], lease_id: str, duration_s: float, priority: Priority) -> Request:
+        """A queued lease's request as stored by :meth:`to_json`."""
+        return cls(
+            memory=MemorySpec(nbytes=spec.get("nbytes"), fraction=spec.get("fraction")),
+            duration_s=duration_s,
+            gpus=spec.get("gpus", 1),
+            devices=tuple(spec["devices"]) if spec.get("devices") is not None else None,
+            prefer=tuple(spec.get("prefer") or ()),
+            priority=priority,
+            seq=int(lease_id),
+            lease_id=lease_id,
+            visible=tuple(spec["visible"]) if spec.get("visible") is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,6 @@ def _candidates(snapshot: Snapshot, request: Request) -> list[DeviceState]:
 def validate(snapshot: Snapshot, request: Request) -> None:
     """Raise InvalidRequestError for a request that could never fit on this machine."""
     by_index = {d.index: d for d in snapshot.devices}
-    priority_rank(request.priority)
     if request.gpus < 1:
         raise InvalidRequestError(f"gpus must be at least 1, got {request.gpus}")
     if not (request.duration_s > 0) or math.isinf(request.duration_s):
@@ -201,26 +211,23 @@ def _list(indices: tuple[int, ...]) -> str:
 def queue_order(snapshot: Snapshot) -> list[Request]:
     """Queued requests in grant order: higher class first, first come first served within a class."""
     by_seq = sorted(snapshot.queue, key=attrgetter("seq"))
-    classes: dict[str, list[Request]] = {name: [] for name in reversed(PRIORITIES)}
+    classes: dict[Priority, list[Request]] = {priority: [] for priority in reversed(Priority)}
     for queued in by_seq:
-        try:
-            classes[queued.priority].append(queued)
-        except KeyError:
-            priority_rank(queued.priority)  # raises, naming the priority
+        classes[queued.priority].append(queued)
     return [queued for members in classes.values() for queued in members]
 
 
 def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
     """Queued requests that must not be delayed by ``request``, in grant order."""
     order = queue_order(snapshot)
-    rank = priority_rank(request.priority)
+    rank = request.priority.rank
     if request.lease_id is not None:
         for i, queued in enumerate(order):
             if queued.lease_id == request.lease_id:
                 return order[:i]
-        return [r for r in order if (-_RANK[r.priority], r.seq) < (-rank, request.seq)]
+        return [r for r in order if (-r.priority.rank, r.seq) < (-rank, request.seq)]
     # A new request comes after every queued request of its class.
-    return [r for r in order if _RANK[r.priority] >= rank]
+    return [r for r in order if r.priority.rank >= rank]
 
 
 # -- the free-memory profile -----------------------------------------------------------------------

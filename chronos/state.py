@@ -11,23 +11,26 @@ import os
 import stat
 from pathlib import Path
 
-from chronos.config import Config, load_config
+from chronos.config import Config
 from chronos.errors import StateError
 
-__all__ = ["file_mode_for", "prepare_file", "state_dir"]
+__all__ = ["check_dir", "file_mode_for", "prepare_file", "state_dir"]
 
 _SHARED_DIR_MODE = 0o1777
 _PRIVATE_DIR_MODE = 0o700
 
 
-def state_dir(config: Config | None = None) -> Path:
-    """The checked state directory, created when missing."""
-    config = config or load_config()
-    path = Path(config.state_dir)
+def state_dir(config: Config) -> Path:
+    """The configured state directory, checked, and created when missing (shared unless named)."""
+    return check_dir(Path(config.state_dir), shared=not config.state_dir_explicit)
+
+
+def check_dir(path: Path, *, shared: bool) -> Path:
+    """``path`` checked as a state directory; created when missing, shared (1777) or private (700)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        _create_dir(path, shared=not config.state_dir_explicit)
+        _create_dir(path, shared=shared)
         info = os.lstat(path)
     except OSError as exc:
         raise StateError(f"cannot read state directory {path}: {exc.strerror}") from None

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chronos import scheduler
-from chronos.units import MemorySpec, format_bytes, format_duration
-
-if TYPE_CHECKING:
-    from chronos.engine import DeviceStatus, Engine
-    from chronos.lease import Lease
+from chronos.engine import DeviceStatus, Engine
+from chronos.identity import current_user
+from chronos.model import LeaseRecord, LeaseState
+from chronos.units import MemorySpec, duration_text, format_bytes, format_duration, size_text
 
 __all__ = [
     "DAY",
@@ -75,7 +74,7 @@ class QueueEntry:
         return data
 
 
-def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[Lease]) -> list[QueueEntry]:
+def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[LeaseRecord]) -> list[QueueEntry]:
     """The queued requests of ``snapshot`` in grant order, joined with their leases for owner and label."""
     by_id = {lease.id: lease for lease in leases}
     requests = {r.lease_id: r for r in snapshot.queue}
@@ -90,7 +89,7 @@ def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[Lease]) -> list[Qu
             lease_id=slot.lease_id,
             position=slot.position,
             owner=lease.owner if lease is not None else "?",
-            priority=request.priority,
+            priority=str(request.priority),
             memory=str(request.memory),
             memory_bytes=request.memory.nbytes,
             gpus=count,
@@ -169,18 +168,19 @@ class DetailedStats:
         }
 
 
-def _held(lease: Lease, now: float, since: float) -> float:
+def _held(lease: LeaseRecord, now: float, since: float) -> float:
     """Device-seconds ``lease`` held within ``[since, now]``."""
     if lease.started_at is None:
         return 0.0
-    end = lease.ended_at if lease.ended_at is not None else (now if lease.state == "active" else lease.started_at)
-    if lease.state == "active" and lease.expires_at is not None:
+    active = lease.state == LeaseState.ACTIVE
+    end = lease.ended_at if lease.ended_at is not None else (now if active else lease.started_at)
+    if active and lease.expires_at is not None:
         end = min(end, lease.expires_at)
     span = min(end, now) - max(lease.started_at, since)
     return max(0.0, span) * max(1, len(lease.devices))
 
 
-def gpu_hours(leases: Iterable[Lease], now: float, window_s: float) -> dict[str, float]:
+def gpu_hours(leases: Iterable[LeaseRecord], now: float, window_s: float) -> dict[str, float]:
     """GPU-hours held per user over the last ``window_s`` seconds (a 2-GPU lease for 1h is 2)."""
     out: dict[str, float] = {}
     for lease in leases:
@@ -190,14 +190,14 @@ def gpu_hours(leases: Iterable[Lease], now: float, window_s: float) -> dict[str,
     return out
 
 
-def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot, leases: Sequence[Lease],
+def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot, leases: Sequence[LeaseRecord],
                   now: float) -> DetailedStats:
     """Per-device and per-user figures from device status, the scheduler's snapshot and every lease."""
     planned: dict[int, int] = {}
     for slot in scheduler.plan(snapshot) if snapshot.queue else []:
         for index in slot.devices:
             planned[index] = planned.get(index, 0) + 1
-    active = [lease for lease in leases if lease.state == "active"]
+    active = [lease for lease in leases if lease.state == LeaseState.ACTIVE]
     out = []
     for d in devices:
         mine = [lease for lease in active if d.index in lease.devices]
@@ -226,8 +226,8 @@ def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot,
             gpu_hours_week=round(week.get(user, 0.0), 3),
             leases_day=sum(1 for lease in started if _held(lease, now, now - DAY) > 0),
             leases_week=sum(1 for lease in started if _held(lease, now, now - WEEK) > 0),
-            active=sum(1 for lease in theirs if lease.state == "active"),
-            queued=sum(1 for lease in theirs if lease.state == "queued"),
+            active=sum(1 for lease in theirs if lease.state == LeaseState.ACTIVE),
+            queued=sum(1 for lease in theirs if lease.state == LeaseState.QUEUED),
             peak_to_cap_percent=round(sum(ratios) / len(ratios), 1) if ratios else None,
         ))
     usage.sort(key=lambda u: (-u.gpu_hours_week, u.user))
@@ -282,23 +282,7 @@ def _round_duration(seconds: float) -> float:
     return float(max(step, math.ceil(seconds / step) * step))
 
 
-def memory_arg(nbytes: int) -> str:
-    """``12884901888`` -> ``12G``; ``805306368`` -> ``768M`` (what ``chronos reserve`` reads)."""
-    if nbytes % GIB == 0:
-        return f"{nbytes // GIB}G"
-    return f"{math.ceil(nbytes / (1 << 20))}M"
-
-
-def duration_arg(seconds: float) -> str:
-    """``5400`` -> ``1h30m``; ``2700`` -> ``45m``."""
-    total = math.ceil(seconds / 60)
-    hours, minutes = divmod(total, 60)
-    if hours and minutes:
-        return f"{hours}h{minutes}m"
-    return f"{hours}h" if hours else f"{minutes}m"
-
-
-def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, default_duration_s: float = 3600.0,
+def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[LeaseRecord], *, default_duration_s: float = 3600.0,
                  max_duration_s: float | None = None, max_memory_bytes: int | None = None) -> Suggestion:
     """Advice from the machine now (``snapshot``) and the caller's own past leases (``history``).
 
@@ -307,7 +291,7 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, defa
     were really held, plus 25%; longer when most of them ran to their end. Device: where that fits
     now without delaying the queue, else where it would start first.
     """
-    recent = sorted((lease for lease in history if lease.state != "queued"),
+    recent = sorted((lease for lease in history if lease.state != LeaseState.QUEUED),
                     key=lambda lease: lease.created_at, reverse=True)[:HISTORY]
     reasons: list[str] = []
     largest = max((d.total_bytes - d.unmanaged_bytes for d in snapshot.devices), default=0)
@@ -332,7 +316,7 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, defa
         reasons.append(f"capped at the largest GPU's {format_bytes(largest)}")
 
     ended = [lease for lease in recent if lease.started_at is not None and lease.ended_at is not None]
-    ran_out = [lease for lease in ended if lease.state == "expired"]
+    ran_out = [lease for lease in ended if lease.state == LeaseState.EXPIRED]
     if ended and len(ran_out) * 2 >= len(ended):
         longest = max(lease.duration_s for lease in ran_out)
         duration = _round_duration(longest * 1.5)
@@ -368,7 +352,7 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, defa
                                f"in about {format_duration(slot.start - snapshot.now)}")
             else:
                 reasons.append("nothing fits now and no known end time frees enough memory")
-    command = f"chronos reserve {memory_arg(memory)} {duration_arg(duration)}"
+    command = f"chronos reserve {size_text(memory)} {duration_text(math.ceil(duration / 60) * 60)}"
     if device is not None:
         command += f" --prefer {device}"
     if not fits_now:
@@ -378,41 +362,26 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[Lease], *, defa
 
 
 # -- gathering from an engine ------------------------------------------------------------------------------
-def _engine(engine: Engine | None) -> Engine:
-    if engine is not None:
-        return engine
-    from chronos.engine import default_engine
-
-    return default_engine()
-
-
-def queue(engine: Engine | None = None) -> list[QueueEntry]:
+def queue(engine: Engine) -> list[QueueEntry]:
     """Every queued request in grant order with its estimated start."""
-    eng = _engine(engine)
-    snapshot, live = eng.snapshot()
-    return queue_from(snapshot, live)
+    snapshot, live = engine.snapshot()
+    return queue_from(snapshot, [lease.record for lease in live])
 
 
-def detailed(engine: Engine | None = None, *, user: str | None = None) -> DetailedStats:
+def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:
     """Device detail and GPU-hours (every user's, or only ``user``'s)."""
     import time
 
-    eng = _engine(engine)
-    devices = eng.devices()
-    snapshot, _ = eng.snapshot()
-    history = eng.leases(all=True, user=user)
+    devices = engine.devices()
+    snapshot, _ = engine.snapshot()
+    history = [lease.record for lease in engine.leases(all=True, user=user)]
     return detailed_from(devices, snapshot, history, time.time())
 
 
-def suggest(user: str | None = None, *, engine: Engine | None = None) -> Suggestion:
+def suggest(engine: Engine, user: str | None = None) -> Suggestion:
     """Advice for your next request (or ``user``'s) from the machine now and your past leases."""
-    eng = _engine(engine)
-    snapshot, _ = eng.snapshot()
-    if user is None:
-        from chronos.identity import current_user
-
-        user = current_user().name
-    history = eng.leases(all=True, user=user)
-    config = eng.config
+    snapshot, _ = engine.snapshot()
+    history = [lease.record for lease in engine.leases(all=True, user=user or current_user().name)]
+    config = engine.config
     return suggest_from(snapshot, history, default_duration_s=config.default_duration_s,
                         max_duration_s=config.max_duration_s, max_memory_bytes=config.max_memory_per_lease_bytes)

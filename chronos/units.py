@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 
 from chronos.errors import InvalidRequestError
 
 __all__ = [
     "MemorySpec",
+    "duration_text",
     "format_bytes",
+    "format_clock",
     "format_duration",
     "parse_duration",
     "parse_memory",
+    "parse_size",
+    "size_text",
 ]
 
 _UNITS = {
@@ -87,6 +92,14 @@ def parse_memory(value: str | int | float | MemorySpec) -> MemorySpec:
     return MemorySpec(nbytes=nbytes)
 
 
+def parse_size(value: str | int) -> int:
+    """An absolute size in bytes (``40G``, ``512M``); a fraction of a GPU is refused."""
+    spec = parse_memory(value)
+    if spec.nbytes is None:
+        raise InvalidRequestError(f"{value!r} is a fraction of a GPU; give an absolute size such as 40G")
+    return spec.nbytes
+
+
 def _fraction(value: float, text: str) -> MemorySpec:
     if not math.isfinite(value) or value <= 0 or value > 1:
         raise InvalidRequestError(f"memory fraction {text!r} must be above 0 and at most 1 (100%)")
@@ -139,3 +152,33 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs:02d}s" if secs else f"{minutes}m"
     return f"{secs}s"
+
+
+def size_text(nbytes: int) -> str:
+    """A size as ``chronos reserve`` reads it: ``12G``, or whole MiB rounded up (``768M``)."""
+    if nbytes % (1 << 30) == 0:
+        return f"{nbytes >> 30}G"
+    return f"{math.ceil(nbytes / (1 << 20))}M"
+
+
+def duration_text(seconds: float) -> str:
+    """The shortest exact spelling ``parse_duration`` reads back: ``2h``, ``1h30m``, ``90s``."""
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    rest = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+def format_clock(epoch: float | None, *, seconds: bool = False, now: float | None = None) -> str:
+    """A wall-clock time in the local zone: ``14:32`` today, ``Nov 29 14:32`` another day; ``-`` for None."""
+    if epoch is None or not math.isfinite(epoch):
+        return "-"
+    then = time.localtime(epoch)
+    today = time.localtime(now if now is not None else time.time())
+    clock = "%H:%M:%S" if seconds else "%H:%M"
+    return time.strftime(clock if then[:3] == today[:3] else f"%b %d {clock}", then)

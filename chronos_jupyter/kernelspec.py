@@ -16,13 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError
-from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
+from chronos.model import Action, Priority
+from chronos.request import FOREVER, parse_request
+from chronos.units import duration_text, format_bytes, format_duration, parse_duration, parse_memory
 
-__all__ = ["ON_EXPIRY_POLICIES", "PRIORITIES", "install_kernel", "kernel_json", "main"]
+__all__ = ["install_kernel", "kernel_json", "main"]
 
-#: What happens to a kernel when its lease ends (see ChronosProvisioner.on_expiry).
-ON_EXPIRY_POLICIES = ("warn", "interrupt", "terminate", "kill")
-PRIORITIES = ("low", "normal", "high")
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -32,27 +31,6 @@ def _check_name(name: str) -> str:
             f"invalid kernel name {name!r}: use letters, digits, '-', '.' and '_' (e.g. gpu-8g)"
         )
     return name.lower()
-
-
-def _parse_devices(device: int | str | Sequence[int] | None) -> list[int] | int | None:
-    if device is None:
-        return None
-    if isinstance(device, bool):
-        raise InvalidRequestError(f"invalid device {device!r}: give an index such as 0 or a list such as 0,1")
-    if isinstance(device, int):
-        values = [device]
-    elif isinstance(device, str):
-        try:
-            values = [int(part) for part in device.split(",") if part.strip()]
-        except ValueError:
-            raise InvalidRequestError(
-                f"invalid device {device!r}: give an index such as 0 or a list such as 0,1"
-            ) from None
-    else:
-        values = [int(v) for v in device]
-    if not values or any(v < 0 for v in values):
-        raise InvalidRequestError(f"invalid device {device!r}: indices start at 0")
-    return values[0] if len(values) == 1 else values
 
 
 def kernel_json(
@@ -69,33 +47,24 @@ def kernel_json(
     python: str | None = None,
 ) -> dict[str, Any]:
     """The kernel.json document, with every value validated (InvalidRequestError on bad input)."""
-    parse_memory(memory)  # validate; keep the admin's own spelling
-    seconds = parse_duration(duration)
+    if gpus is not None and device is not None:
+        raise InvalidRequestError("give either --gpus (how many) or --device (which ones), not both")
+    spec = parse_request(memory, duration, device=device, gpus=gpus, priority=priority, wait=wait)
+    assert spec.duration_s is not None
     config: dict[str, Any] = {
-        "memory": memory.strip() if isinstance(memory, str) else memory,
-        "duration": format_duration_exact(seconds),
+        "memory": memory.strip() if isinstance(memory, str) else memory,  # the admin's own spelling
+        "duration": duration_text(spec.duration_s),
     }
-    if gpus is not None:
-        if isinstance(gpus, bool) or int(gpus) < 1:
-            raise InvalidRequestError(f"invalid --gpus {gpus!r}: give a whole number of devices, 1 or more")
-        config["gpus"] = int(gpus)
-    devices = _parse_devices(device)
-    if devices is not None:
-        if gpus is not None:
-            raise InvalidRequestError("give either --gpus (how many) or --device (which ones), not both")
-        config["device"] = devices
-    if priority is not None:
-        if priority not in PRIORITIES:
-            raise InvalidRequestError(f"unknown priority {priority!r}: use one of {', '.join(PRIORITIES)}")
-        config["priority"] = priority
-    if wait is not None and wait is not False:
-        config["wait"] = True if wait is True else format_duration_exact(parse_duration(wait))
+    if spec.gpus is not None:
+        config["gpus"] = spec.gpus
+    if spec.devices is not None:
+        config["device"] = spec.devices[0] if len(spec.devices) == 1 else list(spec.devices)
+    if spec.priority is not None:
+        config["priority"] = str(spec.priority)
+    if spec.wait_s is not None:
+        config["wait"] = True if spec.wait_s == FOREVER else duration_text(spec.wait_s)
     if on_expiry is not None:
-        if on_expiry not in ON_EXPIRY_POLICIES:
-            raise InvalidRequestError(
-                f"unknown on-expiry policy {on_expiry!r}: use one of {', '.join(ON_EXPIRY_POLICIES)}"
-            )
-        config["on_expiry"] = on_expiry
+        config["on_expiry"] = str(Action.parse(on_expiry, "on-expiry action"))
     metadata: dict[str, Any] = {
         "kernel_provisioner": {"provisioner_name": "chronos", "config": config},
         "debugger": True,
@@ -110,17 +79,6 @@ def kernel_json(
         "interrupt_mode": "signal",
         "metadata": metadata,
     }
-
-
-def format_duration_exact(seconds: float) -> str:
-    """Seconds as the shortest exact duration string (``7200`` -> ``2h``, ``90`` -> ``90s``)."""
-    whole = int(seconds)
-    if whole != seconds:
-        return f"{seconds:g}s"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if whole % size == 0:
-            return f"{whole // size}{unit}"
-    return f"{whole}s"
 
 
 def _default_display_name(memory: str | int | float, duration: str | int | float, gpus: int | None) -> str:
@@ -198,10 +156,10 @@ def _build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gpus", type=int, default=None, help="number of devices, granted together")
     inst.add_argument("--device", default=None, help="which device index(es), e.g. 0 or 0,1")
     inst.add_argument("--display-name", default=None, help="name shown in the launcher")
-    inst.add_argument("--priority", default=None, choices=PRIORITIES)
+    inst.add_argument("--priority", default=None, choices=Priority.choices())
     inst.add_argument("--wait", default=None, metavar="TIME",
                       help="wait in the queue up to TIME (or 'forever') when no capacity is free")
-    inst.add_argument("--on-expiry", default=None, choices=ON_EXPIRY_POLICIES,
+    inst.add_argument("--on-expiry", default=None, choices=Action.choices(),
                       help="what happens to the kernel when its lease ends (default terminate)")
     inst.add_argument("--cull-idle", default=None, metavar="TIME",
                       help="per-kernelspec idle culling timeout (needs the server's culler on)")
@@ -219,13 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "install-kernel":
         parser.print_help()
         return 0 if args.command is None else 2
-    wait: str | bool | None = args.wait
-    if isinstance(wait, str) and wait.lower() in ("forever", "true", "yes"):
-        wait = True
     try:
         path = install_kernel(
             args.name, args.memory, args.duration, gpus=args.gpus, device=args.device,
-            display_name=args.display_name, priority=args.priority, wait=wait,
+            display_name=args.display_name, priority=args.priority, wait=args.wait,
             on_expiry=args.on_expiry, cull_idle=args.cull_idle,
             user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix,
         )

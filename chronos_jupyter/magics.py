@@ -10,11 +10,11 @@ UsageError that says what to type instead; notebooks never see a traceback from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -22,10 +22,16 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-import chronos
-from chronos import Lease
-from chronos.api import devices as gpu_status  # ``chronos.devices`` is also the name of a subpackage
-from chronos.units import format_bytes, format_duration, parse_duration
+from chronos import api, text
+from chronos.accounting import LEASE_ENV
+from chronos.enforce.activation import Activation
+from chronos.enforce.watchdog import WatchdogEvent
+from chronos.engine import WaitUpdate
+from chronos.errors import ChronosError
+from chronos.lease import Lease
+from chronos.model import Action, LeaseState
+from chronos.request import RequestSpec, parse_request
+from chronos.units import format_bytes, format_clock, format_duration
 from chronos_jupyter.widgets import LeaseWidget
 
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
@@ -56,7 +62,7 @@ MEMORY: 8G, 512M, 8GiB, 50% or 0.5 of a GPU.  DURATION: 2h, 90m, 1h30m, 45s (def
 The widget's Release and Extend buttons answer between cells (the kernel is busy during one)."""
 
 #: What the in-kernel watchdog does when the kernel's processes use more than the cap.
-IN_KERNEL_OVERUSE_POLICY = "interrupt"
+IN_KERNEL_OVERUSE = Action.INTERRUPT
 
 _COMMANDS = ("reserve", "status", "list", "release", "extend", "stats", "suggest", "help")
 
@@ -92,10 +98,10 @@ def _reserve_parser(usage: str = RESERVE_USAGE) -> _Parser:
     parser.add_argument("memory", nargs="?")
     parser.add_argument("duration", nargs="?")
     parser.add_argument("--gpu", dest="device")
-    parser.add_argument("--gpus", type=int)
+    parser.add_argument("--gpus")
     parser.add_argument("--prefer")
     parser.add_argument("--priority")
-    parser.add_argument("--wait", nargs="?", const=True, default=False)
+    parser.add_argument("--wait", nargs="?", const="forever", default=None)
     parser.add_argument("--label")
     return parser
 
@@ -107,46 +113,24 @@ def _split(line: str) -> list[str]:
         raise UsageError(f"cannot read {line!r} ({exc}); type %chronos help") from None
 
 
-def _indices(option: str, text: str) -> list[int]:
-    try:
-        indices = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        indices = []
-    if not indices:
-        raise UsageError(f"{option} takes device indices, e.g. {option} 0 or {option} 0,1 (got {text!r})")
-    return indices
-
-
-def _reserve_kwargs(args: argparse.Namespace, usage: str) -> dict[str, Any]:
+def _request(args: argparse.Namespace, usage: str, label: str | None = None) -> RequestSpec:
+    """The parsed words as a request, read by the core's one request parser."""
     if args.memory is None:
         raise UsageError(f"say how much GPU memory and for how long, e.g. {usage.split(' MEMORY')[0]} 8G 2h")
-    kwargs: dict[str, Any] = {"label": args.label}
-    if args.priority is not None:  # otherwise the configured default applies
-        kwargs["priority"] = args.priority
-    if args.device is not None:
-        devices = _indices("--gpu", args.device)
-        kwargs["device"] = devices[0] if len(devices) == 1 else devices
-    if args.prefer is not None:
-        kwargs["prefer"] = _indices("--prefer", args.prefer)
-    if args.gpus is not None:
-        if args.device is not None:
-            raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")
-        kwargs["gpus"] = args.gpus
-    if args.wait is True:
-        kwargs["wait"] = True
-    elif args.wait:
-        try:
-            kwargs["wait"] = parse_duration(args.wait)
-        except chronos.ChronosError as exc:
-            raise UsageError(f"--wait takes a timeout such as --wait 10m ({exc})") from None
-    return kwargs
+    if args.gpus is not None and args.device is not None:
+        raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")
+    try:
+        return parse_request(args.memory, args.duration, device=args.device, gpus=args.gpus, prefer=args.prefer,
+                             priority=args.priority, wait=args.wait, label=args.label or label)
+    except ChronosError as exc:
+        raise UsageError(f"{exc}; type: {usage}") from None
 
 
-def _queue_reporter() -> Callable[[chronos.WaitUpdate], None]:
+def _queue_reporter() -> Callable[[WaitUpdate], None]:
     """Print the request's place in the queue whenever it changes (called in the waiting thread)."""
     last: list[tuple[int | None, str | None]] = []
 
-    def report(update: chronos.WaitUpdate) -> None:
+    def report(update: WaitUpdate) -> None:
         start = _clock(update.estimated_start) if update.estimated_start else None
         if last and last[-1] == (update.position, start):
             return
@@ -156,106 +140,6 @@ def _queue_reporter() -> Callable[[chronos.WaitUpdate], None]:
         print(f"chronos: {place}{when}", flush=True)
 
     return report
-
-
-def _cuda_initialised() -> str | None:
-    """The framework that has already initialised CUDA in this process, if any."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_initialized():
-                return "torch"
-        except Exception:  # a broken or partial torch import says nothing about CUDA
-            return None
-    return None
-
-
-class _Activation:
-    """What applying a lease changed in this process, so it can be undone."""
-
-    def __init__(self) -> None:
-        self.saved_env: dict[str, str | None] = {}
-        self.watchdog: Any = None
-        self.notes: list[str] = []
-
-    def set_env(self, key: str, value: str) -> None:
-        if key not in self.saved_env:
-            self.saved_env[key] = os.environ.get(key)
-        os.environ[key] = value
-
-    def restore_env(self) -> None:
-        for key, value in self.saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self.saved_env.clear()
-
-
-def _activate(lease: Lease, on_event: Callable[[Any], None] | None = None) -> _Activation:
-    """Make ``lease`` true in this process: environment, framework caps, watchdog."""
-    act = _Activation()
-    additions = lease.env({})
-    for key, value in sorted(additions.items()):
-        if key == "CUDA_VISIBLE_DEVICES":
-            framework = _cuda_initialised()
-            if framework is not None:
-                act.notes.append(
-                    f"warning: {framework} has already initialised CUDA in this kernel, so it still "
-                    f"sees every GPU; restart the kernel and run %chronos reserve before using the GPU "
-                    f"(the lease is GPU {', '.join(map(str, lease.devices))})"
-                )
-                continue
-        act.set_env(key, value)
-    if "CUDA_VISIBLE_DEVICES" in act.saved_env:
-        act.notes.append(f"caps: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} (GPU "
-                         f"{', '.join(map(str, lease.devices))} only, for this kernel and its children)")
-    try:
-        capped = lease.apply_caps()
-    except chronos.ChronosError as exc:
-        act.notes.append(f"warning: caps not applied: {exc}")
-    else:
-        act.notes.extend(_summarise_caps(capped))
-    act.watchdog, note = _start_watchdog(lease, on_event)
-    if note:
-        act.notes.append(note)
-    return act
-
-
-def _summarise_caps(capped: list[str]) -> list[str]:
-    """apply_caps' lines, with the ones about frameworks not yet imported folded into one."""
-    now = [line for line in capped if "for a later" not in line]
-    later = sorted({line.split(":", 1)[0] for line in capped if "for a later import" in line})
-    notes = [f"caps: {line}" for line in now]
-    if later:
-        notes.append(f"caps: {', '.join(later)} will be capped when imported (limits set in the environment)")
-    return notes
-
-
-def _start_watchdog(lease: Lease, on_event: Callable[[Any], None] | None) -> tuple[Any, str | None]:
-    """Start the lease's watchdog as a daemon thread in this kernel.
-
-    Over the cap, the running cell gets a KeyboardInterrupt (``interrupt``) rather than the
-    kernel being killed; at the lease's end the machine's ``on_expiry`` policy applies, as it
-    does for kernels started by the provisioner.
-    """
-    try:
-        from chronos.enforce.watchdog import Watchdog
-    except ImportError:
-        return None, "note: this chronos has no watchdog; the lease is held to its caps and end time only"
-    try:
-        dog = Watchdog(lease, on_overuse=IN_KERNEL_OVERUSE_POLICY, on_event=on_event)
-        return dog.start(), None
-    except chronos.ChronosError as exc:
-        return None, f"warning: watchdog not started: {exc}"
-
-
-def _stop_watchdog(handle: Any) -> None:
-    if handle is None:
-        return
-    stop = getattr(handle, "stop", None)
-    if callable(stop):
-        stop()
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -269,7 +153,7 @@ def _core_errors() -> Iterator[None]:
     """Turn an error from the core into IPython's one-line UsageError."""
     try:
         yield
-    except chronos.ChronosError as exc:
+    except ChronosError as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -281,10 +165,10 @@ class ChronosMagics(Magics):
         super().__init__(shell)
         self.lease: Lease | None = None
         self.widget: LeaseWidget | None = None
-        self._activation: _Activation | None = None
+        self._activation: Activation | None = None
         self._widgets: list[LeaseWidget] = []
         # A kernel launched by the Chronos provisioner already runs inside this lease.
-        self.kernel_lease_id: str | None = os.environ.get("CHRONOS_LEASE_ID") or None
+        self.kernel_lease_id: str | None = os.environ.get(LEASE_ENV) or None
 
     # -- entry point ---------------------------------------------------------------------
     @line_cell_magic
@@ -300,9 +184,7 @@ class ChronosMagics(Magics):
         if command in ("-h", "--help"):
             command = "help"
         if command not in _COMMANDS:
-            raise UsageError(
-                f"unknown command {command!r}: type one of {', '.join(_COMMANDS)} (%chronos help)"
-            )
+            raise UsageError(f"unknown command {command!r}: type one of {', '.join(_COMMANDS)} (%chronos help)")
         handler = getattr(self, f"_cmd_{command}")
         with _core_errors():
             return handler(rest)
@@ -311,22 +193,20 @@ class ChronosMagics(Magics):
     def current(self) -> Lease | None:
         """This kernel's lease: the one reserved here while it lasts, else the provisioner's."""
         if self.lease is not None:
-            try:
+            with contextlib.suppress(ChronosError):
                 self.lease.refresh()
-            except chronos.ChronosError:
-                pass
-            if self.lease.state in ("active", "queued"):
+            if self.lease.state.live:
                 return self.lease
         if self.kernel_lease_id:
             try:
-                return chronos.get_lease(self.kernel_lease_id)
-            except chronos.ChronosError:
+                return api.get_lease(self.kernel_lease_id)
+            except ChronosError:
                 return None
         return self.lease
 
     def _target(self, lease_id: str | None, action: str) -> Lease:
         if lease_id:
-            return chronos.get_lease(lease_id)
+            return api.get_lease(lease_id)
         lease = self.current()
         if lease is None:
             raise UsageError(
@@ -337,9 +217,8 @@ class ChronosMagics(Magics):
 
     def _release_current(self) -> None:
         """End the kernel's own lease and undo what it changed here (used by the widget too)."""
-        lease = self.lease
-        if lease is not None:
-            lease.release()
+        if self.lease is not None:
+            self.lease.release()
         self._deactivate()
 
     def _extend_current(self, duration: str) -> None:
@@ -350,8 +229,7 @@ class ChronosMagics(Magics):
 
     def _deactivate(self) -> None:
         if self._activation is not None:
-            _stop_watchdog(self._activation.watchdog)
-            self._activation.restore_env()
+            self._activation.stop()
             self._activation = None
 
     def _show(self, lease: Lease, **kwargs: Any) -> LeaseWidget:
@@ -361,34 +239,41 @@ class ChronosMagics(Magics):
         display(widget)
         return widget
 
-    def _on_watchdog_event(self, event: Any) -> None:
+    def _on_watchdog_event(self, event: WatchdogEvent) -> None:
         """Called from the watchdog's thread: show the event in the lease's widget, never display()."""
-        message = str(getattr(event, "message", event))
-        lease_id = getattr(event, "lease_id", None)
         for widget in reversed(self._widgets):
-            if widget.lease_id == lease_id:
-                widget.notify(message)
+            if widget.lease_id == event.lease_id:
+                widget.notify(event.message)
                 return
-        print(f"chronos: {message}", file=sys.stderr)
+        print(f"chronos: {event.message}", file=sys.stderr)
+
+    def _activate(self, lease: Lease) -> Activation:
+        return Activation(lease, on_overuse=IN_KERNEL_OVERUSE, on_event=self._on_watchdog_event).start()
 
     def shutdown(self) -> None:
         """Stop every thread this extension started; leases are left as they are."""
         for widget in self._widgets:
             widget.stop()
         self._widgets.clear()
-        if self._activation is not None:
-            _stop_watchdog(self._activation.watchdog)
+        if self._activation is not None and self._activation.watchdog is not None:
+            self._activation.watchdog.stop()
             self._activation.watchdog = None
+
+    def _reserve(self, spec: RequestSpec) -> Lease:
+        try:
+            return api.default_engine().submit(spec, bind=True,
+                                               on_wait=_queue_reporter() if spec.wait_s is not None else None)
+        except KeyboardInterrupt:
+            raise UsageError("stopped waiting: the request was withdrawn from the queue") from None
 
     # -- line commands -------------------------------------------------------------------
     def _cmd_help(self, rest: list[str]) -> None:
         print(HELP)
 
     def _cmd_reserve(self, rest: list[str]) -> None:
-        args = _reserve_parser().parse_args(rest)
-        kwargs = _reserve_kwargs(args, RESERVE_USAGE)
+        spec = _request(_reserve_parser().parse_args(rest), RESERVE_USAGE)
         held = self.current()
-        if held is not None and held.state in ("active", "queued"):
+        if held is not None and held.state.live:
             if held.id == self.kernel_lease_id:
                 raise UsageError(
                     f"this kernel already runs inside lease {held.id} from its kernel launcher: "
@@ -398,16 +283,11 @@ class ChronosMagics(Magics):
                 f"this kernel already holds lease {held.id}: type %chronos release first, "
                 "or %chronos extend 30m to keep it longer"
             )
-        if kwargs.get("wait"):
-            print(f"chronos: waiting in the queue for {args.memory}; interrupt the kernel to give up",
-                  flush=True)
-            kwargs["on_wait"] = _queue_reporter()
-        try:
-            lease = chronos.reserve(args.memory, args.duration, bind=True, **kwargs)
-        except KeyboardInterrupt:
-            raise UsageError("stopped waiting: the request was withdrawn from the queue") from None
+        if spec.wait_s is not None:
+            print(f"chronos: waiting in the queue for {spec.memory}; interrupt the kernel to give up", flush=True)
+        lease = self._reserve(spec)
         self.lease = lease
-        self._activation = _activate(lease, self._on_watchdog_event)
+        self._activation = self._activate(lease)
         self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)
         _print_notes(self._activation.notes)
 
@@ -415,7 +295,7 @@ class ChronosMagics(Magics):
         if len(rest) > 1:
             raise UsageError("type %chronos status, or %chronos status LEASE_ID")
         if rest:
-            lease = chronos.get_lease(rest[0])
+            lease = api.get_lease(rest[0])
         else:
             found = self.current()
             if found is None:
@@ -426,8 +306,7 @@ class ChronosMagics(Magics):
         if self.widget is not None and self.widget.lease_id == lease.id and self.widget.running:
             display(self.widget)
             return
-        own = self.lease is not None and lease.id == self.lease.id
-        if own:
+        if self.lease is not None and lease.id == self.lease.id:
             self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)
         else:
             self._show(lease)
@@ -435,40 +314,22 @@ class ChronosMagics(Magics):
     def _cmd_list(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos list takes no arguments")
-        leases = chronos.leases()
+        leases = api.leases()
         if not leases:
             print("No active or queued leases.")
         else:
-            rows = [("LEASE", "USER", "GPU", "MEMORY", "STATE", "LEFT", "LABEL")]
-            for lease in leases:
-                left = format_duration(lease.remaining) if lease.state in ("active", "queued") else "-"
-                rows.append((
-                    lease.id,
-                    lease.owner,
-                    ",".join(map(str, lease.devices)) or "-",
-                    format_bytes(lease.memory_bytes),
-                    lease.state,
-                    left,
-                    lease.label or "",
-                ))
-            print(_table(rows))
+            rows = [[lease.id, lease.owner, ",".join(map(str, lease.devices)) or "-",
+                     format_bytes(lease.memory_bytes), str(lease.state),
+                     format_duration(lease.remaining) if lease.state.live else "-", lease.label or ""]
+                    for lease in leases]
+            print(text.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "LABEL"], rows))
         print()
         self._print_devices()
 
     def _print_devices(self) -> None:
-        rows: list[tuple[str, ...]] = [("GPU", "NAME", "TOTAL", "LEASED", "AVAILABLE", "LEASES")]
-        for dev in gpu_status():
-            active = getattr(dev, "active_leases", 0)
-            count = len(active) if isinstance(active, (list, tuple, set)) else active
-            rows.append((
-                str(dev.index),
-                dev.name,
-                format_bytes(dev.memory_total_bytes),
-                format_bytes(getattr(dev, "memory_reserved_bytes", 0)),
-                format_bytes(getattr(dev, "memory_available_bytes", 0)),
-                str(count),
-            ))
-        print(_table(rows))
+        rows = [[str(d.index), d.name, format_bytes(d.memory_total_bytes), format_bytes(d.memory_reserved_bytes),
+                 format_bytes(d.memory_available_bytes), str(d.active_leases)] for d in api.gpus()]
+        print(text.table(["GPU", "NAME", "TOTAL", "RESERVED", "AVAILABLE", "LEASES"], rows))
 
     def _cmd_release(self, rest: list[str]) -> None:
         if len(rest) > 1:
@@ -495,36 +356,22 @@ class ChronosMagics(Magics):
     def _cmd_stats(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos stats takes no arguments")
-        try:
-            from chronos import stats as chronos_stats
-        except ImportError:  # an older core: figures from the leases alone
-            print(_stats_text(chronos.leases(all=True)))
-            return
-        figures = chronos_stats.detailed()
-        rows: list[tuple[str, ...]] = [
-            ("USER", "GPU-HOURS (DAY)", "GPU-HOURS (WEEK)", "LEASES (WEEK)", "ACTIVE", "QUEUED", "PEAK/CAP")
-        ]
-        for user in figures.users:
-            peak = "-" if user.peak_to_cap_percent is None else f"{user.peak_to_cap_percent:.0f}%"
-            rows.append((user.user, f"{user.gpu_hours_day:.2f}", f"{user.gpu_hours_week:.2f}",
-                         str(user.leases_week), str(user.active), str(user.queued), peak))
-        print(_table(rows) if len(rows) > 1 else "No leases in the last week.")
+        figures = api.detailed_stats()
+        users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", str(u.leases_week), str(u.active),
+                  str(u.queued), "-" if u.peak_to_cap_percent is None else f"{u.peak_to_cap_percent:.0f}%"]
+                 for u in figures.users]
+        print(text.table(["USER", "LAST DAY", "LAST WEEK", "LEASES (WEEK)", "ACTIVE", "QUEUED", "PEAK/CAP"], users)
+              if users else "No leases in the last week.")
         print()
-        rows = [("GPU", "RESERVED", "USED IN LEASES", "AVAILABLE", "LEASES", "QUEUED")]
-        for dev in figures.devices:
-            rows.append((str(dev.index), format_bytes(dev.memory_reserved_bytes),
-                         format_bytes(dev.memory_used_in_leases_bytes), format_bytes(dev.memory_available_bytes),
-                         str(dev.active_leases), str(dev.queued)))
-        print(_table(rows))
+        rows = [[str(d.index), format_bytes(d.memory_reserved_bytes), format_bytes(d.memory_used_in_leases_bytes),
+                 format_bytes(d.memory_available_bytes), str(d.active_leases), str(d.queued)]
+                for d in figures.devices]
+        print(text.table(["GPU", "RESERVED", "USED IN LEASES", "AVAILABLE", "LEASES", "QUEUED"], rows))
 
     def _cmd_suggest(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos suggest takes no arguments")
-        try:
-            from chronos import suggest
-        except ImportError:
-            raise UsageError("this chronos has no suggest: type %chronos list to see what is free") from None
-        advice = suggest()
+        advice = api.suggest()
         command = advice.command
         if command.startswith("chronos reserve"):
             command = "%" + command
@@ -539,20 +386,14 @@ class ChronosMagics(Magics):
     # -- the cell magic ------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
         usage = RESERVE_USAGE.replace("%chronos reserve", "%%chronos")
-        args = _reserve_parser(usage).parse_args(_split(line))
-        kwargs = _reserve_kwargs(args, usage)
-        if args.label is None:
-            kwargs["label"] = "cell"
+        spec = _request(_reserve_parser(usage).parse_args(_split(line)), usage, label="cell")
         with _core_errors():
-            try:
-                lease = chronos.reserve(args.memory, args.duration, bind=True, **kwargs)
-            except KeyboardInterrupt:
-                raise UsageError("stopped waiting: the request was withdrawn from the queue") from None
-        activation: _Activation | None = None
+            lease = self._reserve(spec)
+        activation: Activation | None = None
         widget: LeaseWidget | None = None
         result: Any = None
         try:
-            activation = _activate(lease, self._on_watchdog_event)
+            activation = self._activate(lease)
             widget = self._show(lease, release=lambda: None, extend=lambda _d: None)
             widget.release_button.layout.display = "none"
             widget.extend_button.layout.display = "none"
@@ -561,57 +402,22 @@ class ChronosMagics(Magics):
             result = self.shell.run_cell(cell, store_history=False)
         finally:
             if activation is not None:
-                _stop_watchdog(activation.watchdog)
-                activation.restore_env()
+                activation.stop()
             try:
                 lease.release()
             finally:
                 if widget is not None:
                     widget.stop()
                     widget.update()
-                if self._activation is not None and self.lease is not None and self.lease.state == "active":
-                    self._reapply_own_caps()
+                own = self._activation
+                if own is not None and self.lease is not None and self.lease.state == LeaseState.ACTIVE:
+                    _print_notes(own.reapply())
         error = None if result is None else (result.error_before_exec or result.error_in_exec)
         if error is not None:
             interrupted = isinstance(error, KeyboardInterrupt)
             what = "was interrupted" if interrupted else f"raised {type(error).__name__}"
             raise CellFailed(f"chronos: the cell {what}; its lease {lease.id} was released")
 
-    def _reapply_own_caps(self) -> None:
-        """After a cell lease, put the kernel's own lease's caps back in force."""
-        assert self.lease is not None and self._activation is not None
-        for key, value in self.lease.env({}).items():
-            if key in self._activation.saved_env:
-                os.environ[key] = value
-        try:
-            self.lease.apply_caps()
-        except chronos.ChronosError as exc:
-            print(f"chronos: warning: could not re-apply caps of lease {self.lease.id}: {exc}",
-                  file=sys.stderr)
-
 
 def _clock(epoch: float | None) -> str:
-    return "?" if epoch is None else time.strftime("%H:%M:%S", time.localtime(epoch))
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-    return "\n".join(lines)
-
-
-def _stats_text(leases: list[Lease]) -> str:
-    """Usage from the ledger's leases: counts by state, GPU-hours, peak memory."""
-    by_state: dict[str, int] = {}
-    gpu_seconds = 0.0
-    peak = 0
-    for lease in leases:
-        by_state[lease.state] = by_state.get(lease.state, 0) + 1
-        gpu_seconds += lease.gpu_seconds or 0.0
-        peak = max(peak, lease.peak_memory_bytes or 0)
-    states = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())) or "none"
-    return "\n".join([
-        f"leases:     {len(leases)} ({states})",
-        f"GPU time:   {gpu_seconds / 3600:.2f} GPU-hours",
-        f"peak memory {format_bytes(peak)}",
-    ])
+    return format_clock(epoch, seconds=True) if epoch is not None else "?"

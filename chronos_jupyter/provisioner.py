@@ -26,15 +26,13 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from jupyter_client.provisioning import LocalProvisioner
-from tornado.web import HTTPError
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
 
 import chronos
-from chronos.config import load_config
+from chronos.api import default_engine
 from chronos.enforce.watchdog import (
     ExpiryWarning,
     LeaseEndedEvent,
@@ -43,10 +41,22 @@ from chronos.enforce.watchdog import (
     Watchdog,
     WatchdogEvent,
 )
-from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError, UnavailableError
-from chronos.lease import EXPIRED, REVOKED, Lease
-from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
-from chronos_jupyter.kernelspec import ON_EXPIRY_POLICIES, PRIORITIES
+from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
+from chronos.lease import Lease
+from chronos.model import Action, LeaseState, Priority
+from chronos.request import RequestSpec, parse_request
+from chronos.units import format_bytes, format_duration, parse_duration
+from chronos_jupyter.kernel_errors import (
+    KernelLeaseEnded,
+    KernelLeaseError,
+    KernelLeaseInvalid,
+    KernelLeaseRefused,
+    KernelLeaseUnavailable,
+    surface,
+)
+from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
+
+EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
 
 __all__ = [
     "ChronosProvisioner",
@@ -58,123 +68,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- errors the user sees
-class KernelLeaseError(HTTPError, ChronosError):
-    """A kernel start refused by Chronos, with a message meant for the notebook user.
-
-    It is a tornado HTTPError so that jupyter_server's REST handlers put the message itself in the
-    reply (``POST /api/kernels`` shows ``log_message``, ``POST /api/sessions`` shows ``str()``)
-    instead of "Unhandled error", and a ChronosError so that code outside a server can catch it.
-    """
-
-    status = 500
-
-    def __init__(self, message: str) -> None:
-        HTTPError.__init__(self, self.status, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message,))
-
-
-class KernelLeaseUnavailable(KernelLeaseError, UnavailableError):
-    """No capacity now (or the queue wait ran out): HTTP 503."""
-
-    status = 503
-
-
-class KernelLeaseEnded(KernelLeaseError, UnavailableError):
-    """The kernel's lease is over, so it may not be (re)started: HTTP 409."""
-
-    status = 409
-
-
-class KernelLeaseInvalid(KernelLeaseError, InvalidRequestError):
-    """The kernelspec's Chronos settings are wrong: HTTP 400."""
-
-    status = 400
-
-
-class KernelLeaseRefused(KernelLeaseError, NotAllowedError):
-    """A policy forbids this lease: HTTP 403."""
-
-    status = 403
-
-
-def _surface(exc: ChronosError, message: str) -> KernelLeaseError:
-    if isinstance(exc, KernelLeaseError):
-        return exc
-    if isinstance(exc, InvalidRequestError):
-        return KernelLeaseInvalid(message)
-    if isinstance(exc, NotAllowedError):
-        return KernelLeaseRefused(message)
-    if isinstance(exc, UnavailableError):
-        return KernelLeaseUnavailable(message)
-    return KernelLeaseError(message)
-
-
-class _Cancelled(Exception):
-    """Raised inside a queue wait (through on_wait) to withdraw the request."""
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking Chronos call off the event loop."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
-
-
-async def _in_daemon_thread(fn: Callable[[threading.Event], T]) -> T:
-    """Run a possibly long call (a queue wait) in a daemon thread.
-
-    A daemon thread never holds up the server's exit; cancelling the awaiting task sets the event,
-    which the call polls so that it can withdraw its queued request.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-    cancel = threading.Event()
-
-    def settle(value: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)  # type: ignore[arg-type]
-
-    def body() -> None:
-        try:
-            value = fn(cancel)
-        except BaseException as exc:  # handed to the awaiting task
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, value, None)
-
-    threading.Thread(target=body, name="chronos-kernel-lease", daemon=True).start()
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        cancel.set()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        raise
-
-
-def _wait_seconds(value: bool | int | float | str) -> bool | float:
-    """``wait`` as chronos.reserve takes it: False, True (forever) or seconds."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "false", "no", "0"):
-            return False
-        if text in ("true", "yes", "forever"):
-            return True
-    return parse_duration(value)
 
 
 # --------------------------------------------------------------------------- the provisioner
@@ -195,7 +88,7 @@ class ChronosProvisioner(LocalProvisioner):
         help="Which device index(es) to use (all or none); default: the least loaded that fits.",
     )
     priority = Enum(
-        PRIORITIES, default_value=None, allow_none=True, config=True,
+        Priority.choices(), default_value=None, allow_none=True, config=True,
         help="Queue priority (default: the system config's default_priority).",
     )
     # ``wait`` is a method of every provisioner, so the trait has another name; kernel.json's
@@ -206,14 +99,14 @@ class ChronosProvisioner(LocalProvisioner):
         "a duration (10m) waits at most that long. kernel.json spells it \"wait\".",
     )
     on_expiry = Enum(
-        ON_EXPIRY_POLICIES, default_value=None, allow_none=True, config=True,
+        Action.choices(), default_value=None, allow_none=True, config=True,
         help="What happens when the lease ends: warn (log only), interrupt (SIGINT, kernel kept), "
         "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
         "stopped for terminate and kill. Default: on_expiry in /etc/chronos/config.toml [defaults] "
         "(terminate).",
     )
     on_overuse = Enum(
-        ON_EXPIRY_POLICIES, default_value="terminate", config=True,
+        Action.choices(), default_value="terminate", config=True,
         help="What the watchdog does when the kernel's processes use more GPU memory than the lease "
         "past its grace period (same choices as on_expiry). A terminated kernel is auto-restarted "
         "within the rest of its lease's time.",
@@ -250,36 +143,26 @@ class ChronosProvisioner(LocalProvisioner):
         return self._lease.id if self._lease is not None else self._lease_id
 
     def _describe(self) -> str:
-        spec = parse_memory(self.memory)
-        size = format_bytes(spec.nbytes) if spec.nbytes is not None else f"{spec.fraction:.0%} of a GPU"
-        count = f"{self.gpus} GPUs x " if self.gpus and self.gpus > 1 else ""
-        return f"{count}{size} for {format_duration(parse_duration(self.duration))}"
+        spec = self._request()
+        count = f"{spec.count} GPUs x " if spec.count > 1 else ""
+        assert spec.duration_s is not None
+        return f"{count}{spec.memory} for {format_duration(spec.duration_s)}"
 
     def _label(self) -> str:
         name = getattr(self.parent, "kernel_name", None) or "kernel"
         return f"jupyter {name} {self.kernel_id or ''}".strip()[:190]
 
-    def _request(self) -> dict[str, Any]:
+    def _request(self) -> RequestSpec:
         if self.memory in ("", None):
             raise KernelLeaseInvalid(
                 "the chronos kernel provisioner needs a memory size: set \"memory\" (e.g. \"8G\") in the "
                 "kernelspec's metadata.kernel_provisioner.config, or c.ChronosProvisioner.memory"
             )
         try:
-            parse_memory(self.memory)
-            seconds = parse_duration(self.duration)
-            wait = _wait_seconds(self.queue_wait)
+            return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
+                                 priority=self.priority, wait=self.queue_wait, label=self._label())
         except InvalidRequestError as exc:
-            raise KernelLeaseInvalid(
-                f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}"
-            ) from None
-        device: Any = self.device
-        if isinstance(device, str):
-            device = device or None
-        return {
-            "memory": self.memory, "duration": seconds, "device": device, "gpus": self.gpus,
-            "priority": self.priority, "wait": wait,
-        }
+            raise KernelLeaseInvalid(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}") from None
 
     def _kernel_name(self) -> str:
         return str(getattr(self.parent, "kernel_name", None) or "?")
@@ -287,30 +170,25 @@ class ChronosProvisioner(LocalProvisioner):
     async def _take_lease(self) -> Lease:
         request = self._request()
         server_pid = os.getpid()
-        label = self._label()
 
         def reserve(cancel: threading.Event) -> Lease:
             def on_wait(update: chronos.WaitUpdate) -> None:
                 if cancel.is_set():
-                    raise _Cancelled(update.lease_id)
+                    raise Cancelled(update.lease_id)
 
-            return chronos.reserve(
-                request["memory"], request["duration"], device=request["device"], gpus=request["gpus"],
-                priority=request["priority"], label=label, bind=server_pid, wait=request["wait"],
-                on_wait=on_wait,
-            )
+            return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
 
-        if request["wait"]:
+        if request.wait_s is not None:
             self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
         try:
-            lease = await _in_daemon_thread(reserve)
+            lease = await in_daemon_thread(reserve)
         except ChronosError as exc:
             if isinstance(exc, UnavailableError):
                 raise KernelLeaseUnavailable(
                     f"no GPU capacity for this kernel ({self._describe()}): {exc}; "
                     "try again later or choose a smaller kernel"
                 ) from None
-            raise _surface(exc, f"cannot start this kernel: {exc}") from None
+            raise surface(exc, f"cannot start this kernel: {exc}") from None
         self.log.info(
             "Chronos: kernel %s holds lease %s (%s on GPU %s, until %s)", self.kernel_id, lease.id,
             format_bytes(lease.memory_bytes), ",".join(map(str, lease.devices)),
@@ -321,10 +199,10 @@ class ChronosProvisioner(LocalProvisioner):
     async def _lease_for_restart(self, lease_id: str) -> Lease:
         """The lease a restarted kernel runs in: the same one while it is active."""
         try:
-            lease = await _in_thread(chronos.get_lease, lease_id)
+            lease = await in_thread(chronos.get_lease, lease_id)
         except ChronosError as exc:
             await self._give_up()
-            raise _surface(exc, f"cannot restart this kernel: {exc}") from None
+            raise surface(exc, f"cannot restart this kernel: {exc}") from None
         if lease.active:
             return lease
         now = time.time()
@@ -333,7 +211,7 @@ class ChronosProvisioner(LocalProvisioner):
             # time again so that auto-restart works as it does without Chronos.
             remaining = lease.expires_at - now
             try:
-                fresh = await _in_thread(
+                fresh = await in_thread(
                     chronos.reserve, lease.memory_bytes, remaining, gpus=len(lease.devices) or None,
                     prefer=list(lease.devices), priority=lease.priority, label=self._label(),
                     bind=os.getpid(),
@@ -384,7 +262,7 @@ class ChronosProvisioner(LocalProvisioner):
         if lease is None or self._held_by_server or not lease.active:
             return
         try:
-            await _in_thread(lease.bind, os.getpid())
+            await in_thread(lease.bind, os.getpid())
             self._held_by_server = True
         except ChronosError as exc:
             self.log.warning("Chronos: could not hold lease %s across the restart: %s", lease.id, exc)
@@ -401,7 +279,7 @@ class ChronosProvisioner(LocalProvisioner):
         self._held_by_server = True
         try:
             kwargs = await super().pre_launch(**kwargs)
-            env = await _in_thread(lease.env, kwargs.get("env"))
+            env = await in_thread(lease.env, kwargs.get("env"))
         except BaseException:
             if first:
                 await self._release_quietly()
@@ -416,12 +294,12 @@ class ChronosProvisioner(LocalProvisioner):
         lease = self._lease
         assert lease is not None and self.pid is not None
         try:
-            await _in_thread(lease.bind, self.pid)
+            await in_thread(lease.bind, self.pid)
             self._held_by_server = False
         except ChronosError as exc:
             await self.kill()
             await self.wait()
-            raise _surface(exc, f"kernel stopped: {exc}") from None
+            raise surface(exc, f"kernel stopped: {exc}") from None
         return info
 
     async def post_launch(self, **kwargs: Any) -> None:
@@ -462,7 +340,7 @@ class ChronosProvisioner(LocalProvisioner):
         if lease_id is None:
             return
         try:
-            released = await _in_thread(chronos.release, lease_id)
+            released = await in_thread(chronos.release, lease_id)
             self._lease = released
             self.log.info("Chronos: kernel %s released lease %s", self.kernel_id, lease_id)
         except ChronosError as exc:
@@ -481,7 +359,7 @@ class ChronosProvisioner(LocalProvisioner):
         self._lease = None
         if self._lease_id is not None:
             with contextlib.suppress(ChronosError):
-                self._lease = await _in_thread(chronos.get_lease, self._lease_id)
+                self._lease = await in_thread(chronos.get_lease, self._lease_id)
 
     # -- the end of the lease ---------------------------------------------------------------
     def _start_watch(self) -> None:
@@ -506,12 +384,12 @@ class ChronosProvisioner(LocalProvisioner):
         km = self.parent
         kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
         warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
-        # The same policy for a lease released by someone else (`chronos release`) as for its end.
-        policy = self.on_expiry or (await _in_thread(load_config)).on_expiry
+        # The same action for a lease released by someone else (`chronos release`) as for its end.
+        policy = self.on_expiry or default_engine().on_expiry
         self._ending = False
         try:
-            dog = await _in_thread(
-                Watchdog, lease.id, pid=pid, rate_hz=1.0 / max(0.05, self.check_interval),
+            dog = await in_thread(
+                Watchdog, lease, pid=pid, rate_hz=1.0 / max(0.05, self.check_interval),
                 on_overuse=self.on_overuse, on_expiry=policy, on_release=policy,
                 kill_wait_s=kill_wait, warn_at=warn_at, on_event=self._on_watchdog_event,
             )

@@ -9,6 +9,7 @@ lands in whichever cell happens to be running. Front ends without a widget manag
 
 from __future__ import annotations
 
+import contextlib
 import html
 import threading
 import time
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import chronos
-from chronos.units import format_bytes, format_duration
+from chronos.model import LeaseState
+from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = [
     "CRITICAL_S",
@@ -25,7 +27,6 @@ __all__ = [
     "LeaseView",
     "LeaseWidget",
     "lease_view",
-    "memory_used",
     "render_html",
     "render_text",
 ]
@@ -99,27 +100,7 @@ class LeaseView:
 
 
 def _clock(epoch: float | None) -> str:
-    if epoch is None:
-        return "?"
-    return time.strftime("%H:%M:%S", time.localtime(epoch))
-
-
-def memory_used(lease: chronos.Lease, backend: Any = None) -> int | None:
-    """GPU memory used on the lease's devices by its holder's process tree, or None without a holder."""
-    if lease.pid is None:
-        return None
-    from chronos.devices import get_backend
-    from chronos.procs import descendants
-
-    backend = backend if backend is not None else get_backend()
-    pids = descendants(lease.pid)
-    if not pids:
-        return 0
-    total = 0
-    for proc in backend.processes(list(lease.devices)):
-        if proc.pid in pids and proc.device_index in lease.devices and proc.used_bytes:
-            total += proc.used_bytes
-    return total
+    return format_clock(epoch, seconds=True)
 
 
 def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float | None = None) -> LeaseView:
@@ -224,7 +205,6 @@ class LeaseWidget:
         self._lease = lease
         self._release_fn = release
         self._extend_fn = extend
-        self._backend: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -264,24 +244,19 @@ class LeaseWidget:
 
     # -- refreshing ----------------------------------------------------------------------
     def refresh_view(self) -> LeaseView:
-        """Read the lease and its memory use again; no widget is touched."""
-        try:
-            lease = chronos.get_lease(self.lease_id)
-        except chronos.ChronosError:
-            lease = self._lease
-        used: int | None = None
-        if lease.state == "active":
+        """Read the lease and its memory use again (the figure the watchdog enforces); no widget is touched."""
+        lease = self._lease
+        with contextlib.suppress(chronos.ChronosError):
+            lease.refresh()
+        used: int | None = self.view.used_bytes
+        if lease.state == LeaseState.ACTIVE:
             try:
-                if self._backend is None:
-                    from chronos.devices import get_backend
-
-                    self._backend = get_backend()
-                used = memory_used(lease, self._backend)
+                per_device = lease.usage()
             except chronos.ChronosError:
                 used = None
-        elif self.view.used_bytes is not None:
-            used = self.view.used_bytes
-        self._lease = lease
+            else:
+                known = [nbytes for nbytes in per_device.values() if nbytes is not None]
+                used = sum(known) if known or not per_device else None
         return lease_view(lease, used)
 
     def update(self) -> LeaseView:
@@ -376,7 +351,7 @@ class LeaseWidget:
             if self._release_fn is not None:
                 self._release_fn()
             else:
-                chronos.release(self.lease_id)
+                self._lease.release()
         except chronos.ChronosError as exc:
             self.notify(str(exc))
         else:
@@ -388,7 +363,7 @@ class LeaseWidget:
             if self._extend_fn is not None:
                 self._extend_fn(self.extend_step)
             else:
-                chronos.extend(self.lease_id, self.extend_step)
+                self._lease.extend(self.extend_step)
         except chronos.ChronosError as exc:
             self.notify(str(exc))
         else:

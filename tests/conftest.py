@@ -51,11 +51,11 @@ def chronos_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     else:
         monkeypatch.setenv("CHRONOS_BACKEND", "simulated")
         monkeypatch.setenv("CHRONOS_SIM_GPUS", "2x80G")
-    from chronos import engine
+    from chronos import api
 
-    engine.reset_default_engine()
+    api.reset_default_engine()
     yield state
-    engine.reset_default_engine()
+    api.reset_default_engine()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,

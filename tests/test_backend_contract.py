@@ -24,6 +24,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from chronos import settings
 from chronos.devices import nvml, simulated
 from chronos.devices.base import (
     LINK_HOST_BRIDGE,
@@ -70,9 +71,13 @@ class Machine:
     driver: str | None
 
 
+def _sim_backend() -> Backend:
+    return simulated.SimulatedBackend.from_settings(settings.current())
+
+
 def _simulated() -> Machine:
     simulated.allocate(0, 8 * GiB)
-    return Machine(backend=simulated.SimulatedBackend(), make=simulated.SimulatedBackend,
+    return Machine(backend=_sim_backend(), make=_sim_backend,
                    use=lambda device, nbytes: simulated.allocate(device, nbytes),
                    name="simulated", driver=None)
 

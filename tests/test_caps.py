@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 import chronos
+from chronos.api import default_engine
 from chronos.enforce import caps, mps
 from chronos.enforce.caps import apply_caps, framework_budget, lease_env, merge_alloc_conf
-from chronos.lease import Lease
+from chronos.model import LeaseRecord
 
 GIB = 1 << 30
 MIB = 1 << 20
 
 
-def _lease(memory: int = 2 * GIB, uuids: tuple[str, ...] = ("GPU-aaaa", "GPU-bbbb")) -> Lease:
-    return Lease(
+def _lease(memory: int = 2 * GIB, uuids: tuple[str, ...] = ("GPU-aaaa", "GPU-bbbb")) -> LeaseRecord:
+    return LeaseRecord(
         id="42",
         owner="me",
         uid=os.getuid(),
@@ -30,6 +31,10 @@ def _lease(memory: int = 2 * GIB, uuids: tuple[str, ...] = ("GPU-aaaa", "GPU-bbb
     )
 
 
+def _totals() -> dict[str, int]:
+    return {d.uuid: d.memory_total_bytes for d in default_engine().backend.devices()}
+
+
 def _fake_dist(root: Path, name: str, version: str) -> None:
     """An installed distribution as importlib.metadata sees one (a dist-info with METADATA)."""
     info = root / f"{name}-{version}.dist-info"
@@ -38,11 +43,12 @@ def _fake_dist(root: Path, name: str, version: str) -> None:
 
 
 def test_framework_budget_leaves_room_for_the_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CHRONOS_CONTEXT_RESERVE", raising=False)
     assert framework_budget(8 * GIB) == 8 * GIB - 768 * MIB
     assert framework_budget(GIB) == GIB // 2
-    monkeypatch.setenv("CHRONOS_CONTEXT_RESERVE", str(100 * MIB))
-    assert framework_budget(8 * GIB) == 8 * GIB - 100 * MIB
+    assert framework_budget(8 * GIB, 100 * MIB) == 8 * GIB - 100 * MIB
+    monkeypatch.setenv("CHRONOS_CONTEXT_RESERVE", str(100 * MIB))  # through the settings, to every lease
+    lease = chronos.reserve("8G", "10m", bind=False)
+    assert lease.env({})["CUPY_GPU_MEMORY_LIMIT"] == str(8 * GIB - 100 * MIB)
 
 
 def test_env_names_devices_by_uuid_and_caps_each_framework() -> None:
@@ -135,7 +141,7 @@ def test_apply_caps_without_frameworks_sets_the_environment(monkeypatch: pytest.
     ):
         monkeypatch.delenv(key, raising=False)
     lease = chronos.reserve("8G", "10m", bind=False)
-    done = apply_caps(lease, modules={})
+    done = apply_caps(lease.record, _totals(), modules={})
     assert os.environ["CHRONOS_LEASE_ID"] == lease.id
     assert os.environ["CUDA_VISIBLE_DEVICES"] == lease.device_uuids[0]
     assert os.environ["CUPY_GPU_MEMORY_LIMIT"] == str(8 * GIB - 768 * MIB)
@@ -147,7 +153,7 @@ def test_apply_caps_reports_an_imported_jax_as_not_capped(monkeypatch: pytest.Mo
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUPY_GPU_MEMORY_LIMIT", raising=False)
     lease = chronos.reserve("8G", "10m", bind=False)
-    done = apply_caps(lease, modules={"jax": object()})
+    done = apply_caps(lease.record, _totals(), modules={"jax": object()})
     assert "jax: already imported; its memory fraction is read only at start, not capped" in done
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # a started framework keeps its devices
     assert not any(line.startswith("jax: XLA_") for line in done)
@@ -157,8 +163,9 @@ def test_apply_caps_reports_an_imported_jax_as_not_capped(monkeypatch: pytest.Mo
 
 
 def test_mps_limit_by_index_as_the_child_sees_it() -> None:
-    assert mps.limit_value(2, 2 * GIB) == "0=2048M,1=2048M"
+    assert mps.merge_limit(None, 2, 2 * GIB) == "0=2048M,1=2048M"
     assert mps.merge_limit("0=1G,1=8G", 2, 2 * GIB) == "0=1024M,1=2048M"
+    assert mps.merge_limit("0=1073741824,1=junk", 2, 2 * GIB) == "0=1024M,1=2048M"
 
 
 def test_mps_detected_from_the_control_pipe(tmp_path: Path) -> None:
@@ -179,4 +186,4 @@ def test_no_mps_no_limit(tmp_path: Path) -> None:
 
 
 def test_cgroup_probe_is_unknown_on_simulated_gpus() -> None:
-    assert mps.cgroup_limits_supported() is None
+    assert mps.cgroup_limits_supported(default_engine().backend) is None

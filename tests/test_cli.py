@@ -84,7 +84,7 @@ def test_pid_binds_the_lease_to_a_process() -> None:
         (["reserve", "81G"], 2, "never fit"),
         (["reserve", "1G", "--gpus", "3"], 2, "3 GPUs"),
         (["reserve", "1G", "--gpu", "9"], 2, "unknown GPU 9"),
-        (["reserve", "1G", "--gpu", "x"], 2, "invalid GPU"),
+        (["reserve", "1G", "--gpu", "x"], 2, "invalid --gpu"),
         (["reserve", "1G", "0"], 2, "positive"),
         (["reserve", "1G", "--priority", "urgent"], 2, "invalid choice"),
         (["reserve", "1G", "--user", "no-such-user-here"], 2, "no such user"),

@@ -84,7 +84,7 @@ def test_many_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path,
     """The first use of a state directory may come from many processes together (a hub starting)."""
     code = (
         "import sys, chronos\n"
-        "engine = chronos.engine.default_engine()\n"
+        "engine = chronos.api.default_engine()\n"
         "print('ready', flush=True)\n"
         "sys.stdin.readline()  # every process opens the new ledger at the same moment\n"
         "engine.ledger\n"

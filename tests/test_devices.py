@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from chronos.devices import GpuProcess, get_backend, is_simulated, reset_backend, simulated
+import chronos
+from chronos.devices import GpuProcess, get_backend, is_simulated, simulated
 from chronos.devices.base import (
     LINK_HOST_BRIDGE,
     LINK_NUMA,
@@ -281,7 +282,7 @@ def test_missing_explicit_state_dir_is_created_private(tmp_path: Path,
 
 
 _AS_NOBODY = """
-    import os, sys
+    import hashlib, os, sys  # hashlib before dropping root: the interpreter's files are in /root
     import chronos.config, chronos.state
     from chronos.devices import simulated
     os.setgid(65534)
@@ -375,8 +376,23 @@ def test_backend_is_cached_and_follows_the_environment(monkeypatch: pytest.Monke
     second = get_backend()
     assert second is not first
     assert [d.memory_total_bytes for d in second.devices()] == [40 * GiB] * 3
-    reset_backend()
-    assert get_backend() is not second
+
+
+def test_one_settings_snapshot_reaches_the_engine_and_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default engine, its backend and get_backend() follow the same variables, topology included."""
+    from chronos.api import default_engine
+    from chronos.devices.base import LINK_NVLINK
+
+    monkeypatch.setenv("CHRONOS_SIM_GPUS", "4x40G")
+    engine = default_engine()
+    assert engine.backend is get_backend()
+    assert engine.backend.distances()[0][1] != LINK_NVLINK
+    monkeypatch.setenv("CHRONOS_SIM_TOPOLOGY", "0-1,2-3")
+    assert default_engine() is not engine
+    assert default_engine().backend is get_backend()
+    assert default_engine().backend.distances()[0][1] == LINK_NVLINK
+    lease = chronos.reserve("10G", gpus=2)
+    assert lease.devices in ((0, 1), (2, 3))  # the new topology decides the pair
 
 
 @pytest.mark.parametrize("value", ["cuda", "NVML2", "sim"])
@@ -403,9 +419,8 @@ def test_importing_devices_does_not_load_nvml() -> None:
 def test_auto_falls_back_to_simulated_and_says_so_once() -> None:
     out = _run("""
         import os
-        from chronos.devices import get_backend, is_simulated, reset_backend
+        from chronos.devices import get_backend, is_simulated
         a = get_backend()
-        reset_backend()
         os.environ["CHRONOS_SIM_GPUS"] = "3x24G"
         b = get_backend()
         print(a.name, len(a.devices()), b.name, len(b.devices()), is_simulated())

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from chronos.api import default_engine
 from chronos.doctor import diagnose, framework_versions
 from tests.conftest import run_cli
 
@@ -36,7 +37,7 @@ def test_doctor_text() -> None:
 
 def test_doctor_flags_an_unsafe_state_directory(chronos_env: Path) -> None:
     os.chmod(chronos_env, 0o777)  # world-writable, no sticky bit
-    report = diagnose()
+    report = diagnose(default_engine())
     assert report.state_dir["mode"] == "0777"
     assert any("sticky bit" in p for p in report.problems)
     result = run_cli("doctor")

@@ -63,7 +63,7 @@ def test_cli_writes_every_setting(jupyter_env: dict[str, str], tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     doc = json.loads((prefix / "share" / "jupyter" / "kernels" / "pair-40g" / "kernel.json").read_text())
     assert doc["metadata"]["kernel_provisioner"]["config"] == {
-        "memory": "40G", "duration": "90m", "gpus": 2, "priority": "high", "wait": "10m", "on_expiry": "kill",
+        "memory": "40G", "duration": "1h30m", "gpus": 2, "priority": "high", "wait": "10m", "on_expiry": "kill",
     }
     assert doc["metadata"]["cull_idle_timeout"] == 1800
     assert doc["display_name"] == "Python 3 (2 GPUs x 40 GiB, 1h 30m)"
@@ -120,9 +120,9 @@ def test_install_locations_are_exclusive(tmp_path: Path) -> None:
 def test_kernel_json_keeps_the_admins_spelling_and_normalises_durations() -> None:
     doc = kernel_json(memory="50%", duration=5400, display_name="half", wait=True, device="0,1")
     config = doc["metadata"]["kernel_provisioner"]["config"]
-    assert config == {"memory": "50%", "duration": "90m", "wait": True, "device": [0, 1]}
+    assert config == {"memory": "50%", "duration": "1h30m", "wait": True, "device": [0, 1]}
     other = kernel_json(memory="1G", duration="1h30m", display_name="x", python="/opt/py")
-    assert other["metadata"]["kernel_provisioner"]["config"]["duration"] == "90m"
+    assert other["metadata"]["kernel_provisioner"]["config"]["duration"] == "1h30m"
     assert other["argv"][0] == "/opt/py"
 
 

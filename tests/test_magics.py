@@ -120,7 +120,7 @@ def test_reserve_on_chosen_devices(shell: InteractiveShell) -> None:
 
 def test_reserve_leaves_the_priority_to_the_configured_default(shell: InteractiveShell) -> None:
     Path(os.environ["CHRONOS_USER_CONFIG"]).write_text('[defaults]\npriority = "low"\n')
-    from chronos.engine import reset_default_engine
+    from chronos.api import reset_default_engine
 
     reset_default_engine()
     result, _ = run(shell, "%chronos reserve 1G 5m")
@@ -139,7 +139,7 @@ def test_status_list_extend_release(shell: InteractiveShell) -> None:
     result, captured = run(shell, "%chronos list")
     assert result.success
     rows = captured.stdout.splitlines()
-    assert rows[0].split()[:3] == ["LEASE", "USER", "GPU"]
+    assert rows[0].split()[:3] == ["ID", "OWNER", "GPU"]
     assert rows[1].split()[0] == lease.id and "active" in rows[1]
     assert any(line.startswith("GPU") and "AVAILABLE" in line for line in rows)
 

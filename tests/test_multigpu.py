@@ -22,7 +22,7 @@ import pytest
 
 import chronos
 from chronos import api
-from chronos import engine as engine_module
+from chronos import api as engine_module
 from chronos.devices import get_backend
 from chronos.devices.base import LINK_NVLINK, LINK_SAME, LINK_SYSTEM
 from chronos.engine import Engine
@@ -74,7 +74,7 @@ def test_gangs_on_an_empty_machine_get_the_two_nvlink_pairs() -> None:
         uuids = granted["device_uuids"]
         assert isinstance(uuids, list) and len(set(uuids)) == 2
         assert [uuid_index()[u] for u in uuids] == granted["devices"]
-    for d in api.devices():
+    for d in api.gpus():
         assert d.memory_reserved_bytes == 8 * GIB and d.active_leases == 1
 
 
@@ -92,7 +92,7 @@ def test_a_partly_taken_pair_sends_gangs_to_the_other_pair() -> None:
     waited = run_cli("reserve", "70G", "1h", "--gpus", "2", "--wait", "1s")
     assert waited.returncode == 3 and "gave up after waiting" in waited.stderr, waited.stderr
     assert {lease.id for lease in chronos.leases()} == before
-    reserved = [d.memory_reserved_bytes for d in api.devices()]
+    reserved = [d.memory_reserved_bytes for d in api.gpus()]
     assert reserved == [0, 75 * GIB, 16 * GIB, 16 * GIB]
 
 
@@ -120,7 +120,7 @@ def test_a_waiting_gang_is_granted_when_the_blocking_lease_is_released() -> None
         assert len(queued) == 1, waiter.communicate(timeout=5) if waiter.poll() is not None else "not queued"
         time.sleep(1.0)  # several of the waiter's polls: GPU 3 alone fits, and it must not take it alone
         assert waiter.poll() is None
-        assert api.devices()[3].memory_reserved_bytes == 0
+        assert api.gpus()[3].memory_reserved_bytes == 0
         assert chronos.get_lease(queued[0].id).state == "queued"
         chronos.release(blocker.id)
         out, err = waiter.communicate(timeout=30)
@@ -132,7 +132,7 @@ def test_a_waiting_gang_is_granted_when_the_blocking_lease_is_released() -> None
     granted = json.loads(out)
     assert granted["id"] == queued[0].id and granted["devices"] == [2, 3] and granted["state"] == "active"
     assert "queued as lease" in err
-    assert [d.memory_reserved_bytes for d in api.devices()] == [75 * GIB, 75 * GIB, 8 * GIB, 8 * GIB]
+    assert [d.memory_reserved_bytes for d in api.gpus()] == [75 * GIB, 75 * GIB, 8 * GIB, 8 * GIB]
 
 
 ENV_CHILD = textwrap.dedent("""
@@ -197,7 +197,7 @@ def test_overuse_on_the_second_gpu_ends_the_child() -> None:
     assert "peak 6 GiB of 4 GiB" in lines[-1]
     assert lease.state == "released" and lease.peak_memory_bytes == 6 * GIB
     # The child is gone, so are its claims, and the lease no longer holds either GPU.
-    for d in api.devices():
+    for d in api.gpus():
         assert d.memory_used_bytes == 0 and d.memory_reserved_bytes == 0
 
 
@@ -288,4 +288,4 @@ def test_a_burst_of_gang_and_single_requests_never_overcommits(tmp_path: Path) -
     granted_events = Counter(e.lease_id for e in engine.events() if e.event == "granted")
     assert all(granted_events[i] == 1 for i in set(ids) | run_leases)
     assert engine.ledger.integrity_check() == "ok"
-    assert all(d.memory_reserved_bytes == 0 for d in api.devices())
+    assert all(d.memory_reserved_bytes == 0 for d in api.gpus())

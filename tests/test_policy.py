@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import chronos
-from chronos import policy
+from chronos import limits
+from chronos.api import reset_default_engine
 from chronos.config import DEFAULT_STATE_DIR, ConfigError, describe, load_config
-from chronos.engine import reset_default_engine
 from chronos.errors import InvalidRequestError, NotAllowedError
 from chronos.identity import current_user, groups_of
 from tests.conftest import run_cli
@@ -154,68 +154,68 @@ def test_config_errors_are_bad_input() -> None:
 
 
 # -- the pure check ---------------------------------------------------------------------------------
-def limited(**kwargs: object) -> policy.Config:
-    base = policy.Config()
+def limited(**kwargs: object) -> limits.Config:
+    base = limits.Config()
     sources = {name: "/etc/chronos/config.toml" for name in kwargs}
-    return policy.Config(**{**base.__dict__, **kwargs, "sources": sources})  # type: ignore[arg-type]
+    return limits.Config(**{**base.__dict__, **kwargs, "sources": sources})  # type: ignore[arg-type]
 
 
-def info(gib: float = 8, gpus: int = 1, duration: float = 3600, priority: str = "normal") -> policy.RequestInfo:
-    return policy.RequestInfo(int(gib * G), gpus, duration, priority)
+def info(gib: float = 8, gpus: int = 1, duration: float = 3600, priority: str = "normal") -> limits.RequestInfo:
+    return limits.RequestInfo(int(gib * G), gpus, duration, priority)
 
 
 def test_check_max_duration() -> None:
     config = limited(max_duration_s=4 * 3600.0)
-    policy.check(config, info(duration=4 * 3600), "ann", [], policy.Usage())
+    limits.check(config, info(duration=4 * 3600), "ann", [], limits.Usage())
     with pytest.raises(NotAllowedError, match=r"5h is longer than the maximum of 4h per lease "
                                               r"\(limits.max_duration in /etc/chronos/config.toml\)"):
-        policy.check(config, info(duration=5 * 3600), "ann", [], policy.Usage())
+        limits.check(config, info(duration=5 * 3600), "ann", [], limits.Usage())
 
 
 def test_check_max_memory_per_lease() -> None:
     config = limited(max_memory_per_lease_bytes=40 * G)
-    policy.check(config, info(40), "ann", [], policy.Usage())
+    limits.check(config, info(40), "ann", [], limits.Usage())
     with pytest.raises(NotAllowedError, match=r"48 GiB is more than the maximum of 40 GiB per lease "
                                               r"\(limits.max_memory_per_lease"):
-        policy.check(config, info(48), "ann", [], policy.Usage())
+        limits.check(config, info(48), "ann", [], limits.Usage())
 
 
 def test_check_max_memory_per_user_counts_every_gpu() -> None:
     config = limited(max_memory_per_user_bytes=64 * G)
-    policy.check(config, info(32, gpus=2), "ann", [], policy.Usage(0, 0))
+    limits.check(config, info(32, gpus=2), "ann", [], limits.Usage(0, 0))
     with pytest.raises(NotAllowedError, match=r"ann holds 40 GiB in leases; 32 GiB more would pass the "
                                               r"maximum of 64 GiB per user \(limits.max_memory_per_user"):
-        policy.check(config, info(16, gpus=2), "ann", [], policy.Usage(2, 40 * G))
+        limits.check(config, info(16, gpus=2), "ann", [], limits.Usage(2, 40 * G))
 
 
 def test_check_max_leases_per_user() -> None:
     config = limited(max_leases_per_user=2)
-    policy.check(config, info(), "ann", [], policy.Usage(1, 0))
+    limits.check(config, info(), "ann", [], limits.Usage(1, 0))
     with pytest.raises(NotAllowedError, match=r"ann already has 2 active or queued lease\(s\), the maximum of 2"):
-        policy.check(config, info(), "ann", [], policy.Usage(2, 0))
+        limits.check(config, info(), "ann", [], limits.Usage(2, 0))
 
 
 def test_check_high_priority_groups_and_admins() -> None:
     config = limited(high_priority_groups=("ml-leads",))
-    policy.check(config, info(priority="high"), "ann", ["staff", "ml-leads"], policy.Usage())
-    policy.check(config, info(priority="high"), "root", [], policy.Usage(), admin=True)
-    policy.check(config, info(priority="high"), "bob", ["chronos-admin"], policy.Usage())
-    policy.check(config, info(priority="normal"), "bob", ["staff"], policy.Usage())
+    limits.check(config, info(priority="high"), "ann", ["staff", "ml-leads"], limits.Usage())
+    limits.check(config, info(priority="high"), "root", [], limits.Usage(), admin=True)
+    limits.check(config, info(priority="high"), "bob", ["chronos-admin"], limits.Usage())
+    limits.check(config, info(priority="normal"), "bob", ["staff"], limits.Usage())
     with pytest.raises(NotAllowedError, match=r"priority high is for members of ml-leads and admins "
                                               r"\(limits.high_priority_groups in .*\); bob may use normal or low"):
-        policy.check(config, info(priority="high"), "bob", ["staff"], policy.Usage())
+        limits.check(config, info(priority="high"), "bob", ["staff"], limits.Usage())
     nobody = limited(high_priority_groups=())
     with pytest.raises(NotAllowedError, match=r"priority high is for admins"):
-        policy.check(nobody, info(priority="high"), "bob", ["ml-leads"], policy.Usage())
+        limits.check(nobody, info(priority="high"), "bob", ["ml-leads"], limits.Usage())
     # No setting: anyone may.
-    policy.check(policy.Config(), info(priority="high"), "bob", [], policy.Usage())
+    limits.check(limits.Config(), info(priority="high"), "bob", [], limits.Usage())
 
 
 def test_check_extend_counts_the_whole_lease() -> None:
     config = limited(max_duration_s=3 * 3600.0)
-    policy.check_extend(config, 3 * 3600)
+    limits.check_extend(config, 3 * 3600)
     with pytest.raises(NotAllowedError, match=r"would last 4h in all, longer than the maximum of 3h"):
-        policy.check_extend(config, 4 * 3600)
+        limits.check_extend(config, 4 * 3600)
 
 
 # -- the engine honours the file ----------------------------------------------------------------------
@@ -292,19 +292,20 @@ def test_cli_config_shows_values_and_sources(system_file: Path, user_file: Path)
 
 def test_usage_counts_active_and_queued_leases_of_the_user_on_every_gpu() -> None:
     from chronos import scheduler
-    from chronos.lease import Lease
+    from chronos.model import LeaseRecord as Lease
+    from chronos.model import LeaseState
     from chronos.units import MemorySpec
 
     def made(lease_id: str, uid: int, state: str, devices: tuple[int, ...], gib: int) -> Lease:
         return Lease(id=lease_id, owner="x", uid=uid, devices=devices, device_uuids=(), memory_bytes=gib * G,
-                     created_at=0.0, expires_at=None, duration_s=60.0, state=state)
+                     created_at=0.0, expires_at=None, duration_s=60.0, state=LeaseState(state))
 
     leases = [made("1", 7, "active", (0, 1), 10), made("2", 7, "queued", (), 5), made("3", 7, "released", (0,), 50),
               made("4", 8, "active", (0,), 30)]
     queue = [scheduler.Request(memory=MemorySpec(nbytes=5 * G), duration_s=60, gpus=4, lease_id="2")]
-    assert policy.usage_of(leases, 7, queue) == policy.Usage(2, 20 * G + 20 * G)
-    assert policy.usage_of(leases, 7) == policy.Usage(2, 25 * G)
-    assert policy.usage_of(leases, 8) == policy.Usage(1, 30 * G)
+    assert limits.usage_of(leases, 7, queue) == limits.Usage(2, 20 * G + 20 * G)
+    assert limits.usage_of(leases, 7) == limits.Usage(2, 25 * G)
+    assert limits.usage_of(leases, 8) == limits.Usage(1, 30 * G)
 
 
 def test_the_configured_expiry_behaviour_reaches_the_watchdog(system_file: Path, user_file: Path) -> None:
@@ -315,5 +316,7 @@ def test_the_configured_expiry_behaviour_reaches_the_watchdog(system_file: Path,
     me = os.getpid()
     assert Watchdog(lease, pid=me).on_expiry == "kill"
     write(user_file, '[defaults]\non_expiry = "warn"\n')
-    assert Watchdog(lease.id, pid=me).on_expiry == "warn"
-    assert Watchdog(lease.id, pid=me, on_expiry="interrupt").on_expiry == "interrupt"  # an explicit choice wins
+    assert Watchdog(lease, pid=me).on_expiry == "kill"  # a lease's engine keeps the settings it was made with
+    lease = chronos.get_lease(lease.id)
+    assert Watchdog(lease, pid=me).on_expiry == "warn"
+    assert Watchdog(lease, pid=me, on_expiry="interrupt").on_expiry == "interrupt"  # an explicit choice wins

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import chronos
-from chronos.engine import default_engine
+from chronos.api import default_engine
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow

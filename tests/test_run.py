@@ -215,7 +215,7 @@ def test_python_api_returns_a_result() -> None:
 def test_python_api_rejects_bad_input() -> None:
     with pytest.raises(InvalidRequestError, match="no command given"):
         run([], "1G", "1h")
-    with pytest.raises(InvalidRequestError, match="not one of"):
+    with pytest.raises(InvalidRequestError, match="use one of"):
         run(["true"], "1G", "1h", on_expiry="later")
     assert chronos.leases(all=True) == []
 

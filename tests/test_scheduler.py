@@ -7,6 +7,7 @@ import pytest
 from chronos import scheduler as S
 from chronos.devices.base import LINK_NUMA, LINK_NVLINK, LINK_PCIE_SWITCH, LINK_SAME
 from chronos.errors import InvalidRequestError
+from chronos.model import Priority
 from chronos.units import MemorySpec
 
 G = 1 << 30
@@ -26,7 +27,7 @@ def req(gib: float | None = None, duration: float = 3600, *, fraction: float | N
         seq: int = 0, lease_id: str | None = None, visible: tuple[int, ...] | None = None) -> S.Request:
     memory = MemorySpec(fraction=fraction) if fraction is not None else MemorySpec(nbytes=int((gib or 1) * G))
     return S.Request(memory=memory, duration_s=duration, gpus=gpus, devices=devices, prefer=prefer,
-                     priority=priority, seq=seq, lease_id=lease_id, visible=visible)
+                     priority=Priority.parse(priority), seq=seq, lease_id=lease_id, visible=visible)
 
 
 def snap(devices: int | list[S.DeviceState] = 2, active: list[S.Holding] | None = None,

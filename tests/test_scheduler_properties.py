@@ -8,11 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronos import scheduler as S
+from chronos.model import Priority
 from chronos.units import MemorySpec
 
 G = 1 << 30
 NOW = 10_000.0
-PRIORITY = st.sampled_from(S.PRIORITIES)
+PRIORITY = st.sampled_from(list(Priority))
 PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -121,9 +122,9 @@ def test_backfill_never_delays_the_head_of_the_queue(data: st.DataObject) -> Non
         return
     before = S.plan(snapshot)
     after = S.plan(grant(snapshot, request, decision, "new"))
-    rank = S.priority_rank(request.priority)
+    rank = request.priority.rank
     protected = [(b, a) for b, a, r in zip(before, after, S.queue_order(snapshot), strict=True)
-                 if S.priority_rank(r.priority) >= rank]
+                 if r.priority.rank >= rank]
     if protected:
         head_before, head_after = protected[0]
         assert head_after.start <= head_before.start, "the head of the queue was delayed"
@@ -138,8 +139,8 @@ def test_a_grant_never_overlaps_a_slot_reserved_for_an_earlier_request(data: st.
     decision = S.decide(snapshot, request)
     if not decision.granted:
         return
-    rank = S.priority_rank(request.priority)
-    ahead = [r for r in S.queue_order(snapshot) if S.priority_rank(r.priority) >= rank]
+    rank = request.priority.rank
+    ahead = [r for r in S.queue_order(snapshot) if r.priority.rank >= rank]
     slots = S.plan(replace(snapshot, queue=tuple(ahead)))
     end = snapshot.now + request.duration_s
     totals = {d.index: d.total_bytes for d in snapshot.devices}
@@ -178,7 +179,7 @@ def same_shape_queues(draw: st.DrawFn, *, one_at_a_time: bool) -> tuple[S.Snapsh
              for i, p in enumerate(priorities)]
     busy = tuple(S.Holding(f"a{d.index}", (d.index,), d.total_bytes - d.unmanaged_bytes, NOW + 10 * (d.index + 1))
                  for d in devices)
-    expected = [r.lease_id for r in sorted(queue, key=lambda r: (-S.priority_rank(r.priority), r.seq))]
+    expected = [r.lease_id for r in sorted(queue, key=lambda r: (-r.priority.rank, r.seq))]
     return S.Snapshot(now=NOW, devices=devices, active=busy, queue=tuple(queue)), [str(x) for x in expected]
 
 
@@ -286,10 +287,10 @@ def test_a_shallow_backfill_depth_keeps_every_guarantee(data: st.DataObject, dep
         request = data.draw(requests(snapshot.devices))
         decision = S.decide(snapshot, request)
         if decision.granted and snapshot.queue:
-            rank = S.priority_rank(request.priority)
+            rank = request.priority.rank
             protected = [(b, a) for b, a, r in zip(S.plan(snapshot), S.plan(grant(snapshot, request, decision, "n")),
                                                     S.queue_order(snapshot), strict=True)
-                         if S.priority_rank(r.priority) >= rank]
+                         if r.priority.rank >= rank]
             if protected:
                 assert protected[0][1].start <= protected[0][0].start
     finally:

@@ -10,8 +10,9 @@ import pytest
 import chronos
 from chronos import scheduler as S
 from chronos import stats
-from chronos.engine import default_engine, reset_default_engine
-from chronos.lease import Lease
+from chronos.api import default_engine, reset_default_engine
+from chronos.model import LeaseRecord as Lease
+from chronos.units import duration_text, size_text
 from tests.conftest import run_cli
 
 G = 1 << 30
@@ -87,9 +88,9 @@ def test_when_nothing_fits_the_first_gpu_to_free_is_suggested_with_wait() -> Non
 
 def test_argument_forms_read_back_by_the_parsers() -> None:
     for nbytes in (G, 13 * G, 768 << 20):
-        assert chronos.parse_memory(stats.memory_arg(nbytes)).nbytes == nbytes
+        assert chronos.parse_memory(size_text(nbytes)).nbytes == nbytes
     for seconds in (900, 3600, 5400, 9000):
-        assert chronos.parse_duration(stats.duration_arg(seconds)) == seconds
+        assert chronos.parse_duration(duration_text(seconds)) == seconds
 
 
 # -- GPU-hours and device detail ---------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_suggest_learns_from_real_history(chronos_env: Path) -> None:
         held = chronos.reserve("16G", "2h", bind=False)
         engine.record_usage(held.id, peak * G, 60.0)
         held.release()
-    advice = stats.suggest()
+    advice = chronos.suggest()
     assert advice.memory_bytes == 9 * G  # 90th percentile 6.8 GiB, +20% -> 8.16 -> 9 GiB
     assert advice.duration_s == 900  # held for moments: the shortest suggestion, 15 minutes
     assert advice.fits_now and advice.device is not None
@@ -155,7 +156,7 @@ def test_suggest_learns_from_real_history(chronos_env: Path) -> None:
 def test_suggest_respects_the_configured_limits(chronos_env: Path) -> None:
     Path(chronos_env / "no-config.toml").write_text('[limits]\nmax_memory_per_lease = "4G"\nmax_duration = "10m"\n')
     reset_default_engine()
-    advice = stats.suggest()
+    advice = chronos.suggest()
     assert advice.memory_bytes == 4 * G and advice.duration_s == 600
     assert "chronos reserve 4G 10m" in advice.command
 

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 import chronos
-from chronos.accounting import NO_LEASE, WRONG_DEVICE, TreeMembership, unmanaged
+from chronos import settings
+from chronos.accounting import NO_LEASE, WRONG_DEVICE, Membership, unmanaged
+from chronos.api import default_engine
 from chronos.devices.base import GpuProcess
 from chronos.devices.simulated import SimulatedBackend, allocate
 from chronos.enforce.watchdog import (
@@ -27,7 +30,6 @@ from chronos.enforce.watchdog import (
     Watchdog,
     WatchdogEvent,
 )
-from chronos.engine import default_engine
 from chronos.errors import InvalidRequestError
 
 GIB = 1 << 30
@@ -292,7 +294,8 @@ def test_accounts_per_device_where_process_figures_are_missing() -> None:
     holder = _holder()
     allocate(0, GIB // 4, pid=holder.pid)  # someone else's memory, there before the watchdog starts
     child = _spawn(lease, 0)
-    dog = Watchdog(lease, pid=child.pid, grace_s=0.3, kill_wait_s=5, backend=_HiddenUsage())
+    hidden = _HiddenUsage.from_settings(settings.current())
+    dog = Watchdog(lease, pid=child.pid, grace_s=0.3, kill_wait_s=5, backend=hidden)
     dog.poll()
     assert dog.usage.get(0, 0) == 0  # the other process's memory is the baseline, not ours
     allocate(0, 3 * GIB, pid=child.pid)
@@ -320,7 +323,7 @@ def test_stopped_process_is_still_killed() -> None:
 
 def test_bad_settings_are_one_line_errors() -> None:
     lease = chronos.reserve("1G", "1h", bind=False)
-    with pytest.raises(InvalidRequestError, match="not one of warn, interrupt, terminate, kill"):
+    with pytest.raises(InvalidRequestError, match="use one of warn, interrupt, terminate, kill"):
         Watchdog(lease, pid=os.getpid(), on_overuse="explode")
     with pytest.raises(InvalidRequestError, match="positive"):
         Watchdog(lease, pid=os.getpid(), rate_hz=0)
@@ -391,7 +394,8 @@ def test_unmanaged_reports_processes_without_a_lease_or_on_other_devices() -> No
         for device, pid in ((0, holder.pid), (1, holder.pid), (0, stranger.pid)):
             subprocess.run([sys.executable, "-c", helper, str(device), str(pid)], check=True)
         procs = default_engine().backend.processes()
-        found = {(u.process.device_index, u.process.pid): u for u in unmanaged(procs, chronos.leases())}
+        judge = Membership([lease.record for lease in chronos.leases()])
+        found = {(u.process.device_index, u.process.pid): u for u in unmanaged(procs, judge)}
         assert set(found) == {(1, holder.pid), (0, stranger.pid)}
         assert found[(1, holder.pid)].reason == WRONG_DEVICE and found[(1, holder.pid)].lease_id == lease.id
         assert found[(0, stranger.pid)].reason == NO_LEASE
@@ -401,18 +405,27 @@ def test_unmanaged_reports_processes_without_a_lease_or_on_other_devices() -> No
             p.wait()
 
 
-def test_unmanaged_is_pure_with_a_resolver() -> None:
-    lease = chronos.reserve("4G", "1h", device=1, bind=False)
+@dataclass
+class _Table:
+    """A judge from a fixed table: what a pure accounting function is given in place of /proc."""
+
+    leases: tuple[chronos.LeaseRecord, ...]
+    owners: dict[int, str]
+
+    def lease_of(self, pid: int) -> str | None:
+        return self.owners.get(pid)
+
+
+def test_unmanaged_is_pure_given_a_judge() -> None:
+    lease = chronos.reserve("4G", "1h", device=1, bind=False).record
     procs = [GpuProcess(1, "u1", 101, 5), GpuProcess(0, "u0", 101, 5), GpuProcess(1, "u1", 202, 5)]
-    owners = {101: lease.id}
-    found = unmanaged(procs, [lease], owner_of=owners.get)
+    found = unmanaged(procs, _Table((lease,), {101: lease.id}))
     assert [(u.process.pid, u.process.device_index, u.reason) for u in found] == [
         (101, 0, WRONG_DEVICE),
         (202, 1, NO_LEASE),
     ]
-    ended = chronos.get_lease(lease.id)
-    ended.state = "released"
-    assert len(unmanaged(procs, [ended], owner_of=owners.get)) == 3  # only active leases count
+    ended = replace(lease, state=chronos.LeaseState.RELEASED)
+    assert len(unmanaged(procs, Membership([ended]))) == 3  # only active leases count
 
 
 def test_tree_membership_follows_descendants() -> None:
@@ -429,10 +442,11 @@ def test_tree_membership_follows_descendants() -> None:
         while not _children(parent.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         (kid,) = _children(parent.pid)
-        tree = TreeMembership(parent.pid)
-        assert parent.pid in tree and kid in tree
-        assert os.getpid() not in tree
-        assert {p for p, _ in tree.members()} == {parent.pid, kid}
+        lease = chronos.reserve("1G", "1h", bind=parent.pid)
+        tree = Membership([lease.record])
+        assert tree.lease_of(parent.pid) == lease.id and tree.lease_of(kid) == lease.id
+        assert tree.lease_of(os.getpid()) is None
+        assert {p for p, _ in tree.members(lease.id)} == {parent.pid, kid}
     finally:
         for pid in _children(parent.pid):
             os.kill(pid, signal.SIGKILL)

@@ -12,12 +12,12 @@ import pytest
 
 import chronos
 from chronos.devices import simulated
+from chronos.units import format_clock
 from chronos_jupyter.widgets import (
     CRITICAL_S,
     WARNING_S,
     LeaseWidget,
     lease_view,
-    memory_used,
     render_html,
     render_text,
 )
@@ -63,7 +63,7 @@ def test_text_and_html_carry_the_same_facts(lease: chronos.Lease) -> None:
     text = render_text(view)
     assert f"Chronos lease {lease.id} (train): GPU {lease.devices[0]}, active" in text
     assert "1 GiB used of 4 GiB" in text
-    clock = time.strftime("%H:%M", time.localtime(lease.expires_at))
+    clock = format_clock(lease.expires_at)
     assert f"(ends {clock}" in text
     page = render_html(view)
     for fact in (lease.id, "train", "1 GiB used of 4 GiB", f"(ends {clock}"):
@@ -71,6 +71,10 @@ def test_text_and_html_carry_the_same_facts(lease: chronos.Lease) -> None:
     assert "width:25.0%" in page  # the bar: a quarter of the cap
     soon = render_text(lease_view(lease, used_bytes=5 * GiB, now=(lease.expires_at or 0) - 30))
     assert "ending soon" in soon and "OVER THE CAP" in soon
+
+
+def _used(lease: chronos.Lease) -> int:
+    return sum(n or 0 for n in lease.usage().values())
 
 
 def test_memory_used_counts_the_holder_tree_only(lease: chronos.Lease) -> None:
@@ -87,12 +91,12 @@ def test_memory_used_counts_the_holder_tree_only(lease: chronos.Lease) -> None:
     device, other = lease.devices[0], 1 - lease.devices[0]
     try:
         lease.bind(holder.pid)
-        assert memory_used(lease) == 0
+        assert _used(lease) == 0
         simulated.allocate(device, GiB, pid=holder.pid)
         simulated.allocate(device, 2 * GiB, pid=grandchild)
         simulated.allocate(device, 8 * GiB, pid=os.getpid())  # the holder's parent: not the lease's
         simulated.allocate(other, 4 * GiB, pid=holder.pid)  # another device: not the lease's
-        assert memory_used(lease) == 3 * GiB
+        assert _used(lease) == 3 * GiB
     finally:
         for pid in (holder.pid, grandchild, os.getpid()):
             simulated.free(device, pid=pid)
@@ -103,14 +107,22 @@ def test_memory_used_counts_the_holder_tree_only(lease: chronos.Lease) -> None:
         holder.stdout.close()
 
 
-def test_unbound_lease_has_unknown_use() -> None:
-    unbound = chronos.reserve("1G", "10m", bind=False)
+def test_unbound_lease_counts_its_owners_processes() -> None:
+    """With no holder, the owner's only unbound lease is given the owner's GPU processes."""
+    unbound = chronos.reserve("4G", "10m", bind=False)
     try:
-        view = lease_view(unbound, memory_used(unbound))
-        assert view.used_bytes is None
-        assert "use unknown" in view.memory_text
+        assert _used(unbound) == 0
+        simulated.allocate(unbound.devices[0], GiB)
+        assert _used(unbound) == GiB
+        assert "1 GiB used of 4 GiB" in lease_view(unbound, _used(unbound)).memory_text
     finally:
+        simulated.free(unbound.devices[0])
         unbound.release()
+
+
+def test_hidden_use_is_unknown() -> None:
+    view = lease_view(chronos.reserve("1G", "10m", bind=False), None)
+    assert view.used_bytes is None and "use unknown" in view.memory_text
 
 
 # -- the live widget -------------------------------------------------------------------------

@@ -56,11 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``chronos run 8G 1h --gpu 1 -- cmd --flag``: everything after the first ``--`` is the command.
+
+    argparse alone cannot mix options with a trailing list that has options of its own.
+    """
+    if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
 def run(argv: list[str] | None = None) -> int:
     from chronos.errors import ChronosError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    head, command = _split_command(given)
+    args = parser.parse_args(head)
+    if command is not None:
+        if getattr(args, "split_at_dashes", False):
+            args.argv = [*(args.argv or []), *command]
+        else:
+            args = parser.parse_args(given)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -19,10 +19,11 @@ def register(subparsers: Any) -> None:
 
 
 def show(args: argparse.Namespace) -> int:
+    from chronos import settings as snapshot
     from chronos.cli import render
-    from chronos.config import describe, load_config, system_config_path, user_config_path
+    from chronos.config import describe, system_config_path, user_config_path
 
-    config = load_config()
+    config = snapshot.current().config
     settings = describe(config)
     system = str(system_config_path())
     user = str(user_config_path())

@@ -18,10 +18,11 @@ def register(subparsers: Any) -> None:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    from chronos.api import default_engine
     from chronos.cli import render
     from chronos.doctor import diagnose
 
-    report = diagnose()
+    report = diagnose(default_engine())
     if args.json:
         render.dump_json(report.to_dict())
         return 1 if report.problems else 0

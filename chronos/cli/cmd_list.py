@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chronos.lease import Lease
 
 
 def register(subparsers: Any) -> None:
@@ -19,7 +22,7 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=show)
 
 
-def _state(lease: Any) -> str:
+def _state(lease: Lease) -> str:
     from chronos.cli import render
 
     colours = {"active": "green", "queued": "yellow", "released": "dim", "expired": "dim", "revoked": "red",
@@ -34,9 +37,7 @@ def list_leases(args: argparse.Namespace) -> int:
     found = chronos.leases(all=args.all, user=args.user)
     queue = {}
     if any(lease.state == "queued" for lease in found):
-        from chronos import stats
-
-        queue = {entry.lease_id: entry for entry in stats.queue()}
+        queue = {entry.lease_id: entry for entry in chronos.queue()}
     if args.json:
         items = []
         for lease in found:

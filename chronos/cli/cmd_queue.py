@@ -21,11 +21,11 @@ def register(subparsers: Any) -> None:
 def show(args: argparse.Namespace) -> int:
     import time
 
-    from chronos import stats
+    import chronos
     from chronos.cli import render
     from chronos.units import format_duration
 
-    entries = stats.queue()
+    entries = chronos.queue()
     if args.json:
         render.dump_json([e.to_dict() for e in entries])
         return 0

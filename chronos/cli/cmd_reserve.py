@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from chronos.cli import options
+
+if TYPE_CHECKING:
+    from chronos.engine import WaitUpdate
+    from chronos.lease import Lease
 
 
 def register(subparsers: Any) -> None:
@@ -19,10 +24,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("duration", metavar="DURATION", nargs="?")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", metavar="I[,I...]", help="these GPUs, all at once or none")
-    where.add_argument("--any", action="store_true", help="the least-loaded GPU that fits (the default)")
+    where.add_argument("--any", action="store_true",
+                       help="the least-loaded GPU that fits: the default, spelled out (not with --gpu)")
     p.add_argument("--gpus", type=int, metavar="N", help="any N GPUs at once")
     p.add_argument("--prefer", metavar="I[,I...]", help="prefer these GPUs when they fit")
-    p.add_argument("--priority", choices=("high", "normal", "low"), default=None)
+    options.add_priority(p)
     options.add_wait(p)
     p.add_argument("--label", help="a note shown in chronos list")
     p.add_argument("--user", metavar="NAME", help="reserve for another user (admins only)")
@@ -43,7 +49,7 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=create)
 
 
-def _granted(lease: Any, as_json: bool, verb: str) -> int:
+def _granted(lease: Lease, as_json: bool, verb: str) -> int:
     from chronos.cli import render
 
     if as_json:
@@ -57,11 +63,10 @@ def _granted(lease: Any, as_json: bool, verb: str) -> int:
 def reserve(args: argparse.Namespace) -> int:
     import chronos
 
-    wait = options.wait_value(args.wait)
-    on_wait = _progress_printer() if wait else None
+    on_wait = _progress_printer() if args.wait else None
     lease = chronos.reserve(
         args.memory, args.duration, device=args.gpu, gpus=args.gpus, prefer=args.prefer, label=args.label,
-        user=args.user, bind=args.pid if args.pid is not None else False, wait=wait, on_wait=on_wait,
+        user=args.user, bind=args.pid if args.pid is not None else False, wait=args.wait, on_wait=on_wait,
         priority=args.priority,
     )
     if on_wait is not None and sys.stderr.isatty():
@@ -69,12 +74,12 @@ def reserve(args: argparse.Namespace) -> int:
     return _granted(lease, args.json, "granted")
 
 
-def _progress_printer() -> Any:
+def _progress_printer() -> Callable[[WaitUpdate], None]:
     from chronos.cli import render
 
     state = {"last": ""}
 
-    def show(update: Any) -> None:
+    def show(update: WaitUpdate) -> None:
         est = (
             f", estimated start {render.when(update.estimated_start)}" if update.estimated_start else ""
         )

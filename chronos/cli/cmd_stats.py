@@ -25,7 +25,7 @@ def stats(args: argparse.Namespace) -> int:
 
     if args.detailed or args.all:
         return detailed(args)
-    devices = api.devices()
+    devices = api.gpus()
     if args.json:
         render.dump_json([d.to_dict() for d in devices])
         return 0
@@ -52,11 +52,11 @@ def stats(args: argparse.Namespace) -> int:
 
 def detailed(args: argparse.Namespace) -> int:
     """Per-GPU reserved vs used memory and queue, and GPU-hours per user (chronos.stats)."""
-    from chronos import stats as figures
+    from chronos import api
     from chronos.cli import render
     from chronos.identity import current_user
 
-    found = figures.detailed(user=None if args.all else current_user().name)
+    found = api.detailed_stats(user=None if args.all else current_user().name)
     if args.json:
         render.dump_json(found.to_dict())
         return 0
@@ -92,9 +92,10 @@ def available(args: argparse.Namespace) -> int:
         index = int(args.device)
     except ValueError:
         raise InvalidRequestError(f"DEVICE must be a GPU index such as 0, got {args.device!r}") from None
-    for d in api.devices():
+    devices = api.gpus()
+    for d in devices:
         if d.index == index:
             print(f"{100.0 * d.memory_available_bytes / d.memory_total_bytes:.2f}")
             return 0
-    known = ", ".join(str(d.index) for d in api.devices())
+    known = ", ".join(str(d.index) for d in devices)
     raise InvalidRequestError(f"unknown GPU {index}: this machine has GPUs {known}")

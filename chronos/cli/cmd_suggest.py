@@ -19,11 +19,11 @@ def register(subparsers: Any) -> None:
 
 
 def show(args: argparse.Namespace) -> int:
-    from chronos import stats
+    import chronos
     from chronos.cli import render
     from chronos.units import format_bytes, format_duration
 
-    advice = stats.suggest(args.user)
+    advice = chronos.suggest(args.user)
     if args.json:
         render.dump_json(advice.to_dict())
         return 0

@@ -1,23 +1,18 @@
-"""Options several commands share, parsed one way."""
+"""Options several commands share, parsed one way (the spellings are :mod:`chronos.request`'s)."""
 
 from __future__ import annotations
 
 import argparse
 
+from chronos.model import Priority
+
 
 def add_wait(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", nargs="?", const=True, default=False, metavar="TIMEOUT",
-                        help="wait in the queue (at most TIMEOUT) instead of failing when it does not fit now")
+    parser.add_argument("--wait", nargs="?", const="forever", default=None, metavar="TIMEOUT",
+                        help="wait in the queue (at most TIMEOUT, e.g. 10m, or forever) instead of failing "
+                             "when it does not fit now")
 
 
-def wait_value(value: bool | str) -> bool | float:
-    """``--wait`` as the API takes it: False, True (no limit) or a timeout in seconds."""
-    from chronos.errors import InvalidRequestError
-    from chronos.units import parse_duration
-
-    if value is True or value is False:
-        return value
-    try:
-        return parse_duration(value)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(f"--wait: {exc}") from None
+def add_priority(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--priority", choices=Priority.choices(), default=None,
+                        help="queue priority (default: the configured default, normally normal)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from chronos.units import format_bytes, format_duration
+from chronos import text
+from chronos.lease import Lease
+from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = ["color", "dump_json", "error", "gib", "lease_summary", "left", "table", "warn", "when"]
 
@@ -24,10 +25,10 @@ def _use_color(stream: TextIO) -> bool:
     return hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
 
 
-def color(text: str, name: str, stream: TextIO | None = None) -> str:
+def color(value: str, name: str, stream: TextIO | None = None) -> str:
     if not _use_color(stream or sys.stdout):
-        return text
-    return f"\033[{_CODES[name]}m{text}\033[0m"
+        return value
+    return f"\033[{_CODES[name]}m{value}\033[0m"
 
 
 def error(message: str) -> None:
@@ -38,51 +39,18 @@ def warn(message: str) -> None:
     sys.stderr.write(f"{color('chronos:', 'yellow', sys.stderr)} {message}\n")
 
 
-def _visible_len(text: str) -> int:
-    out, skip = 0, False
-    for ch in text:
-        if ch == "\033":
-            skip = True
-        elif skip and ch == "m":
-            skip = False
-        elif not skip:
-            out += 1
-    return out
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO | None = None) -> None:
-    """A plain aligned table; colour codes in cells do not disturb alignment."""
+    """A plain aligned table (:func:`chronos.text.table`) with a bold header on a terminal."""
     stream = stream or sys.stdout
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], _visible_len(cell))
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c + " " * (w - _visible_len(c)) for c, w in zip(cells, widths, strict=True)).rstrip()
-    stream.write(color(line(headers), "bold", stream) + "\n")
-    for row in rows:
-        stream.write(line(row) + "\n")
+    stream.write(text.table(headers, rows, lambda head: color(head, "bold", stream)) + "\n")
 
 
 def when(epoch: float | None) -> str:
     """Clock time: ``14:32`` today, ``Nov 29 14:32`` otherwise."""
-    if epoch is None:
-        return "-"
-    now = time.localtime()
-    then = time.localtime(epoch)
-    if then[:3] == now[:3]:
-        return time.strftime("%H:%M", then)
-    return time.strftime("%b %d %H:%M", then)
+    return format_clock(epoch)
 
 
-def left(epoch: float | None) -> str:
-    """``1h 12m left`` or ``expired``."""
-    if epoch is None:
-        return "-"
-    seconds = epoch - time.time()
-    if seconds <= 0:
-        return "expired"
-    return f"{format_duration(seconds)} left"
+left = text.left
 
 
 def gib(nbytes: int | None) -> str:
@@ -94,7 +62,7 @@ def dump_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def lease_summary(lease: Any) -> str:
+def lease_summary(lease: Lease) -> str:
     """One sentence about a granted lease, naming its id."""
     gpus = ",".join(str(i) for i in lease.devices)
     plural = "s" if len(lease.devices) > 1 else ""

@@ -1,80 +1,49 @@
 """GPU backends and the one place that picks between them.
 
-``CHRONOS_BACKEND`` chooses: ``nvml`` (real GPUs; an error when no driver loads), ``simulated``
-(``CHRONOS_SIM_GPUS``, see :mod:`chronos.devices.simulated`), or ``auto`` (the default): NVML where
-a driver loads, otherwise simulated GPUs, said once per process on stderr. ``auto`` falls back only
-when the driver or its library is absent (or reports no GPU); any other NVML failure is raised, so
-a broken driver on a real GPU machine is never silently replaced by make-believe GPUs.
+``CHRONOS_BACKEND`` (read into :class:`~chronos.settings.Settings`) chooses: ``nvml`` (real GPUs;
+an error when no driver loads), ``simulated`` (``CHRONOS_SIM_GPUS``, see
+:mod:`chronos.devices.simulated`), or ``auto`` (the default): NVML where a driver loads, otherwise
+simulated GPUs, said once per process on stderr. ``auto`` falls back only when the driver or its
+library is absent (or reports no GPU); any other NVML failure is raised, so a broken driver on a
+real GPU machine is never silently replaced by make-believe GPUs.
 
-The chosen backend is cached per process and rebuilt when the variables that describe it change,
-which is what lets tests switch backends per test. pynvml is imported only when NVML is tried.
+An engine builds its backend with :func:`backend_for` from its settings; pynvml is imported only
+when NVML is tried.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
 from chronos.devices.base import Backend, Device, GpuProcess
-from chronos.errors import BackendError, InvalidRequestError
+from chronos.errors import BackendError
+from chronos.settings import Settings, current
 
-__all__ = ["Backend", "Device", "GpuProcess", "get_backend", "is_simulated", "reset_backend"]
-
-_CHOICES = ("auto", "nvml", "simulated")
-_ENV_KEYS = ("CHRONOS_BACKEND", "CHRONOS_SIM_GPUS", "CHRONOS_SIM_TOPOLOGY")
+__all__ = ["Backend", "Device", "GpuProcess", "backend_for", "get_backend", "is_simulated", "select",
+           "visible_indices"]
 
 _lock = threading.Lock()
-_cached: tuple[tuple[str | None, ...], Backend] | None = None
+_built: tuple[Settings, Backend] | None = None
 _warned = False
 
 
-def get_backend() -> Backend:
-    """The backend ``CHRONOS_BACKEND`` selects; built once and reused while the environment holds."""
-    global _cached
-    key = tuple(os.environ.get(k) for k in _ENV_KEYS)
-    cached = _cached
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with _lock:
-        cached = _cached
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        backend = _build(key[0])
-        _cached = (key, backend)
-        return backend
-
-
-def reset_backend() -> None:
-    """Forget the cached backend so the next :func:`get_backend` builds a fresh one."""
-    global _cached
-    with _lock:
-        _cached = None
-
-
-def is_simulated() -> bool:
-    """True when the selected backend is the simulated one."""
-    return get_backend().name == "simulated"
-
-
-def _build(raw: str | None) -> Backend:
-    choice = (raw or "").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise InvalidRequestError(f"CHRONOS_BACKEND={raw!r} is not a backend: use auto, nvml or simulated")
+def select(settings: Settings) -> Backend:
+    """A new backend as ``settings`` describe it."""
     from chronos.devices.simulated import SimulatedBackend
 
-    if choice == "simulated":
-        return SimulatedBackend()
+    if settings.backend == "simulated":
+        return SimulatedBackend.from_settings(settings)
     try:
         from chronos.devices import nvml
     except ImportError as exc:
         if exc.name != "pynvml":
             raise
-        if choice == "nvml":
+        if settings.backend == "nvml":
             raise BackendError("the nvidia-ml-py package is missing: pip install nvidia-ml-py") from None
         reason = "nvidia-ml-py is not installed"
     else:
-        if choice == "nvml":
+        if settings.backend == "nvml":
             return nvml.NvmlBackend()
         try:
             backend = nvml.NvmlBackend()
@@ -84,9 +53,47 @@ def _build(raw: str | None) -> Backend:
             if backend.device_count():
                 return backend
             reason = "the NVIDIA driver reports no GPU"
-    simulated = SimulatedBackend()
-    _say_fallback_once(reason, len(simulated.sizes))
-    return simulated
+    fallback = SimulatedBackend.from_settings(settings)
+    _say_fallback_once(reason, len(fallback.sizes))
+    return fallback
+
+
+def backend_for(settings: Settings) -> Backend:
+    """The backend for ``settings``, built once and shared while they are the ones in use."""
+    global _built
+    with _lock:
+        if _built is None or _built[0] is not settings:
+            _built = (settings, select(settings))
+        return _built[1]
+
+
+def get_backend() -> Backend:
+    """The backend this process's environment selects (for scripts; library code is handed one)."""
+    return backend_for(current())
+
+
+def is_simulated() -> bool:
+    """True when the selected backend is the simulated one."""
+    return get_backend().name == "simulated"
+
+
+def visible_indices(devices: list[Device], value: str | None) -> tuple[int, ...] | None:
+    """Indices a ``CUDA_VISIBLE_DEVICES`` value allows, in its order (None when unset)."""
+    if value is None:
+        return None
+    allowed: list[int] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        if entry.lstrip("-").isdigit():
+            index = int(entry)
+            if index < 0:
+                break  # CUDA stops at the first invalid entry
+            if any(d.index == index for d in devices):
+                allowed.append(index)
+            continue
+        allowed.extend(d.index for d in devices if d.uuid.startswith(entry) or entry.startswith(d.uuid))
+    return tuple(dict.fromkeys(allowed))
 
 
 def _say_fallback_once(reason: str, count: int) -> None:
@@ -100,3 +107,4 @@ def _say_fallback_once(reason: str, count: int) -> None:
         "(set CHRONOS_SIM_GPUS to change them, CHRONOS_BACKEND=simulated to silence this)",
         file=sys.stderr,
     )
+

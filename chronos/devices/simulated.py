@@ -56,6 +56,8 @@ from chronos.devices.base import (
     GpuProcess,
 )
 from chronos.errors import InvalidRequestError, StateError
+from chronos.settings import Settings, current
+from chronos.state import check_dir, file_mode_for
 from chronos.units import format_bytes, parse_memory
 
 __all__ = [
@@ -169,38 +171,6 @@ def device_uuid(index: int, nbytes: int) -> str:
 # --------------------------------------------------------------------------- the shared file
 
 
-_dir_cache: tuple[tuple[str | None, ...], Path] | None = None
-_DIR_ENV = ("CHRONOS_STATE_DIR", "CHRONOS_CONFIG", "CHRONOS_USER_CONFIG")
-
-
-def _state_dir() -> Path:
-    """The configured state directory, cached while the variables that choose it hold (reads are hot)."""
-    global _dir_cache
-    key = tuple(os.environ.get(k) for k in _DIR_ENV)
-    cached = _dir_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    from chronos.config import load_config
-
-    path = load_config().state_dir
-    _dir_cache = (key, path)
-    return path
-
-
-def _ensure_state_dir() -> Path:
-    """The checked state directory, created when missing (private when named explicitly, else shared)."""
-    from chronos.state import state_dir
-
-    return state_dir()
-
-
-def _file_mode(directory: Path) -> int:
-    """The read/write bits of ``directory``, so a shared directory gets shared files."""
-    from chronos.state import file_mode_for
-
-    return file_mode_for(directory)
-
-
 def _read_raw(path: Path) -> dict[str, Any]:
     """The parsed state file; empty when missing. A torn in-place write is re-read under the lock."""
     data = _read_bytes(path)
@@ -248,7 +218,7 @@ def _locked(directory: Path, shared: bool = False) -> Iterator[None]:
             # O_CREAT only when missing: with fs.protected_regular, O_CREAT on another user's file
             # in a sticky directory is refused even though the file itself is writable.
             try:
-                fd = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, _file_mode(directory))
+                fd = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, file_mode_for(directory))
             except FileExistsError:
                 fd = os.open(lock_path, flags)
     except OSError as exc:
@@ -256,7 +226,7 @@ def _locked(directory: Path, shared: bool = False) -> Iterator[None]:
     try:
         with contextlib.suppress(OSError):
             if os.fstat(fd).st_uid == os.geteuid():
-                os.fchmod(fd, _file_mode(directory))
+                os.fchmod(fd, file_mode_for(directory))
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
@@ -265,7 +235,7 @@ def _locked(directory: Path, shared: bool = False) -> Iterator[None]:
 
 def _write_raw(path: Path, payload: dict[str, Any]) -> None:
     data = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-    mode = _file_mode(path.parent)
+    mode = file_mode_for(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".simulated-gpus.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -350,31 +320,30 @@ def _serialise(claims: dict[int, list[_Claim]]) -> dict[str, Any]:
     return {"version": 1, "usage": usage}
 
 
-def _update(device: int, pid: int | None, nbytes: int, utilization: int | None) -> None:
-    """Set (or with ``nbytes == 0`` remove) one process's claim on one device, pruning the dead."""
-    sizes = parse_sim_gpus(os.environ.get("CHRONOS_SIM_GPUS"))
-    if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(sizes):
-        raise InvalidRequestError(
-            f"no simulated GPU {device!r}: there are {len(sizes)} (indices 0-{len(sizes) - 1}); "
-            "set CHRONOS_SIM_GPUS to change them"
-        )
-    if pid is None:
-        pid = os.getpid()
-    started = procs.start_time(pid)
-    if started is None and nbytes:
-        raise InvalidRequestError(f"no running process with pid {pid}")
-    directory = _ensure_state_dir()
-    path = directory / STATE_FILE
-    with _locked(directory):
-        claims = _live(_claims(_read_raw(path)))
-        items = [c for c in claims.get(device, []) if c.pid != pid]
-        if nbytes:
-            items.append(_Claim(pid=pid, started=started, nbytes=nbytes, utilization=utilization))
-        claims[device] = items
-        _write_raw(path, _serialise(claims))
-
-
 # --------------------------------------------------------------------------- public API
+
+
+def _check_size(nbytes: int | str, what: str) -> int:
+    if isinstance(nbytes, str):
+        spec = parse_memory(nbytes)
+        if spec.nbytes is None:
+            raise InvalidRequestError(f"{what} needs a size such as 8G, not the fraction {nbytes!r}")
+        return spec.nbytes
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise InvalidRequestError(f"{what} needs a byte count of 0 or more, got {nbytes!r}")
+    return nbytes
+
+
+def _check_percent(percent: int | None) -> int | None:
+    if percent is not None and (isinstance(percent, bool) or not isinstance(percent, int)
+                                or not 0 <= percent <= 100):
+        raise InvalidRequestError(f"utilization must be a whole percentage from 0 to 100, got {percent!r}")
+    return percent
+
+
+def _simulated() -> SimulatedBackend:
+    """The simulated GPUs this process's settings describe."""
+    return SimulatedBackend.from_settings(current())
 
 
 def allocate(device: int, nbytes: int | str, pid: int | None = None, *,
@@ -385,43 +354,72 @@ def allocate(device: int, nbytes: int | str, pid: int | None = None, *,
     real processes over-commit, and the watchdog must be able to see it. ``utilization`` (0-100) is
     the percentage this process declares it keeps the device busy.
     """
-    if isinstance(nbytes, str):
-        spec = parse_memory(nbytes)
-        if spec.nbytes is None:
-            raise InvalidRequestError(f"allocate needs a size such as 8G, not the fraction {nbytes!r}")
-        nbytes = spec.nbytes
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise InvalidRequestError(f"allocate needs a byte count of 0 or more, got {nbytes!r}")
-    if utilization is not None and not 0 <= utilization <= 100:
-        raise InvalidRequestError(f"utilization must be between 0 and 100, got {utilization!r}")
-    _update(device, pid, nbytes, utilization)
+    _simulated().allocate(device, nbytes, pid, utilization=utilization)
 
 
 def free(device: int, pid: int | None = None) -> None:
     """Drop ``pid``'s (default: the caller's) usage on simulated ``device``."""
-    _update(device, pid, 0, None)
+    _simulated().free(device, pid)
 
 
 class SimulatedBackend:
-    """GPUs that exist only in ``CHRONOS_SIM_GPUS`` and the shared usage file."""
+    """GPUs that exist only in a ``CHRONOS_SIM_GPUS`` description and the shared usage file.
+
+    ``gpus`` and ``topology`` are the descriptions (None: the default two 80 GiB GPUs, no NVLink);
+    ``state_dir`` is where the usage file lives, created shared (1777) when ``shared``.
+    """
 
     name = "simulated"
 
-    def __init__(self, gpus: str | None = None, topology: str | None = None,
-                 state_dir: Path | None = None) -> None:
-        """``gpus``/``topology`` default to the environment; ``state_dir`` to the configured one."""
-        spec = os.environ.get("CHRONOS_SIM_GPUS") if gpus is None else gpus
-        self.sizes = parse_sim_gpus(spec)
-        topo = os.environ.get("CHRONOS_SIM_TOPOLOGY") if topology is None else topology
-        self._distances = parse_topology(topo, len(self.sizes))
+    def __init__(self, gpus: str | None, topology: str | None, state_dir: Path, *, shared: bool = False) -> None:
+        self.sizes = parse_sim_gpus(gpus)
+        self._distances = parse_topology(topology, len(self.sizes))
         self._uuids = [device_uuid(i, n) for i, n in enumerate(self.sizes)]
         self._names = [f"Chronos Simulated GPU ({format_bytes(n)})" for n in self.sizes]
-        self._state_dir = state_dir
+        self._state_dir = Path(state_dir)
+        self._shared = shared
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SimulatedBackend:
+        return cls(settings.sim_gpus, settings.sim_topology, settings.state_dir,
+                   shared=not settings.config.state_dir_explicit)
+
+    # -- claims --------------------------------------------------------------------------
+    def allocate(self, device: int, nbytes: int | str, pid: int | None = None, *,
+                 utilization: int | None = None) -> None:
+        """See :func:`allocate`."""
+        self._update(device, pid, _check_size(nbytes, "allocate"), _check_percent(utilization))
+
+    def free(self, device: int, pid: int | None = None) -> None:
+        """See :func:`free`."""
+        self._update(device, pid, 0, None)
+
+    def _update(self, device: int, pid: int | None, nbytes: int, utilization: int | None) -> None:
+        """Set (or with ``nbytes == 0`` remove) one process's claim on one device, pruning the dead."""
+        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.sizes):
+            raise InvalidRequestError(
+                f"no simulated GPU {device!r}: there are {len(self.sizes)} (indices 0-{len(self.sizes) - 1}); "
+                "set CHRONOS_SIM_GPUS to change them"
+            )
+        if pid is None:
+            pid = os.getpid()
+        started = procs.start_time(pid)
+        if started is None and nbytes:
+            raise InvalidRequestError(f"no running process with pid {pid}")
+        directory = check_dir(self._state_dir, shared=self._shared)
+        path = directory / STATE_FILE
+        with _locked(directory):
+            claims = _live(_claims(_read_raw(path)))
+            items = [c for c in claims.get(device, []) if c.pid != pid]
+            if nbytes:
+                items.append(_Claim(pid=pid, started=started, nbytes=nbytes, utilization=utilization))
+            claims[device] = items
+            _write_raw(path, _serialise(claims))
 
     def _live_claims(self) -> dict[int, list[_Claim]]:
-        directory = self._state_dir if self._state_dir is not None else _state_dir()
-        return _live(_claims(_read_raw(directory / STATE_FILE)))
+        return _live(_claims(_read_raw(self._state_dir / STATE_FILE)))
 
+    # -- the Backend interface -----------------------------------------------------------
     def devices(self) -> list[Device]:
         claims = self._live_claims()
         out = []

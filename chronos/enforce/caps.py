@@ -3,7 +3,8 @@ error inside the program rather than a kill from the watchdog.
 
 :func:`lease_env` builds the environment for a child process; :func:`apply_caps` caps frameworks
 already imported in the current process (a notebook kernel). Neither imports a framework: versions
-come from ``importlib.metadata`` so that building an environment stays cheap.
+come from ``importlib.metadata`` so that building an environment stays cheap. Both are given the
+devices' totals by the engine, which owns the backend.
 
 The framework caps are set a little below the lease's memory (:func:`framework_budget`): a CUDA
 context takes device memory that no allocator counts but NVML and the watchdog do.
@@ -17,15 +18,15 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from chronos.lease import Lease
+from chronos.accounting import LEASE_ENV
+from chronos.errors import BackendError
+from chronos.model import LeaseRecord
 
 __all__ = [
     "CONTEXT_RESERVE_BYTES",
     "apply_caps",
-    "device_totals",
     "framework_budget",
     "lease_env",
     "merge_alloc_conf",
@@ -40,26 +41,17 @@ _TORCH_ENV_FRACTION_SINCE = (2, 10)
 _TORCH_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
-def framework_budget(memory_bytes: int) -> int:
+def framework_budget(memory_bytes: int, reserve_bytes: int | None = None) -> int:
     """Bytes a framework allocator may take under a lease of ``memory_bytes``.
 
     The lease minus room for the CUDA context: 768 MiB, or half of a lease below 1.5 GiB (such a
     lease is too small for a framework's context plus much data; the watchdog still counts both).
-    ``CHRONOS_CONTEXT_RESERVE`` (bytes) overrides the reserve.
+    ``reserve_bytes`` (``CHRONOS_CONTEXT_RESERVE``, through the settings) overrides the reserve.
     """
-    override = os.environ.get("CHRONOS_CONTEXT_RESERVE", "").strip()
     reserve = min(CONTEXT_RESERVE_BYTES, memory_bytes // 2)
-    if override.isdigit():
-        reserve = min(int(override), memory_bytes - 1)
+    if reserve_bytes is not None:
+        reserve = min(reserve_bytes, memory_bytes - 1)
     return max(1, memory_bytes - reserve)
-
-
-def device_totals(uuids: Sequence[str]) -> dict[str, int]:
-    """Total memory of each device named by UUID, from the selected backend."""
-    from chronos.devices import get_backend
-
-    wanted = set(uuids)
-    return {d.uuid: d.memory_total_bytes for d in get_backend().devices() if d.uuid in wanted}
 
 
 def _fraction(budget: int, totals: Sequence[int]) -> float | None:
@@ -131,21 +123,23 @@ def _cupy_limit(existing: str | None, budget: int, total: int) -> str:
 
 
 def lease_env(
-    lease: Lease, base: Mapping[str, str] | None = None, totals: Mapping[str, int] | None = None
+    lease: LeaseRecord, totals: Mapping[str, int], base: Mapping[str, str] | None = None,
+    reserve_bytes: int | None = None,
 ) -> dict[str, str]:
     """The environment for a child process that should live inside ``lease``'s caps.
 
-    ``base`` defaults to ``os.environ``; ``totals`` (device UUID -> total bytes) to the backend's.
-    User settings in the framework variables are merged: other keys kept, smaller limits kept.
+    ``totals`` maps device UUID to total bytes; ``base`` defaults to ``os.environ``. User settings
+    in the framework variables are merged: other keys kept, smaller limits kept.
     """
     env = dict(os.environ if base is None else base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_uuids)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    env["CHRONOS_LEASE_ID"] = lease.id
-    if totals is None:
-        totals = device_totals(lease.device_uuids)
+    env[LEASE_ENV] = lease.id
     sizes = [totals[u] for u in lease.device_uuids if u in totals]
-    budget = framework_budget(lease.memory_bytes)
+    if len(sizes) != len(lease.device_uuids):
+        missing = [u for u in lease.device_uuids if u not in totals]
+        raise BackendError(f"lease {lease.id} names GPU {', '.join(missing)}, which this machine does not have")
+    budget = framework_budget(lease.memory_bytes, reserve_bytes)
     fraction = _fraction(budget, sizes)
     if fraction is None:
         return env
@@ -169,7 +163,7 @@ def _strip_gpu(uuid: str) -> str:
     return uuid.lower().removeprefix("gpu-").removeprefix("mig-")
 
 
-def _cap_torch(torch: Any, lease: Lease, budget: int) -> list[str]:
+def _cap_torch(torch: Any, lease: LeaseRecord, budget: int) -> list[str]:
     cuda = torch.cuda
     if not cuda.is_available():
         return ["torch: CUDA not available, nothing to cap"]
@@ -187,7 +181,7 @@ def _cap_torch(torch: Any, lease: Lease, budget: int) -> list[str]:
     return done or ["torch: none of the lease's devices is visible to this process"]
 
 
-def _cap_cupy(cupy: Any, lease: Lease, budget: int) -> list[str]:
+def _cap_cupy(cupy: Any, lease: LeaseRecord, budget: int) -> list[str]:
     pool = cupy.get_default_memory_pool()
     wanted = {_strip_gpu(u) for u in lease.device_uuids}
     done: list[str] = []
@@ -206,7 +200,8 @@ def _cap_cupy(cupy: Any, lease: Lease, budget: int) -> list[str]:
     return done
 
 
-def apply_caps(lease: Lease, modules: Mapping[str, Any] | None = None) -> list[str]:
+def apply_caps(lease: LeaseRecord, totals: Mapping[str, int], modules: Mapping[str, Any] | None = None,
+               reserve_bytes: int | None = None) -> list[str]:
     """Cap frameworks already imported in this process; returns one line per thing done.
 
     Frameworks not imported yet get the environment variables of :func:`lease_env`, which they
@@ -214,10 +209,9 @@ def apply_caps(lease: Lease, modules: Mapping[str, Any] | None = None) -> list[s
     as not capped.
     """
     mods = sys.modules if modules is None else modules
-    budget = framework_budget(lease.memory_bytes)
+    budget = framework_budget(lease.memory_bytes, reserve_bytes)
     done: list[str] = []
-    totals = device_totals(lease.device_uuids)
-    env = lease_env(lease, base={}, totals=totals)
+    env = lease_env(lease, totals, base={}, reserve_bytes=reserve_bytes)
     imported = {name for name in ("torch", "cupy", "jax") if name in mods}
     if "torch" in mods:
         done.extend(_cap_torch(mods["torch"], lease, budget))
@@ -230,7 +224,7 @@ def apply_caps(lease: Lease, modules: Mapping[str, Any] | None = None) -> list[s
         "jax": ["XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"],
         "cupy": ["CUPY_GPU_MEMORY_LIMIT"],
     }
-    merged = lease_env(lease, totals=totals)
+    merged = lease_env(lease, totals, reserve_bytes=reserve_bytes)
     for name, keys in later.items():
         if name in imported:
             continue
@@ -242,5 +236,5 @@ def apply_caps(lease: Lease, modules: Mapping[str, Any] | None = None) -> list[s
         for key in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
             os.environ[key] = env[key]
         done.append(f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} set for a later CUDA start")
-    os.environ["CHRONOS_LEASE_ID"] = lease.id
+    os.environ[LEASE_ENV] = lease.id
     return done

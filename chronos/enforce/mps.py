@@ -17,12 +17,15 @@ from pathlib import Path
 
 import psutil
 
+from chronos.devices.base import Backend
+from chronos.errors import ChronosError, InvalidRequestError
+from chronos.units import parse_size
+
 __all__ = [
     "DEFAULT_PIPE_DIR",
     "LIMIT_VAR",
     "MpsStatus",
     "cgroup_limits_supported",
-    "limit_value",
     "merge_limit",
     "mps_env",
     "mps_status",
@@ -99,25 +102,17 @@ def mps_status(env: Mapping[str, str] | None = None, scan_processes: bool = True
     )
 
 
-def limit_value(device_count: int, memory_bytes: int) -> str:
-    """``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` for ``device_count`` visible devices: ``0=2048M,1=2048M``."""
-    mib = max(1, memory_bytes >> 20)
-    return ",".join(f"{i}={mib}M" for i in range(device_count))
-
-
 def _parse_limit(text: str) -> dict[str, int]:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    """A user's ``0=1G,1=2048M`` as bytes per device index; unreadable entries are left out."""
     out: dict[str, int] = {}
     for item in text.split(","):
         key, sep, value = item.strip().partition("=")
-        value = value.strip().upper()
+        value = value.strip()
         if not sep or not value:
             continue
-        unit = value[-1] if value[-1] in units and not value[-1].isdigit() else ""
-        number = value[:-1] if unit else value
         try:
-            out[key.strip()] = int(float(number) * units[unit])
-        except ValueError:
+            out[key.strip()] = int(value) if value.isdigit() else parse_size(value)
+        except InvalidRequestError:
             continue
     return out
 
@@ -144,16 +139,13 @@ def mps_env(
     return out
 
 
-def cgroup_limits_supported() -> bool | None:
+def cgroup_limits_supported(backend: Backend) -> bool | None:
     """Whether the driver offers per-cgroup memory limits; None where it cannot be told (no NVML)."""
-    from chronos.devices import get_backend
-    from chronos.errors import ChronosError
+    if backend.name != "nvml":
+        return None
+    from chronos.devices.nvml import has_cgroup_memory_limits  # pynvml only where NVML is in use
 
     try:
-        if get_backend().name != "nvml":
-            return None
-        from chronos.devices.nvml import has_cgroup_memory_limits
-
         return bool(has_cgroup_memory_limits())
     except ChronosError:
         return None

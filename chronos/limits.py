@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from chronos import scheduler
 from chronos.config import SETTING_NAMES, Config
 from chronos.errors import NotAllowedError
+from chronos.model import LeaseRecord, Priority
 from chronos.units import format_bytes, format_duration
 
 __all__ = ["RequestInfo", "Usage", "check", "check_extend", "request_info", "usage_of"]
@@ -28,7 +28,7 @@ class RequestInfo:
     memory_bytes: int
     gpus: int
     duration_s: float
-    priority: str = "normal"
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,7 @@ class Usage:
     memory_bytes: int = 0
 
 
-class _LeaseLike(Protocol):
-    uid: int
-    state: str
-    devices: tuple[int, ...]
-    memory_bytes: int
-
-
-def usage_of(leases: Iterable[_LeaseLike], uid: int, queue: Iterable[scheduler.Request] = ()) -> Usage:
+def usage_of(leases: Iterable[LeaseRecord], uid: int, queue: Iterable[scheduler.Request] = ()) -> Usage:
     """``uid``'s usage among ``leases`` (active and queued ones count).
 
     A queued lease knows its GPUs only once granted; ``queue`` (the snapshot's queued requests) gives
@@ -56,9 +49,9 @@ def usage_of(leases: Iterable[_LeaseLike], uid: int, queue: Iterable[scheduler.R
     count = 0
     total = 0
     for lease in leases:
-        if lease.uid == uid and lease.state in ("active", "queued"):
+        if lease.uid == uid and lease.state.live:
             count += 1
-            gpus = len(lease.devices) or wanted.get(getattr(lease, "id", None), 1)
+            gpus = len(lease.devices) or wanted.get(lease.id, 1)
             total += lease.memory_bytes * max(1, gpus)
     return Usage(count, total)
 
@@ -104,7 +97,7 @@ def check(config: Config, request: RequestInfo, user: str, groups: Iterable[str]
             f"({_rule(config, 'max_leases_per_user')}); release one first"
         )
     allowed = config.high_priority_groups
-    if request.priority == "high" and allowed is not None:
+    if request.priority == Priority.HIGH and allowed is not None:
         is_admin = admin if admin is not None else config.admin_group in groups
         if not is_admin and not groups.intersection(allowed):
             who = f"members of {', '.join(allowed)} and admins" if allowed else "admins"

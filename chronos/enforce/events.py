@@ -1,0 +1,79 @@
+"""What enforcement saw or did, as plain records: each ``message`` is one line for a person.
+
+The watchdog emits them, and each host (a kernel's widget, the provisioner, ``chronos run``, the
+service) decides where they go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ExpiryWarning",
+    "HolderExitedEvent",
+    "LeaseEndedEvent",
+    "OveruseEvent",
+    "SignalEvent",
+    "UnkillableEvent",
+    "WatchdogEvent",
+]
+
+
+@dataclass(frozen=True)
+class WatchdogEvent:
+    """Something the watchdog saw or did; ``message`` is one line for a person."""
+
+    lease_id: str
+    at: float
+    message: str
+
+
+@dataclass(frozen=True)
+class OveruseEvent(WatchdogEvent):
+    """The tree used more than the cap on ``device`` for longer than the grace period."""
+
+    device: int
+    used_bytes: int
+    cap_bytes: int
+    estimated: bool
+    action: str
+
+
+@dataclass(frozen=True)
+class ExpiryWarning(WatchdogEvent):
+    """The lease ends in ``remaining_s`` seconds (a warning mark was passed)."""
+
+    remaining_s: float
+    mark_s: float
+
+
+@dataclass(frozen=True)
+class LeaseEndedEvent(WatchdogEvent):
+    """The lease ended (expired, released or revoked) while the tree ran; ``action`` follows."""
+
+    state: str
+    reason: str | None
+    action: str | None
+
+
+@dataclass(frozen=True)
+class SignalEvent(WatchdogEvent):
+    """Signal ``signal_name`` was sent to ``pids``."""
+
+    signal_name: str
+    pids: tuple[int, ...]
+    cause: str
+
+
+@dataclass(frozen=True)
+class UnkillableEvent(WatchdogEvent):
+    """Processes still there after SIGKILL (stuck in the kernel or the driver)."""
+
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HolderExitedEvent(WatchdogEvent):
+    """The watched process (the root of the tree) is gone; the watchdog stops."""
+
+    pid: int

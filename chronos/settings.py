@@ -1,0 +1,113 @@
+"""One snapshot of what the environment and the configuration files say, read in one place.
+
+Every ``CHRONOS_*`` variable that shapes an engine is read here and nowhere else. An engine owns
+one :class:`Settings`, and everything below it (the ledger, the backend, caps, the watchdog) is
+handed what it needs from that snapshot, so two parts of a process can never disagree about
+which GPUs or which ledger they use. :func:`current` caches the snapshot while the variables it
+was read from hold; the default engine and :func:`chronos.devices.get_backend` are derived from it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from chronos.config import Config, load_config
+from chronos.errors import InvalidRequestError
+
+__all__ = ["BACKENDS", "ENV_KEYS", "Settings", "current", "from_environ", "refresh"]
+
+#: Backend choices for ``CHRONOS_BACKEND``.
+BACKENDS = ("auto", "nvml", "simulated")
+
+#: Every variable a snapshot depends on (the cache key of :func:`current`).
+ENV_KEYS = (
+    "CHRONOS_STATE_DIR",
+    "CHRONOS_CONFIG",
+    "CHRONOS_USER_CONFIG",
+    "XDG_CONFIG_HOME",
+    "HOME",
+    "CHRONOS_BACKEND",
+    "CHRONOS_SIM_GPUS",
+    "CHRONOS_SIM_TOPOLOGY",
+    "CHRONOS_CONTEXT_RESERVE",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an engine runs with: the configuration, the GPU backend's description, cap tuning."""
+
+    config: Config
+    backend: str = "auto"
+    sim_gpus: str | None = None
+    sim_topology: str | None = None
+    #: Device memory kept out of the framework caps for the CUDA context (None: the default rule).
+    context_reserve_bytes: int | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.state_dir)
+
+    def with_state_dir(self, path: str | Path) -> Settings:
+        """The same settings with an explicitly named state directory."""
+        config = replace(self.config, state_dir=Path(path), state_dir_explicit=True,
+                         sources={**self.config.sources, "state_dir": "argument"})
+        return replace(self, config=config)
+
+
+def _backend(raw: str | None) -> str:
+    choice = (raw or "").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise InvalidRequestError(f"CHRONOS_BACKEND={raw!r} is not a backend: use auto, nvml or simulated")
+    return choice
+
+
+def _reserve(raw: str | None) -> int | None:
+    text = (raw or "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise InvalidRequestError(
+            f"CHRONOS_CONTEXT_RESERVE={raw!r} is not a number of bytes: write e.g. 805306368, or unset it"
+        )
+    return int(text)
+
+
+def from_environ(environ: Mapping[str, str] | None = None) -> Settings:
+    """A fresh snapshot of ``environ`` (default: this process's) and the files it names."""
+    env = os.environ if environ is None else environ
+    return Settings(
+        config=load_config(env),
+        backend=_backend(env.get("CHRONOS_BACKEND")),
+        sim_gpus=env.get("CHRONOS_SIM_GPUS") or None,
+        sim_topology=env.get("CHRONOS_SIM_TOPOLOGY") or None,
+        context_reserve_bytes=_reserve(env.get("CHRONOS_CONTEXT_RESERVE")),
+    )
+
+
+_lock = threading.Lock()
+_cached: tuple[tuple[str | None, ...], Settings] | None = None
+
+
+def current() -> Settings:
+    """This process's snapshot; read again only when one of :data:`ENV_KEYS` changes."""
+    global _cached
+    key = tuple(os.environ.get(k) for k in ENV_KEYS)
+    cached = _cached
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with _lock:
+        if _cached is None or _cached[0] != key:
+            _cached = (key, from_environ())
+        return _cached[1]
+
+
+def refresh() -> None:
+    """Forget the snapshot, so the next :func:`current` reads the files again (they may have changed)."""
+    global _cached
+    with _lock:
+        _cached = None

@@ -1,0 +1,75 @@
+"""Why a kernel start was refused, as errors both jupyter_server and plain Python understand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import HTTPError
+
+from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError, UnavailableError
+
+__all__ = [
+    "KernelLeaseEnded",
+    "KernelLeaseError",
+    "KernelLeaseInvalid",
+    "KernelLeaseRefused",
+    "KernelLeaseUnavailable",
+    "surface",
+]
+
+
+class KernelLeaseError(HTTPError, ChronosError):
+    """A kernel start refused by Chronos, with a message meant for the notebook user.
+
+    It is a tornado HTTPError so that jupyter_server's REST handlers put the message itself in the
+    reply (``POST /api/kernels`` shows ``log_message``, ``POST /api/sessions`` shows ``str()``)
+    instead of "Unhandled error", and a ChronosError so that code outside a server can catch it.
+    """
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        HTTPError.__init__(self, self.status, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
+class KernelLeaseUnavailable(KernelLeaseError, UnavailableError):
+    """No capacity now (or the queue wait ran out): HTTP 503."""
+
+    status = 503
+
+
+class KernelLeaseEnded(KernelLeaseError, UnavailableError):
+    """The kernel's lease is over, so it may not be (re)started: HTTP 409."""
+
+    status = 409
+
+
+class KernelLeaseInvalid(KernelLeaseError, InvalidRequestError):
+    """The kernelspec's Chronos settings are wrong: HTTP 400."""
+
+    status = 400
+
+
+class KernelLeaseRefused(KernelLeaseError, NotAllowedError):
+    """A policy forbids this lease: HTTP 403."""
+
+    status = 403
+
+
+def surface(exc: ChronosError, message: str) -> KernelLeaseError:
+    if isinstance(exc, KernelLeaseError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return KernelLeaseInvalid(message)
+    if isinstance(exc, NotAllowedError):
+        return KernelLeaseRefused(message)
+    if isinstance(exc, UnavailableError):
+        return KernelLeaseUnavailable(message)
+    return KernelLeaseError(message)
