@@ -174,7 +174,7 @@ class _Forwarder:
 def _default_printer(stream: TextIO) -> Callable[[WatchdogEvent], None]:
     def show(event: WatchdogEvent) -> None:
         if isinstance(event, (ExpiryWarning, UnkillableEvent)) or (
-            isinstance(event, OveruseEvent) and event.action == "warn"
+            isinstance(event, OveruseEvent) and event.action == Action.WARN
         ):
             stream.write(f"chronos: {event.message}\n")
             stream.flush()

@@ -16,11 +16,11 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import display
+from IPython.display import display as _display
 
 from chronos import api, text
 from chronos.accounting import LEASE_ENV
@@ -35,6 +35,8 @@ from chronos.units import format_bytes, format_clock, format_duration
 from chronos_jupyter.widgets import LeaseWidget
 
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
+
+display = cast(Callable[[object], None], _display)  # IPython's display() carries no annotations
 
 RESERVE_USAGE = (
     "%chronos reserve MEMORY [DURATION] [--gpu I[,I]] [--gpus N] [--prefer I[,I]] "
@@ -398,8 +400,8 @@ class ChronosMagics(Magics):
             widget.release_button.layout.display = "none"
             widget.extend_button.layout.display = "none"
             _print_notes(activation.notes)
-            assert self.shell is not None
-            result = self.shell.run_cell(cell, store_history=False)
+            shell: Any = self.shell  # InteractiveShell.run_cell carries no annotations
+            result = shell.run_cell(cell, store_history=False)
         finally:
             if activation is not None:
                 activation.stop()

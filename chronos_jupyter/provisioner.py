@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, TypeVar
 
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
 
 import chronos
@@ -419,7 +419,7 @@ class ChronosProvisioner(LocalProvisioner):
             )
             self.log.warning("Chronos: %s (kernel %s, on_expiry=%s)", self.ended_message, self.kernel_id,
                              event.action)
-            if event.action in ("terminate", "kill"):
+            if event.action in (Action.TERMINATE, Action.KILL):
                 self._ending = True
                 km = self.parent
                 if km is not None:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import chronos
 from chronos.model import LeaseState
@@ -37,11 +37,13 @@ WARNING_S = 600.0
 CRITICAL_S = 60.0
 
 _ENDED_WORDS = {
-    "released": "released",
-    "expired": "expired",
-    "revoked": "ended: its holder process exited",
-    "withdrawn": "withdrawn from the queue",
+    LeaseState.RELEASED: "released",
+    LeaseState.EXPIRED: "expired",
+    LeaseState.REVOKED: "ended: its holder process exited",
+    LeaseState.WITHDRAWN: "withdrawn from the queue",
 }
+#: What the widget shows a lease as: its colour and bar style follow.
+Level = Literal["queued", "ok", "warning", "critical", "ended"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class LeaseView:
 
     lease_id: str
     devices: tuple[int, ...]
-    state: str
+    state: LeaseState
     label: str | None
     priority: str
     remaining_s: float
@@ -59,7 +61,7 @@ class LeaseView:
     ended_at: float | None
     cap_bytes: int
     used_bytes: int | None
-    level: str  # "queued", "ok", "warning", "critical" or "ended"
+    level: Level
 
     @property
     def ended(self) -> bool:
@@ -79,7 +81,7 @@ class LeaseView:
             return f"queued for {format_duration(self.duration_s)}"
         if self.ended:
             word = _ENDED_WORDS.get(self.state, self.state)
-            if self.state == "active":  # past its end, not yet reclaimed by the ledger
+            if self.state == LeaseState.ACTIVE:  # past its end, not yet reclaimed by the ledger
                 word = "expired"
             when = self.ended_at if self.ended_at is not None else self.expires_at
             return f"{word} at {_clock(when)}" if when is not None else word
@@ -106,12 +108,13 @@ def _clock(epoch: float | None) -> str:
 def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float | None = None) -> LeaseView:
     """The facts to show for ``lease`` at ``now`` (default: the current time)."""
     now = time.time() if now is None else now
-    if lease.state == "queued" or lease.expires_at is None:
+    level: Level
+    if lease.state == LeaseState.QUEUED or lease.expires_at is None:
         remaining = lease.duration_s
-        level = "queued" if lease.state == "queued" else "ended"
+        level = "queued" if lease.state == LeaseState.QUEUED else "ended"
     else:
-        remaining = max(0.0, lease.expires_at - now) if lease.state == "active" else 0.0
-        if lease.state != "active" or remaining <= 0:
+        remaining = max(0.0, lease.expires_at - now) if lease.state == LeaseState.ACTIVE else 0.0
+        if lease.state != LeaseState.ACTIVE or remaining <= 0:
             level = "ended"
         elif remaining < CRITICAL_S:
             level = "critical"

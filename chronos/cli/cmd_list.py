@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from chronos.model import LeaseState
+
 if TYPE_CHECKING:
     from chronos.lease import Lease
 
@@ -25,9 +27,8 @@ def register(subparsers: Any) -> None:
 def _state(lease: Lease) -> str:
     from chronos.cli import render
 
-    colours = {"active": "green", "queued": "yellow", "released": "dim", "expired": "dim", "revoked": "red",
-               "withdrawn": "dim"}
-    return render.color(lease.state, colours.get(lease.state, "dim"))
+    colours = {LeaseState.ACTIVE: "green", LeaseState.QUEUED: "yellow", LeaseState.REVOKED: "red"}
+    return render.color(str(lease.state), colours.get(lease.state, "dim"))
 
 
 def list_leases(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def list_leases(args: argparse.Namespace) -> int:
 
     found = chronos.leases(all=args.all, user=args.user)
     queue = {}
-    if any(lease.state == "queued" for lease in found):
+    if any(lease.state == LeaseState.QUEUED for lease in found):
         queue = {entry.lease_id: entry for entry in chronos.queue()}
     if args.json:
         items = []
@@ -54,9 +55,9 @@ def list_leases(args: argparse.Namespace) -> int:
     rows = []
     for lease in found:
         gpus = ",".join(str(i) for i in lease.devices) or "any"
-        if lease.state == "active":
+        if lease.state == LeaseState.ACTIVE:
             timing, ends = render.left(lease.expires_at), render.when(lease.expires_at)
-        elif lease.state == "queued":
+        elif lease.state == LeaseState.QUEUED:
             entry = queue.get(lease.id)
             timing = f"#{entry.position} in queue" if entry else "waiting"
             ends = f"starts ~{render.when(entry.estimated_start)}" if entry and entry.estimated_start else "-"

@@ -36,7 +36,7 @@ def release(args: argparse.Namespace) -> int:
             continue
         released.append(lease)
         if not args.json:
-            if before in ("active", "queued"):
+            if before.live:
                 print(f"released lease {lease.id}")
             else:
                 print(f"lease {lease.id} had already ended ({lease.state})")

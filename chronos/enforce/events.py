@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chronos.model import Action, LeaseState
+
 __all__ = [
     "ExpiryWarning",
     "HolderExitedEvent",
@@ -36,7 +38,7 @@ class OveruseEvent(WatchdogEvent):
     used_bytes: int
     cap_bytes: int
     estimated: bool
-    action: str
+    action: Action
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class ExpiryWarning(WatchdogEvent):
 class LeaseEndedEvent(WatchdogEvent):
     """The lease ended (expired, released or revoked) while the tree ran; ``action`` follows."""
 
-    state: str
+    state: LeaseState
     reason: str | None
-    action: str | None
+    action: Action | None
 
 
 @dataclass(frozen=True)

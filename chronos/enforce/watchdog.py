@@ -249,7 +249,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
         else:
             action, cause, state, reason = self.on_release, "release", lease.state, lease.end_reason
             what = f"lease {lease.id} {lease.state}" + (f" ({reason})" if reason else "")
-        out.append(LeaseEndedEvent(lease.id, wall, what, str(state), reason, str(action) if action else None))
+        out.append(LeaseEndedEvent(lease.id, wall, what, state, reason, action))
         if action is None or action == Action.WARN:
             self.end_reason = what if action == Action.WARN else None
             self._done.set()
@@ -286,7 +286,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
             message = (f"GPU {dev}: {format_bytes(nbytes)} used, over the lease's {format_bytes(cap)} cap "
                        f"for {now - since:.1f}s{guess}")
             out.append(OveruseEvent(self.lease.id, wall, message, dev, nbytes, cap, dev in estimated,
-                                    str(self.on_overuse)))
+                                    self.on_overuse))
             if self.on_overuse != Action.WARN:
                 self.end_reason = message
                 self._begin(out, "overuse", self.on_overuse, wall, now)
