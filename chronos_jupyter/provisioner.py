@@ -45,7 +45,7 @@ from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState, Priority
 from chronos.request import RequestSpec, parse_request
-from chronos.units import format_bytes, format_duration, parse_duration
+from chronos.units import format_bytes, format_clock, format_duration, parse_duration
 from chronos_jupyter.kernel_errors import (
     KernelLeaseEnded,
     KernelLeaseError,
@@ -192,7 +192,7 @@ class ChronosProvisioner(LocalProvisioner):
         self.log.info(
             "Chronos: kernel %s holds lease %s (%s on GPU %s, until %s)", self.kernel_id, lease.id,
             format_bytes(lease.memory_bytes), ",".join(map(str, lease.devices)),
-            time.strftime("%H:%M:%S", time.localtime(lease.expires_at or time.time())),
+            format_clock(lease.expires_at, seconds=True),
         )
         return lease
 
@@ -225,7 +225,7 @@ class ChronosProvisioner(LocalProvisioner):
             self.log.warning(
                 "Chronos: lease %s ended when kernel %s exited; the restarted kernel holds lease %s until %s",
                 lease.id, self.kernel_id, fresh.id,
-                time.strftime("%H:%M:%S", time.localtime(fresh.expires_at or now)),
+                format_clock(fresh.expires_at, seconds=True),
             )
             return fresh
         await self._give_up()
