@@ -18,7 +18,7 @@ __version__ = "2.0.0"
 
 if TYPE_CHECKING:
     from chronos.api import detailed_stats, extend, get_lease, gpus, leases, queue, release, reserve, suggest
-    from chronos.compat import Partition, Partitioner, is_stub_mode
+    from chronos.compat import Partition, Partitioner, PartitionInfo, is_stub_mode
     from chronos.config import ConfigError
     from chronos.enforce.watchdog import Watchdog, WatchdogEvent
     from chronos.engine import DeviceStatus, Engine, WaitUpdate
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "chronos.api": ("detailed_stats", "extend", "get_lease", "gpus", "leases", "queue", "release", "reserve",
                     "suggest"),
-    "chronos.compat": ("Partition", "Partitioner", "is_stub_mode"),
+    "chronos.compat": ("Partition", "PartitionInfo", "Partitioner", "is_stub_mode"),
     "chronos.config": ("ConfigError",),
     "chronos.engine": ("DeviceStatus", "Engine", "WaitUpdate"),
     "chronos.enforce.watchdog": ("Watchdog", "WatchdogEvent"),
@@ -103,6 +103,7 @@ __all__ = [
     "LeaseState",
     "NotAllowedError",
     "Partition",
+    "PartitionInfo",
     "Partitioner",
     "Priority",
     "QueueEntry",

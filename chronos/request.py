@@ -25,6 +25,7 @@ __all__ = [
     "parse_lease_id",
     "parse_request",
     "parse_wait",
+    "partition_id",
 ]
 
 #: ``wait`` with no limit.
@@ -87,14 +88,25 @@ def parse_devices(value: DevicesValue | None, option: str = "--gpu") -> tuple[in
     return tuple(out)
 
 
+_PARTITION = "partition_"
+
+
 def parse_lease_id(lease_id: str | int) -> str:
-    """A lease id as the ledger keys it (``7``, ``"7"``, ``"L7"``); anything else is no such lease."""
+    """A lease id as the ledger keys it: ``7``, ``"7"``, ``"L7"``, or the original Chronos's
+    ``partition_0007``; anything else is no such lease."""
     text = str(lease_id).strip()
-    if text[:1] in ("L", "l"):
+    if text.lower().startswith(_PARTITION):
+        text = text[len(_PARTITION):]
+    elif text[:1] in ("L", "l"):
         text = text[1:]
-    if not text.isdigit():
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise LeaseNotFoundError(f"no lease {lease_id!r}: lease ids are numbers, see `chronos list`")
     return str(int(text))
+
+
+def partition_id(lease_id: str) -> str:
+    """A lease id in the original Chronos's form, ``partition_0007`` (read back by :func:`parse_lease_id`)."""
+    return f"{_PARTITION}{int(lease_id):04d}"
 
 
 def parse_gpus(value: int | str | None) -> int | None:

@@ -47,7 +47,7 @@ def test_json_shapes_are_stable() -> None:
 def test_create_the_original_syntax_and_available() -> None:
     out = run_cli("create", "0", "0.25", "3600")
     assert out.returncode == 0, out.stderr
-    assert "lease 1" in out.stdout
+    assert out.stdout.splitlines()[0].split()[:3] == ["Created", "partition", "partition_0001"]
     assert run_cli("available", "0").stdout.strip() == "75.00"
     assert run_cli("available", "1").stdout.strip() == "100.00"
 

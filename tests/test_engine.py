@@ -216,7 +216,7 @@ def test_partitioner_compatibility() -> None:
         assert partition.device_index == 0
         assert partition.memory_fraction == pytest.approx(0.5)
         assert partition.duration_seconds == 3600
-        assert isinstance(partition.time_remaining, float) and 3590 < partition.time_remaining <= 3600
+        assert isinstance(partition.time_remaining, int) and 3590 < partition.time_remaining <= 3600
         assert partitioner.get_available(0) == pytest.approx(50.0)
         listed = partitioner.list()
         assert [p.partition_id for p in listed] == [partition.partition_id]

@@ -72,6 +72,8 @@ def run(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["help"]:  # the original's `chronos help`, and `chronos help COMMAND`
+        given = [*given[1:2], "--help"]
     head, command = _split_command(given)
     args = parser.parse_args(head)
     if command is not None:

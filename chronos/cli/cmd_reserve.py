@@ -115,4 +115,15 @@ def create(args: argparse.Namespace) -> int:
     lease = chronos.reserve(
         fraction, seconds, device=device, user=args.user, bind=args.pid if args.pid is not None else False
     )
-    return _granted(lease, args.json, "created partition")
+    if args.json:
+        return _granted(lease, True, "")
+    # The original's two lines, which scripts read (`grep partition_ | awk '{print $3}'` is the id).
+    from chronos import api, identity
+    from chronos.request import partition_id
+
+    name = next((d.name for d in api.gpus() if d.index == device), "GPU")
+    ident = partition_id(lease.id)
+    print(f"Created partition {ident} on device {device} ({name}) with {lease.memory_bytes >> 20} MB "
+          f"for {round(lease.duration_s)} seconds")
+    print(f"Assigned to user: {lease.owner} (Created by: {identity.current_user().name}, PID: {lease.pid or 0})")
+    return 0
