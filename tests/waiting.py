@@ -3,7 +3,7 @@
 :func:`wait_for` polls a condition until it holds (:func:`wait_for_async` inside a coroutine, so that
 the event loop keeps running); :func:`quiet_for` checks that something does *not* happen while a
 watchdog makes a given number of polls (a window tied to what the watchdog observed, not to the
-clock).
+clock). :class:`WaiterPolls` counts the polls of a process waiting in the queue, for the same check.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
+
+import chronos
+from chronos import procs
+from chronos.api import default_engine
 
 T = TypeVar("T")
 
@@ -75,3 +79,49 @@ def quiet_for(dog: _Polls, polls: int, condition: Callable[[], bool], *, timeout
             raise AssertionError(f"the watchdog made fewer than {polls} polls in {timeout:g}s")
         time.sleep(0.01)
     assert not condition(), f"{what} failed"
+
+
+class WaiterPolls:
+    """The polls of a process waiting in the queue, counted from outside it, for :func:`quiet_for`.
+
+    Each poll of a queued request ends, inside its write, every lease past its end time, and the audit
+    log names the process that ended it. So this keeps one lease of ``memory`` for 50 ms on ``device``
+    (take memory the waiter cannot use, so that the queue is not changed) and counts a poll each time
+    the waiter has ended it, then takes the next one: each count is a later poll of the waiter than
+    the one before. While it counts, nothing else may read leases in a way that ends them
+    (``chronos.leases()``, ``get_lease``, ``devices()``); the engine's ``events()`` does not.
+    """
+
+    def __init__(self, pid: int, *, device: int, memory: str = "1G") -> None:
+        self.pid, self.device, self.memory = pid, device, memory
+        self.count = 0
+        self._marker = self._take()
+
+    def _take(self) -> str:
+        return chronos.reserve(self.memory, 0.05, device=self.device, bind=False).id
+
+    @property
+    def polls(self) -> int:
+        ended = [e for e in default_engine().events(lease_id=self._marker) if e.event == "expired"]
+        if ended:
+            assert ended[0].pid == self.pid, (
+                f"lease {self._marker} was ended by process {ended[0].pid}, not by the waiter {self.pid}: "
+                "something else read the ledger while the waiter's polls were being counted")
+            self.count += 1
+            self._marker = self._take()
+        return self.count
+
+    @property
+    def done(self) -> bool:
+        """The waiter is gone: it makes no more polls."""
+        return not procs.is_alive(self.pid, None)
+
+    def close(self) -> None:
+        """End the lease still kept for counting."""
+        chronos.release(self._marker)
+
+    def __enter__(self) -> WaiterPolls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
