@@ -148,7 +148,9 @@ def test_kernel_crash_is_auto_restarted_within_the_rest_of_the_lease(spec_8g: st
             os.kill(old_pid, signal.SIGKILL)  # a crash: the holder dies with no warning
             await wait_for_async(lambda: restarts == ["restart"] and prov.pid != old_pid, timeout=20,
                                  what="the auto-restarter to start a new kernel")
-            await wait_for_async(lambda: prov.lease_id != old.id, timeout=10, what="the restarted kernel's lease")
+            # The new lease is taken before the new kernel starts, and bound to it once it runs.
+            await wait_for_async(lambda: prov.lease_id != old.id and chronos.get_lease(prov.lease_id).pid == prov.pid,
+                                 timeout=10, what="the restarted kernel to hold its new lease")
             assert chronos.get_lease(old.id).state == "revoked"
             new = chronos.get_lease(prov.lease_id)
             assert new.state == "active" and new.pid == prov.pid
