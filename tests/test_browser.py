@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import chronos
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -93,17 +93,17 @@ class Lab:
         return f"http://127.0.0.1:{self.port}/{path}?token={self.token}"
 
     def wait_ready(self, timeout: float = 40) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"jupyter lab exited: {self.log_path.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url("api/status"), timeout=2) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        raise AssertionError(f"jupyter lab not ready in {timeout}s: {self.log_path.read_text()[-3000:]}")
+                return False
+
+        wait_for(up, timeout=timeout, interval=0.2,
+                 what=lambda: f"jupyter lab to be ready: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -159,18 +159,16 @@ def test_widget_shows_the_lease_and_a_moving_countdown(lab: Lab, tmp_path: Path)
             countdown = widget.locator(".chronos-countdown")
             first = countdown.inner_text()
             assert "left (ends" in first, first
-            deadline = time.monotonic() + 10
-            later = first
-            while later == first and time.monotonic() < deadline:
-                time.sleep(0.25)
-                later = countdown.inner_text()
-            assert later != first, f"the countdown did not move from {first!r}"
+
+            def moved() -> str | None:
+                text = countdown.inner_text()
+                return text if text != first else None
+
+            later = wait_for(moved, timeout=10, interval=0.25, what=f"the countdown to move from {first!r}")
             assert "left (ends" in later
             memory = widget.locator(".chronos-memory")
-            deadline = time.monotonic() + 10
-            while "384 MiB used of 1 GiB" not in memory.inner_text() and time.monotonic() < deadline:
-                time.sleep(0.25)
-            assert "384 MiB used of 1 GiB" in memory.inner_text()
+            wait_for(lambda: "384 MiB used of 1 GiB" in memory.inner_text(), timeout=10, interval=0.25,
+                     what=lambda: f"the memory line to show the kernel's use: {memory.inner_text()!r}")
 
             no_news = page.get_by_role("button", name="No", exact=True)
             if no_news.count():

@@ -15,6 +15,7 @@ from pathlib import Path
 import chronos
 from chronos.engine import Engine
 from tests.ledger_watch import overcommit_watch
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "race_worker.py"
@@ -57,9 +58,7 @@ def test_holders_killed_at_random_points_have_their_leases_reclaimed(tmp_path: P
     rng = random.Random(7)
     outs = [tmp_path / f"worker{i}.txt" for i in range(PROCESSES)]
     workers = [_spawn(out, rng.randint(5, 60), seed, "hold") for seed, out in enumerate(outs)]
-    deadline = time.monotonic() + 60
-    while len(engine.leases()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: len(engine.leases()) >= 4, timeout=60, interval=0.05, what="four leases held")
     # Kill every worker at a random moment: some mid-race, some while holding their lease.
     order = list(workers)
     rng.shuffle(order)

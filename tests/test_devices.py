@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from chronos.devices.base import (
     Backend,
 )
 from chronos.errors import BackendError, InvalidRequestError
+from tests.waiting import wait_for
 
 
 def _driver_loads() -> bool:
@@ -557,11 +557,9 @@ def test_nvml_sees_a_real_process_using_gpu_memory() -> None:
         assert child.stdout is not None
         line = child.stdout.readline().strip()
         assert line == "ready", child.stderr.read() if child.stderr else ""
-        deadline = time.monotonic() + 20
-        mine: list[GpuProcess] = []
-        while time.monotonic() < deadline and not mine:
-            mine = [p for p in backend.processes([0]) if p.pid == child.pid]
-            time.sleep(0.2)
+        mine: list[GpuProcess] = wait_for(lambda: [p for p in backend.processes([0]) if p.pid == child.pid],
+                                          timeout=20, interval=0.2,
+                                          what=lambda: f"NVML to list the child: {backend.processes()}")
         assert len(mine) == 1, backend.processes()
         assert mine[0].device_uuid == backend.devices()[0].uuid
         assert mine[0].used_bytes is None or mine[0].used_bytes >= 1 << 30

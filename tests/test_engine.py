@@ -16,6 +16,7 @@ from chronos.devices import simulated
 from chronos.engine import Engine
 from chronos.errors import InvalidRequestError, LeaseNotFoundError, UnavailableError
 from chronos.ledger import SCHEMA_VERSION
+from tests.waiting import wait_for
 
 GIB = 1 << 30
 
@@ -128,7 +129,9 @@ def test_expired_lease_is_reclaimed_by_next_operation() -> None:
     lease = chronos.reserve("70G", "1s", device=0)
     with pytest.raises(UnavailableError):
         chronos.reserve("70G", device=0)
-    time.sleep(1.2)
+    assert lease.expires_at is not None
+    end = lease.expires_at
+    wait_for(lambda: time.time() > end, timeout=5, what="the lease's end time")
     again = chronos.reserve("70G", device=0)
     assert chronos.get_lease(lease.id).state == "expired"
     assert again.state == "active"

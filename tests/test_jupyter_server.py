@@ -22,6 +22,7 @@ import pytest
 
 import chronos
 from chronos_jupyter.kernelspec import install_kernel
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -98,16 +99,17 @@ def start_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
             )
         server = Server(f"http://127.0.0.1:{port}", token, process, log)
         started.append(server)
-        deadline = time.monotonic() + 90
-        while True:
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"jupyter server exited:\n{log.read_text()}")
             try:
-                if server.request("GET", "/api/status")[0] == 200:
-                    return server
+                return server.request("GET", "/api/status")[0] == 200
             except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"jupyter server did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+                return False
+
+        wait_for(up, timeout=90, interval=0.1, what=lambda: f"jupyter server to start:\n{log.read_text()}")
+        return server
 
     yield start
     for server in started:
@@ -118,14 +120,6 @@ def start_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait()
-
-
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_rest_kernel_holds_a_lease_and_delete_releases_it(start_server: Callable[..., Server]) -> None:
@@ -180,10 +174,12 @@ def test_expired_kernel_is_ended_and_dropped_by_the_server(start_server: Callabl
     def dropped() -> bool:
         return server.request("GET", "/api/kernels")[1] == []
 
-    _wait_for(dropped, 30, "the server to drop the expired kernel")
+    wait_for(dropped, timeout=30, interval=0.1, what="the server to drop the expired kernel")
     assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
     assert chronos.get_lease(lease.id).state == "expired"
-    time.sleep(1.5)  # three restarter periods: no new kernel, no new lease
+    # Three restarter periods: no new kernel, no new lease. A fixed wait: the kernel's restarter, the one
+    # thing in the server that could start it again, has been stopped, so it makes no polls to count.
+    time.sleep(1.5)
     assert chronos.leases() == []
     assert [c for c in psutil.Process(server.process.pid).children() if c.status() != psutil.STATUS_ZOMBIE] == []
     log = server.log.read_text()
@@ -208,7 +204,7 @@ def test_culled_kernel_releases_its_lease(start_server: Callable[..., Server], t
     def gone() -> bool:
         return [k["id"] for k in server.request("GET", "/api/kernels")[1]] == [kept["id"]]
 
-    _wait_for(gone, 30, "the idle culler to shut the kernel down")
+    wait_for(gone, timeout=30, interval=0.1, what="the idle culler to shut the kernel down")
     assert chronos.get_lease(cull_lease.id).state == "released"
     assert chronos.get_lease(kept_lease.id).state == "active"
     assert re.search(r"Culling '\w+' kernel 'gpu-cull' .* due to \d+ seconds of inactivity", server.log.read_text())

@@ -19,6 +19,7 @@ from IPython.utils.capture import CapturedIO, capture_output
 import chronos
 import chronos_jupyter
 from chronos_jupyter.magics import CellFailed
+from tests.waiting import wait_for
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -448,18 +449,20 @@ def test_kernel_reserve_status_extend_release(kernel: Kernel) -> None:
     # Between cells the widget's thread moves the countdown by itself, through comm messages.
     countdowns: set[str] = set()
     kinds: set[str] = set()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(countdowns) < 3:
+
+    def three_countdowns() -> bool:  # reads one message a call, waiting up to a second for it
         try:
             msg = kernel.kc.get_iopub_msg(timeout=1)
         except queue.Empty:
-            continue
+            return False
         kinds.add(msg["msg_type"])
         if msg["msg_type"] == "comm_msg":
             value = msg["content"]["data"].get("state", {}).get("value", "")
             if isinstance(value, str) and "left (ends" in value:
                 countdowns.add(value)
-    assert len(countdowns) >= 3, countdowns
+        return len(countdowns) >= 3
+
+    wait_for(three_countdowns, timeout=15, interval=0, what=lambda: f"three countdowns, seen {countdowns}")
     assert kinds == {"comm_msg"}  # the thread only sets traits: no output lands in any cell
 
     reply, outputs = kernel.execute("%chronos status")
@@ -539,10 +542,7 @@ def test_kernel_stopped_at_the_end_of_its_lease(kernel: Kernel) -> None:
     reply, outputs = kernel.execute("%chronos reserve 1G 3s")
     assert reply["status"] == "ok", text_of(outputs)
     [lease] = chronos.leases()
-    deadline = time.monotonic() + 30
-    while kernel.km.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not kernel.km.is_alive()
+    wait_for(lambda: not kernel.km.is_alive(), timeout=30, interval=0.2, what="the watchdog to stop the kernel")
     assert chronos.get_lease(lease.id).state == "expired"
 
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from chronos.devices.base import LINK_NVLINK, LINK_SAME, LINK_SYSTEM
 from chronos.engine import Engine
 from tests.conftest import ROOT, run_cli
 from tests.ledger_watch import overcommit_watch, replay
+from tests.waiting import WaiterPolls, quiet_for, wait_for
 
 GIB = 1 << 30
 TOTAL = 80 * GIB
@@ -112,13 +112,22 @@ def test_a_waiting_gang_is_granted_when_the_blocking_lease_is_released() -> None
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        queued: list[chronos.Lease] = []
-        while not queued and time.monotonic() < deadline and waiter.poll() is None:
-            queued = [lease for lease in chronos.leases() if lease.state == "queued"]
-            time.sleep(0.05)
-        assert len(queued) == 1, waiter.communicate(timeout=5) if waiter.poll() is not None else "not queued"
-        time.sleep(1.0)  # several of the waiter's polls: GPU 3 alone fits, and it must not take it alone
+        def queued_now() -> list[chronos.Lease]:
+            if waiter.poll() is not None:
+                raise AssertionError(f"the waiter exited: {waiter.communicate(timeout=5)}")
+            return [lease for lease in chronos.leases() if lease.state == "queued"]
+
+        queued = wait_for(queued_now, timeout=30, interval=0.05, what="the gang to queue")
+        assert len(queued) == 1, queued
+
+        def granted() -> bool:  # read from the audit log: reading leases would end the counting leases
+            return waiter.poll() is not None or any(
+                e.event == "granted" for e in api.default_engine().events(lease_id=queued[0].id))
+
+        # Several of the waiter's polls: GPU 3 alone fits, and it must not take it alone. (GPU 0 holds
+        # the leases that count them: the gang cannot use its 5 GiB.)
+        with WaiterPolls(waiter.pid, device=0) as polls:
+            quiet_for(polls, 4, granted, what="the gang left waiting while only GPU 3 fits")
         assert waiter.poll() is None
         assert api.gpus()[3].memory_reserved_bytes == 0
         assert chronos.get_lease(queued[0].id).state == "queued"

@@ -9,8 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from chronos_jupyter.provisioner import (
     KernelLeaseInvalid,
     KernelLeaseUnavailable,
 )
+from tests.waiting import wait_for, wait_for_async
 
 GiB = 1 << 30
 
@@ -78,14 +78,6 @@ async def kernel_env(km: Any) -> dict[str, Any]:
 
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -154,9 +146,11 @@ def test_kernel_crash_is_auto_restarted_within_the_rest_of_the_lease(spec_8g: st
             old = chronos.get_lease(prov.lease_id)
             old_pid = prov.pid
             os.kill(old_pid, signal.SIGKILL)  # a crash: the holder dies with no warning
-            await eventually(lambda: _true(restarts == ["restart"] and prov.pid != old_pid), 20,
-                             "the auto-restarter to start a new kernel")
-            await eventually(lambda: _true(prov.lease_id != old.id), 10, "the restarted kernel's lease")
+            await wait_for_async(lambda: restarts == ["restart"] and prov.pid != old_pid, timeout=20,
+                                 what="the auto-restarter to start a new kernel")
+            # The new lease is taken before the new kernel starts, and bound to it once it runs.
+            await wait_for_async(lambda: prov.lease_id != old.id and chronos.get_lease(prov.lease_id).pid == prov.pid,
+                                 timeout=10, what="the restarted kernel to hold its new lease")
             assert chronos.get_lease(old.id).state == "revoked"
             new = chronos.get_lease(prov.lease_id)
             assert new.state == "active" and new.pid == prov.pid
@@ -192,12 +186,15 @@ def test_expiry_ends_the_kernel_and_auto_restart_does_not_bring_it_back(jupyter_
         prov = km.provisioner
         lease_id, pid = prov.lease_id, prov.pid
         try:
-            await eventually(lambda: _true(events == ["dead"]), 20, "the kernel to be reported dead")
+            await wait_for_async(lambda: events == ["dead"], timeout=20, what="the kernel to be reported dead")
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
             assert chronos.get_lease(lease_id).state == "expired"
             expected = f"lease {lease_id} has expired; start a new kernel to take a new lease"
             assert prov.ended_message == expected
-            await asyncio.sleep(1.2)  # four restarter periods: nothing comes back
+            # Four restarter periods: nothing comes back. A fixed wait: the restarter, the one thing
+            # that could start the kernel again, has been stopped, so it makes no polls to count, and
+            # the watchdog that ended the kernel is done.
+            await asyncio.sleep(1.2)
             assert events == ["dead"]
             assert not await km.is_alive()
             with pytest.raises(KernelLeaseEnded) as info:
@@ -209,10 +206,6 @@ def test_expiry_ends_the_kernel_and_auto_restart_does_not_bring_it_back(jupyter_
         assert chronos.leases() == []
 
     run(scenario())
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 @pytest.mark.slow
@@ -227,7 +220,8 @@ def test_interrupt_policy_keeps_the_kernel_but_not_the_lease(jupyter_dirs: Path)
         await km.start_kernel()
         try:
             lease_id = km.provisioner.lease_id
-            await eventually(lambda: _true(km.provisioner.ended_message is not None), 15, "the lease to end")
+            await wait_for_async(lambda: km.provisioner.ended_message is not None, timeout=15,
+                                 what="the lease to end")
             assert await km.is_alive(), "interrupt leaves the kernel running"
             assert chronos.get_lease(lease_id).state == "expired"
             with pytest.raises(KernelLeaseEnded, match=f"lease {lease_id} has expired"):
@@ -271,13 +265,10 @@ def test_waiting_start_is_granted_when_capacity_frees_without_blocking_the_loop(
     async def scenario() -> None:
         km = AsyncKernelManager(kernel_name="gpu-wait")
         start = asyncio.create_task(km.start_kernel())
-        ticks = 0
-        for _ in range(10):  # the loop keeps running other work while the start waits
-            await asyncio.sleep(0.05)
-            ticks += 1
-        queued = [x for x in chronos.leases() if x.state == "queued"]
+        # The loop keeps running other work while the start waits: this wait runs on it, beside the start.
+        queued = await wait_for_async(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=30,
+                                      interval=0.05, what="the waiting start to queue its request")
         assert len(queued) == 1 and not start.done()
-        assert ticks == 10
         await asyncio.to_thread(chronos.release, blocker.id)
         await asyncio.wait_for(start, 60)
         try:
@@ -300,12 +291,13 @@ def test_cancelled_waiting_start_withdraws_its_request(jupyter_dirs: Path) -> No
     async def scenario() -> None:
         km = AsyncKernelManager(kernel_name="gpu-wait")
         start = asyncio.create_task(km.start_kernel())
-        await eventually(lambda: _true(any(x.state == "queued" for x in chronos.leases())), 10, "queueing")
+        await wait_for_async(lambda: any(x.state == "queued" for x in chronos.leases()), timeout=10,
+                             what="queueing")
         start.cancel()
         with pytest.raises(asyncio.CancelledError):
             await start
-        await eventually(lambda: _true(not any(x.state == "queued" for x in chronos.leases())), 10,
-                         "the queued request to be withdrawn")
+        await wait_for_async(lambda: not any(x.state == "queued" for x in chronos.leases()), timeout=10,
+                             what="the queued request to be withdrawn")
 
     run(scenario())
     states = sorted(x.state for x in chronos.leases(all=True))
@@ -409,9 +401,7 @@ def test_killed_server_leaves_a_lease_reclaimed_through_its_dead_kernel(spec_8g:
         server.kill()  # no shutdown, no cleanup
         server.wait(10)
         # the orphaned kernel notices its parent is gone and exits; the lease goes with it
-        deadline = time.monotonic() + 20
-        while psutil.pid_exists(int(kernel_pid)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: _exited(int(kernel_pid)), timeout=20, interval=0.2, what="the orphaned kernel to exit")
         ended = chronos.get_lease(lease_id)
         assert ended.state == "revoked", ended
         assert ended.end_reason == f"holder process {kernel_pid} exited"
@@ -423,21 +413,24 @@ def test_killed_server_leaves_a_lease_reclaimed_through_its_dead_kernel(spec_8g:
             server.stdout.close()
 
 
+def _exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_kernels() -> Iterator[None]:
     """Every kernel a test starts is gone when it ends."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    deadline = time.monotonic() + 10
-    while True:
-        stray = [
-            p for p in psutil.Process().children(recursive=True)
-            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
-        ]
-        if not stray or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not stray, f"kernels left running: {[p.pid for p in stray]}"
+
+    def stray() -> list[int]:
+        return [p.pid for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(lambda: not stray(), timeout=10, interval=0.1, what=lambda: f"no kernels left running: {stray()}")
 
 
 @pytest.mark.slow
@@ -459,10 +452,12 @@ def test_lease_released_from_the_cli_ends_the_kernel(spec_8g: str) -> None:
         try:
             done = await asyncio.to_thread(run_cli, "release", lease_id)
             assert done.returncode == 0, done.stderr
-            await eventually(lambda: _true(events == ["dead"]), 20, "the kernel to be reported dead")
+            await wait_for_async(lambda: events == ["dead"], timeout=20, what="the kernel to be reported dead")
             assert km.provisioner.ended_message == (
                 f"lease {lease_id} was released; start a new kernel to take a new lease"
             )
+            # Three restarter periods: nothing comes back. A fixed wait: the restarter has been stopped and
+            # the watchdog is done, so nothing that could start the kernel again makes polls to count.
             await asyncio.sleep(1.0)
             assert events == ["dead"] and not await km.is_alive()
         finally:

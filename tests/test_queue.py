@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 import chronos
 from chronos.api import default_engine
 from tests.conftest import ROOT, run_cli
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,21 +36,13 @@ def queued() -> list[dict[str, object]]:
     return data
 
 
-def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
-
-
 def start_waiter(name: str, memory: str, priority: str, log: Path) -> subprocess.Popen[str]:
     before = len(default_engine().leases())
     proc = subprocess.Popen([sys.executable, "-c", WAITER, name, memory, priority, str(log)], text=True,
                             cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Start them one at a time so that their arrival order is known.
-    wait_for(lambda: len(default_engine().leases()) > before or proc.poll() is not None)
+    wait_for(lambda: len(default_engine().leases()) > before or proc.poll() is not None, timeout=30,
+             what=f"waiter {name} to queue")
     assert proc.poll() is None, proc.communicate()
     return proc
 
@@ -91,7 +83,7 @@ def run_order(blocker: chronos.Lease, procs: dict[str, subprocess.Popen[str]], l
     # Two waiters die while waiting: their requests leave the queue and are never granted.
     stop(procs["b"])
     stop(procs["f"])
-    wait_for(lambda: len(queued()) == 4)
+    wait_for(lambda: len(queued()) == 4, timeout=30, interval=0.1, what="the dead waiters to leave the queue")
     states = {lease.id: lease.state for lease in chronos.leases(all=True)}
     assert sorted(states.values()).count("withdrawn") == 2
     blocker.release()
@@ -141,7 +133,7 @@ def test_cli_waiter_is_granted_when_memory_frees_and_prints_its_position(one_gpu
     proc = subprocess.Popen([sys.executable, "-m", "chronos", "reserve", "75G", "5m", "--wait", "60", "--json"],
                             cwd=ROOT, env=dict(os.environ), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: len(queued()) == 1)
+        wait_for(lambda: len(queued()) == 1, timeout=30, interval=0.1, what="the CLI waiter to queue")
         # A later, short request backfills: it ends before the waiter could start.
         quick = chronos.reserve("8G", "1m", bind=False)
         assert quick.state == "active"

@@ -31,6 +31,7 @@ from chronos.enforce.watchdog import (
     WatchdogEvent,
 )
 from chronos.errors import InvalidRequestError
+from tests.waiting import quiet_for, wait_for, wait_for_async
 
 GIB = 1 << 30
 
@@ -108,7 +109,10 @@ def test_child_under_cap_is_left_alone() -> None:
     lease = chronos.reserve("2G", "1h", device=1, bind=False)
     child = _spawn(lease, GIB)
     dog = Watchdog(lease, pid=child.pid, grace_s=0.2).start()
-    time.sleep(1.2)
+    # Five polls: over the cap, the second poll past the 0.2 s grace would have acted already.
+    quiet_for(dog, 5, lambda: child.poll() is not None
+              or any(isinstance(e, (OveruseEvent, SignalEvent)) for e in dog.events),
+              what="the child under its cap left alone")
     assert child.poll() is None
     assert not any(isinstance(e, (OveruseEvent, SignalEvent)) for e in dog.events)
     assert dog.usage == {1: GIB}
@@ -144,10 +148,13 @@ def test_warn_policy_only_reports() -> None:
     child = _spawn(lease, 2 * GIB)
     events: list[WatchdogEvent] = []
     dog = Watchdog(lease, pid=child.pid, grace_s=0.2, on_overuse="warn", on_event=events.append).start()
-    deadline = time.monotonic() + 10
-    while not any(isinstance(e, OveruseEvent) for e in events) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    wait_for(lambda: any(isinstance(e, OveruseEvent) for e in events), timeout=10, what="the overuse warning")
+
+    def acted() -> bool:
+        return (child.poll() is not None or sum(isinstance(e, OveruseEvent) for e in events) > 1
+                or any(isinstance(e, SignalEvent) for e in events))
+
+    quiet_for(dog, 3, acted, what="a single warning and no signal while the child stays over its cap")
     assert child.poll() is None
     over = [e for e in events if isinstance(e, OveruseEvent)]
     assert len(over) == 1 and over[0].action == "warn"  # once per episode, not every poll
@@ -163,7 +170,13 @@ def test_interrupt_policy_lets_the_program_recover() -> None:
     dog = Watchdog(lease, pid=child.pid, grace_s=0.2, on_overuse="interrupt", kill_wait_s=30).start()
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "freed"
-    time.sleep(0.6)
+
+    def sent() -> list[str]:
+        return [e.signal_name for e in dog.events if isinstance(e, SignalEvent)]
+
+    # Three polls after the child freed its memory: each sees it under the cap, and sends nothing more.
+    quiet_for(dog, 3, lambda: child.poll() is not None or sent() != ["SIGINT"],
+              what="the interrupted child left running")
     assert child.poll() is None  # SIGINT was handled; usage fell under the cap; nothing more was sent
     assert [e.signal_name for e in dog.events if isinstance(e, SignalEvent)] == ["SIGINT"]
     child.terminate()
@@ -190,12 +203,19 @@ def test_expiry_warns_then_ends_the_child() -> None:
 
 def test_extension_by_another_process_is_seen() -> None:
     lease = chronos.reserve("1G", "3s", bind=False)
+    assert lease.expires_at is not None
+    first_end = lease.expires_at
     child = _spawn(lease, GIB // 2)
     dog = Watchdog(lease, pid=child.pid, refresh_s=0.2).start()
     from tests.conftest import run_cli
 
     assert run_cli("extend", lease.id, "1h").returncode == 0
-    time.sleep(3.5)
+
+    def ended() -> bool:
+        return child.poll() is not None or any(isinstance(e, (LeaseEndedEvent, SignalEvent)) for e in dog.events)
+
+    wait_for(lambda: ended() or time.time() > first_end, timeout=10, what="the lease's first end time")
+    quiet_for(dog, 2, ended, what="the child of the extended lease left running")  # two polls past that end
     assert child.poll() is None
     assert dog.lease.expires_at is not None and dog.lease.expires_at > time.time() + 3000
     child.terminate()
@@ -223,6 +243,8 @@ def test_release_without_policy_stops_watching_only() -> None:
     lease.release()
     assert dog.wait(5)
     assert child.poll() is None
+    # The watchdog is done, so nothing can signal the child later; a signal sent before now is logged.
+    assert not any(isinstance(e, SignalEvent) for e in dog.events)
     child.terminate()
     _wait(child)
 
@@ -249,17 +271,16 @@ def test_asyncio_task_can_be_cancelled() -> None:
     lease = chronos.reserve("1G", "1h", bind=False)
     holder = _holder()
 
-    async def main() -> bool:
+    async def main() -> None:
         dog = Watchdog(lease, pid=holder.pid)
         task = dog.start_task()
-        await asyncio.sleep(0.6)
+        await wait_for_async(lambda: dog.polls >= 2, what="two polls by the watchdog task")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return dog.polls >= 2
 
     try:
-        assert asyncio.run(main())
+        asyncio.run(main())
     finally:
         holder.kill()
         holder.wait()
@@ -347,9 +368,7 @@ def test_dead_holder_lease_is_reclaimed(tmp_path: Path) -> None:
         ],
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for((tmp_path / "started").exists, timeout=20, what="the command to start under chronos run")
     (lease,) = chronos.leases()
     assert lease.pid == wrapper.pid and lease.state == "active"
     grandchild_pids = [p for p in _children(wrapper.pid)]
@@ -357,10 +376,9 @@ def test_dead_holder_lease_is_reclaimed(tmp_path: Path) -> None:
     wrapper.wait()
     assert chronos.get_lease(lease.id).state == "revoked"
     # the command was told to stop when its wrapper died (PR_SET_PDEATHSIG)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in grandchild_pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert grandchild_pids and not any(_alive(p) for p in grandchild_pids)
+    assert grandchild_pids
+    wait_for(lambda: not any(_alive(p) for p in grandchild_pids), timeout=10,
+             what=lambda: f"the command to end with its wrapper: {[p for p in grandchild_pids if _alive(p)]} alive")
 
 
 def _children(pid: int) -> list[int]:
@@ -438,10 +456,7 @@ def test_tree_membership_follows_descendants() -> None:
         ]
     )
     try:
-        deadline = time.monotonic() + 10
-        while not _children(parent.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (kid,) = _children(parent.pid)
+        (kid,) = wait_for(lambda: _children(parent.pid), timeout=10, what="the parent's child to start")
         lease = chronos.reserve("1G", "1h", bind=parent.pid)
         tree = Membership([lease.record])
         assert tree.lease_of(parent.pid) == lease.id and tree.lease_of(kid) == lease.id

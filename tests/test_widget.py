@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,7 @@ from chronos_jupyter.widgets import (
     render_html,
     render_text,
 )
+from tests.waiting import wait_for
 
 GiB = 1 << 30
 
@@ -32,16 +32,6 @@ def lease() -> Iterator[chronos.Lease]:
     if held.refresh().state == "active":
         held.release()
     simulated.free(held.devices[0])
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 # -- the facts -------------------------------------------------------------------------------
@@ -176,11 +166,11 @@ def test_thread_moves_the_countdown_and_stops_at_the_end() -> None:
     try:
         first = widget.countdown.value
         assert widget.running
-        assert wait_for(lambda: widget.countdown.value != first, timeout=5)
+        wait_for(lambda: widget.countdown.value != first, timeout=5, what="the countdown to move")
         # The lease expires by itself; the thread shows it and then stops.
-        assert wait_for(lambda: widget.view.ended, timeout=10)
+        wait_for(lambda: widget.view.ended, timeout=10, what="the widget to show the lease ended")
         assert "expired" in widget.countdown.value
-        assert wait_for(lambda: not widget.running, timeout=5)
+        wait_for(lambda: not widget.running, timeout=5, what="the widget's thread to stop")
         assert chronos.get_lease(short.id).state == "expired"
     finally:
         widget.close()

@@ -40,6 +40,7 @@ from chronos.devices.base import (
     LINK_SYSTEM,
 )
 from chronos.engine import Engine
+from tests.waiting import WaiterPolls, quiet_for, wait_for
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -189,14 +190,22 @@ def test_a_gang_is_all_or_none_and_a_waiting_gang_gets_the_released_gpus() -> No
         [sys.executable, "-m", "chronos", "reserve", "8G", "30m", "--gpus", "2", "--wait", "120", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    def queued_now() -> list[chronos.Lease]:
+        if waiter.poll() is not None:
+            raise AssertionError(f"the waiter exited: {waiter.communicate(timeout=5)}")
+        return [lease for lease in chronos.leases() if lease.state == "queued"]
+
+    def granted() -> bool:  # read from the audit log: reading leases would end the counting leases
+        return waiter.poll() is not None or any(
+            e.event == "granted" for e in api.default_engine().events(lease_id=queued[0].id))
+
     try:
-        deadline = time.monotonic() + 60
-        queued: list[chronos.Lease] = []
-        while not queued and time.monotonic() < deadline and waiter.poll() is None:
-            queued = [lease for lease in chronos.leases() if lease.state == "queued"]
-            time.sleep(0.1)
+        queued = wait_for(queued_now, timeout=60, interval=0.1, what="the gang to queue")
         assert len(queued) == 1
-        time.sleep(1.5)
+        # Several of the waiter's polls with no GPU pair free: it stays queued. (A 1 GiB lease on GPU 0
+        # counts them; every GPU keeps about 4 GiB available, too little for the gang's 8 GiB.)
+        with WaiterPolls(waiter.pid, device=0) as polls:
+            quiet_for(polls, 6, granted, what="the gang left waiting while no pair has room")
         assert waiter.poll() is None and chronos.get_lease(queued[0].id).state == "queued"
         released_at = time.monotonic()
         chronos.release(first.id)
