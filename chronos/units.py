@@ -6,6 +6,7 @@ A fraction of a device is written ``50%`` or ``0.5``.
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
 import time
@@ -19,7 +20,9 @@ __all__ = [
     "format_bytes",
     "format_clock",
     "format_duration",
+    "format_instant",
     "parse_duration",
+    "parse_instant",
     "parse_memory",
     "parse_size",
     "size_text",
@@ -182,3 +185,164 @@ def format_clock(epoch: float | None, *, seconds: bool = False, now: float | Non
     today = time.localtime(now if now is not None else time.time())
     clock = "%H:%M:%S" if seconds else "%H:%M"
     return time.strftime(clock if then[:3] == today[:3] else f"%b %d {clock}", then)
+
+
+# -- instants: a time of day or a date, in the local zone -------------------------------------------------
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_CLOCK = r"(?P<hour>\d{1,2})(?::(?P<minute>\d{2})(?::(?P<second>\d{2}))?)?\s*(?P<half>am|pm)?"
+_DAY_CLOCK_RE = re.compile(rf"^(?:(?P<day>today|tomorrow|[a-z]+)\s+)?{_CLOCK}$")
+_DATE_RE = re.compile(
+    r"^(?:(?P<weekday>[a-z]{3})\w*\s+)?(?P<year>\d{4})-(?P<month>\d{2})-(?P<mday>\d{2})"
+    rf"(?:(?:\s+|t){_CLOCK})?"
+    r"(?:\s*(?P<zone>z|utc|[a-z]{2,6}|[+-]\d{2}(?:\d{2})?))?"
+    r"(?:\s*\(?\s*(?:utc)?(?P<offset>[+-]\d{2}:?\d{2})\)?)?$"
+)
+_INSTANT_HINT = 'use e.g. "tomorrow 09:00", "2026-12-24 14:00", "14:30", "mon 9am" or "+2h"'
+
+
+def _bad_instant(value: object, why: str = "", *, hint: bool = True) -> InvalidRequestError:
+    tail = f"; {_INSTANT_HINT}" if hint else ""
+    return InvalidRequestError(f"cannot read time {value!r}{': ' + why if why else ''}{tail}")
+
+
+def _hms(match: re.Match[str], value: object) -> tuple[int, int, int]:
+    if match.group("hour") is None:
+        return 0, 0, 0
+    hour, minute, second = int(match.group("hour")), int(match.group("minute") or 0), int(match.group("second") or 0)
+    half = match.group("half")
+    if half:
+        if not 1 <= hour <= 12:
+            raise _bad_instant(value, f"{hour}{half} is not a time of day")
+        hour = hour % 12 + (12 if half == "pm" else 0)
+    if hour > 23 or minute > 59 or second > 59:
+        raise _bad_instant(value, "hours run 0-23, minutes and seconds 0-59")
+    return hour, minute, second
+
+
+def local_epoch(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0,
+                *, what: object = None) -> float:
+    """The one instant the local wall-clock time names; an error for a time that does not exist (clocks
+    go forward) or happens twice (clocks go back), which an explicit UTC offset settles."""
+    wanted = (year, month, day, hour, minute, second)
+    found = set()
+    for dst in (0, 1):
+        try:
+            epoch = time.mktime((year, month, day, hour, minute, second, 0, 0, dst))
+        except (OverflowError, ValueError):
+            continue
+        if time.localtime(epoch)[:6] == wanted:
+            found.add(epoch)
+    text = f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}"
+    if not found:
+        try:
+            calendar.timegm((year, month, day, hour, minute, second))
+            time.strptime(f"{year:04d}-{month:02d}-{day:02d}", "%Y-%m-%d")
+        except (OverflowError, ValueError):
+            raise _bad_instant(what or text, "no such date") from None
+        raise _bad_instant(what or text, f"{text} does not exist here (the clocks go forward); pick a later time",
+                           hint=False)
+    if len(found) > 1:
+        offsets = sorted(_offset_text(t) for t in found)
+        raise _bad_instant(what or text, f"{text} happens twice here (the clocks go back); add the UTC offset, "
+                                         f"e.g. \"{text} {offsets[0]}\" or \"{text} {offsets[1]}\"", hint=False)
+    return found.pop()
+
+
+def _offset_text(epoch: float) -> str:
+    offset = time.localtime(epoch).tm_gmtoff
+    sign = "+" if offset >= 0 else "-"
+    hours, rest = divmod(abs(offset), 3600)
+    return f"{sign}{hours:02d}:{rest // 60:02d}"
+
+
+def _next_day(year: int, month: int, day: int, days: int = 1) -> tuple[int, int, int]:
+    moved = time.gmtime(calendar.timegm((year, month, day, 12, 0, 0)) + days * 86400)
+    return moved.tm_year, moved.tm_mon, moved.tm_mday
+
+
+def parse_instant(value: str | int | float, *, now: float | None = None) -> float:
+    """A point in time as epoch seconds, read in the local time zone.
+
+    ``now``, ``+2h`` or ``in 90m`` (from now); ``14:30``, ``9am`` (the next time the clock shows it);
+    ``today 14:30``, ``tomorrow 09:00``, ``mon 09:00`` (the next Monday, today included);
+    ``2026-12-24 14:00`` or ``2026-12-24T14:00``, optionally with ``Z``, ``UTC`` or an offset such as
+    ``+01:00``; a date alone is its midnight. What :func:`format_instant` prints reads back as the same
+    instant. A number is epoch seconds.
+    """
+    if isinstance(value, bool):
+        raise _bad_instant(value)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise _bad_instant(value)
+        return float(value)
+    text = " ".join(str(value).strip().lower().split())
+    current = time.time() if now is None else now
+    if text == "now":
+        return current
+    if text.startswith(("+", "in ")):
+        rest = text[1:] if text.startswith("+") else text[3:]
+        try:
+            return current + parse_duration(rest.strip())
+        except InvalidRequestError:
+            raise _bad_instant(value, "after + give a duration such as 2h or 90m") from None
+    if len(text) > 64:
+        raise _bad_instant(text[:64] + "...", "too long")
+    match = _DAY_CLOCK_RE.match(text)
+    if match and match.group("hour") is not None:
+        hour, minute, second = _hms(match, value)
+        today = time.localtime(current)
+        day = match.group("day")
+        ymd = (today.tm_year, today.tm_mon, today.tm_mday)
+        if day == "tomorrow":
+            ymd = _next_day(*ymd)
+        elif day not in (None, "today"):
+            if day[:3] not in _WEEKDAYS or not ("monday tuesday wednesday thursday friday saturday sunday"
+                                                 .split()[_WEEKDAYS.index(day[:3])].startswith(day)):
+                raise _bad_instant(value, f"unknown day {day!r}")
+            ymd = _next_day(*ymd, (_WEEKDAYS.index(day[:3]) - today.tm_wday) % 7)
+        epoch = local_epoch(*ymd, hour, minute, second, what=value)
+        if day is None and epoch < current:  # a bare clock time already past today: the next one
+            epoch = local_epoch(*_next_day(*ymd), hour, minute, second, what=value)
+        return epoch
+    match = _DATE_RE.match(text)
+    if not match:
+        raise _bad_instant(value)
+    year, month, mday = int(match.group("year")), int(match.group("month")), int(match.group("mday"))
+    hour, minute, second = _hms(match, value)
+    offset, zone = match.group("offset"), match.group("zone")
+    if zone in ("z", "utc") and offset is None:
+        offset = "+00:00"
+    elif zone is not None and zone[0] in "+-" and offset is None:  # a numeric zone is its own offset
+        offset, zone = (zone + "00")[:5], None
+    if offset is not None:
+        digits = offset.replace(":", "")
+        minutes = int(digits[1:3]) * 60 + int(digits[3:5])
+        if int(digits[3:5]) > 59 or minutes > 14 * 60:
+            raise _bad_instant(value, f"{offset} is not a UTC offset")
+        try:
+            base = calendar.timegm((year, month, mday, hour, minute, second))
+            time.strptime(f"{year:04d}-{month:02d}-{mday:02d}", "%Y-%m-%d")
+        except (OverflowError, ValueError):
+            raise _bad_instant(value, "no such date") from None
+        epoch = float(base - (1 if digits[0] == "+" else -1) * minutes * 60)
+    else:
+        epoch = local_epoch(year, month, mday, hour, minute, second, what=value)
+    if zone not in (None, "z", "utc") and zone != time.strftime("%Z", time.localtime(epoch)).lower() \
+            and not (offset is not None and zone[0] in "+-"):
+        raise _bad_instant(value, f"the zone {zone.upper()} is not this machine's; give a UTC offset such as +01:00")
+    weekday = match.group("weekday")
+    if weekday is not None and weekday != _WEEKDAYS[time.localtime(epoch).tm_wday]:
+        raise _bad_instant(value, f"{year:04d}-{month:02d}-{mday:02d} is not a {weekday.capitalize()}")
+    return epoch
+
+
+def format_instant(epoch: float, *, seconds: bool = False) -> str:
+    """A point in time with nothing left to guess: ``Thu 2026-12-24 14:00 CET (UTC+01:00)``, local zone.
+
+    :func:`parse_instant` reads it back as the same instant.
+    """
+    if not math.isfinite(epoch):
+        return "-"
+    then = time.localtime(epoch)
+    clock = "%H:%M:%S" if seconds else "%H:%M"
+    return time.strftime(f"%a %Y-%m-%d {clock} %Z", then) + f" (UTC{_offset_text(epoch)})"
