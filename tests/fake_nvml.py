@@ -17,6 +17,11 @@ Driver behaviours are switches on the instance, and may be flipped between calls
 * ``missing``: names the binding does not have at all (an older pynvml).
 * ``cgroup_limits``: whether the driver's library exports ``nvmlDeviceSetMemoryLimits_v1``.
 
+Per-process utilisation follows NVML: ``nvmlDeviceGetProcessUtilization(handle, timeStamp)`` gives
+one sample, stamped with the CPU time in microseconds, for each process whose ``sm`` is above 0 and
+NOT_FOUND when there is none newer than ``timeStamp``; each timestamp asked for is recorded in
+``utilization_since``. A GPU whose ``process_utilization`` is False answers NOT_SUPPORTED.
+
 Every call to an ``nvml*`` function is recorded in ``calls``. Calls before ``nvmlInit`` fail with
 ``NVML_ERROR_UNINITIALIZED``, as they do in NVML.
 """
@@ -24,6 +29,7 @@ Every call to an ``nvml*`` function is recorded in ``calls``. Calls before ``nvm
 from __future__ import annotations
 
 import functools
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +47,7 @@ _TEXT = {
     1: "Uninitialized",
     2: "Invalid Argument",
     3: "Not Supported",
+    6: "Not Found",
     4: "Insufficient Permissions",
     9: "Driver Not Loaded",
     12: "NVML Shared Library Not Found",
@@ -74,6 +81,7 @@ class FakeProcess:
     pid: int
     used: int | None
     kind: str = "compute"  # "compute", "graphics" or "MPS"
+    sm: int = 0  # the share of SM time it keeps busy (0-100)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class FakeGpu:
     processes: list[FakeProcess] = field(default_factory=list)
     pci: tuple[int, int, int] | None = None  # (domain, bus, device); None: bus 0x10 * (index + 1)
     nvlinks: list[int | str | None] | None = None
+    process_utilization: bool = True  # False: per-process samples are not supported (e.g. a MIG instance)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class FakeNvml:
     NVMLLibraryMismatchError = NVMLLibraryMismatchError
 
     NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
     NVML_ERROR_DRIVER_NOT_LOADED = 9
     NVML_ERROR_LIBRARY_NOT_FOUND = 12
     NVML_ERROR_FUNCTION_NOT_FOUND = 13
@@ -145,6 +155,7 @@ class FakeNvml:
         self.missing = set(missing or ())
         self.cgroup_limits = cgroup_limits
         self.calls: list[str] = []
+        self.utilization_since: list[int] = []
         self.initialised = False
 
     def __getattribute__(self, name: str) -> Any:
@@ -279,6 +290,18 @@ class FakeNvml:
 
     def nvmlDeviceGetMPSComputeRunningProcesses_v2(self, handle: Any) -> list[types.SimpleNamespace]:
         return self._processes(handle, "MPS", unversioned=False)
+
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> list[types.SimpleNamespace]:
+        gpu = self._gpu(handle)
+        self.utilization_since.append(timeStamp)
+        if not gpu.process_utilization:
+            raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        stamp = max(int(time.time() * 1e6), timeStamp + 1)
+        samples = [types.SimpleNamespace(pid=p.pid, timeStamp=stamp, smUtil=p.sm, memUtil=0, encUtil=0, decUtil=0)
+                   for p in gpu.processes if p.sm > 0]
+        if not samples:
+            raise NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return samples
 
     # ------------------------------------------------------------------ topology
 

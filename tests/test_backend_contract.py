@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 import typing
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from chronos.devices.base import (
     Backend,
     Device,
     GpuProcess,
+    ProcessUtilization,
 )
 from chronos.errors import BackendError, InvalidRequestError
 from tests import fake_nvml
@@ -67,6 +69,7 @@ class Machine:
     backend: Backend
     make: Callable[[], Backend]  # another backend instance over the same machine
     use: Callable[[int, int], None]  # this process now uses that many bytes on that device
+    busy: Callable[[int, int], None]  # this process now keeps that device's SMs that many percent busy
     name: str
     driver: str | None
 
@@ -79,6 +82,7 @@ def _simulated() -> Machine:
     simulated.allocate(0, 8 * GiB)
     return Machine(backend=_sim_backend(), make=_sim_backend,
                    use=lambda device, nbytes: simulated.allocate(device, nbytes),
+                   busy=lambda device, percent: simulated.set_utilization(device, percent),
                    name="simulated", driver=None)
 
 
@@ -88,10 +92,16 @@ def _nvml() -> Machine:
 
     def use(device: int, nbytes: int) -> None:
         procs = fake.gpus[device].processes
-        procs[:] = [p for p in procs if p.pid != ME] + [FakeProcess(ME, nbytes)]
+        old = next((p.sm for p in procs if p.pid == ME), 0)
+        procs[:] = [p for p in procs if p.pid != ME] + [FakeProcess(ME, nbytes, sm=old)]
+
+    def busy(device: int, percent: int) -> None:
+        procs = fake.gpus[device].processes
+        mine = [p for p in procs if p.pid == ME] or [FakeProcess(ME, 0)]
+        procs[:] = [p for p in procs if p.pid != ME] + [FakeProcess(ME, mine[0].used, sm=percent)]
 
     return Machine(backend=nvml.NvmlBackend(lib=fake), make=lambda: nvml.NvmlBackend(lib=fake), use=use,
-                   name="nvml", driver=fake.driver)
+                   busy=busy, name="nvml", driver=fake.driver)
 
 
 @pytest.fixture(params=[_simulated, _nvml], ids=["simulated", "nvml"])
@@ -166,6 +176,32 @@ def test_driver_version(machine: Machine) -> None:
     assert version == machine.driver
 
 
+def _busy(records: list[ProcessUtilization]) -> dict[tuple[int, int], int | None]:
+    """(device, pid) -> SM percent of the processes that used SM time (0 and absent mean none)."""
+    return {(r.device_index, r.pid): r.sm_percent for r in records if r.sm_percent != 0}
+
+
+def test_utilization_names_the_processes_that_keep_a_device_busy(machine: Machine) -> None:
+    backend = machine.backend
+    assert _busy(backend.utilization()) == {}  # 8 GiB held on GPU 0, no SM time
+    machine.busy(0, 60)
+    uuids = [d.uuid for d in backend.devices()]
+    found = backend.utilization()
+    assert _busy(found) == {(0, ME): 60}
+    assert all(r.device_uuid == uuids[r.device_index] for r in found)
+    assert _busy(backend.utilization([1])) == {}
+    assert _busy(backend.utilization([0])) == {(0, ME): 60}
+    machine.busy(0, 0)
+    assert _busy(backend.utilization()) == {}
+    assert [d.memory_used_bytes for d in backend.devices()] == [8 * GiB, 0]  # SM use leaves memory alone
+
+
+@pytest.mark.parametrize("indices", [[2], [-1]])
+def test_utilization_of_an_unknown_device_is_bad_input(machine: Machine, indices: list[int]) -> None:
+    with pytest.raises(InvalidRequestError, match=f"GPU {indices[-1]}"):
+        machine.backend.utilization(indices)
+
+
 def _check_types(obj: object) -> None:
     """Every field of a backend dataclass holds a value of its declared type (bools are not ints)."""
     hints = typing.get_type_hints(type(obj))
@@ -190,6 +226,13 @@ def test_every_value_has_its_declared_type(machine: Machine) -> None:
         _check_types(p)
         assert p.device_uuid == devices[p.device_index].uuid
     assert all(isinstance(x, int) and not isinstance(x, bool) for row in machine.backend.distances() for x in row)
+    machine.busy(1, 30)
+    samples = machine.backend.utilization()
+    assert samples
+    for u in samples:
+        assert isinstance(u, ProcessUtilization)
+        _check_types(u)
+        assert u.sm_percent is None or 0 <= u.sm_percent <= 100
 
 
 # --------------------------------------------------------------------------- the fake against pynvml
@@ -271,6 +314,39 @@ def test_utilisation_not_supported_is_none() -> None:
 def test_utilisation_call_missing_from_the_driver_is_none() -> None:
     fake = FakeNvml(_gpus(2, utilization=50), errors={"nvmlDeviceGetUtilizationRates": 13})
     assert [d.utilization_percent for d in nvml.NvmlBackend(lib=fake).devices()] == [None, None]
+
+
+# --------------------------------------------------------------------------- NVML: utilisation samples
+
+
+def test_utilisation_samples_are_asked_for_from_the_last_one_seen() -> None:
+    fake = FakeNvml(_gpus(1))
+    fake.gpus[0].processes = [FakeProcess(10, GiB, sm=40), FakeProcess(11, GiB, sm=0)]
+    backend = nvml.NvmlBackend(lib=fake)
+    before = int(time.time() * 1e6)
+    assert _busy(backend.utilization()) == {(0, 10): 40}
+    first = fake.utilization_since[0]  # the first poll reads the last few seconds, in microseconds
+    assert before - nvml.UTILIZATION_LOOKBACK_S * 1e6 - 1e6 <= first <= before - nvml.UTILIZATION_LOOKBACK_S * 1e6 + 1e6
+    backend.utilization()
+    assert fake.utilization_since[1] > first  # then from the newest sample seen
+    fake.gpus[0].processes[0].sm = 0
+    assert backend.utilization() == []  # NOT_FOUND: nobody used the GPU since
+    backend.utilization()
+    assert fake.utilization_since[3] == fake.utilization_since[2]  # nothing newer was seen
+
+
+@pytest.mark.parametrize("how", ["not supported", "missing from the binding", "library mismatch"])
+def test_utilisation_a_device_cannot_report_is_unknown_not_idle(how: str) -> None:
+    if how == "not supported":
+        fake = FakeNvml(_gpus(2))
+        fake.gpus[0].process_utilization = False
+    elif how == "missing from the binding":
+        fake = FakeNvml(_gpus(2), missing={"nvmlDeviceGetProcessUtilization"})
+    else:
+        fake = FakeNvml(_gpus(2), errors={"nvmlDeviceGetProcessUtilization": fake_nvml.NVMLLibraryMismatchError("x")})
+    fake.gpus[0].processes = [FakeProcess(10, GiB, sm=0), FakeProcess(12, GiB, sm=70)]
+    got = nvml.NvmlBackend(lib=fake).utilization([0])
+    assert [(u.pid, u.sm_percent) for u in got] == [(10, None), (12, None)]
 
 
 # --------------------------------------------------------------------------- NVML: memory query versions
@@ -482,6 +558,7 @@ def test_nvml_is_initialised_once_and_again_in_a_forked_child() -> None:
     ("nvmlDeviceGetGraphicsRunningProcesses", "graphics process query", "processes"),
     ("nvmlDeviceGetMPSComputeRunningProcesses", "MPS process query", "processes"),
     ("nvmlDeviceGetTopologyCommonAncestor", "topology query", "distances"),
+    ("nvmlDeviceGetProcessUtilization", "process utilisation query", "utilization"),
     ("nvmlDeviceGetPciInfo", "PCI query", "distances"),
     ("nvmlSystemGetDriverVersion", "driver version query", "driver_version"),
     ("nvmlSystemGetCudaDriverVersion", "CUDA driver version query", "cuda_driver_version"),

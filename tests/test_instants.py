@@ -14,7 +14,8 @@ from chronos.errors import InvalidRequestError
 from chronos.units import format_instant, local_epoch, parse_instant
 
 ZONES = ["UTC", "Europe/Berlin", "America/Sao_Paulo", "Australia/Lord_Howe", "Asia/Kolkata", "America/New_York"]
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the zone fixture is the same for every example
+#: The zone fixture is the same for every example of a test, as it should be.
+PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 #: 2001-01-01 .. 2099-12-31, whole minutes.
 MINUTES = st.integers(978307200 // 60, 4102444740 // 60).map(lambda m: float(m * 60))
 

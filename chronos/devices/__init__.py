@@ -16,12 +16,12 @@ from __future__ import annotations
 import sys
 import threading
 
-from chronos.devices.base import Backend, Device, GpuProcess
+from chronos.devices.base import Backend, Device, GpuProcess, ProcessUtilization
 from chronos.errors import BackendError
 from chronos.settings import Settings, current
 
-__all__ = ["Backend", "Device", "GpuProcess", "backend_for", "get_backend", "is_simulated", "select",
-           "visible_indices"]
+__all__ = ["Backend", "Device", "GpuProcess", "ProcessUtilization", "backend_for", "get_backend", "is_simulated",
+           "select", "visible_indices"]
 
 _lock = threading.Lock()
 _built: tuple[Settings, Backend] | None = None

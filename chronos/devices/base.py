@@ -16,6 +16,7 @@ __all__ = [
     "Backend",
     "Device",
     "GpuProcess",
+    "ProcessUtilization",
 ]
 
 # Distances between two devices, smaller is closer (NVML's topology levels, NVLink first).
@@ -54,6 +55,21 @@ class GpuProcess:
     used_bytes: int | None
 
 
+@dataclass(frozen=True)
+class ProcessUtilization:
+    """How busy one process kept one device's streaming multiprocessors lately.
+
+    ``sm_percent`` is the highest share of SM time (0-100) the driver sampled for the process since the
+    backend's previous call (at first, over the last few seconds); None where the driver cannot say for
+    this device, so that nobody mistakes "unknown" for "idle".
+    """
+
+    device_index: int
+    device_uuid: str
+    pid: int
+    sm_percent: int | None
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What Chronos needs from a source of GPUs: real (NVML) or simulated."""
@@ -67,6 +83,11 @@ class Backend(Protocol):
 
     def processes(self, indices: list[int] | None = None) -> list[GpuProcess]:
         """GPU processes on the given devices (all devices when None), in one poll."""
+        ...
+
+    def utilization(self, indices: list[int] | None = None) -> list[ProcessUtilization]:
+        """SM use per process on the given devices (all when None), in one poll. A process left out
+        used no SM time; a device that cannot report it lists its processes with ``sm_percent`` None."""
         ...
 
     def distances(self) -> list[list[int]]:

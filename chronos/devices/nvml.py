@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ from chronos.devices.base import (
     LINK_SYSTEM,
     Device,
     GpuProcess,
+    ProcessUtilization,
 )
 from chronos.errors import BackendError, InvalidRequestError
 
@@ -50,6 +52,10 @@ _PROCESS_CALLS = {
     "graphics": ("nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses_v2"),
     "MPS": ("nvmlDeviceGetMPSComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses_v2"),
 }
+
+
+#: On a backend's first utilisation poll of a device, samples this far back are read.
+UTILIZATION_LOOKBACK_S = 10.0
 
 
 class DriverNotFoundError(BackendError):
@@ -197,6 +203,26 @@ class _Nvml:
                 raise BackendError(_message(f"{kind} process query", exc)) from None
         return []
 
+    def process_samples(self, handle: Any, since_us: int) -> list[Any] | None:
+        """NVML's per-process utilisation samples newer than ``since_us`` (CPU time in microseconds, as
+        NVML wants it); [] when none is newer (NOT_FOUND: no process used the device); None where this
+        device or driver cannot say."""
+        lib = self.lib
+        fn = getattr(lib, "nvmlDeviceGetProcessUtilization", None)
+        if fn is None:
+            return None
+        try:
+            return list(fn(handle, since_us))
+        except lib.NVMLLibraryMismatchError:
+            return None
+        except lib.NVMLError as exc:
+            code = _code(exc)
+            if code in (lib.NVML_ERROR_NOT_FOUND, 0):  # 0: pynvml's "no samples" on a first call that found none
+                return []
+            if code in self._unsupported:
+                return None
+            raise BackendError(_message("process utilisation query", exc)) from None
+
     def level(self, a: Any, b: Any) -> int:
         """The ``LINK_*`` distance NVML's topology gives two devices (PCIe and CPUs only)."""
         level = self.optional("topology query", self.lib.nvmlDeviceGetTopologyCommonAncestor, a, b)
@@ -273,6 +299,7 @@ class NvmlBackend:
         self._names = [_text(nv.call(f"name query for GPU {i}", nv.lib.nvmlDeviceGetName, h))
                        for i, h in enumerate(self._handles)]
         self._distances: list[list[int]] | None = None
+        self._seen_us: dict[int, int] = {}  # per device: the newest utilisation sample read so far
 
     def device_count(self) -> int:
         return len(self._handles)
@@ -308,6 +335,32 @@ class NvmlBackend:
                     found[key] = used
         return [GpuProcess(device_index=i, device_uuid=self._uuids[i], pid=pid, used_bytes=used)
                 for (i, pid), used in sorted(found.items())]
+
+    def utilization(self, indices: list[int] | None = None) -> list[ProcessUtilization]:
+        """Each process's highest SM sample since this backend's previous poll of the device (the last
+        :data:`UTILIZATION_LOOKBACK_S` seconds at first); where NVML cannot sample a device, its
+        processes with ``sm_percent`` None."""
+        self._nv.init()
+        wanted = range(len(self._handles)) if indices is None else indices
+        out: list[ProcessUtilization] = []
+        for i in wanted:
+            if not 0 <= i < len(self._handles):
+                raise InvalidRequestError(f"no GPU {i}: this machine has {len(self._handles)}")
+            since = self._seen_us.get(i) or int((time.time() - UTILIZATION_LOOKBACK_S) * 1e6)
+            samples = self._nv.process_samples(self._handles[i], since)
+            if samples is None:
+                out.extend(ProcessUtilization(i, self._uuids[i], p.pid, None) for p in self.processes([i]))
+                continue
+            best: dict[int, int | None] = {}
+            newest = since
+            for sample in samples:
+                pid, sm = int(sample.pid), int(sample.smUtil)
+                newest = max(newest, int(sample.timeStamp))
+                old = best.get(pid, 0)
+                best[pid] = None if old is None or not 0 <= sm <= 100 else max(old, sm)
+            self._seen_us[i] = newest
+            out.extend(ProcessUtilization(i, self._uuids[i], pid, sm) for pid, sm in sorted(best.items()))
+        return out
 
     def distances(self) -> list[list[int]]:
         """Topology levels between every pair, NVLink (direct or through NVSwitch) first; cached."""

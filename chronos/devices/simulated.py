@@ -19,9 +19,10 @@ user sharing the directory) sees the same GPUs, exactly as every process sees th
 ``allocate`` sets a process's usage on a device (it does not add), and may go past the device's
 total: real processes over-commit too, and the watchdog must see it.
 
-Utilisation is honest but crude: a process may declare a percentage with ``allocate(...,
-utilization=N)``; a device reports the sum of what its live processes declared, capped at 100, and
-0 when none did. Nothing is computed on a simulated GPU, so nothing else is reported.
+Utilisation is honest but crude: a process declares how busy it keeps a device's SMs with
+:func:`set_utilization` (or ``allocate(..., utilization=N)``), shared across processes like memory;
+``utilization()`` reports each live process's declared figure (0 when it declared none) and a device
+the sum, capped at 100. Nothing is computed on a simulated GPU, so nothing else is reported.
 
 Topology comes from ``CHRONOS_SIM_TOPOLOGY``: comma-separated groups of device indices joined by
 ``-``. A plain group (or one prefixed ``nvlink:``) shares NVLink; a group prefixed ``pcie:`` shares
@@ -54,6 +55,7 @@ from chronos.devices.base import (
     LINK_SYSTEM,
     Device,
     GpuProcess,
+    ProcessUtilization,
 )
 from chronos.errors import InvalidRequestError, StateError
 from chronos.settings import Settings, current
@@ -68,6 +70,7 @@ __all__ = [
     "free",
     "parse_sim_gpus",
     "parse_topology",
+    "set_utilization",
 ]
 
 DEFAULT_SIM_GPUS = "2x80G"
@@ -357,6 +360,14 @@ def allocate(device: int, nbytes: int | str, pid: int | None = None, *,
     _simulated().allocate(device, nbytes, pid, utilization=utilization)
 
 
+def set_utilization(device: int, percent: int, pid: int | None = None) -> None:
+    """Make ``pid`` (default: the caller) keep simulated ``device``'s SMs ``percent`` busy (0-100).
+
+    The process's memory on the device is left as it is; 0 says it is idle.
+    """
+    _simulated().set_utilization(device, percent, pid)
+
+
 def free(device: int, pid: int | None = None) -> None:
     """Drop ``pid``'s (default: the caller's) usage on simulated ``device``."""
     _simulated().free(device, pid)
@@ -390,12 +401,20 @@ class SimulatedBackend:
         """See :func:`allocate`."""
         self._update(device, pid, _check_size(nbytes, "allocate"), _check_percent(utilization))
 
+    def set_utilization(self, device: int, percent: int, pid: int | None = None) -> None:
+        """See :func:`set_utilization`."""
+        if percent is None:
+            raise InvalidRequestError("utilization must be a whole percentage from 0 to 100, got None")
+        self._update(device, pid, None, _check_percent(percent))
+
     def free(self, device: int, pid: int | None = None) -> None:
         """See :func:`free`."""
-        self._update(device, pid, 0, None)
+        self._update(device, pid, 0, None, drop=True)
 
-    def _update(self, device: int, pid: int | None, nbytes: int, utilization: int | None) -> None:
-        """Set (or with ``nbytes == 0`` remove) one process's claim on one device, pruning the dead."""
+    def _update(self, device: int, pid: int | None, nbytes: int | None, utilization: int | None,
+                *, drop: bool = False) -> None:
+        """Set one process's claim on one device (None keeps the figure it had), pruning the dead; a claim
+        of no memory and no declared use, or ``drop``, is removed."""
         if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.sizes):
             raise InvalidRequestError(
                 f"no simulated GPU {device!r}: there are {len(self.sizes)} (indices 0-{len(self.sizes) - 1}); "
@@ -404,14 +423,19 @@ class SimulatedBackend:
         if pid is None:
             pid = os.getpid()
         started = procs.start_time(pid)
-        if started is None and nbytes:
+        if started is None and (nbytes or utilization):
             raise InvalidRequestError(f"no running process with pid {pid}")
         directory = check_dir(self._state_dir, shared=self._shared)
         path = directory / STATE_FILE
         with _locked(directory):
             claims = _live(_claims(_read_raw(path)))
+            old = next((c for c in claims.get(device, []) if c.pid == pid), None)
             items = [c for c in claims.get(device, []) if c.pid != pid]
-            if nbytes:
+            if nbytes is None:
+                nbytes = old.nbytes if old is not None else 0
+            if utilization is None and old is not None and nbytes:
+                utilization = old.utilization
+            if not drop and (nbytes or utilization):
                 items.append(_Claim(pid=pid, started=started, nbytes=nbytes, utilization=utilization))
             claims[device] = items
             _write_raw(path, _serialise(claims))
@@ -446,6 +470,18 @@ class SimulatedBackend:
             for c in sorted(claims.get(i, []), key=lambda c: c.pid):
                 out.append(GpuProcess(device_index=i, device_uuid=self._uuids[i], pid=c.pid,
                                       used_bytes=c.nbytes))
+        return out
+
+    def utilization(self, indices: list[int] | None = None) -> list[ProcessUtilization]:
+        wanted = range(len(self.sizes)) if indices is None else indices
+        claims = self._live_claims()
+        out = []
+        for i in wanted:
+            if not 0 <= i < len(self.sizes):
+                raise InvalidRequestError(f"no simulated GPU {i}: there are {len(self.sizes)}")
+            for c in sorted(claims.get(i, []), key=lambda c: c.pid):
+                out.append(ProcessUtilization(device_index=i, device_uuid=self._uuids[i], pid=c.pid,
+                                              sm_percent=c.utilization or 0))
         return out
 
     def distances(self) -> list[list[int]]:
