@@ -21,6 +21,19 @@ limit must never silently leave the machine unlimited.
     max_memory_per_user = "80G"
     max_leases_per_user = 4
     high_priority_groups = ["ml-leads"]
+    idle_after = "30m"
+
+    [limits.groups.students]   # a group's own limits (see chronos.limits for the precedence)
+    max_memory_per_user = "24G"
+
+    [limits.users.ann]         # one user's own limits: they win over every group's
+    max_duration = "none"
+
+    [scheduling]
+    fair_share = true
+
+    [metrics]
+    textfile = "/var/lib/node_exporter/textfile/chronos.prom"
 """
 
 from __future__ import annotations
@@ -35,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import InvalidRequestError
-from chronos.model import Action, Priority
+from chronos.model import Action, OnIdle, Priority
 from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "OVERRIDE_NAMES",
     "SYSTEM_CONFIG",
     "Config",
     "ConfigError",
@@ -75,6 +89,22 @@ class Config:
     admin_group: str = "chronos-admin"
     on_expiry: Action = Action.TERMINATE
     default_priority: Priority = Priority.NORMAL
+    max_gpus_per_user: int | None = None
+    idle_after_s: float | None = None
+    on_idle: OnIdle = OnIdle.RELEASE
+    idle_warning_s: float = 300.0
+    booking_grace_s: float = 900.0
+    max_booking_lead_s: float | None = None
+    max_booked_s_per_week: float | None = None
+    max_bookings_per_user: int | None = None
+    fair_share: bool = False
+    fair_share_half_life_s: float = 7 * 86400.0
+    metrics_textfile: Path | None = None
+    metrics_interval_s: float = 5.0
+    #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
+    #: a value of None lifting the limit for them.
+    user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    group_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     system_file: str | None = None
     user_file: str | None = None
@@ -107,6 +137,41 @@ def _bytes(value: Any) -> int:
     return spec.nbytes
 
 
+def _seconds0(value: Any) -> float:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return _duration(value)
+
+
+def _hours(value: Any) -> float:
+    """A number of hours (``12``), or a duration (``"12h"``, ``"90m"``): seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value > 0:
+            raise ValueError("give a positive number of hours, or a duration such as \"12h\"")
+        return float(value) * 3600.0
+    return _duration(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("give true or false")
+    return value
+
+
+#: Spellings that lift a limit (in ``[limits]`` they are the default; in a user's or group's table they
+#: lift the global limit for them).
+NO_LIMIT = ("none", "off", "unlimited")
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def inner(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in NO_LIMIT:
+            return None
+        return parse(value)
+
+    return inner
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("give a whole number of at least 1")
@@ -125,7 +190,7 @@ def _name(value: Any) -> str:
     return value.strip()
 
 
-def _choice(kind: type[Action] | type[Priority]) -> Callable[[Any], Any]:
+def _choice(kind: type[Action] | type[Priority] | type[OnIdle]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         if value not in kind.choices():
             raise ValueError(f"use one of {', '.join(kind.choices())}")
@@ -152,6 +217,10 @@ def _show_groups(value: Any) -> str:
     return ", ".join(value) if value else "nobody but admins"
 
 
+def _show_bool(value: Any) -> str:
+    return "true" if value else "false"
+
+
 _SCHEMA: dict[str, dict[str, _Key]] = {
     "": {
         "state_dir": _Key("state_dir", _path, str),
@@ -163,13 +232,39 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_expiry": _Key("on_expiry", _choice(Action), str, user_allowed=True),
     },
     "limits": {
-        "max_duration": _Key("max_duration_s", _duration, _show_duration),
-        "max_memory_per_lease": _Key("max_memory_per_lease_bytes", _bytes, _show_bytes),
-        "max_memory_per_user": _Key("max_memory_per_user_bytes", _bytes, _show_bytes),
-        "max_leases_per_user": _Key("max_leases_per_user", _count, str),
+        "max_duration": _Key("max_duration_s", _optional(_duration), _show_duration),
+        "max_memory_per_lease": _Key("max_memory_per_lease_bytes", _optional(_bytes), _show_bytes),
+        "max_memory_per_user": _Key("max_memory_per_user_bytes", _optional(_bytes), _show_bytes),
+        "max_leases_per_user": _Key("max_leases_per_user", _optional(_count), str),
+        "max_gpus_per_user": _Key("max_gpus_per_user", _optional(_count), str),
         "high_priority_groups": _Key("high_priority_groups", _groups, _show_groups),
+        "idle_after": _Key("idle_after_s", _optional(_duration), _show_duration),
+        "on_idle": _Key("on_idle", _choice(OnIdle), str),
+        "idle_warning": _Key("idle_warning_s", _seconds0, _show_duration),
+        "booking_grace": _Key("booking_grace_s", _duration, _show_duration),
+        "max_booking_lead": _Key("max_booking_lead_s", _optional(_duration), _show_duration),
+        "max_booked_hours_per_week": _Key("max_booked_s_per_week", _optional(_hours), _show_duration),
+        "max_bookings_per_user": _Key("max_bookings_per_user", _optional(_count), str),
+    },
+    "scheduling": {
+        "fair_share": _Key("fair_share", _bool, _show_bool),
+        "fair_share_half_life": _Key("fair_share_half_life_s", _duration, _show_duration),
+    },
+    "metrics": {
+        "textfile": _Key("metrics_textfile", _path, str),
+        "interval": _Key("metrics_interval_s", _duration, _show_duration),
     },
 }
+
+#: What ``[limits.users.NAME]`` and ``[limits.groups.NAME]`` may set: every limit but the list of
+#: high-priority groups, and ``high_priority`` (may they use it).
+_OVERRIDES: dict[str, _Key] = {
+    **{name: key for name, key in _SCHEMA["limits"].items() if name != "high_priority_groups"},
+    "high_priority": _Key("high_priority", _bool, _show_bool),
+}
+#: Override field -> its key in a user's or group's table.
+OVERRIDE_NAMES = {key.field: name for name, key in _OVERRIDES.items()}
+_TABLES = {"users": "user_limits", "groups": "group_limits"}
 
 
 def _dotted(section: str, key: str) -> str:
@@ -241,32 +336,86 @@ def _toml() -> Any:
     return importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
 
-def _line_of(text: str, section: str, key: str) -> int | None:
+def _parts(dotted: str) -> tuple[str, ...]:
+    """A TOML table header's names, quotes removed: ``limits.users."j.doe"`` -> (limits, users, j.doe)."""
+    return tuple(p.strip("\"'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.\s]+', dotted))
+
+
+def _line_of(text: str, section: str | tuple[str, ...], key: str) -> int | None:
     """The line where ``key`` is set inside ``[section]`` (tomllib keeps no positions)."""
-    current = ""
+    wanted = section if isinstance(section, tuple) else _parts(section)
+    current: tuple[str, ...] = ()
     pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
     for number, line in enumerate(text.splitlines(), 1):
         header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
         if header:
-            current = header.group(1).strip().strip("\"'")
-            if not section and current == key:
+            current = _parts(header.group(1))
+            if current == (*wanted, key):
                 return number
             continue
-        if current == section and pattern.match(line):
+        if current == wanted and pattern.match(line):
             return number
     return None
 
 
-def _where(path: Path, text: str, section: str, key: str) -> str:
+def _where(path: Path, text: str, section: str | tuple[str, ...], key: str) -> str:
     line = _line_of(text, section, key)
+    if line is None and isinstance(section, tuple) and section:
+        line = _line_of(text, section[:-1], section[-1])  # an inline table: the line that names it
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def _admin_only(path: Path, text: str, section: str | tuple[str, ...], key: str, name: str) -> ConfigError:
+    allowed = ", ".join(_dotted(s, k) for s, ks in _SCHEMA.items() for k, v in ks.items() if v.user_allowed)
+    return ConfigError(
+        f"{_where(path, text, section, key)}: {name} may only be set by the administrator in "
+        f"{system_config_path()}; a user's file holds personal defaults only ({allowed})"
+    )
+
+
+def _apply_tables(path: Path, text: str, kind: str, tables: Any, values: dict[str, Any],
+                  sources: dict[str, str], *, user: bool) -> None:
+    """``[limits.users.NAME]`` or ``[limits.groups.NAME]`` tables, each key checked as in ``[limits]``."""
+    if user:
+        raise _admin_only(path, text, "limits", kind, f"limits.{kind}")
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{_where(path, text, 'limits', kind)}: limits.{kind} must be tables: write "
+                          f"[limits.{kind}.NAME] on its own line")
+    found = dict(values.get(_TABLES[kind], ()))
+    for name, table in tables.items():
+        section = ("limits", kind, name)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{_where(path, text, ('limits', kind), name)}: limits.{kind}.{name} must be a table: "
+                              f"write [limits.{kind}.{name}] on its own line")
+        if not name.strip():
+            raise ConfigError(f"{path}: limits.{kind} has a table with an empty name")
+        pairs = dict(found.get(name, ()))
+        for key, raw in table.items():
+            dotted = f"limits.{kind}.{name}.{key}"
+            spec = _OVERRIDES.get(key)
+            if spec is None:
+                hint = difflib.get_close_matches(key, list(_OVERRIDES), n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(_OVERRIDES)}"
+                raise ConfigError(f"{_where(path, text, section, key)}: unknown setting {dotted!r}{tip}")
+            try:
+                pairs[spec.field] = spec.parse(raw)
+            except (ValueError, InvalidRequestError) as exc:
+                raise ConfigError(f"{_where(path, text, section, key)}: bad value for {dotted} ({raw!r}): {exc}") \
+                    from None
+        found[name] = tuple(sorted(pairs.items()))
+        sources[f"{kind}.{name}"] = str(path)
+    values[_TABLES[kind]] = tuple(sorted(found.items()))
 
 
 def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], sources: dict[str, str],
            *, user: bool) -> None:
     for top, value in data.items():
         if isinstance(value, dict) and top in _SCHEMA and top:
-            entries = [(top, key, v) for key, v in value.items()]
+            entries = [(top, key, v) for key, v in value.items() if not (top == "limits" and key in _TABLES)]
+            if top == "limits":
+                for kind in _TABLES:
+                    if kind in value:
+                        _apply_tables(path, text, kind, value[kind], values, sources, user=user)
         elif top in _SCHEMA[""]:
             entries = [("", top, value)]
         elif top in _SCHEMA:
@@ -288,12 +437,7 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
                 raise ConfigError(f"{_where(path, text, section, key)}: unknown setting {name!r}{tip}")
             spec = keys[key]
             if user and not spec.user_allowed:
-                allowed = ", ".join(_dotted(s, k) for s, ks in _SCHEMA.items() for k, v in ks.items()
-                                    if v.user_allowed)
-                raise ConfigError(
-                    f"{_where(path, text, section, key)}: {name} may only be set by the administrator in "
-                    f"{system_config_path()}; a user's file holds personal defaults only ({allowed})"
-                )
+                raise _admin_only(path, text, section, key, name)
             try:
                 values[spec.field] = spec.parse(raw)
             except (ValueError, InvalidRequestError) as exc:
@@ -338,20 +482,35 @@ class Setting:
     source: str
 
 
+def show_value(field_name: str, value: Any) -> tuple[Any, str]:
+    """A setting's value as JSON takes it, and as a person reads it (``no limit``, ``8h``, ``40 GiB``)."""
+    spec = next((k for keys in (*_SCHEMA.values(), _OVERRIDES) for k in keys.values() if k.field == field_name),
+                None)
+    if value is None:
+        text = "anyone" if field_name == "high_priority_groups" else \
+            "off" if field_name == "idle_after_s" else "no limit"
+    else:
+        text = spec.show(value) if spec is not None else str(value)
+    plain: Any = value
+    if isinstance(value, Path):
+        plain = str(value)
+    elif isinstance(value, tuple):
+        plain = list(value)
+    return plain, text
+
+
 def describe(config: Config) -> list[Setting]:
-    """Every setting with its effective value and source, in file order (for ``chronos config``)."""
+    """Every setting with its effective value and source, in file order (for ``chronos config``), then
+    every user's and group's own limits."""
     out = []
     for section, keys in _SCHEMA.items():
         for key, spec in keys.items():
-            value = getattr(config, spec.field)
-            if value is None:
-                text = "anyone" if spec.field == "high_priority_groups" else "no limit"
-            else:
-                text = spec.show(value)
-            plain: Any = value
-            if isinstance(value, Path):
-                plain = str(value)
-            elif isinstance(value, tuple):
-                plain = list(value)
+            plain, text = show_value(spec.field, getattr(config, spec.field))
             out.append(Setting(_dotted(section, key), plain, text, config.source(spec.field)))
+    for kind, attribute in _TABLES.items():
+        for name, pairs in getattr(config, attribute):
+            for field_name, value in pairs:
+                plain, text = show_value(field_name, value)
+                out.append(Setting(f"limits.{kind}.{name}.{OVERRIDE_NAMES[field_name]}", plain, text,
+                                   config.source(f"{kind}.{name}")))
     return out

@@ -13,6 +13,7 @@ __all__ = [
     "ChronosError",
     "InvalidRequestError",
     "LeaseNotFoundError",
+    "LimitError",
     "NotAllowedError",
     "StateError",
     "UnavailableError",
@@ -48,6 +49,14 @@ class NotAllowedError(ChronosError, PermissionError):
     """The caller may not do this: another user's lease, admin-only options, a policy limit."""
 
     exit_code = EXIT_NOT_ALLOWED
+
+
+class LimitError(NotAllowedError):
+    """A configured limit refused the request; ``rule`` names it (``max_duration``, ``max_gpus_per_user``...)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 class LeaseNotFoundError(ChronosError, LookupError):

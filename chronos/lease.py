@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar, overload
 
-from chronos.model import LeaseRecord, LeaseState, Priority
+from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, Priority
 
 __all__ = ["Lease", "LeaseOps"]
 
@@ -89,6 +89,10 @@ class Lease:
     end_reason = _Field["str | None"]()
     peak_memory_bytes = _Field["int | None"]()
     gpu_seconds = _Field["float | None"]()
+    starts_at = _Field["float | None"]()
+    idle_since = _Field["float | None"]()
+    idle_warning = _Field["IdleNotice | None"]()
+    end_action = _Field["Action | None"]()
 
     def __init__(self, record: LeaseRecord, engine: LeaseOps) -> None:
         self.record = record

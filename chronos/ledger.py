@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import StateError
-from chronos.model import LeaseRecord, LeaseState, Priority
+from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
@@ -84,13 +84,23 @@ _V1 = (
 )
 
 
+#: A booking's planned start (a lease booked ahead, state ``booked``, is granted in its window).
+_V2_BOOKINGS = ("ALTER TABLE leases ADD COLUMN starts_at REAL",)
+#: Idle leases: since when no member process used GPU time, and the warning given (JSON: when, what, by when).
+_V3_IDLE = ("ALTER TABLE leases ADD COLUMN idle_since REAL", "ALTER TABLE leases ADD COLUMN idle_warning TEXT")
+#: What the ender of a lease asks of its processes (an idle lease terminated), for the watchdog to do.
+_V4_END_ACTION = ("ALTER TABLE leases ADD COLUMN end_action TEXT",)
+#: Counting events by kind (refusals for the metrics) and recent use (fair share) without a scan.
+_V5_INDEXES = ("CREATE INDEX events_event ON events(event)", "CREATE INDEX leases_ended ON leases(ended_at)")
+
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "seq, uid, owner, devices, device_uuids, memory_bytes, created_at, started_at, expires_at, duration_s, "
-    "priority, state, label, pid, pid_start, ended_at, end_reason, peak_memory_bytes, gpu_seconds, request"
+    "priority, state, label, pid, pid_start, ended_at, end_reason, peak_memory_bytes, gpu_seconds, request, "
+    "starts_at, idle_since, idle_warning, end_action"
 )
 
 
@@ -187,13 +197,16 @@ class Ledger:
 
     def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
-            f"INSERT INTO leases ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO leases ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?)",
             (
                 lease.uid, lease.owner, json.dumps(list(lease.devices)), json.dumps(list(lease.device_uuids)),
                 lease.memory_bytes, lease.created_at, lease.started_at, lease.expires_at, lease.duration_s,
                 str(lease.priority), str(lease.state), lease.label, lease.pid, lease.pid_start, lease.ended_at,
                 lease.end_reason, lease.peak_memory_bytes, lease.gpu_seconds,
                 json.dumps(request) if request is not None else None,
+                lease.starts_at, lease.idle_since, _notice_text(lease.idle_warning),
+                str(lease.end_action) if lease.end_action is not None else None,
             ),
         )
         assert cur.lastrowid is not None
@@ -201,14 +214,15 @@ class Ledger:
 
     _UPDATABLE = frozenset(
         {"devices", "device_uuids", "memory_bytes", "started_at", "expires_at", "state", "pid", "pid_start",
-         "ended_at", "end_reason", "peak_memory_bytes", "gpu_seconds"}
+         "ended_at", "end_reason", "peak_memory_bytes", "gpu_seconds", "idle_since", "idle_warning", "end_action",
+         "label"}
     )
 
     def update(self, lease_id: str, **fields: Any) -> None:
         unknown = set(fields) - self._UPDATABLE
         assert not unknown, unknown
-        values = [json.dumps(list(v)) if k in ("devices", "device_uuids") else
-                  str(v) if isinstance(v, LeaseState) else v for k, v in fields.items()]
+        values = [json.dumps(list(v)) if k in ("devices", "device_uuids") else _notice_text(v) if k == "idle_warning"
+                  else str(v) if isinstance(v, (LeaseState, Action)) else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
 
@@ -242,6 +256,33 @@ class Ledger:
     def live(self) -> list[LeaseRecord]:
         """Active and queued leases, oldest first."""
         return self.in_states(LeaseState.ACTIVE, LeaseState.QUEUED)
+
+    def booked(self) -> list[LeaseRecord]:
+        """Bookings not yet claimed, oldest first."""
+        return self.in_states(LeaseState.BOOKED)
+
+    def records(self, ids: Sequence[str]) -> list[LeaseRecord]:
+        """The leases with these ids (in id order), in reads of at most 500 ids."""
+        keys = sorted({int(i) for i in ids})
+        out: list[LeaseRecord] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            out.extend(_lease(r) for r in self._read(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({marks}) "
+                                                     "ORDER BY seq", chunk))
+        return out
+
+    def held_since(self, since: float) -> list[LeaseRecord]:
+        """Leases granted at some time and still active or ended at or after ``since`` (recent use)."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE started_at IS NOT NULL AND "
+                          "(state = ? OR ended_at >= ?)", (str(LeaseState.ACTIVE), since))
+        return [_lease(r) for r in rows]
+
+    def count_events(self, event: str) -> dict[str, int]:
+        """How many events of one kind the log holds, by the ``reason`` in their detail."""
+        rows = self._read("SELECT json_extract(detail, '$.reason'), COUNT(*) FROM events WHERE event = ? "
+                          "GROUP BY 1", (event,))
+        return {str(reason): int(n) for reason, n in rows}
 
     def history(self, *, uid: int | None = None, since: float | None = None,
                 limit: int | None = None) -> list[LeaseRecord]:
@@ -292,6 +333,7 @@ def _tuple(text: str) -> tuple[Any, ...]:
 
 _STATES = {state.value: state for state in LeaseState}
 _PRIORITIES = {priority.value: priority for priority in Priority}
+_ACTIONS = {action.value: action for action in Action}
 
 
 def _lease(row: tuple[Any, ...]) -> LeaseRecord:
@@ -301,4 +343,21 @@ def _lease(row: tuple[Any, ...]) -> LeaseRecord:
         expires_at=row[8], duration_s=row[9], priority=_PRIORITIES[row[10]], state=_STATES[row[11]],
         label=row[12], pid=row[13],
         pid_start=row[14], ended_at=row[15], end_reason=row[16], peak_memory_bytes=row[17], gpu_seconds=row[18],
+        starts_at=row[20], idle_since=row[21], idle_warning=_notice(row[22]) if row[22] else None,
+        end_action=_ACTIONS[row[23]] if row[23] else None,
     )
+
+
+def _notice_text(notice: IdleNotice | None) -> str | None:
+    if notice is None:
+        return None
+    return json.dumps({"at": notice.at, "action": str(notice.action), "action_at": notice.action_at})
+
+
+def _notice(text: str) -> IdleNotice | None:
+    try:
+        data = json.loads(text)
+        return IdleNotice(float(data["at"]), OnIdle(data["action"]),
+                          float(data["action_at"]) if data.get("action_at") is not None else None)
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,21 +1,96 @@
 """Configured limits, checked before a request is granted or queued. Pure: no I/O here.
 
-Every refusal is a NotAllowedError (exit 4) whose message names the rule, its value, and the file
-it was set in, so a user knows what to ask for and whom to ask.
+Every refusal is a :class:`~chronos.errors.LimitError` (a NotAllowedError, exit 4) whose message
+names the rule, its value, and the file and table it was set in, so a user knows what to ask for and
+whom to ask.
+
+A user's limits (:func:`effective`) are ``[limits]``, overridden by the tables of the groups they
+are in (``[limits.groups.NAME]``), overridden by their own table (``[limits.users.NAME]``). When
+several of their groups set the same limit, the most generous of those values applies (no limit
+over any number, a larger number over a smaller one, ``warn`` over ``release`` over ``terminate``,
+``high_priority = true`` over false), so that adding a user to a group never takes anything away
+that another of their groups grants. A group's value replaces the global one even when it is
+stricter; a user's own value replaces both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from chronos import scheduler
-from chronos.config import SETTING_NAMES, Config
-from chronos.errors import NotAllowedError
-from chronos.model import LeaseRecord, Priority
+from chronos.config import OVERRIDE_NAMES, SETTING_NAMES, Config
+from chronos.errors import LimitError
+from chronos.model import LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.units import format_bytes, format_duration
 
-__all__ = ["RequestInfo", "Usage", "check", "check_extend", "request_info", "usage_of"]
+__all__ = ["LIMIT_FIELDS", "Limits", "RequestInfo", "Usage", "check", "check_extend", "effective", "may_use_high",
+           "request_info", "usage_of"]
+
+#: Every Config field a user's or group's table may override, in display order.
+LIMIT_FIELDS = (
+    "max_duration_s", "max_memory_per_lease_bytes", "max_memory_per_user_bytes", "max_leases_per_user",
+    "max_gpus_per_user", "high_priority", "idle_after_s", "on_idle", "idle_warning_s", "booking_grace_s",
+    "max_booking_lead_s", "max_booked_s_per_week", "max_bookings_per_user",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One user's effective limits, each with the rule that set it (``limits.groups.ml.max_duration in
+    /etc/chronos/config.toml``). ``high_priority`` None: decided by ``limits.high_priority_groups``."""
+
+    user: str
+    values: dict[str, Any]
+    rules: dict[str, str] = field(default_factory=dict)
+    high_priority_groups: tuple[str, ...] | None = None
+    admin_group: str = "chronos-admin"
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def rule(self, name: str) -> str:
+        return self.rules[name]
+
+
+def _generosity(name: str, value: Any) -> tuple[int, float]:
+    """Sort key: larger is more generous (no limit above every number)."""
+    if name == "on_idle":
+        return (1, float(2 - OnIdle(value).rank))
+    if name == "high_priority":
+        return (1, float(bool(value)))
+    if value is None:
+        return (2, 0.0)
+    return (1, float(value))
+
+
+def effective(config: Config, user: str, groups: Iterable[str] = ()) -> Limits:
+    """``user``'s limits: ``[limits]``, then their groups' tables (the most generous where several set a
+    limit), then their own table; see the module doc."""
+    values: dict[str, Any] = {name: getattr(config, name) for name in LIMIT_FIELDS if name != "high_priority"}
+    values["high_priority"] = None
+    rules = {name: f"{SETTING_NAMES[name]} in {config.source(name)}" for name in values if name in SETTING_NAMES}
+    rules["high_priority"] = f"limits.high_priority_groups in {config.source('high_priority_groups')}"
+    member = set(groups)
+    by_field: dict[str, list[tuple[Any, str]]] = {}
+    for name, pairs in config.group_limits:
+        if name in member:
+            for key, value in pairs:
+                by_field.setdefault(key, []).append((value, name))
+    for key, found in by_field.items():
+        value, group = max(sorted(found, key=lambda item: item[1]), key=lambda item: _generosity(key, item[0]))
+        values[key] = value
+        rules[key] = f"limits.groups.{group}.{OVERRIDE_NAMES[key]} in {config.source('groups.' + group)}"
+    for name, pairs in config.user_limits:
+        if name == user:
+            for key, value in pairs:
+                values[key] = value
+                rules[key] = f"limits.users.{name}.{OVERRIDE_NAMES[key]} in {config.source('users.' + name)}"
+    return Limits(user, values, rules, config.high_priority_groups, config.admin_group)
 
 
 @dataclass(frozen=True)
@@ -37,6 +112,7 @@ class Usage:
 
     leases: int = 0
     memory_bytes: int = 0
+    gpus: int = 0
 
 
 def usage_of(leases: Iterable[LeaseRecord], uid: int, queue: Iterable[scheduler.Request] = ()) -> Usage:
@@ -48,73 +124,89 @@ def usage_of(leases: Iterable[LeaseRecord], uid: int, queue: Iterable[scheduler.
     wanted = {r.lease_id: (len(r.devices) if r.devices is not None else r.gpus) for r in queue}
     count = 0
     total = 0
+    devices = 0
     for lease in leases:
-        if lease.uid == uid and lease.state.live:
+        if lease.uid == uid and lease.state.live and lease.state != LeaseState.BOOKED:
             count += 1
             gpus = len(lease.devices) or wanted.get(lease.id, 1)
             total += lease.memory_bytes * max(1, gpus)
-    return Usage(count, total)
+            devices += max(1, gpus)
+    return Usage(count, total, devices)
 
 
-def _rule(config: Config, field: str) -> str:
-    return f"{SETTING_NAMES[field]} in {config.source(field)}"
+def _limits(config: Config | Limits, user: str, groups: Iterable[str]) -> Limits:
+    return config if isinstance(config, Limits) else effective(config, user, groups)
 
 
-def check(config: Config, request: RequestInfo, user: str, groups: Iterable[str], usage: Usage,
+def check(config: Config | Limits, request: RequestInfo, user: str, groups: Iterable[str], usage: Usage,
           *, admin: bool | None = None) -> None:
-    """Raise NotAllowedError when ``request`` by ``user`` would break a configured limit.
+    """Raise LimitError when ``request`` by ``user`` would break one of their limits (:func:`effective`).
 
     ``groups`` are the user's group names; members of the admin group (and root, passed as
-    ``admin=True``) may use the ``high`` priority whatever ``high_priority_groups`` says. Limits on
-    size, time and count apply to everyone.
+    ``admin=True``) may use the ``high`` priority whatever the limits say. Limits on size, time and
+    count apply to everyone.
     """
     groups = set(groups)
-    if config.max_duration_s is not None and request.duration_s > config.max_duration_s:
-        raise NotAllowedError(
-            f"{format_duration(request.duration_s)} is longer than the maximum of "
-            f"{format_duration(config.max_duration_s)} per lease ({_rule(config, 'max_duration_s')}); "
-            f"ask for less, or extend later"
-        )
-    limit = config.max_memory_per_lease_bytes
+    mine = _limits(config, user, groups)
+    limit = mine.max_duration_s
+    if limit is not None and request.duration_s > limit:
+        raise LimitError("max_duration",
+                         f"{format_duration(request.duration_s)} is longer than the maximum of "
+                         f"{format_duration(limit)} per lease ({mine.rule('max_duration_s')}); "
+                         f"ask for less, or extend later")
+    limit = mine.max_memory_per_lease_bytes
     if limit is not None and request.memory_bytes > limit:
         per = " per GPU" if request.gpus > 1 else ""
-        raise NotAllowedError(
-            f"{format_bytes(request.memory_bytes)}{per} is more than the maximum of {format_bytes(limit)} "
-            f"per lease ({_rule(config, 'max_memory_per_lease_bytes')})"
-        )
-    limit = config.max_memory_per_user_bytes
+        raise LimitError("max_memory_per_lease",
+                         f"{format_bytes(request.memory_bytes)}{per} is more than the maximum of "
+                         f"{format_bytes(limit)} per lease ({mine.rule('max_memory_per_lease_bytes')})")
+    limit = mine.max_memory_per_user_bytes
     wanted = request.memory_bytes * request.gpus
     if limit is not None and usage.memory_bytes + wanted > limit:
-        raise NotAllowedError(
-            f"{user} holds {format_bytes(usage.memory_bytes)} in leases; {format_bytes(wanted)} more would "
-            f"pass the maximum of {format_bytes(limit)} per user ({_rule(config, 'max_memory_per_user_bytes')}); "
-            f"release a lease first"
-        )
-    count = config.max_leases_per_user
+        raise LimitError("max_memory_per_user",
+                         f"{user} holds {format_bytes(usage.memory_bytes)} in leases; {format_bytes(wanted)} more "
+                         f"would pass the maximum of {format_bytes(limit)} per user "
+                         f"({mine.rule('max_memory_per_user_bytes')}); release a lease first")
+    count = mine.max_leases_per_user
     if count is not None and usage.leases + 1 > count:
-        raise NotAllowedError(
-            f"{user} already has {usage.leases} active or queued lease(s), the maximum of {count} per user "
-            f"({_rule(config, 'max_leases_per_user')}); release one first"
-        )
-    allowed = config.high_priority_groups
-    if request.priority == Priority.HIGH and allowed is not None:
-        is_admin = admin if admin is not None else config.admin_group in groups
-        if not is_admin and not groups.intersection(allowed):
-            who = f"members of {', '.join(allowed)} and admins" if allowed else "admins"
-            raise NotAllowedError(
-                f"priority high is for {who} ({_rule(config, 'high_priority_groups')}); "
-                f"{user} may use normal or low"
-            )
+        raise LimitError("max_leases_per_user",
+                         f"{user} already has {usage.leases} active or queued lease(s), the maximum of {count} "
+                         f"per user ({mine.rule('max_leases_per_user')}); release one first")
+    count = mine.max_gpus_per_user
+    if count is not None and usage.gpus + request.gpus > count:
+        raise LimitError("max_gpus_per_user",
+                         f"{user} holds {usage.gpus} GPU(s) in leases; {request.gpus} more would pass the "
+                         f"maximum of {count} per user ({mine.rule('max_gpus_per_user')}); release a lease first")
+    if request.priority == Priority.HIGH and not may_use_high(mine, groups, admin):
+        allowed = mine.high_priority_groups
+        if mine.high_priority is False:
+            who = "not for this user"
+        else:
+            who = f"for members of {', '.join(allowed)} and admins" if allowed else "for admins"
+        raise LimitError("high_priority", f"priority high is {who} ({mine.rule('high_priority')}); "
+                                          f"{user} may use normal or low")
 
 
-def check_extend(config: Config, total_duration_s: float) -> None:
-    """Raise NotAllowedError when a lease extended to ``total_duration_s`` in all would pass the maximum."""
-    limit = config.max_duration_s
+def may_use_high(mine: Limits, groups: Iterable[str], admin: bool | None = None) -> bool:
+    """Whether priority high is open to a user with these limits and groups (admins always)."""
+    groups = set(groups)
+    if admin if admin is not None else mine.admin_group in groups:
+        return True
+    if mine.high_priority is not None:
+        return bool(mine.high_priority)
+    allowed = mine.high_priority_groups
+    return allowed is None or bool(groups.intersection(allowed))
+
+
+def check_extend(config: Config | Limits, total_duration_s: float, user: str = "", groups: Iterable[str] = ()
+                 ) -> None:
+    """Raise LimitError when a lease extended to ``total_duration_s`` in all would pass its owner's maximum."""
+    mine = _limits(config, user, groups)
+    limit = mine.max_duration_s
     if limit is not None and total_duration_s > limit + 1e-6:
-        raise NotAllowedError(
-            f"extended, the lease would last {format_duration(total_duration_s)} in all, longer than the "
-            f"maximum of {format_duration(limit)} per lease ({_rule(config, 'max_duration_s')})"
-        )
+        raise LimitError("max_duration",
+                         f"extended, the lease would last {format_duration(total_duration_s)} in all, longer "
+                         f"than the maximum of {format_duration(limit)} per lease ({mine.rule('max_duration_s')})")
 
 
 def request_info(request: scheduler.Request, snapshot: scheduler.Snapshot,

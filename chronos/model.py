@@ -18,8 +18,10 @@ __all__ = [
     "ENDED_STATES",
     "LIVE_STATES",
     "Action",
+    "IdleNotice",
     "LeaseRecord",
     "LeaseState",
+    "OnIdle",
     "Priority",
     "WaitUpdate",
 ]
@@ -67,7 +69,9 @@ class LeaseState(_Spelled):
     RELEASED = "released"  # ended by a release or its holder's clean exit
     EXPIRED = "expired"  # reached its end time
     REVOKED = "revoked"  # its holder process died
-    WITHDRAWN = "withdrawn"  # a queued request given up (Ctrl-C, timeout, waiter died)
+    WITHDRAWN = "withdrawn"  # a queued request given up (Ctrl-C, timeout, waiter died), or a booking cancelled
+    BOOKED = "booked"  # capacity booked ahead for a time window, not yet claimed
+    NO_SHOW = "no-show"  # a booking nobody claimed within its grace period
 
     @property
     def live(self) -> bool:
@@ -78,8 +82,9 @@ class LeaseState(_Spelled):
         return "lease state"
 
 
-LIVE_STATES = (LeaseState.QUEUED, LeaseState.ACTIVE)
-ENDED_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED, LeaseState.WITHDRAWN)
+LIVE_STATES = (LeaseState.QUEUED, LeaseState.ACTIVE, LeaseState.BOOKED)
+ENDED_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED, LeaseState.WITHDRAWN,
+                LeaseState.NO_SHOW)
 
 
 class Priority(_Spelled):
@@ -114,6 +119,36 @@ class Action(_Spelled):
         return "action"
 
 
+class OnIdle(_Spelled):
+    """What the idle policy does to a lease whose processes used no GPU time for long enough, mildest first.
+
+    ``warn`` only says so; ``release`` ends the lease (its holder's own policy then applies, as for any
+    release from outside); ``terminate`` ends it and stops its processes (SIGTERM, then SIGKILL).
+    """
+
+    WARN = "warn"
+    RELEASE = "release"
+    TERMINATE = "terminate"
+
+    @property
+    def rank(self) -> int:
+        return list(OnIdle).index(self)
+
+    @classmethod
+    def _what(cls) -> str:
+        return "idle action"
+
+
+@dataclass(frozen=True)
+class IdleNotice:
+    """A warning that an idle lease will be acted on: given ``at``, ``action`` due at ``action_at``
+    (None for a warning only)."""
+
+    at: float
+    action: OnIdle
+    action_at: float | None = None
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """One lease as the ledger holds it: plain data, safe to pickle, copy and send.
@@ -141,6 +176,21 @@ class LeaseRecord:
     end_reason: str | None = None
     peak_memory_bytes: int | None = None
     gpu_seconds: float | None = None
+    #: A booking's planned start (None for a lease that was never booked ahead).
+    starts_at: float | None = None
+    #: Since when none of the lease's processes used GPU time (None: in use, or not watched for idleness).
+    idle_since: float | None = None
+    #: The warning its holder was given in this idle spell, if any.
+    idle_warning: IdleNotice | None = None
+    #: What whoever ended the lease asks of its processes (None: the holder's own policy).
+    end_action: Action | None = None
+
+    @property
+    def ends_at(self) -> float | None:
+        """When the lease ends (or, for a booking, would end): its expiry, else start plus duration."""
+        if self.expires_at is not None:
+            return self.expires_at
+        return self.starts_at + self.duration_s if self.starts_at is not None else None
 
     def remaining_at(self, now: float) -> float:
         """Seconds left at ``now`` (0 once ended; the full duration while queued)."""
@@ -165,6 +215,9 @@ class LeaseRecord:
         del data["pid_start"]
         data["state"] = str(self.state)
         data["priority"] = str(self.priority)
+        data["end_action"] = str(self.end_action) if self.end_action is not None else None
+        if self.idle_warning is not None:
+            data["idle_warning"]["action"] = str(self.idle_warning.action)
         data["devices"] = list(self.devices)
         data["device_uuids"] = list(self.device_uuids)
         data["remaining_s"] = round(self.remaining, 3)

@@ -1,9 +1,10 @@
 """Pure scheduling decisions: a snapshot and a request in, a decision out. No I/O here.
 
 The model is conservative backfill. Every device's free memory is a step function of time: it
-rises as active leases reach their end (``expires_at``). Queued requests are placed in grant order
-(higher priority class first, first come first served within a class), each at the earliest time it
-fits, and each reserves its future slot. A request may start now only if it fits now *and* does not
+rises as active leases reach their end (``expires_at``) and is held over each booking's window.
+Queued requests are placed in grant order (higher priority class first; within a class, with fair
+share the owner with less recent use first, then first come first served), each at the earliest
+time it fits, and each reserves its future slot. A request may start now only if it fits now *and* does not
 overlap the slot reserved by any earlier request of equal or higher class, so granting it never
 delays them (no starvation), while small short requests still slip into gaps (backfill).
 
@@ -16,17 +17,18 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import combinations
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 from chronos.errors import InvalidRequestError
 from chronos.model import Priority
-from chronos.units import MemorySpec, format_bytes, format_duration
+from chronos.units import MemorySpec, format_bytes, format_clock, format_duration
 
 __all__ = [
+    "Booked",
     "Decision",
     "DeviceState",
     "Holding",
@@ -38,6 +40,7 @@ __all__ = [
     "estimates",
     "extend_conflict",
     "forecast",
+    "place_booking",
     "plan",
     "queue_order",
     "validate",
@@ -84,6 +87,8 @@ class Request:
     seq: int = 0
     lease_id: str | None = None
     visible: tuple[int, ...] | None = None
+    #: With fair share, the owner's recent use (smaller goes first within a class); 0 otherwise.
+    share: float = 0.0
 
     def to_json(self, bind: bool | int) -> dict[str, Any]:
         """The form the ledger stores beside a lease (and ``bind``, how its holder was given)."""
@@ -110,6 +115,17 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Booked:
+    """A booking not yet claimed: ``memory_bytes`` on each of ``devices`` over ``[start, end)``."""
+
+    lease_id: str
+    devices: tuple[int, ...]
+    memory_bytes: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything a decision may look at, taken at ``now``."""
 
@@ -118,6 +134,7 @@ class Snapshot:
     active: tuple[Holding, ...] = ()
     queue: tuple[Request, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
+    bookings: tuple[Booked, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,9 @@ class Decision:
     estimated_start: float | None = None
     position: int | None = None
     free_bytes: dict[int, int] = field(default_factory=dict)
+    #: Why a refused request waits: ``memory`` (not enough free now), ``queue`` (it would delay an
+    #: earlier request), ``booking`` (it would run into a booking), ``depth`` (too many to check).
+    cause: str = ""
 
     @property
     def granted(self) -> bool:
@@ -209,12 +229,9 @@ def _list(indices: tuple[int, ...]) -> str:
 
 
 def queue_order(snapshot: Snapshot) -> list[Request]:
-    """Queued requests in grant order: higher class first, first come first served within a class."""
-    by_seq = sorted(snapshot.queue, key=attrgetter("seq"))
-    classes: dict[Priority, list[Request]] = {priority: [] for priority in reversed(Priority)}
-    for queued in by_seq:
-        classes[queued.priority].append(queued)
-    return [queued for members in classes.values() for queued in members]
+    """Queued requests in grant order: higher class first; within a class the smaller ``share`` (fair
+    share: less recent use) first, then first come first served."""
+    return sorted(snapshot.queue, key=lambda r: (-r.priority.rank, r.share, r.seq))
 
 
 def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
@@ -225,9 +242,9 @@ def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
         for i, queued in enumerate(order):
             if queued.lease_id == request.lease_id:
                 return order[:i]
-        return [r for r in order if (-r.priority.rank, r.seq) < (-rank, request.seq)]
-    # A new request comes after every queued request of its class.
-    return [r for r in order if r.priority.rank >= rank]
+        return [r for r in order if (-r.priority.rank, r.share, r.seq) < (-rank, request.share, request.seq)]
+    # A new request comes after every queued request of its class with no more recent use than its own.
+    return [r for r in order if (-r.priority.rank, r.share) <= (-rank, request.share)]
 
 
 # -- the free-memory profile -----------------------------------------------------------------------
@@ -289,6 +306,11 @@ class _Profile:
                 else:
                     times.append(end)
                     frees.append(frees[-1] + nbytes)
+        for booked in snapshot.bookings:  # held over its window, as a queued request's slot is
+            if booked.end > now:
+                for index in booked.devices:
+                    if index in times_of:
+                        self.take(index, max(booked.start, now), booked.end, booked.memory_bytes)
 
     @classmethod
     def flat(cls, snapshot: Snapshot, free_now: dict[int, int]) -> _Profile:
@@ -540,26 +562,28 @@ def decide(snapshot: Snapshot, request: Request, *, estimate: bool = False) -> D
     ahead = _ahead(snapshot, request)
     position = len(ahead) + 1
 
-    def refuse(reason: str, start: float | None = None) -> Decision:
+    def refuse(reason: str, start: float | None = None, cause: str = "queue") -> Decision:
         if estimate and start is None:
             start = forecast(snapshot, request).start
         later = None if start is None else _known(start)
         return Decision(devices=None, reason=reason, estimated_start=later, position=position,
-                        free_bytes=free)
+                        free_bytes=free, cause=cause)
 
     needs = _needs(snapshot, request, _candidates(snapshot, request))
     count = len(request.devices) if request.devices is not None else request.gpus
     if sum(1 for index, need in needs.items() if free[index] >= need) < count:
-        return refuse(_shortage(snapshot, request, free))
-    if not ahead:
+        return refuse(_shortage(snapshot, request, free), cause="memory")
+    end = snapshot.now + request.duration_s
+    booked = any(b.start < end and b.end > snapshot.now for b in snapshot.bookings)
+    if not ahead and not booked:
         # Nothing to protect: free memory only grows from now on, so fitting now is fitting throughout.
         start, devices, nbytes = _place(snapshot, _Profile.flat(snapshot, free), request, snapshot.now)
         return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
-    relevant = ahead[: _overlapping_prefix(snapshot, free, ahead, snapshot.now + request.duration_s)]
+    relevant = ahead[: _overlapping_prefix(snapshot, free, ahead, end)]
     if len(relevant) > BACKFILL_DEPTH:
         return refuse(f"{len(relevant)} earlier request(s) of equal or higher priority could start before "
-                      f"this one would end; it waits its turn")
-    if not relevant:  # none of them can start before this one would end
+                      f"this one would end; it waits its turn", cause="depth")
+    if not relevant and not booked:  # none of them can start before this one would end
         start, devices, nbytes = _place(snapshot, _Profile.flat(snapshot, free), request, snapshot.now)
         return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
     profile = _Profile(snapshot, free)
@@ -567,11 +591,43 @@ def decide(snapshot: Snapshot, request: Request, *, estimate: bool = False) -> D
     start, devices, nbytes = _place(snapshot, profile, request, snapshot.now)
     if start == snapshot.now:
         return Decision(devices=devices, memory_bytes=nbytes, position=0, free_bytes=free)
+    later = start if len(relevant) == len(ahead) else None
+    if booked:
+        unbooked = replace(snapshot, bookings=())
+        clear = _Profile(unbooked, free)
+        _plan(unbooked, clear, relevant)
+        if _place(unbooked, clear, request, snapshot.now)[0] == snapshot.now:
+            return refuse(_booking_clash(snapshot, request, needs), later, cause="booking")
     return refuse(
         f"it fits now, but would delay one of the {len(relevant)} earlier request(s) of equal or higher "
-        f"priority that wait",
-        start if len(relevant) == len(ahead) else None,
+        f"priority that wait", later,
     )
+
+
+def _booking_clash(snapshot: Snapshot, request: Request, needs: dict[int, int]) -> str:
+    """Why a request that fits now is refused for a booking: the first one it would run into."""
+    end = snapshot.now + request.duration_s
+    clashes = sorted((b for b in snapshot.bookings if b.start < end and b.end > snapshot.now
+                      and any(i in needs for i in b.devices)), key=lambda b: (b.start, b.lease_id))
+    if not clashes:
+        return "it would run into a booking"
+    first = clashes[0]
+    where = ",".join(str(i) for i in first.devices)
+    room = first.start - snapshot.now
+    tail = f"; ask for at most {format_duration(room)} to start now" if room >= 60 else ""
+    return (f"it would run into booking {first.lease_id} ({format_bytes(first.memory_bytes)} on GPU {where} "
+            f"from {format_clock(first.start)}){tail}")
+
+
+def place_booking(snapshot: Snapshot, request: Request, start: float) -> Slot:
+    """Where ``request`` would be held from ``start`` beside every active lease, booking and queued
+    request's planned slot (so a booking delays nobody waiting); ``slot.start`` is later than
+    ``start`` when it cannot begin then (inf: no known end frees enough)."""
+    validate(snapshot, request)
+    profile = _Profile(snapshot, _free_now(snapshot))
+    _plan(snapshot, profile, queue_order(snapshot))
+    at, devices, nbytes = _place(snapshot, profile, request, max(start, snapshot.now))
+    return Slot(request.lease_id, 0, at, devices, nbytes)
 
 
 def _known(start: float) -> float | None:
@@ -593,12 +649,14 @@ def extend_conflict(snapshot: Snapshot, lease_id: str, new_expires_at: float) ->
     devices from its current end to the new one, fits beside every slot planned there.
     """
     holding = next((h for h in snapshot.active if h.lease_id == lease_id), None)
-    if holding is None or not snapshot.queue or new_expires_at <= holding.expires_at:
+    booked = [b for b in snapshot.bookings if b.start < new_expires_at and b.end > holding.expires_at
+              and set(b.devices) & set(holding.devices)] if holding is not None else []
+    if holding is None or not (snapshot.queue or booked) or new_expires_at <= holding.expires_at:
         return None
     order = queue_order(snapshot)
     free = _free_now(snapshot)
     relevant = order[: _overlapping_prefix(snapshot, free, order, new_expires_at)]
-    if not relevant:
+    if not relevant and not booked:
         return None
     profile = _Profile(snapshot, free)
     slots = _plan(snapshot, profile, relevant)
@@ -617,6 +675,12 @@ def extend_conflict(snapshot: Snapshot, lease_id: str, new_expires_at: float) ->
                         return (f"it would delay queued request {slot.lease_id} (position {slot.position}), "
                                 f"planned to start on GPU {index} in {format_duration(slot.start - snapshot.now)}; "
                                 f"extend by less, or release and reserve again later")
+                for b in booked:
+                    if index in b.devices and b.start <= at < b.end:
+                        room = max(0.0, b.start - holding.expires_at)
+                        return (f"it would run into booking {b.lease_id} on GPU {index} from {format_clock(b.start)}; "
+                                f"extend by at most {format_duration(room)}" if room >= 60 else
+                                f"it would run into booking {b.lease_id} on GPU {index} from {format_clock(b.start)}")
                 return "it would delay a queued request; extend by less, or release and reserve again later"
             k += 1
     return None

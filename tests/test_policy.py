@@ -303,9 +303,9 @@ def test_usage_counts_active_and_queued_leases_of_the_user_on_every_gpu() -> Non
     leases = [made("1", 7, "active", (0, 1), 10), made("2", 7, "queued", (), 5), made("3", 7, "released", (0,), 50),
               made("4", 8, "active", (0,), 30)]
     queue = [scheduler.Request(memory=MemorySpec(nbytes=5 * G), duration_s=60, gpus=4, lease_id="2")]
-    assert limits.usage_of(leases, 7, queue) == limits.Usage(2, 20 * G + 20 * G)
-    assert limits.usage_of(leases, 7) == limits.Usage(2, 25 * G)
-    assert limits.usage_of(leases, 8) == limits.Usage(1, 30 * G)
+    assert limits.usage_of(leases, 7, queue) == limits.Usage(2, 20 * G + 20 * G, 2 + 4)
+    assert limits.usage_of(leases, 7) == limits.Usage(2, 25 * G, 2 + 1)
+    assert limits.usage_of(leases, 8) == limits.Usage(1, 30 * G, 1)
 
 
 def test_the_configured_expiry_behaviour_reaches_the_watchdog(system_file: Path, user_file: Path) -> None:

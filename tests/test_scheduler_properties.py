@@ -25,9 +25,13 @@ def machines(draw: st.DrawFn) -> tuple[S.DeviceState, ...]:
                  for i, size in enumerate(sizes))
 
 
+#: Owners' recent use under fair share: a few levels, so that ties (first come, first served) happen too.
+SHARES = st.sampled_from([0.0, 0.0, 5.0, 40.0, 312.0])
+
+
 @st.composite
 def requests(draw: st.DrawFn, devices: tuple[S.DeviceState, ...], *, seq: int = 0,
-             lease_id: str | None = None) -> S.Request:
+             lease_id: str | None = None, fair: bool = False) -> S.Request:
     smallest = min(d.total_bytes - d.unmanaged_bytes for d in devices) // G
     n = len(devices)
     named = draw(st.booleans()) and n > 1
@@ -50,11 +54,12 @@ def requests(draw: st.DrawFn, devices: tuple[S.DeviceState, ...], *, seq: int = 
         priority=draw(PRIORITY),
         seq=seq,
         lease_id=lease_id,
+        share=draw(SHARES) if fair else 0.0,
     )
 
 
 @st.composite
-def snapshots(draw: st.DrawFn, max_queue: int = 6) -> S.Snapshot:
+def snapshots(draw: st.DrawFn, max_queue: int = 6, *, fair: bool = False, booked: bool = False) -> S.Snapshot:
     devices = draw(machines())
     free = {d.index: d.total_bytes - d.unmanaged_bytes for d in devices}
     active = []
@@ -65,8 +70,26 @@ def snapshots(draw: st.DrawFn, max_queue: int = 6) -> S.Snapshot:
         nbytes = draw(st.integers(1, free[index] // G)) * G
         free[index] -= nbytes
         active.append(S.Holding(f"a{i}", (index,), nbytes, NOW + draw(st.integers(1, 60)) * 10))
-    queue = [draw(requests(devices, seq=i + 1, lease_id=f"q{i + 1}")) for i in range(draw(st.integers(0, max_queue)))]
-    return S.Snapshot(now=NOW, devices=devices, active=tuple(active), queue=tuple(queue))
+    queue = [draw(requests(devices, seq=i + 1, lease_id=f"q{i + 1}", fair=fair))
+             for i in range(draw(st.integers(0, max_queue)))]
+    bookings = []
+    if booked:  # placed as the engine places them: where they fit beside everything known
+        for i in range(draw(st.integers(0, 3))):
+            want = draw(requests(devices))
+            want = replace(want, memory=MemorySpec(nbytes=want.memory.nbytes or G), devices=None, gpus=1)
+            start = NOW + draw(st.integers(0, 60)) * 10
+            snapshot = S.Snapshot(now=NOW, devices=devices, active=tuple(active), queue=tuple(queue),
+                                  bookings=tuple(bookings))
+            slot = S.place_booking(snapshot, want, start)
+            if slot.start == start:
+                bookings.append(S.Booked(f"b{i}", slot.devices, slot.memory_bytes, start, start + want.duration_s))
+    return S.Snapshot(now=NOW, devices=devices, active=tuple(active), queue=tuple(queue), bookings=tuple(bookings))
+
+
+def ahead_of(snapshot: S.Snapshot, request: S.Request) -> list[S.Request]:
+    """The queued requests a new request must not delay: its class and above, with no more recent use."""
+    key = (-request.priority.rank, request.share)
+    return [r for r in S.queue_order(snapshot) if (-r.priority.rank, r.share) <= key]
 
 
 def used_after(snapshot: S.Snapshot, decision: S.Decision) -> dict[int, int]:
@@ -74,6 +97,10 @@ def used_after(snapshot: S.Snapshot, decision: S.Decision) -> dict[int, int]:
     for holding in snapshot.active:
         for index in holding.devices:
             used[index] += holding.memory_bytes
+    for booked in snapshot.bookings:
+        if booked.start <= snapshot.now < booked.end:
+            for index in booked.devices:
+                used[index] += booked.memory_bytes
     for index in decision.devices or ():
         used[index] += decision.memory_bytes
     return used
@@ -86,11 +113,15 @@ def grant(snapshot: S.Snapshot, request: S.Request, decision: S.Decision, lease_
     return replace(snapshot, active=(*snapshot.active, holding), queue=queue)
 
 
+POLICIES = st.sampled_from([(False, False), (True, False), (False, True), (True, True)])  # (fair share, bookings)
+
+
 @PROPS
-@given(st.data())
-def test_a_grant_never_overcommits_and_a_gang_is_all_or_nothing(data: st.DataObject) -> None:
-    snapshot = data.draw(snapshots())
-    request = data.draw(requests(snapshot.devices))
+@given(st.data(), POLICIES)
+def test_a_grant_never_overcommits_and_a_gang_is_all_or_nothing(data: st.DataObject, policy: tuple[bool, bool]
+                                                                 ) -> None:
+    snapshot = data.draw(snapshots(fair=policy[0], booked=policy[1]))
+    request = data.draw(requests(snapshot.devices, fair=policy[0]))
     decision = S.decide(snapshot, request)
     if not decision.granted:
         assert decision.reason
@@ -113,41 +144,46 @@ def test_a_grant_never_overcommits_and_a_gang_is_all_or_nothing(data: st.DataObj
 
 
 @PROPS
-@given(st.data())
-def test_backfill_never_delays_the_head_of_the_queue(data: st.DataObject) -> None:
-    snapshot = data.draw(snapshots())
-    request = data.draw(requests(snapshot.devices))
+@given(st.data(), POLICIES)
+def test_backfill_never_delays_the_head_of_the_queue(data: st.DataObject, policy: tuple[bool, bool]) -> None:
+    snapshot = data.draw(snapshots(fair=policy[0], booked=policy[1]))
+    request = data.draw(requests(snapshot.devices, fair=policy[0]))
     decision = S.decide(snapshot, request)
     if not decision.granted:
         return
     before = S.plan(snapshot)
     after = S.plan(grant(snapshot, request, decision, "new"))
-    rank = request.priority.rank
-    protected = [(b, a) for b, a, r in zip(before, after, S.queue_order(snapshot), strict=True)
-                 if r.priority.rank >= rank]
+    ahead = {r.lease_id for r in ahead_of(snapshot, request)}
+    protected = [(b, a) for b, a in zip(before, after, strict=True) if b.lease_id in ahead]
     if protected:
         head_before, head_after = protected[0]
         assert head_after.start <= head_before.start, "the head of the queue was delayed"
 
 
 @PROPS
-@given(st.data())
-def test_a_grant_never_overlaps_a_slot_reserved_for_an_earlier_request(data: st.DataObject) -> None:
-    # Conservative backfill: the new lease fits beside the planned slots of every request it must not delay.
-    snapshot = data.draw(snapshots())
-    request = data.draw(requests(snapshot.devices))
+@given(st.data(), POLICIES)
+def test_a_grant_never_overlaps_a_slot_reserved_for_an_earlier_request_or_a_booking(
+        data: st.DataObject, policy: tuple[bool, bool]) -> None:
+    # Conservative backfill: the new lease fits beside the planned slots of every request it must not delay,
+    # and beside every booking.
+    snapshot = data.draw(snapshots(fair=policy[0], booked=policy[1]))
+    request = data.draw(requests(snapshot.devices, fair=policy[0]))
     decision = S.decide(snapshot, request)
     if not decision.granted:
         return
-    rank = request.priority.rank
-    ahead = [r for r in S.queue_order(snapshot) if r.priority.rank >= rank]
+    ahead = ahead_of(snapshot, request)
     slots = S.plan(replace(snapshot, queue=tuple(ahead)))
     end = snapshot.now + request.duration_s
     totals = {d.index: d.total_bytes for d in snapshot.devices}
     # Check every instant where the load can change inside the new lease's window.
-    instants = {snapshot.now} | {s.start for s in slots if snapshot.now <= s.start < end}
+    instants = {snapshot.now} | {s.start for s in slots if snapshot.now <= s.start < end} | {
+        b.start for b in snapshot.bookings if snapshot.now <= b.start < end}
     for at in instants:
         used = {d.index: d.unmanaged_bytes for d in snapshot.devices}
+        for booked in snapshot.bookings:
+            if booked.start <= at < booked.end:
+                for index in booked.devices:
+                    used[index] += booked.memory_bytes
         for holding in snapshot.active:
             if holding.expires_at > at:
                 for index in holding.devices:
@@ -163,7 +199,7 @@ def test_a_grant_never_overlaps_a_slot_reserved_for_an_earlier_request(data: st.
 
 
 @st.composite
-def same_shape_queues(draw: st.DrawFn, *, one_at_a_time: bool) -> tuple[S.Snapshot, list[str]]:
+def same_shape_queues(draw: st.DrawFn, *, one_at_a_time: bool, fair: bool = False) -> tuple[S.Snapshot, list[str]]:
     devices = draw(machines())
     smallest = min(d.total_bytes - d.unmanaged_bytes for d in devices) // G
     if one_at_a_time:  # each request takes every GPU whole: only one can run at a time
@@ -175,11 +211,12 @@ def same_shape_queues(draw: st.DrawFn, *, one_at_a_time: bool) -> tuple[S.Snapsh
         gpus = draw(st.integers(1, len(devices)))
         priorities = [draw(PRIORITY)] * draw(st.integers(2, 8))
     duration = float(draw(st.integers(1, 30)) * 10)
-    queue = [S.Request(memory=memory, duration_s=duration, gpus=gpus, priority=p, seq=i + 1, lease_id=f"q{i + 1}")
+    queue = [S.Request(memory=memory, duration_s=duration, gpus=gpus, priority=p, seq=i + 1, lease_id=f"q{i + 1}",
+                       share=draw(SHARES) if fair else 0.0)
              for i, p in enumerate(priorities)]
     busy = tuple(S.Holding(f"a{d.index}", (d.index,), d.total_bytes - d.unmanaged_bytes, NOW + 10 * (d.index + 1))
                  for d in devices)
-    expected = [r.lease_id for r in sorted(queue, key=lambda r: (-r.priority.rank, r.seq))]
+    expected = [r.lease_id for r in sorted(queue, key=lambda r: (-r.priority.rank, r.share, r.seq))]
     return S.Snapshot(now=NOW, devices=devices, active=busy, queue=tuple(queue)), [str(x) for x in expected]
 
 
@@ -204,11 +241,14 @@ def simulate(snapshot: S.Snapshot, *, limit: int = 400) -> list[str]:
                         assert used <= totals[index]
                     progress = True
                     break
-        if not snapshot.active:
+        moments = [h.expires_at for h in snapshot.active] + [t for b in snapshot.bookings for t in (b.start, b.end)
+                                                             if t > snapshot.now]
+        if not moments:
             assert not snapshot.queue, f"{len(snapshot.queue)} request(s) stuck on an idle machine"
             return granted
-        now = min(h.expires_at for h in snapshot.active)
-        snapshot = replace(snapshot, now=now, active=tuple(h for h in snapshot.active if h.expires_at > now))
+        now = min(moments)
+        snapshot = replace(snapshot, now=now, active=tuple(h for h in snapshot.active if h.expires_at > now),
+                           bookings=tuple(b for b in snapshot.bookings if b.end > now))
     raise AssertionError("the simulation did not finish")
 
 
@@ -227,9 +267,17 @@ def test_higher_class_first_then_first_come(case: tuple[S.Snapshot, list[str]]) 
 
 
 @PROPS
-@given(st.data())
-def test_every_queued_request_is_eventually_granted(data: st.DataObject) -> None:
-    snapshot = data.draw(snapshots(max_queue=8))
+@given(same_shape_queues(one_at_a_time=True, fair=True))
+def test_fair_share_orders_within_a_class_and_never_across_one(case: tuple[S.Snapshot, list[str]]) -> None:
+    # One request at a time fits: the grant order is exactly the class, then less recent use, then arrival.
+    snapshot, expected = case
+    assert simulate(snapshot) == expected
+
+
+@PROPS
+@given(st.data(), POLICIES)
+def test_every_queued_request_is_eventually_granted(data: st.DataObject, policy: tuple[bool, bool]) -> None:
+    snapshot = data.draw(snapshots(max_queue=8, fair=policy[0], booked=policy[1]))
     ids = {r.lease_id for r in snapshot.queue}
     assert set(simulate(snapshot)) == ids
 
@@ -250,18 +298,29 @@ def test_estimates_cover_the_queue_in_order_and_never_lie_about_now(data: st.Dat
 
 
 @PROPS
-@given(st.data())
-def test_an_allowed_extension_never_delays_the_head(data: st.DataObject) -> None:
-    snapshot = data.draw(snapshots())
+@given(st.data(), POLICIES)
+def test_an_allowed_extension_never_delays_the_head_nor_runs_into_a_booking(data: st.DataObject,
+                                                                         policy: tuple[bool, bool]) -> None:
+    snapshot = data.draw(snapshots(fair=policy[0], booked=policy[1]))
     if not snapshot.active:
         return
     holding = data.draw(st.sampled_from(snapshot.active))
     new_end = holding.expires_at + data.draw(st.integers(1, 60)) * 10
     reason = S.extend_conflict(snapshot, holding.lease_id, new_end)
-    if reason is not None or not snapshot.queue:
+    if reason is not None:
         return
     extended = replace(snapshot, active=tuple(replace(h, expires_at=new_end) if h is holding else h
                                               for h in snapshot.active))
+    for booked in snapshot.bookings:  # the extended lease and every booking fit together on each device
+        for index in set(booked.devices) & set(holding.devices):
+            if booked.start < new_end and booked.end > holding.expires_at:
+                total = next(d.total_bytes - d.unmanaged_bytes for d in snapshot.devices if d.index == index)
+                at = max(booked.start, holding.expires_at)
+                load = sum(h.memory_bytes for h in extended.active if index in h.devices and h.expires_at > at)
+                load += sum(b.memory_bytes for b in snapshot.bookings if index in b.devices and b.start <= at < b.end)
+                assert load <= total, f"the extension runs into booking {booked.lease_id}"
+    if not snapshot.queue:
+        return
     assert S.plan(extended)[0].start <= S.plan(snapshot)[0].start
 
 
