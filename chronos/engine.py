@@ -24,15 +24,17 @@ from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import LeaseNotFoundError, NotAllowedError, UnavailableError
+from chronos.errors import ChronosError, LeaseNotFoundError, NotAllowedError, UnavailableError
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.policy import bookings, idle
+from chronos.policy.runtime import Policies
 from chronos.request import RequestSpec, parse_lease_id, parse_request
 from chronos.settings import Settings
 from chronos.state import state_dir as checked_state_dir
-from chronos.units import MemorySpec, format_duration, parse_duration
+from chronos.units import MemorySpec, format_duration, parse_duration, parse_instant
 
 __all__ = ["DeviceStatus", "Engine", "WaitUpdate"]
 
@@ -64,6 +66,8 @@ class Engine:
         self._backend = backend
         self._ledger: Ledger | None = None
         self._lock = threading.RLock()
+        #: Idle sampling, limits per user and group, bookings, fair share (:mod:`chronos.policy.runtime`).
+        self.policies = Policies(self)
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -110,7 +114,8 @@ class Engine:
 
         Returns the leases still live (active or queued), oldest first.
         """
-        return [lease for lease in self.ledger.live() if self._reclaim_one(lease, now, who) is lease]
+        live = [lease for lease in self.ledger.live() if self._reclaim_one(lease, now, who) is lease]
+        return self.policies.reclaim(live, now, who)
 
     def _reclaim_one(self, lease: LeaseRecord, now: float, who: User) -> LeaseRecord:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
@@ -131,15 +136,17 @@ class Engine:
         """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
         live = self.ledger.live()
+        self.policies.sample(live)
         due = any(
             (lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now)
             or (lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start))
             for lease in live
-        )
-        if not due:
-            return live
-        with self.ledger.transaction():
-            return self._reclaim(time.time(), current_user())
+        ) or self.policies.due(live, now)
+        if due:
+            with self.ledger.transaction():
+                live = self._reclaim(time.time(), current_user())
+        self.policies.tick()
+        return live
 
     # -- snapshot -------------------------------------------------------------------------
     def _poll_devices(self) -> tuple[list[Device], list[GpuProcess]]:
@@ -152,6 +159,7 @@ class Engine:
         unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, accounting.Membership(active))
         queued = [lease for lease in live if lease.state == QUEUED]
         specs = self.ledger.queued_requests() if queued else {}
+        shares = self.policies.use(now) if queued and self.config.fair_share else {}
         try:
             dist: tuple[tuple[int, ...], ...] | None = tuple(tuple(row) for row in self.backend.distances())
         except Exception:  # topology is a preference, never a reason to fail
@@ -162,8 +170,10 @@ class Engine:
                           for d in devices),
             active=tuple(scheduler.Holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
                          for lease in active),
-            queue=tuple(_stored(specs.get(lease.id), lease) for lease in queued),
+            queue=tuple(replace(_stored(specs.get(lease.id), lease), share=shares.get(lease.owner, 0.0))
+                        for lease in queued),
             distances=dist,
+            bookings=self.policies.snapshot_bookings(now),
         )
 
     def snapshot(self) -> tuple[scheduler.Snapshot, list[Lease]]:
@@ -187,10 +197,12 @@ class Engine:
         bind: bool | int = True,
         wait: bool | float | str | None = False,
         on_wait: Callable[[WaitUpdate], None] | None = None,
+        idle_after: str | int | float | None = None,
+        on_idle: str | None = None,
     ) -> Lease:
         """Grant a lease now, or (with ``wait``) queue for one; see ``chronos.reserve``."""
         spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority,
-                             wait=wait, label=label)
+                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle)
         return self.submit(spec, user=user, bind=bind, on_wait=on_wait)
 
     def submit(self, spec: RequestSpec, *, user: str | None = None, bind: bool | int = True,
@@ -198,14 +210,7 @@ class Engine:
         """Grant or queue a request already read by :func:`chronos.request.parse_request`."""
         duration_s = spec.duration_s if spec.duration_s is not None else self.config.default_duration_s
         caller = current_user()
-        owner = caller
-        if user is not None and user != caller.name:
-            owner = lookup_user(user)
-            if owner.uid != caller.uid and not is_admin(caller, self.config.admin_group):
-                raise NotAllowedError(
-                    f"only an admin may reserve for another user ({owner.name}); "
-                    f"admins are root and members of group {self.config.admin_group!r}"
-                )
+        owner = self._owner(caller, user, "reserve")
         holder = procs.holder(bind)
         devices, gpu_procs = self._poll_devices()
         request = scheduler.Request(
@@ -213,44 +218,82 @@ class Engine:
             priority=spec.priority or self.config.default_priority,
             visible=visible_indices(devices, os.environ.get("CUDA_VISIBLE_DEVICES")),
         )
-        with self.ledger.transaction():
-            now = time.time()
-            live = self._reclaim(now, caller)
-            snapshot = self._snapshot(now, devices, gpu_procs, live)
-            request = replace(request, seq=max((r.seq for r in snapshot.queue), default=0) + 1)
-            decision = scheduler.decide(snapshot, request)
-            self._check_limits(owner, request, snapshot, decision, live)
-            if decision.granted:
-                return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices)
-            if spec.wait_s is None:
-                raise UnavailableError(decision.reason)
-            waiter = procs.caller()
-            queued = LeaseRecord(
-                id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),
-                memory_bytes=spec.memory.nbytes or 0, created_at=now, expires_at=None, duration_s=duration_s,
-                priority=request.priority, state=QUEUED, label=spec.label, pid=waiter[0], pid_start=waiter[1],
-            )
-            lease_id = self.ledger.insert(queued, request.to_json(bind))
-            self._event(lease_id, "queued", caller, {"memory": str(spec.memory), "gpus": spec.count,
-                                                     "priority": str(request.priority), "reason": decision.reason})
+        own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
+        cause = "capacity"
+        try:
+            with self.ledger.transaction():
+                now = time.time()
+                live = self._reclaim(now, caller)
+                claimed = bookings.claim_matching(self, owner, caller, spec, holder, now, devices, request.visible)
+                if claimed is not None:
+                    return self._handle(claimed)
+                snapshot = self._snapshot(now, devices, gpu_procs, live)
+                request = replace(request, seq=max((r.seq for r in snapshot.queue), default=0) + 1,
+                                  share=self.policies.share_of(owner.name, now))
+                decision = scheduler.decide(snapshot, request)
+                cause = decision.cause or cause
+                self._check_limits(owner, request, snapshot, decision, live)
+                if decision.granted:
+                    return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices,
+                                           own_rule)
+                if spec.wait_s is None:
+                    raise UnavailableError(decision.reason)
+                waiter = procs.caller()
+                queued = LeaseRecord(
+                    id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),
+                    memory_bytes=spec.memory.nbytes or 0, created_at=now, expires_at=None, duration_s=duration_s,
+                    priority=request.priority, state=QUEUED, label=spec.label, pid=waiter[0], pid_start=waiter[1],
+                )
+                lease_id = self.ledger.insert(queued, {**request.to_json(bind), **own_rule})
+                self._event(lease_id, "queued", caller, {"memory": str(spec.memory), "gpus": spec.count,
+                                                         "priority": str(request.priority), "reason": decision.reason})
+        except (UnavailableError, NotAllowedError) as exc:
+            self._refused(owner, caller, spec, duration_s, getattr(exc, "rule", None) or cause, str(exc))
+            raise
         return self._wait(lease_id, caller, holder, spec.wait_s, on_wait)
+
+    def _owner(self, caller: User, user: str | None, action: str) -> User:
+        """Whom a request is for: the caller, or (for an admin) ``user``."""
+        if user is None or user == caller.name:
+            return caller
+        owner = lookup_user(user)
+        if owner.uid != caller.uid and not is_admin(caller, self.config.admin_group):
+            raise NotAllowedError(
+                f"only an admin may {action} for another user ({owner.name}); "
+                f"admins are root and members of group {self.config.admin_group!r}"
+            )
+        return owner
+
+    def _refused(self, owner: User, caller: User, spec: RequestSpec, duration_s: float, reason: str,
+                 message: str) -> None:
+        """A refusal in the audit log (lease id 0: no lease came of it), for reports and metrics."""
+        try:
+            with self.ledger.transaction():
+                self._event("0", "refused", caller, {
+                    "reason": reason, "owner": owner.name, "memory": str(spec.memory), "gpus": spec.count,
+                    "duration_s": duration_s, "message": message[:300]})
+        except ChronosError:
+            pass  # a busy ledger: the refusal itself still reaches the caller
 
     def _check_limits(self, owner: User, request: scheduler.Request, snapshot: scheduler.Snapshot,
                       decision: scheduler.Decision, live: list[LeaseRecord]) -> None:
-        """Configured limits (:mod:`chronos.limits`)."""
-        config = self.config
+        """Configured limits, the owner's own and their groups' included (:mod:`chronos.limits`)."""
+        mine = self.policies.limits_of(owner)
         usage = limits.Usage()
-        if config.max_memory_per_user_bytes is not None or config.max_leases_per_user is not None:
+        if any(getattr(mine, name) is not None for name in
+               ("max_memory_per_user_bytes", "max_leases_per_user", "max_gpus_per_user")):
             usage = limits.usage_of(live, owner.uid, snapshot.queue)
         groups: set[str] = set()
         admin = False
-        if request.priority == Priority.HIGH and config.high_priority_groups is not None:
-            groups, admin = groups_of(owner), is_admin(owner, config.admin_group)
-        limits.check(config, limits.request_info(request, snapshot, decision), owner.name, groups, usage,
+        if request.priority == Priority.HIGH and (mine.high_priority_groups is not None
+                                                  or mine.high_priority is not None):
+            groups, admin = groups_of(owner), is_admin(owner, self.config.admin_group)
+        limits.check(mine, limits.request_info(request, snapshot, decision), owner.name, groups, usage,
                      admin=admin)
 
     def _grant_new(self, owner: User, caller: User, request: scheduler.Request, decision: scheduler.Decision,
-                   holder: tuple[int, float] | None, label: str | None, now: float, devices: list[Device]) -> Lease:
+                   holder: tuple[int, float] | None, label: str | None, now: float, devices: list[Device],
+                   own_rule: dict[str, Any]) -> Lease:
         assert decision.devices is not None
         record = LeaseRecord(
             id="", owner=owner.name, uid=owner.uid, devices=decision.devices,
@@ -259,7 +302,7 @@ class Engine:
             priority=request.priority, state=ACTIVE, label=label,
             pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
         )
-        stored = request.to_json(holder[0] if holder else False)
+        stored = {**request.to_json(holder[0] if holder else False), **own_rule}
         record = replace(record, id=self.ledger.insert(record, stored))
         self._event(record.id, "granted", caller, _grant_detail(record))
         return self._handle(record)
@@ -353,13 +396,16 @@ class Engine:
                 raise UnavailableError(f"lease {lease.id} has ended ({lease.state}); reserve a new one")
             assert lease.expires_at is not None
             new_end = lease.expires_at + seconds
-            limits.check_extend(self.config, new_end - (lease.started_at or lease.created_at))
+            limits.check_extend(self.policies.limits_of(User(lease.uid, lease.owner)),
+                                new_end - (lease.started_at or lease.created_at))
             conflict = scheduler.extend_conflict(self._snapshot(now, devices, gpu_procs, live), lease.id, new_end)
             if conflict:
                 raise UnavailableError(f"cannot extend lease {lease.id}: {conflict}")
-            self.ledger.update(lease.id, expires_at=new_end)
+            self.ledger.update(lease.id, expires_at=new_end, idle_since=None, idle_warning=None)
+            if lease.idle_since is not None:  # "still here": the idle spell is over
+                self._event(lease.id, "active", caller, {"idle_since": lease.idle_since, "by": "extend"})
             self._event(lease.id, "extended", caller, {"by_s": seconds, "expires_at": new_end})
-        return self._handle(replace(lease, expires_at=new_end))
+        return self._handle(replace(lease, expires_at=new_end, idle_since=None, idle_warning=None))
 
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
@@ -374,6 +420,38 @@ class Engine:
             self.ledger.update(lease.id, pid=pid_, pid_start=start)
             self._event(lease.id, "bound", caller, {"pid": pid_})
         return self._handle(replace(lease, pid=pid_, pid_start=start))
+
+    # -- bookings (:mod:`chronos.policy.bookings`) ---------------------------------------------
+    def book(self, memory: str | int | float | MemorySpec, duration: str | int | float | None, at: str | float, *,
+             device: int | str | Sequence[int] | None = None, gpus: int | None = None, label: str | None = None,
+             user: str | None = None) -> Lease:
+        """Book ``memory`` per GPU for ``duration`` from ``at`` (``tomorrow 09:00``, ``+2h``); see ``chronos.book``."""
+        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label)
+        caller = current_user()
+        return bookings.book(self, self._owner(caller, user, "book"), caller, spec, parse_instant(at))
+
+    def claim(self, booking_id: str, *, bind: bool | int = True) -> Lease:
+        """Claim a booking in its window: it becomes an active lease (bound as ``reserve`` binds)."""
+        caller = current_user()
+        holder = procs.holder(bind)
+
+        def usage_check(booking: LeaseRecord) -> None:
+            owner = User(booking.uid, booking.owner)
+            live = [r for r in self.ledger.live() if r.id != booking.id]
+            info = limits.RequestInfo(booking.memory_bytes, len(booking.devices), booking.duration_s)
+            mine = self.policies.limits_of(owner)
+            limits.check(replace(mine, values={**mine.values, "max_duration_s": None}), info, owner.name, (),
+                         limits.usage_of(live, owner.uid))
+
+        return bookings.claim(self, booking_id, caller, holder, self._owned, usage_check)
+
+    def bookings(self, *, all: bool = False, user: str | None = None) -> list[Lease]:
+        """Bookings to come (every booking, claimed and past ones too, with ``all``), by start."""
+        self._reclaim_if_due()
+        uid = lookup_user(user).uid if user is not None else None
+        found = self.ledger.bookings_of(uid) if all else \
+            [b for b in self.ledger.booked() if uid is None or b.uid == uid]
+        return [self._handle(record) for record in found]
 
     def get(self, lease_id: str) -> Lease:
         """One lease, in any state."""

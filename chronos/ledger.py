@@ -85,7 +85,7 @@ _V1 = (
 
 
 #: A booking's planned start (a lease booked ahead, state ``booked``, is granted in its window).
-_V2_BOOKINGS = ("ALTER TABLE leases ADD COLUMN starts_at REAL",)
+_V2_BOOKINGS = ("ALTER TABLE leases ADD COLUMN starts_at REAL", "CREATE INDEX leases_starts ON leases(starts_at)")
 #: Idle leases: since when no member process used GPU time, and the warning given (JSON: when, what, by when).
 _V3_IDLE = ("ALTER TABLE leases ADD COLUMN idle_since REAL", "ALTER TABLE leases ADD COLUMN idle_warning TEXT")
 #: What the ender of a lease asks of its processes (an idle lease terminated), for the watchdog to do.
@@ -260,6 +260,23 @@ class Ledger:
     def booked(self) -> list[LeaseRecord]:
         """Bookings not yet claimed, oldest first."""
         return self.in_states(LeaseState.BOOKED)
+
+    def bookings_of(self, uid: int | None = None, since: float | None = None,
+                    until: float | None = None) -> list[LeaseRecord]:
+        """Leases that were booked ahead (any state), by planned start; optionally one owner's, in a window."""
+        clauses, params = ["starts_at IS NOT NULL"], []
+        if uid is not None:
+            clauses.append("uid = ?")
+            params.append(uid)
+        if since is not None:
+            clauses.append("starts_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("starts_at < ?")
+            params.append(until)
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE {' AND '.join(clauses)} ORDER BY starts_at, seq",
+                          params)
+        return [_lease(r) for r in rows]
 
     def records(self, ids: Sequence[str]) -> list[LeaseRecord]:
         """The leases with these ids (in id order), in reads of at most 500 ids."""

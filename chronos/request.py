@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chronos.errors import InvalidRequestError, LeaseNotFoundError
-from chronos.model import Priority
+from chronos.model import OnIdle, Priority
 from chronos.units import MemorySpec, parse_duration, parse_memory
 
 __all__ = [
@@ -52,6 +52,9 @@ class RequestSpec:
     priority: Priority | None = None
     wait_s: float | None = None
     label: str | None = None
+    #: The request's own idle rule (a kernelspec's): it can only add to the configured one, never lift it.
+    idle_after_s: float | None = None
+    on_idle: OnIdle | None = None
 
     @property
     def count(self) -> int:
@@ -154,6 +157,8 @@ def parse_request(
     priority: Priority | str | None = None,
     wait: WaitValue = None,
     label: str | None = None,
+    idle_after: DurationValue | None = None,
+    on_idle: OnIdle | str | None = None,
 ) -> RequestSpec:
     """Every part of a request checked for form (not against this machine's GPUs)."""
     devices = parse_devices(device)
@@ -173,4 +178,6 @@ def parse_request(
         priority=Priority.parse(priority, "priority") if priority is not None else None,
         wait_s=parse_wait(wait),
         label=label,
+        idle_after_s=parse_duration(idle_after) if idle_after not in (None, "") else None,
+        on_idle=OnIdle.parse(on_idle, "idle action") if on_idle not in (None, "") else None,
     )

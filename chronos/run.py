@@ -34,6 +34,7 @@ from chronos.enforce.watchdog import (
     DEFAULT_RATE_HZ,
     DEFAULT_WARN_AT,
     ExpiryWarning,
+    IdleWarning,
     OveruseEvent,
     SignalEvent,
     UnkillableEvent,
@@ -173,7 +174,7 @@ class _Forwarder:
 
 def _default_printer(stream: TextIO) -> Callable[[WatchdogEvent], None]:
     def show(event: WatchdogEvent) -> None:
-        if isinstance(event, (ExpiryWarning, UnkillableEvent)) or (
+        if isinstance(event, (ExpiryWarning, IdleWarning, UnkillableEvent)) or (
             isinstance(event, OveruseEvent) and event.action == Action.WARN
         ):
             stream.write(f"chronos: {event.message}\n")

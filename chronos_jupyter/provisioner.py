@@ -35,6 +35,7 @@ import chronos
 from chronos.api import default_engine
 from chronos.enforce.watchdog import (
     ExpiryWarning,
+    IdleWarning,
     LeaseEndedEvent,
     OveruseEvent,
     UnkillableEvent,
@@ -425,7 +426,7 @@ class ChronosProvisioner(LocalProvisioner):
                 if km is not None:
                     with contextlib.suppress(Exception):
                         km.stop_restarter()  # the kernel must stay down
-        elif isinstance(event, (ExpiryWarning, OveruseEvent, UnkillableEvent)):
+        elif isinstance(event, (ExpiryWarning, IdleWarning, OveruseEvent, UnkillableEvent)):
             self.log.warning("Chronos: kernel %s: %s", self.kernel_id, event.message)
         else:
             self.log.info("Chronos: kernel %s: %s", self.kernel_id, event.message)

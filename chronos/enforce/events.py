@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chronos.model import Action, LeaseState
+from chronos.model import Action, LeaseState, OnIdle
 
 __all__ = [
     "ExpiryWarning",
     "HolderExitedEvent",
+    "IdleWarning",
     "LeaseEndedEvent",
     "OveruseEvent",
     "SignalEvent",
@@ -47,6 +48,16 @@ class ExpiryWarning(WatchdogEvent):
 
     remaining_s: float
     mark_s: float
+
+
+@dataclass(frozen=True)
+class IdleWarning(WatchdogEvent):
+    """The lease's processes used no GPU time since ``idle_since``; ``action`` follows at ``action_at``
+    (None: a warning only) unless the GPU is used or the lease extended."""
+
+    idle_since: float
+    action: OnIdle
+    action_at: float | None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from chronos.devices.base import Backend, GpuProcess
 from chronos.enforce.events import (
     ExpiryWarning,
     HolderExitedEvent,
+    IdleWarning,
     LeaseEndedEvent,
     OveruseEvent,
     SignalEvent,
@@ -40,7 +41,7 @@ from chronos.enforce.loop import PollLoop
 from chronos.errors import ChronosError, InvalidRequestError, LeaseNotFoundError
 from chronos.lease import Lease
 from chronos.model import Action, LeaseRecord, LeaseState
-from chronos.units import format_bytes, format_duration
+from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_WARN_AT",
     "ExpiryWarning",
     "HolderExitedEvent",
+    "IdleWarning",
     "LeaseEndedEvent",
     "OveruseEvent",
     "SignalEvent",
@@ -173,6 +175,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
         self._enforcing: _Enforcement | None = None
         self._warned_marks: set[float] = set()
         self._baseline: dict[int, int] | None = None
+        self._idle_warned: float | None = self.lease.idle_warning.at if self.lease.idle_warning else None
         self._init_marks()
 
     # -- one poll ------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
         if now - self._last_refresh >= self.refresh_s:
             self._last_refresh = now
             self._refresh()
+            self._check_idle(out, wall)
         enf = self._enforcing
         if (enf is None or (enf.stage == "interrupt" and enf.cause == "overuse")) and not self._done.is_set():
             self._check_lease(out, wall, now)
@@ -225,6 +229,19 @@ class Watchdog(PollLoop[WatchdogEvent]):
         if self.lease.expires_at != old_end:
             self._init_marks()
 
+    def _check_idle(self, out: list[WatchdogEvent], wall: float) -> None:
+        """A new idle warning on the lease (the engine's idle policy gave it): say so once."""
+        notice, since = self.lease.idle_warning, self.lease.idle_since
+        if notice is None or since is None or notice.at == self._idle_warned or self.lease.state != LeaseState.ACTIVE:
+            return
+        self._idle_warned = notice.at
+        text = f"lease {self.lease.id} has used no GPU time since {format_clock(since)}"
+        if notice.action_at is not None:
+            verb = "released" if notice.action == "release" else "ended and its processes stopped"
+            text += (f"; it will be {verb} at {format_clock(notice.action_at)} unless the GPU is used or the lease "
+                     f"is extended")
+        out.append(IdleWarning(self.lease.id, wall, text, since, notice.action, notice.action_at))
+
     def _init_marks(self) -> None:
         remaining = self.lease.remaining
         # marks already passed at the start (or after an extension, still passed) are not warned
@@ -247,7 +264,9 @@ class Watchdog(PollLoop[WatchdogEvent]):
             reason: str | None = "reached its end time"
             what = f"lease {lease.id} expired"
         else:
-            action, cause, state, reason = self.on_release, "release", lease.state, lease.end_reason
+            # whoever ended the lease may ask for an action (an idle lease terminated), else the host's own
+            action = lease.end_action if lease.end_action is not None else self.on_release
+            cause, state, reason = "release", lease.state, lease.end_reason
             what = f"lease {lease.id} {lease.state}" + (f" ({reason})" if reason else "")
         out.append(LeaseEndedEvent(lease.id, wall, what, state, reason, action))
         if action is None or action == Action.WARN:
