@@ -17,7 +17,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "2.0.0"
 
 if TYPE_CHECKING:
-    from chronos.api import detailed_stats, extend, get_lease, gpus, leases, queue, release, reserve, suggest
+    from chronos.api import (
+        book,
+        bookings,
+        claim,
+        detailed_stats,
+        extend,
+        get_lease,
+        gpus,
+        leases,
+        limits_for,
+        metrics,
+        queue,
+        release,
+        report,
+        reserve,
+        suggest,
+    )
     from chronos.compat import Partition, Partitioner, PartitionInfo, is_stub_mode
     from chronos.config import ConfigError
     from chronos.enforce.watchdog import Watchdog, WatchdogEvent
@@ -32,15 +48,15 @@ if TYPE_CHECKING:
         UnavailableError,
     )
     from chronos.lease import Lease
-    from chronos.model import Action, LeaseRecord, LeaseState, Priority
+    from chronos.model import Action, LeaseRecord, LeaseState, OnIdle, Priority
     from chronos.run import RunResult
     from chronos.run import run as run_command
     from chronos.stats import DetailedStats, QueueEntry, Suggestion
     from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
 _EXPORTS = {
-    "chronos.api": ("detailed_stats", "extend", "get_lease", "gpus", "leases", "queue", "release", "reserve",
-                    "suggest"),
+    "chronos.api": ("book", "bookings", "claim", "detailed_stats", "extend", "get_lease", "gpus", "leases",
+                    "limits_for", "metrics", "queue", "release", "report", "reserve", "suggest"),
     "chronos.compat": ("Partition", "PartitionInfo", "Partitioner", "is_stub_mode"),
     "chronos.config": ("ConfigError",),
     "chronos.engine": ("DeviceStatus", "Engine", "WaitUpdate"),
@@ -48,7 +64,7 @@ _EXPORTS = {
     "chronos.errors": ("BackendError", "ChronosError", "InvalidRequestError", "LeaseNotFoundError",
                        "NotAllowedError", "StateError", "UnavailableError"),
     "chronos.lease": ("Lease",),
-    "chronos.model": ("Action", "LeaseRecord", "LeaseState", "Priority"),
+    "chronos.model": ("Action", "LeaseRecord", "LeaseState", "OnIdle", "Priority"),
     "chronos.run": ("RunResult",),
     "chronos.stats": ("DetailedStats", "QueueEntry", "Suggestion"),
     "chronos.units": ("format_bytes", "format_duration", "parse_duration", "parse_memory"),
@@ -102,6 +118,7 @@ __all__ = [
     "LeaseRecord",
     "LeaseState",
     "NotAllowedError",
+    "OnIdle",
     "Partition",
     "PartitionInfo",
     "Partitioner",
@@ -115,6 +132,9 @@ __all__ = [
     "Watchdog",
     "WatchdogEvent",
     "__version__",
+    "book",
+    "bookings",
+    "claim",
     "detailed_stats",
     "devices",
     "extend",
@@ -124,10 +144,13 @@ __all__ = [
     "gpus",
     "is_stub_mode",
     "leases",
+    "limits_for",
+    "metrics",
     "parse_duration",
     "parse_memory",
     "queue",
     "release",
+    "report",
     "reserve",
     "run_command",
     "suggest",

@@ -13,19 +13,28 @@ from collections.abc import Callable, Sequence
 
 from chronos import settings, stats
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
+from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
+from chronos.limits import Limits
+from chronos.policy import report as policy_report
 from chronos.model import Priority
 from chronos.units import MemorySpec
 
 __all__ = [
+    "book",
+    "bookings",
+    "claim",
     "default_engine",
     "detailed_stats",
     "extend",
     "get_lease",
     "gpus",
     "leases",
+    "limits_for",
+    "metrics",
     "queue",
     "release",
+    "report",
     "reserve",
     "reset_default_engine",
     "suggest",
@@ -70,6 +79,8 @@ def reserve(
     bind: bool | int = True,
     wait: bool | float | str | None = False,
     on_wait: Callable[[WaitUpdate], None] | None = None,
+    idle_after: str | int | float | None = None,
+    on_idle: str | None = None,
 ) -> Lease:
     """Reserve ``memory`` on GPUs for ``duration`` (default 1h) and return the lease.
 
@@ -79,12 +90,61 @@ def reserve(
     fits is chosen. By default the lease is bound to the calling process and ends when it exits
     (``bind=False`` keeps it until released or expired; an int binds it to that pid). Without
     ``wait`` a request that does not fit now raises UnavailableError; ``wait=True`` (or
-    ``"forever"``) queues it, ``wait="10m"`` (or seconds) queues it at most that long.
+    ``"forever"``) queues it, ``wait="10m"`` (or seconds) queues it at most that long. ``idle_after``
+    and ``on_idle`` add an idle rule of the lease's own (it can tighten the configured one, never lift it).
+    A request its owner makes in the window of a matching booking of theirs claims that booking.
     """
     return default_engine().reserve(
         memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority, label=label, user=user,
-        bind=bind, wait=wait, on_wait=on_wait,
+        bind=bind, wait=wait, on_wait=on_wait, idle_after=idle_after, on_idle=on_idle,
     )
+
+
+def book(memory: str | int | float | MemorySpec, duration: str | int | float | None, at: str | float, *,
+         device: int | str | Sequence[int] | None = None, gpus: int | None = None, label: str | None = None,
+         user: str | None = None) -> Lease:
+    """Book ``memory`` per GPU for ``duration`` from ``at`` (``"tomorrow 09:00"``, ``"2026-12-24 14:00"``,
+    ``"+2h"``, local time): a lease in state ``booked``, protected by the planner, claimed in its window."""
+    return default_engine().book(memory, duration, at, device=device, gpus=gpus, label=label, user=user)
+
+
+def claim(booking_id: str | int, *, bind: bool | int = True) -> Lease:
+    """Claim a booking in its window; it becomes an active lease until the booking's end."""
+    return default_engine().claim(str(booking_id), bind=bind)
+
+
+def bookings(*, all: bool = False, user: str | None = None) -> list[Lease]:
+    """Bookings to come, by start (every booking ever made with ``all=True``)."""
+    return default_engine().bookings(all=all, user=user)
+
+
+def report(since: str | int | float = "30d", by: str = "user") -> policy_report.Report:
+    """Usage over the audit log since ``since`` (a duration back, or a time), by user, group, label or gpu."""
+    import time
+
+    from chronos.policy.figures import gather_report
+    from chronos.units import parse_duration, parse_instant
+
+    try:
+        start = time.time() - parse_duration(since)
+    except InvalidRequestError:
+        start = parse_instant(since)
+    return gather_report(default_engine(), since=start, by=by)
+
+
+def metrics() -> str:
+    """The machine's figures in the Prometheus text exposition format."""
+    from chronos.policy.figures import collect_metrics
+
+    return collect_metrics(default_engine())
+
+
+def limits_for(user: str | None = None) -> Limits:
+    """A user's effective limits (default: yours), each with the rule that set it."""
+    from chronos.identity import current_user, lookup_user
+
+    engine = default_engine()
+    return engine.policies.limits_of(lookup_user(user) if user is not None else current_user())
 
 
 def release(lease_id: str | int) -> Lease:

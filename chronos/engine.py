@@ -29,7 +29,7 @@ from chronos.identity import User, current_user, groups_of, is_admin, lookup_use
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
-from chronos.policy import bookings, idle
+from chronos.policy import bookings, figures, idle
 from chronos.policy.runtime import Policies
 from chronos.request import RequestSpec, parse_lease_id, parse_request
 from chronos.settings import Settings
@@ -68,6 +68,7 @@ class Engine:
         self._lock = threading.RLock()
         #: Idle sampling, limits per user and group, bookings, fair share (:mod:`chronos.policy.runtime`).
         self.policies = Policies(self)
+        self.policies.on_tick = lambda: figures.write_metrics(self)
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class Engine:
 
     def _end(self, lease: LeaseRecord, state: LeaseState, reason: str, who: User, *, at: float) -> LeaseRecord:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
-        self._event(lease.id, str(state), who, {"reason": reason})
+        self._event(lease.id, str(state), who, {"reason": reason, "ended_at": at})
         return replace(lease, state=state, ended_at=at, end_reason=reason)
 
     def _reclaim_if_due(self) -> list[LeaseRecord]:

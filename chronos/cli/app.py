@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_config",
     "chronos.cli.cmd_queue",
     "chronos.cli.cmd_suggest",
+    "chronos.cli.cmd_book",
+    "chronos.cli.cmd_report",
 ]
 
 EXIT_CODES_HELP = """exit codes:
