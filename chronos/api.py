@@ -16,8 +16,8 @@ from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.limits import Limits
-from chronos.policy import report as policy_report
 from chronos.model import Priority
+from chronos.policy import report as policy_report
 from chronos.units import MemorySpec
 
 __all__ = [

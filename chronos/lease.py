@@ -91,8 +91,8 @@ class Lease:
     gpu_seconds = _Field["float | None"]()
     starts_at = _Field["float | None"]()
     idle_since = _Field["float | None"]()
-    idle_warning = _Field["IdleNotice | None"]()
-    end_action = _Field["Action | None"]()
+    idle_warning = _Field[IdleNotice | None]()
+    end_action = _Field[Action | None]()
 
     def __init__(self, record: LeaseRecord, engine: LeaseOps) -> None:
         self.record = record

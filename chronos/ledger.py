@@ -264,7 +264,8 @@ class Ledger:
     def bookings_of(self, uid: int | None = None, since: float | None = None,
                     until: float | None = None) -> list[LeaseRecord]:
         """Leases that were booked ahead (any state), by planned start; optionally one owner's, in a window."""
-        clauses, params = ["starts_at IS NOT NULL"], []
+        clauses: list[str] = ["starts_at IS NOT NULL"]
+        params: list[float] = []
         if uid is not None:
             clauses.append("uid = ?")
             params.append(uid)

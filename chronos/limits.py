@@ -73,8 +73,12 @@ def effective(config: Config, user: str, groups: Iterable[str] = ()) -> Limits:
     limit), then their own table; see the module doc."""
     values: dict[str, Any] = {name: getattr(config, name) for name in LIMIT_FIELDS if name != "high_priority"}
     values["high_priority"] = None
-    rules = {name: f"{SETTING_NAMES[name]} in {config.source(name)}" for name in values if name in SETTING_NAMES}
-    rules["high_priority"] = f"limits.high_priority_groups in {config.source('high_priority_groups')}"
+    def where(name: str) -> str:
+        source = config.source(name)
+        return f"{SETTING_NAMES[name]} in {source}" if source != "default" else "default (not set)"
+
+    rules = {name: where(name) for name in values if name in SETTING_NAMES}
+    rules["high_priority"] = where("high_priority_groups")
     member = set(groups)
     by_field: dict[str, list[tuple[Any, str]]] = {}
     for name, pairs in config.group_limits:

@@ -203,8 +203,12 @@ def run(
     on_event: Callable[[WatchdogEvent], None] | None = None,
     engine: Engine | None = None,
     stderr: TextIO | None = sys.stderr,
+    booking: str | int | None = None,
 ) -> RunResult:
     """Run ``command`` inside a new lease of ``memory`` per device for ``duration``; see the module doc.
+
+    With ``booking``, the command runs in that booking of the caller's instead, claimed now (``memory``,
+    ``duration`` and the placement options are then not used).
 
     ``stderr`` receives the one-line reason when Chronos ends the command, expiry warnings and
     the closing summary (None: silent). ``on_event`` replaces the default printing of events.
@@ -229,10 +233,13 @@ def run(
     forwarder.install()
     started = time.monotonic()
     try:
-        lease = engine.reserve(
-            memory, duration, device=device, gpus=gpus, priority=priority,
-            label=label or os.path.basename(argv[0]), bind=True, wait=wait,
-        )
+        if booking is not None:
+            lease = engine.claim(str(booking), bind=True)
+        else:
+            lease = engine.reserve(
+                memory, duration, device=device, gpus=gpus, priority=priority,
+                label=label or os.path.basename(argv[0]), bind=True, wait=wait,
+            )
         try:
             return _run_leased(argv, lease, engine, forwarder, started, env, expiry, overuse,
                                grace, kill_wait, rate_hz, warn_at, on_event, stderr)

@@ -16,6 +16,7 @@ from chronos import scheduler
 from chronos.engine import DeviceStatus, Engine
 from chronos.identity import current_user
 from chronos.model import LeaseRecord, LeaseState
+from chronos.policy import fairshare
 from chronos.units import MemorySpec, duration_text, format_bytes, format_duration, size_text
 
 __all__ = [
@@ -58,6 +59,10 @@ class QueueEntry:
     estimated_start: float | None
     planned_devices: tuple[int, ...]
     label: str | None = None
+    #: Why it stands where it does (its class, with fair share its owner's recent use, its arrival).
+    why: str = ""
+    #: With fair share, its owner's decayed recent use in GiB·h (None when fair share is off).
+    owner_use_gib_hours: float | None = None
 
     @property
     def wanted(self) -> str:
@@ -74,17 +79,26 @@ class QueueEntry:
         return data
 
 
-def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[LeaseRecord]) -> list[QueueEntry]:
-    """The queued requests of ``snapshot`` in grant order, joined with their leases for owner and label."""
+def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[LeaseRecord],
+               half_life_s: float | None = None) -> list[QueueEntry]:
+    """The queued requests of ``snapshot`` in grant order, joined with their leases for owner and label.
+
+    ``half_life_s`` is fair share's half-life when it is on (the requests' ``share`` is then their owner's
+    recent use), so that each entry can say why it stands where it does.
+    """
     by_id = {lease.id: lease for lease in leases}
     requests = {r.lease_id: r for r in snapshot.queue}
     out = []
+    previous: fairshare.Standing | None = None
     for slot in scheduler.plan(snapshot):
         if slot.lease_id is None:
             continue
         request = requests[slot.lease_id]
         lease = by_id.get(slot.lease_id)
         count = len(request.devices) if request.devices is not None else request.gpus
+        standing = fairshare.Standing(lease.owner if lease is not None else "?", str(request.priority),
+                                      request.share if half_life_s is not None else None,
+                                      lease.created_at if lease is not None else snapshot.now)
         out.append(QueueEntry(
             lease_id=slot.lease_id,
             position=slot.position,
@@ -99,7 +113,10 @@ def queue_from(snapshot: scheduler.Snapshot, leases: Iterable[LeaseRecord]) -> l
             estimated_start=None if math.isinf(slot.start) else slot.start,
             planned_devices=slot.devices,
             label=lease.label if lease is not None else None,
+            why=fairshare.explain(standing, previous, half_life_s),
+            owner_use_gib_hours=round(request.share, 3) if half_life_s is not None else None,
         ))
+        previous = standing
     return out
 
 
@@ -363,9 +380,11 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[LeaseRecord], *
 
 # -- gathering from an engine ------------------------------------------------------------------------------
 def queue(engine: Engine) -> list[QueueEntry]:
-    """Every queued request in grant order with its estimated start."""
+    """Every queued request in grant order with its estimated start and why it stands there."""
     snapshot, live = engine.snapshot()
-    return queue_from(snapshot, [lease.record for lease in live])
+    config = engine.config
+    return queue_from(snapshot, [lease.record for lease in live],
+                      config.fair_share_half_life_s if config.fair_share else None)
 
 
 def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:

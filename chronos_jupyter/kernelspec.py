@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from chronos.errors import ChronosError, InvalidRequestError, NotAllowedError
-from chronos.model import Action, Priority
+from chronos.model import Action, OnIdle, Priority
 from chronos.request import FOREVER, parse_request
 from chronos.units import duration_text, format_bytes, format_duration, parse_duration, parse_memory
 
@@ -45,11 +45,16 @@ def kernel_json(
     on_expiry: str | None = None,
     cull_idle: str | int | float | None = None,
     python: str | None = None,
+    idle_after: str | int | float | None = None,
+    on_idle: str | None = None,
 ) -> dict[str, Any]:
     """The kernel.json document, with every value validated (InvalidRequestError on bad input)."""
     if gpus is not None and device is not None:
         raise InvalidRequestError("give either --gpus (how many) or --device (which ones), not both")
-    spec = parse_request(memory, duration, device=device, gpus=gpus, priority=priority, wait=wait)
+    spec = parse_request(memory, duration, device=device, gpus=gpus, priority=priority, wait=wait,
+                         idle_after=idle_after, on_idle=on_idle)
+    if spec.on_idle is not None and spec.idle_after_s is None:
+        raise InvalidRequestError("--on-idle needs --idle-after (how long a kernel may use no GPU time)")
     assert spec.duration_s is not None
     config: dict[str, Any] = {
         "memory": memory.strip() if isinstance(memory, str) else memory,  # the admin's own spelling
@@ -65,6 +70,9 @@ def kernel_json(
         config["wait"] = True if spec.wait_s == FOREVER else duration_text(spec.wait_s)
     if on_expiry is not None:
         config["on_expiry"] = str(Action.parse(on_expiry, "on-expiry action"))
+    if spec.idle_after_s is not None:
+        config["idle_after"] = duration_text(spec.idle_after_s)
+        config["on_idle"] = str(spec.on_idle or "release")
     metadata: dict[str, Any] = {
         "kernel_provisioner": {"provisioner_name": "chronos", "config": config},
         "debugger": True,
@@ -100,6 +108,8 @@ def install_kernel(
     wait: str | int | float | bool | None = None,
     on_expiry: str | None = None,
     cull_idle: str | int | float | None = None,
+    idle_after: str | int | float | None = None,
+    on_idle: str | None = None,
     user: bool = False,
     sys_prefix: bool = False,
     prefix: str | os.PathLike[str] | None = None,
@@ -118,7 +128,7 @@ def install_kernel(
     kernel_name = _check_name(name)
     doc = kernel_json(
         memory=memory, duration=duration, gpus=gpus, device=device, priority=priority, wait=wait,
-        on_expiry=on_expiry, cull_idle=cull_idle, python=python,
+        on_expiry=on_expiry, cull_idle=cull_idle, python=python, idle_after=idle_after, on_idle=on_idle,
         display_name=display_name or _default_display_name(memory, duration, gpus),
     )
     target_prefix = sys.prefix if sys_prefix else (os.fspath(prefix) if prefix is not None else None)
@@ -161,6 +171,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="wait in the queue up to TIME (or 'forever') when no capacity is free")
     inst.add_argument("--on-expiry", default=None, choices=Action.choices(),
                       help="what happens to the kernel when its lease ends (default terminate)")
+    inst.add_argument("--idle-after", default=None, metavar="TIME",
+                      help="this kernelspec's idle rule: act on a kernel whose GPU is unused this long (it adds "
+                           "to the system's idle_after, never lifts it)")
+    inst.add_argument("--on-idle", default=None, choices=OnIdle.choices(),
+                      help="what the idle rule does: warn, release (default) or terminate")
     inst.add_argument("--cull-idle", default=None, metavar="TIME",
                       help="per-kernelspec idle culling timeout (needs the server's culler on)")
     where = inst.add_mutually_exclusive_group()
@@ -181,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = install_kernel(
             args.name, args.memory, args.duration, gpus=args.gpus, device=args.device,
             display_name=args.display_name, priority=args.priority, wait=args.wait,
-            on_expiry=args.on_expiry, cull_idle=args.cull_idle,
+            on_expiry=args.on_expiry, cull_idle=args.cull_idle, idle_after=args.idle_after, on_idle=args.on_idle,
             user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix,
         )
     except ChronosError as exc:

@@ -48,6 +48,7 @@ Chronos: time-limited, memory-capped GPU leases.
 
   {RESERVE_USAGE}
         take a lease for this kernel, e.g. %chronos reserve 8G 2h
+  %chronos claim BOOKING       claim a booking of yours in its window, as this kernel's lease
   %chronos status [LEASE]      show this kernel's lease (or LEASE), live
   %chronos list                the leases on this machine, and its GPUs
   %chronos extend DURATION [LEASE]
@@ -66,7 +67,7 @@ The widget's Release and Extend buttons answer between cells (the kernel is busy
 #: What the in-kernel watchdog does when the kernel's processes use more than the cap.
 IN_KERNEL_OVERUSE = Action.INTERRUPT
 
-_COMMANDS = ("reserve", "status", "list", "release", "extend", "stats", "suggest", "help")
+_COMMANDS = ("reserve", "claim", "status", "list", "release", "extend", "stats", "suggest", "help")
 
 
 
@@ -288,6 +289,18 @@ class ChronosMagics(Magics):
         if spec.wait_s is not None:
             print(f"chronos: waiting in the queue for {spec.memory}; interrupt the kernel to give up", flush=True)
         lease = self._reserve(spec)
+        self.lease = lease
+        self._activation = self._activate(lease)
+        self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)
+        _print_notes(self._activation.notes)
+
+    def _cmd_claim(self, rest: list[str]) -> None:
+        if len(rest) != 1:
+            raise UsageError("say which booking, e.g. %chronos claim 12 (see chronos bookings)")
+        held = self.current()
+        if held is not None and held.state.live:
+            raise UsageError(f"this kernel already holds lease {held.id}: type %chronos release first")
+        lease = api.claim(rest[0], bind=True)
         self.lease = lease
         self._activation = self._activate(lease)
         self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)

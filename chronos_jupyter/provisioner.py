@@ -44,7 +44,7 @@ from chronos.enforce.watchdog import (
 )
 from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
 from chronos.lease import Lease
-from chronos.model import Action, LeaseState, Priority
+from chronos.model import Action, LeaseState, OnIdle, Priority
 from chronos.request import RequestSpec, parse_request
 from chronos.units import format_bytes, format_clock, format_duration, parse_duration
 from chronos_jupyter.kernel_errors import (
@@ -112,6 +112,16 @@ class ChronosProvisioner(LocalProvisioner):
         "past its grace period (same choices as on_expiry). A terminated kernel is auto-restarted "
         "within the rest of its lease's time.",
     )
+    idle_after = Union(
+        [Unicode(), Int(), Float()], default_value="", config=True,
+        help="This kernelspec's own idle rule: act on a kernel whose lease used no GPU time this long (30m). "
+        "It adds to the system's [limits] idle_after, never lifts it. Empty: the system's rule only.",
+    )
+    on_idle = Enum(
+        OnIdle.choices(), default_value=None, allow_none=True, config=True,
+        help="What this kernelspec's idle rule does: warn, release (the kernel keeps running without a lease) "
+        "or terminate (the kernel is stopped). Default release.",
+    )
     warn_before = Union(
         [Unicode(), Int(), Float()], default_value="10m", config=True,
         help="Log a warning this long before the lease ends (and again a minute before).",
@@ -161,7 +171,8 @@ class ChronosProvisioner(LocalProvisioner):
             )
         try:
             return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
-                                 priority=self.priority, wait=self.queue_wait, label=self._label())
+                                 priority=self.priority, wait=self.queue_wait, label=self._label(),
+                                 idle_after=self.idle_after or None, on_idle=self.on_idle)
         except InvalidRequestError as exc:
             raise KernelLeaseInvalid(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}") from None
 

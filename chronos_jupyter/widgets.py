@@ -62,6 +62,10 @@ class LeaseView:
     cap_bytes: int
     used_bytes: int | None
     level: Level
+    #: Since when the lease's processes used no GPU time (the idle policy's view), if they did not.
+    idle_since: float | None = None
+    #: When the idle policy will end the lease, after its warning.
+    idle_action_at: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -85,7 +89,20 @@ class LeaseView:
                 word = "expired"
             when = self.ended_at if self.ended_at is not None else self.expires_at
             return f"{word} at {_clock(when)}" if when is not None else word
-        return f"{format_duration(self.remaining_s)} left (ends {_clock(self.expires_at)})"
+        text = f"{format_duration(self.remaining_s)} left (ends {_clock(self.expires_at)})"
+        if self.idle_since is not None:
+            text += f" · {self.idle_text}"
+        return text
+
+    @property
+    def idle_text(self) -> str:
+        """``idle since 14:02``, with when the idle policy acts once it has warned."""
+        if self.idle_since is None:
+            return ""
+        text = f"idle since {format_clock(self.idle_since)}"
+        if self.idle_action_at is not None:
+            text += f"; ends at {format_clock(self.idle_action_at)} unless the GPU is used or the lease extended"
+        return text
 
     @property
     def memory_text(self) -> str:
@@ -135,6 +152,8 @@ def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float |
         cap_bytes=lease.memory_bytes * max(1, len(lease.devices)),
         used_bytes=used_bytes,
         level=level,
+        idle_since=lease.idle_since if level not in ("ended", "queued") else None,
+        idle_action_at=lease.idle_warning.action_at if lease.idle_warning is not None and level != "ended" else None,
     )
 
 

@@ -27,8 +27,24 @@ def register(subparsers: Any) -> None:
 def _state(lease: Lease) -> str:
     from chronos.cli import render
 
-    colours = {LeaseState.ACTIVE: "green", LeaseState.QUEUED: "yellow", LeaseState.REVOKED: "red"}
-    return render.color(str(lease.state), colours.get(lease.state, "dim"))
+    colours = {LeaseState.ACTIVE: "green", LeaseState.QUEUED: "yellow", LeaseState.REVOKED: "red",
+               LeaseState.BOOKED: "blue"}
+    text = render.color(str(lease.state), colours.get(lease.state, "dim"))
+    if lease.state == LeaseState.ACTIVE and lease.idle_since is not None:
+        text += ", " + render.color(idle_text(lease), "yellow")
+    return text
+
+
+def idle_text(lease: Lease) -> str:
+    """``idle since 14:02``, and what the idle policy will do when it has warned."""
+    from chronos.units import format_clock
+
+    text = f"idle since {format_clock(lease.idle_since)}"
+    notice = lease.idle_warning
+    if notice is not None and notice.action_at is not None:
+        verb = "released" if notice.action == "release" else "terminated"
+        text += f" ({verb} at {format_clock(notice.action_at)})"
+    return text
 
 
 def list_leases(args: argparse.Namespace) -> int:
@@ -61,6 +77,8 @@ def list_leases(args: argparse.Namespace) -> int:
             entry = queue.get(lease.id)
             timing = f"#{entry.position} in queue" if entry else "waiting"
             ends = f"starts ~{render.when(entry.estimated_start)}" if entry and entry.estimated_start else "-"
+        elif lease.state == LeaseState.BOOKED:
+            timing, ends = f"starts {render.when(lease.starts_at)}", render.when(lease.record.ends_at)
         else:
             timing, ends = "-", render.when(lease.ended_at)
         memory = render.gib(lease.memory_bytes) if lease.memory_bytes else "-"
@@ -87,6 +105,13 @@ def show(args: argparse.Namespace) -> int:
         ("holder", str(lease.pid) if lease.pid else "none (lives until released or expired)"),
         ("label", lease.label or "-"),
     ]
+    if lease.starts_at is not None:
+        from chronos.units import format_instant
+
+        window = f"from {format_instant(lease.starts_at)} to {format_instant(lease.starts_at + lease.duration_s)}"
+        rows.insert(7, ("booked", window))
+    if lease.state == LeaseState.ACTIVE and lease.idle_since is not None:
+        rows.append(("idle", idle_text(lease)))
     if lease.end_reason:
         rows.append(("ended", f"{render.when(lease.ended_at)}: {lease.end_reason}"))
     if lease.peak_memory_bytes is not None:

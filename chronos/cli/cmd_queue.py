@@ -10,8 +10,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "queue",
         help="queued requests: position, priority, owner, memory, GPUs wanted, estimated start",
-        description="Queued requests in the order they will be granted (high, normal, low; first come first "
-                    "served within a class). The estimated start assumes every active lease runs to its end; "
+        description="Queued requests in the order they will be granted (high, normal, low; within a class, with "
+                    "[scheduling] fair_share, the owner with less recent use first; then first come first served), "
+                    "each with why it stands there. The estimated start assumes every active lease runs to its end; "
                     "earlier releases make it sooner.",
     )
     p.add_argument("--json", action="store_true", help="a JSON array of queued requests")
@@ -44,8 +45,8 @@ def show(args: argparse.Namespace) -> int:
         rows.append([
             str(e.position), e.lease_id, e.owner, e.priority,
             e.memory + (" each" if e.gpus > 1 else ""), e.wanted, format_duration(e.duration_s),
-            format_duration(max(0.0, now - e.queued_at)), start, e.label or "",
+            format_duration(max(0.0, now - e.queued_at)), start, e.label or "", e.why,
         ])
-    render.table(["POS", "ID", "OWNER", "PRIORITY", "MEMORY", "WANTS", "FOR", "WAITING", "EST. START", "LABEL"],
-                 rows)
+    render.table(["POS", "ID", "OWNER", "PRIORITY", "MEMORY", "WANTS", "FOR", "WAITING", "EST. START", "LABEL",
+                  "WHY HERE"], rows)
     return 0

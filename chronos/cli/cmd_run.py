@@ -17,8 +17,11 @@ def register(subparsers: Any) -> None:
         "Exits with COMMAND's status (128+N when signal N ended it); 2 for bad input, 3 when the lease "
         "cannot be had now.",
     )
-    p.add_argument("memory", metavar="MEMORY", help="per GPU: 8G, 512M, 8GiB, 50%%, 0.5")
-    p.add_argument("duration", metavar="DURATION", help="2h, 90m, 1h30m, 45s, 1d or seconds")
+    p.add_argument("memory", metavar="MEMORY", nargs="?", help="per GPU: 8G, 512M, 8GiB, 50%%, 0.5 "
+                   "(not with --booking)")
+    p.add_argument("duration", metavar="DURATION", nargs="?", help="2h, 90m, 1h30m, 45s, 1d or seconds")
+    p.add_argument("--booking", metavar="ID", help="run inside this booking of yours, claimed now, instead of a new "
+                   "lease: chronos run --booking 12 -- COMMAND")
     p.add_argument("argv", metavar="COMMAND", nargs="*", help="the command and its arguments, after --")
     p.set_defaults(split_at_dashes=True)
     where = p.add_mutually_exclusive_group()
@@ -50,8 +53,14 @@ def run_command(args: argparse.Namespace) -> int:
     from chronos.enforce.watchdog import DEFAULT_GRACE_S, DEFAULT_KILL_WAIT_S
     from chronos.run import run
 
+    if args.booking is None and (args.memory is None or args.duration is None):
+        raise InvalidRequestError("say how much memory and for how long (chronos run 8G 2h -- COMMAND), "
+                                  "or which booking to run in (chronos run --booking ID -- COMMAND)")
+    if args.booking is not None and (args.memory is not None or args.gpus or args.gpu):
+        raise InvalidRequestError("a booking already says how much and where: chronos run --booking ID -- COMMAND")
     result = run(
-        argv, args.memory, args.duration, gpus=args.gpus, device=args.gpu, priority=args.priority, wait=args.wait,
+        argv, args.memory or "", args.duration, gpus=args.gpus, device=args.gpu, priority=args.priority,
+        wait=args.wait, booking=args.booking,
         on_expiry=args.on_expiry, on_overuse=args.on_overuse,
         grace=DEFAULT_GRACE_S if args.grace is None else args.grace,
         kill_wait=DEFAULT_KILL_WAIT_S if args.kill_wait is None else args.kill_wait,

@@ -185,7 +185,7 @@ class Policies:
     def _signal_members(self, lease: LeaseRecord) -> None:
         """SIGTERM to the lease's processes this process may signal; their watchdog (or the service) goes on."""
         self._membership.update([lease, *[r for r in self._membership.leases if r.id != lease.id]])
-        for pid, started in self._membership.members(lease.id):
+        for pid, _started in self._membership.members(lease.id):
             if pid != os.getpid():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
