@@ -15,7 +15,12 @@ from tests.conftest import ROOT
 
 PACKAGES = ("chronos", "chronos_jupyter")
 #: Modules allowed past ~450 lines because they are one job each.
-ONE_JOB = {"chronos/scheduler.py": "the planner"}
+ONE_JOB = {
+    "chronos/scheduler.py": "the planner",
+    "chronos/engine.py": "the composition root: every lease operation, each policy a hook into chronos.policy",
+    "chronos/config.py": "the configuration schema: every key, its parser, its file and line",
+    "chronos/devices/simulated.py": "the simulated GPU backend: memory and SM use shared through one file",
+}
 MAX_LINES = 480
 
 

@@ -80,7 +80,9 @@ def list_bookings(args: argparse.Namespace) -> int:
         render.dump_json([lease.to_dict() for lease in found])
         return 0
     if args.ics:
-        sys.stdout.write(calendar(found, now=time.time()))
+        sys.stdout.flush()
+        sys.stdout.buffer.write(calendar(found, now=time.time()).encode("utf-8"))  # CRLF line ends, untranslated
+        sys.stdout.buffer.flush()
         return 0
     if not found:
         print("no bookings" if args.all else "no bookings to come (see chronos bookings --all)")
