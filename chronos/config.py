@@ -350,7 +350,7 @@ def _line_of(text: str, section: str | tuple[str, ...], key: str) -> int | None:
         header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
         if header:
             current = _parts(header.group(1))
-            if current == (*wanted, key):
+            if current[:len(wanted) + 1] == (*wanted, key):  # [section.key] or a table under it
                 return number
             continue
         if current == wanted and pattern.match(line):

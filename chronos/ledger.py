@@ -296,6 +296,10 @@ class Ledger:
                           "(state = ? OR ended_at >= ?)", (str(LeaseState.ACTIVE), since))
         return [_lease(r) for r in rows]
 
+    def change_mark(self) -> tuple[Any, ...]:
+        """Something that changes whenever a lease is added or ends (two index lookups, no scan)."""
+        return tuple(self._read("SELECT (SELECT MAX(seq) FROM leases), (SELECT MAX(ended_at) FROM leases)")[0])
+
     def count_events(self, event: str) -> dict[str, int]:
         """How many events of one kind the log holds, by the ``reason`` in their detail."""
         rows = self._read("SELECT json_extract(detail, '$.reason'), COUNT(*) FROM events WHERE event = ? "

@@ -36,8 +36,10 @@ __all__ = ["Host", "LedgerOps", "Policies"]
 SAMPLE_EVERY_S = 2.0
 #: How long a user's groups (and so their limits) are remembered.
 GROUPS_TTL_S = 30.0
-#: How long a fair-share reading and the list of bookings are reused for the "is a write due" check.
+#: How long the list of bookings is reused for the "is a write due" check.
 REUSE_S = 2.0
+#: The longest a fair-share reading is reused while no lease is added or ends.
+SHARES_TTL_S = 30.0
 #: A sample older than this decides nothing.
 STALE_S = 60.0
 
@@ -52,6 +54,8 @@ class LedgerOps(Protocol):
     def request_of(self, lease_id: str) -> dict[str, Any] | None: ...
 
     def held_since(self, since: float) -> list[LeaseRecord]: ...
+
+    def change_mark(self) -> tuple[Any, ...]: ...
 
     def transaction(self) -> AbstractContextManager[Any]: ...
 
@@ -84,7 +88,7 @@ class Policies:
         self._sample: idle.Sample | None = None
         self._next_sample = 0.0
         self._booked: tuple[float, list[LeaseRecord]] | None = None
-        self._shares: tuple[float, dict[str, float]] | None = None
+        self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
         self._next_tick = 0.0
         self._ticking = False
         #: Called by :meth:`tick` with nothing, at most every ``[metrics] interval``: writes the textfile.
@@ -251,15 +255,17 @@ class Policies:
 
     # -- fair share ------------------------------------------------------------------------
     def use(self, now: float) -> dict[str, float]:
-        """Every owner's decayed recent use in GiB·h (reused for a moment)."""
+        """Every owner's decayed recent use in GiB·h, read again when a lease was added or ended (and every
+        half minute, for the use of leases still running)."""
         cached = self._shares
         mono = time.monotonic()
-        if cached is None or mono - cached[0] > REUSE_S:
+        mark = self.host.ledger.change_mark()
+        if cached is None or cached[1] != mark or mono - cached[0] > SHARES_TTL_S:
             half = self.config.fair_share_half_life_s
             rows = self.host.ledger.held_since(fairshare.horizon(now, half))
-            cached = (mono, fairshare.usage(rows, now, half))
+            cached = (mono, mark, fairshare.usage(rows, now, half))
             self._shares = cached
-        return cached[1]
+        return cached[2]
 
     def share_of(self, owner: str, now: float) -> float:
         return self.use(now).get(owner, 0.0) if self.config.fair_share else 0.0
