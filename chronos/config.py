@@ -138,7 +138,8 @@ def _bytes(value: Any) -> int:
 
 
 def _seconds0(value: Any) -> float:
-    if value == 0 and not isinstance(value, bool):
+    """A duration that may be zero (``0`` or ``"0"``: none)."""
+    if not isinstance(value, bool) and (value == 0 or (isinstance(value, str) and value.strip() in ("0", "0s"))):
         return 0.0
     return _duration(value)
 

@@ -85,7 +85,7 @@ def test_fair_share_puts_an_occasional_user_before_a_heavy_one(monkeypatch: pyte
             assert f"after {users['light']}, who used less" in shown.stdout
             assert f"{users['heavy']} used" in shown.stdout and "half-life 7d" in shown.stdout
             blocker.release()
-            out, err = light.communicate(timeout=60)
+            _out, err = light.communicate(timeout=60)
             assert light.returncode == 0, err
             assert heavy.poll() is None  # still waiting: 60 GiB + 60 GiB do not fit on 80
             assert [e.owner for e in chronos.queue()] == [users["heavy"]]
