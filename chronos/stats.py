@@ -164,6 +164,8 @@ class UserUsage:
     active: int
     queued: int
     peak_to_cap_percent: float | None = None
+    #: GPU-hours held by leases of the last week while they used no GPU time (the idle policy's view).
+    idle_gpu_hours_week: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,8 +210,9 @@ def gpu_hours(leases: Iterable[LeaseRecord], now: float, window_s: float) -> dic
 
 
 def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot, leases: Sequence[LeaseRecord],
-                  now: float) -> DetailedStats:
-    """Per-device and per-user figures from device status, the scheduler's snapshot and every lease."""
+                  now: float, idle_week: dict[str, float] | None = None) -> DetailedStats:
+    """Per-device and per-user figures from device status, the scheduler's snapshot and every lease
+    (``idle_week``: each user's idle GPU-hours over the last week, from the report)."""
     planned: dict[int, int] = {}
     for slot in scheduler.plan(snapshot) if snapshot.queue else []:
         for index in slot.devices:
@@ -246,6 +249,7 @@ def detailed_from(devices: Sequence[DeviceStatus], snapshot: scheduler.Snapshot,
             active=sum(1 for lease in theirs if lease.state == LeaseState.ACTIVE),
             queued=sum(1 for lease in theirs if lease.state == LeaseState.QUEUED),
             peak_to_cap_percent=round(sum(ratios) / len(ratios), 1) if ratios else None,
+            idle_gpu_hours_week=round((idle_week or {}).get(user, 0.0), 3),
         ))
     usage.sort(key=lambda u: (-u.gpu_hours_week, u.user))
     return DetailedStats(devices=out, users=usage, queue_length=len(snapshot.queue), now=now)
@@ -391,10 +395,14 @@ def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:
     """Device detail and GPU-hours (every user's, or only ``user``'s)."""
     import time
 
+    from chronos.policy.figures import gather_report
+
     devices = engine.devices()
     snapshot, _ = engine.snapshot()
     history = [lease.record for lease in engine.leases(all=True, user=user)]
-    return detailed_from(devices, snapshot, history, time.time())
+    now = time.time()
+    idle_week = {row.key: row.idle_gpu_hours for row in gather_report(engine, since=now - WEEK, now=now).rows}
+    return detailed_from(devices, snapshot, history, now, idle_week)
 
 
 def suggest(engine: Engine, user: str | None = None) -> Suggestion:

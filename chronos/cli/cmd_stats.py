@@ -39,6 +39,14 @@ def stats(args: argparse.Namespace) -> int:
             str(d.active_leases), util,
         ])
     render.table(["GPU", "NAME", "TOTAL", "USED", "RESERVED", "UNMANAGED", "AVAILABLE", "LEASES", "UTIL"], rows)
+    idle = [lease for lease in api.leases() if lease.state == "active" and lease.idle_since is not None]
+    if idle:
+        from chronos.cli.cmd_list import idle_text
+
+        print("\nidle leases (no GPU time used):")
+        render.table(["ID", "OWNER", "GPU", "MEMORY", "IDLE"],
+                     [[lease.id, lease.owner, ",".join(map(str, lease.devices)), render.gib(lease.memory_bytes),
+                       idle_text(lease)] for lease in idle])
     strays = [u for d in devices for u in d.unmanaged_processes]
     if strays:
         print("\nunmanaged GPU processes (memory no lease accounts for):")
@@ -74,11 +82,12 @@ def detailed(args: argparse.Namespace) -> int:
                   "AVAILABLE", "UTIL", "LEASES", "QUEUED", "UUID"], rows)
     print(f"\nqueue: {found.queue_length} request(s) waiting")
     print(f"\nGPU-hours held ({'every user' if args.all else 'you'}; a 2-GPU lease for 1h counts 2):")
-    users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.leases_day}/{u.leases_week}",
-              str(u.active), str(u.queued),
+    users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.idle_gpu_hours_week:.2f}",
+              f"{u.leases_day}/{u.leases_week}", str(u.active), str(u.queued),
               f"{u.peak_to_cap_percent:.0f}%" if u.peak_to_cap_percent is not None else "-"] for u in found.users]
     if users:
-        render.table(["USER", "LAST DAY", "LAST WEEK", "LEASES DAY/WEEK", "ACTIVE", "QUEUED", "PEAK/CAP"], users)
+        render.table(["USER", "LAST DAY", "LAST WEEK", "IDLE WEEK", "LEASES DAY/WEEK", "ACTIVE", "QUEUED",
+                      "PEAK/CAP"], users)
     else:
         print("no leases in the last week")
     return 0
