@@ -334,7 +334,8 @@ class ChronosMagics(Magics):
             print("No active or queued leases.")
         else:
             rows = [[lease.id, lease.owner, ",".join(map(str, lease.devices)) or "-",
-                     format_bytes(lease.memory_bytes), str(lease.state),
+                     format_bytes(lease.memory_bytes),
+                     str(lease.state) + (f", idle since {format_clock(lease.idle_since)}" if lease.idle_since else ""),
                      format_duration(lease.remaining) if lease.state.live else "-", lease.label or ""]
                     for lease in leases]
             print(text.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "LABEL"], rows))

@@ -226,7 +226,7 @@ class ChronosProvisioner(LocalProvisioner):
                 fresh = await in_thread(
                     chronos.reserve, lease.memory_bytes, remaining, gpus=len(lease.devices) or None,
                     prefer=list(lease.devices), priority=lease.priority, label=self._label(),
-                    bind=os.getpid(),
+                    bind=os.getpid(), idle_after=self.idle_after or None, on_idle=self.on_idle,
                 )
             except ChronosError as exc:
                 await self._give_up()
