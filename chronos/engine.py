@@ -115,8 +115,9 @@ class Engine:
 
         Returns the leases still live (active or queued), oldest first.
         """
-        live = [lease for lease in self.ledger.live() if self._reclaim_one(lease, now, who) is lease]
-        return self.policies.reclaim(live, now, who)
+        live, booked = self.ledger.open_leases()
+        live = [lease for lease in live if self._reclaim_one(lease, now, who) is lease]
+        return self.policies.reclaim(live, booked, now, who)
 
     def _reclaim_one(self, lease: LeaseRecord, now: float, who: User) -> LeaseRecord:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
@@ -137,6 +138,7 @@ class Engine:
         """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
         live = self.ledger.live()
+        self.policies.forget_write()
         self.policies.sample(live)
         due = any(
             (lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now)
@@ -280,10 +282,7 @@ class Engine:
                       decision: scheduler.Decision, live: list[LeaseRecord]) -> None:
         """Configured limits, the owner's own and their groups' included (:mod:`chronos.limits`)."""
         mine = self.policies.limits_of(owner)
-        usage = limits.Usage()
-        if any(getattr(mine, name) is not None for name in
-               ("max_memory_per_user_bytes", "max_leases_per_user", "max_gpus_per_user")):
-            usage = limits.usage_of(live, owner.uid, snapshot.queue)
+        usage = limits.usage_of(live, owner.uid, snapshot.queue) if mine.counts_usage else limits.Usage()
         groups: set[str] = set()
         admin = False
         if request.priority == Priority.HIGH and (mine.high_priority_groups is not None
@@ -441,8 +440,7 @@ class Engine:
             live = [r for r in self.ledger.live() if r.id != booking.id]
             info = limits.RequestInfo(booking.memory_bytes, len(booking.devices), booking.duration_s)
             mine = self.policies.limits_of(owner)
-            limits.check(replace(mine, values={**mine.values, "max_duration_s": None}), info, owner.name, (),
-                         limits.usage_of(live, owner.uid))
+            limits.check(replace(mine, max_duration_s=None), info, owner.name, (), limits.usage_of(live, owner.uid))
 
         return bookings.claim(self, booking_id, caller, holder, self._owned, usage_check)
 

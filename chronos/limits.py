@@ -42,19 +42,35 @@ class Limits:
     /etc/chronos/config.toml``). ``high_priority`` None: decided by ``limits.high_priority_groups``."""
 
     user: str
-    values: dict[str, Any]
-    rules: dict[str, str] = field(default_factory=dict)
+    max_duration_s: float | None = None
+    max_memory_per_lease_bytes: int | None = None
+    max_memory_per_user_bytes: int | None = None
+    max_leases_per_user: int | None = None
+    max_gpus_per_user: int | None = None
+    high_priority: bool | None = None
+    idle_after_s: float | None = None
+    on_idle: OnIdle = OnIdle.RELEASE
+    idle_warning_s: float = 300.0
+    booking_grace_s: float = 900.0
+    max_booking_lead_s: float | None = None
+    max_booked_s_per_week: float | None = None
+    max_bookings_per_user: int | None = None
+    rules: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
 
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__.get("values", {})
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
-
     def rule(self, name: str) -> str:
         return self.rules[name]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+    @property
+    def counts_usage(self) -> bool:
+        """Whether a check needs the user's current usage (a per-user limit is set)."""
+        return (self.max_memory_per_user_bytes is not None or self.max_leases_per_user is not None
+                or self.max_gpus_per_user is not None)
 
 
 def _generosity(name: str, value: Any) -> tuple[int, float]:
@@ -94,7 +110,8 @@ def effective(config: Config, user: str, groups: Iterable[str] = ()) -> Limits:
             for key, value in pairs:
                 values[key] = value
                 rules[key] = f"limits.users.{name}.{OVERRIDE_NAMES[key]} in {config.source('users.' + name)}"
-    return Limits(user, values, rules, config.high_priority_groups, config.admin_group)
+    return Limits(user, **values, rules=rules, high_priority_groups=config.high_priority_groups,
+                  admin_group=config.admin_group)
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ def book(engine: EngineCore, owner: User, caller: User, spec: RequestSpec, start
             starts_at=start,
         )
         record = replace(record, id=engine.ledger.insert(record, request.to_json(False)))
+        engine.policies.changed(record.id)
         engine._event(record.id, "booked", caller, {
             "starts_at": start, "ends_at": start + duration_s, "devices": list(slot.devices),
             "memory_bytes": slot.memory_bytes, "owner": owner.name})
@@ -153,6 +154,7 @@ def _claim(engine: EngineCore, booking: LeaseRecord, caller: User, holder: tuple
     if label and not booking.label:
         fields["label"] = label
     engine.ledger.update(booking.id, **fields)
+    engine.policies.changed(booking.id)
     claimed = replace(booking, state=LeaseState.ACTIVE, started_at=now, expires_at=end, pid=fields["pid"],
                       pid_start=fields["pid_start"], label=fields.get("label", booking.label))
     engine._event(booking.id, "granted", caller, {
@@ -209,8 +211,11 @@ def claim_matching(engine: EngineCore, owner: User, caller: User, spec: RequestS
     """Inside a request's write: its owner's booking in its window that the request fits, claimed; or None."""
     if spec.wait_s is not None and spec.wait_s < 0:
         return None
+    mine = [b for b in engine.policies.booked(fresh=True) if b.uid == owner.uid]
+    if not mine:
+        return None
     totals = {d.index: d.memory_total_bytes for d in devices}
-    for booking in engine.policies.booked(fresh=True):
+    for booking in mine:
         if booking.uid != owner.uid or booking.starts_at is None or now < booking.starts_at:
             continue
         if matches(booking, spec, totals, visible):

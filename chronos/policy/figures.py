@@ -48,7 +48,8 @@ def collect_metrics(engine: Source) -> str:
     ledger = engine.ledger
     live = ledger.live()
     booked = ledger.booked()
-    counts = {event: sum(ledger.count_events(event).values()) for event in ("granted", "no-show", "idle-warning")}
+    counts = {event: sum(ledger.count_events(event).values()) for event in ("no-show", "idle-warning")}
+    counts["granted"] = ledger.count_granted()
     return metrics.render(devices, live, booked, now=time.time(), refusals=ledger.count_events("refused"),
                           counts=counts)
 

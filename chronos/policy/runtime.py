@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -91,6 +92,8 @@ class Policies:
         self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
         self._next_tick = 0.0
         self._ticking = False
+        self._global: dict[str, Limits] = {}
+        self._write = threading.local()  # the bookings read inside this thread's current write
         #: Called by :meth:`tick` with nothing, at most every ``[metrics] interval``: writes the textfile.
         self.on_tick: Callable[[], None] | None = None
 
@@ -102,8 +105,11 @@ class Policies:
     def limits_of(self, user: User) -> Limits:
         """``user``'s effective limits; their groups are read again every half minute."""
         config = self.config
-        if not config.group_limits and not config.user_limits:
-            return effective(config, user.name)
+        if not config.group_limits and not config.user_limits:  # everyone has [limits]: computed once
+            found = self._global.get(user.name)
+            if found is None:
+                found = self._global[user.name] = effective(config, user.name)
+            return found
         now = time.monotonic()
         cached = self._limits.get(user.uid)
         if cached is None or now - cached[0] > GROUPS_TTL_S or cached[1].user != user.name:
@@ -202,18 +208,35 @@ class Policies:
         assert booking.starts_at is not None
         return min(booking.starts_at + self.grace_of(booking), booking.starts_at + booking.duration_s)
 
-    def _apply_no_shows(self, now: float, who: User) -> None:
-        for booking in self.host.ledger.booked():
+    def _apply_no_shows(self, booked: list[LeaseRecord], now: float, who: User) -> None:
+        left = []
+        for booking in booked:
             if booking.starts_at is not None and now >= self._no_show_at(booking):
                 grace = self.grace_of(booking)
                 self.host._end(booking, LeaseState.NO_SHOW,
                                f"not claimed within {format_duration(grace)} of its start "
                                f"({format_clock(booking.starts_at)}): a no-show", who, at=self._no_show_at(booking))
+            else:
+                left.append(booking)
+        self._booked = (time.monotonic(), left)
+        self._write.booked = left  # what the rest of this write sees (nobody else writes meanwhile)
+
+    def changed(self, booking_id: str) -> None:
+        """A booking was claimed or made in this write: the bookings read are read again when next asked."""
+        self._write.booked = None
         self._booked = None
 
+    def forget_write(self) -> None:
+        """A read begins: what the last write read is not to be reused."""
+        self._write.booked = None
+
     def booked(self, *, fresh: bool = False) -> list[LeaseRecord]:
-        """Unclaimed bookings (reused for a moment unless ``fresh``)."""
+        """Unclaimed bookings: with ``fresh``, as this write read them or read now; else reused a moment."""
         now = time.monotonic()
+        if fresh:
+            inside: list[LeaseRecord] | None = getattr(self._write, "booked", None)
+            if inside is not None:
+                return inside
         if fresh or self._booked is None or now - self._booked[0] > REUSE_S:
             self._booked = (now, self.host.ledger.booked())
         return self._booked[1]
@@ -231,10 +254,12 @@ class Policies:
             return True
         return any(b.starts_at is not None and now >= self._no_show_at(b) for b in self.booked())
 
-    def reclaim(self, live: list[LeaseRecord], now: float, who: User) -> list[LeaseRecord]:
-        """Inside the engine's write: idle transitions and actions, then no-shows; the leases still live."""
+    def reclaim(self, live: list[LeaseRecord], booked: list[LeaseRecord], now: float, who: User
+                ) -> list[LeaseRecord]:
+        """Inside the engine's write: idle transitions and actions, then no-shows among ``booked`` (the
+        unclaimed bookings, read with the live leases); returns the leases still live."""
         live = self._apply_idle(live, now, who)
-        self._apply_no_shows(now, who)
+        self._apply_no_shows(booked, now, who)
         return live
 
     def tick(self) -> None:
