@@ -152,7 +152,8 @@ def test_an_idle_lease_is_warned_on_its_holders_stderr_then_released(chronos_env
                  what="the warning on the holder's stderr")
         ended = wait_for(lambda: (x := chronos.get_lease(idle_run.lease.id)).state != "active" and x,
                          timeout=30, what="the idle lease to be released")
-        assert ended.state == LeaseState.RELEASED and ended.end_reason.startswith("idle since")
+        assert ended.state == LeaseState.RELEASED and ended.end_reason.startswith("idle since"), (
+            ended, idle_run.proc.poll(), idle_run.err)
         assert ended.ended_at is not None and ended.ended_at >= since + 8
         assert idle_run.proc.poll() is None  # release leaves the processes running: their memory is unmanaged now
         busy = chronos.get_lease(busy_run.lease.id)

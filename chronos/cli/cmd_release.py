@@ -36,7 +36,9 @@ def release(args: argparse.Namespace) -> int:
             continue
         released.append(lease)
         if not args.json:
-            if before.live:
+            if before == "booked":
+                print(f"released lease {lease.id}: the booking is cancelled")
+            elif before.live:
                 print(f"released lease {lease.id}")
             else:
                 print(f"lease {lease.id} had already ended ({lease.state})")
