@@ -407,8 +407,17 @@ def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:
 
 def suggest(engine: Engine, user: str | None = None) -> Suggestion:
     """Advice for your next request (or ``user``'s) from the machine now and your past leases."""
+    import time
+
     snapshot, _ = engine.snapshot()
-    history = [lease.record for lease in engine.leases(all=True, user=user or current_user().name)]
+    name = user or current_user().name
+    history = [lease.record for lease in engine.leases(all=True, user=name)]
     config = engine.config
-    return suggest_from(snapshot, history, default_duration_s=config.default_duration_s,
-                        max_duration_s=config.max_duration_s, max_memory_bytes=config.max_memory_per_lease_bytes)
+    advice = suggest_from(snapshot, history, default_duration_s=config.default_duration_s,
+                          max_duration_s=config.max_duration_s, max_memory_bytes=config.max_memory_per_lease_bytes)
+    now = time.time()
+    for booking in engine.bookings(user=name):
+        if booking.starts_at is not None and booking.starts_at <= now:
+            advice.reasons.insert(0, f"your booking {booking.id} is in its window: chronos claim {booking.id} "
+                                     f"(or any request of yours that fits it claims it)")
+    return advice

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_the_report_equals_a_hand_computation_over_the_audit_log() -> None:
         assert total[key] == want[key] == 1, key
     me = current_user().name
     assert [row["key"] for row in report["rows"]] == [me]
-    assert report["rows"][0]["gpu_hours_reserved"] == pytest.approx(total["gpu_hours_reserved"])
+    assert report["rows"][0]["gpu_hours_reserved"] == pytest.approx(total["gpu_hours_reserved"], abs=1e-5)
     assert total["peak_percent"] == pytest.approx(50.0)  # 4 GiB peak on the 8 GiB lease
 
     by_gpu = json.loads(run_cli("report", "--since", "1h", "--by", "gpu", "--json").stdout)
@@ -171,3 +172,17 @@ def test_the_textfile_is_written_atomically_and_not_more_often_than_asked(chrono
     assert "chronos_user_leases" in target.read_text()
     unwritable = run_cli("metrics", "--write", "/nonexistent/dir/x.prom")
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
+
+
+def test_the_grafana_dashboard_queries_only_series_chronos_exports() -> None:
+    from tests.conftest import ROOT
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exported = set(_families(chronos.metrics()))
+    names = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names.update(re.findall(r"\bchronos_[a-z_]+\b", target["expr"]))
+    assert names
+    # Prometheus's parser names a counter's family without its _total suffix
+    assert {n.removesuffix("_total") for n in names} <= exported, names
