@@ -87,6 +87,8 @@ class Policies:
         self._rules: dict[str, tuple[idle.IdleRule, ...]] = {}
         self._membership = Membership()
         self._sample: idle.Sample | None = None
+        #: Utilisation samples taken so far (a window tied to what was observed, for tests and the service).
+        self.samples = 0
         self._next_sample = 0.0
         self._booked: tuple[float, list[LeaseRecord]] | None = None
         self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
@@ -154,6 +156,7 @@ class Policies:
             return  # no sample: nothing is judged idle
         self._membership.update(active)
         self._sample = idle.attribute(samples, ruled, self._membership, time.time())
+        self.samples += 1
 
     def idle_decisions(self, live: Sequence[LeaseRecord]) -> list[idle.IdleDecision]:
         sample = self._sample
