@@ -23,10 +23,12 @@ if TYPE_CHECKING:
         claim,
         detailed_stats,
         extend,
+        forecast,
         get_lease,
         gpus,
         leases,
         limits_for,
+        machine_status,
         metrics,
         queue,
         release,
@@ -52,11 +54,13 @@ if TYPE_CHECKING:
     from chronos.run import RunResult
     from chronos.run import run as run_command
     from chronos.stats import DetailedStats, QueueEntry, Suggestion
+    from chronos.status import Forecast, GpuStatus, LeaseStatus, MachineStatus
     from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
 
 _EXPORTS = {
-    "chronos.api": ("book", "bookings", "claim", "detailed_stats", "extend", "get_lease", "gpus", "leases",
-                    "limits_for", "metrics", "queue", "release", "report", "reserve", "suggest"),
+    "chronos.api": ("book", "bookings", "claim", "detailed_stats", "extend", "forecast", "get_lease", "gpus",
+                    "leases", "limits_for", "machine_status", "metrics", "queue", "release", "report", "reserve",
+                    "suggest"),
     "chronos.compat": ("Partition", "PartitionInfo", "Partitioner", "is_stub_mode"),
     "chronos.config": ("ConfigError",),
     "chronos.engine": ("DeviceStatus", "Engine", "WaitUpdate"),
@@ -67,6 +71,7 @@ _EXPORTS = {
     "chronos.model": ("Action", "LeaseRecord", "LeaseState", "OnIdle", "Priority"),
     "chronos.run": ("RunResult",),
     "chronos.stats": ("DetailedStats", "QueueEntry", "Suggestion"),
+    "chronos.status": ("Forecast", "GpuStatus", "LeaseStatus", "MachineStatus"),
     "chronos.units": ("format_bytes", "format_duration", "parse_duration", "parse_memory"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -112,11 +117,15 @@ __all__ = [
     "DetailedStats",
     "DeviceStatus",
     "Engine",
+    "Forecast",
+    "GpuStatus",
     "InvalidRequestError",
     "Lease",
     "LeaseNotFoundError",
     "LeaseRecord",
     "LeaseState",
+    "LeaseStatus",
+    "MachineStatus",
     "NotAllowedError",
     "OnIdle",
     "Partition",
@@ -138,6 +147,7 @@ __all__ = [
     "detailed_stats",
     "devices",
     "extend",
+    "forecast",
     "format_bytes",
     "format_duration",
     "get_lease",
@@ -145,6 +155,7 @@ __all__ = [
     "is_stub_mode",
     "leases",
     "limits_for",
+    "machine_status",
     "metrics",
     "parse_duration",
     "parse_memory",

@@ -37,6 +37,7 @@ __all__ = [
     "Judge",
     "Membership",
     "Unmanaged",
+    "device_status",
     "unmanaged",
     "unmanaged_bytes",
     "usage",
@@ -254,3 +255,23 @@ def unmanaged_bytes(devices: Iterable[Device], processes: Sequence[GpuProcess],
             for index, used in per_device.items():
                 covered[index] = covered.get(index, 0) + min(used or 0, sizes[lease_id])
     return {d.index: max(0, d.memory_used_bytes - covered.get(d.index, 0)) for d in devices}
+
+
+def device_status(devices: Sequence[Device], processes: Sequence[GpuProcess], membership: Judge) -> list[DeviceStatus]:
+    """Every device with the memory its active leases reserve, the memory used outside them, and what is free."""
+    active = membership.leases
+    extra = unmanaged_bytes(devices, processes, membership)
+    strays = unmanaged(processes, membership) if processes else []
+    out = []
+    for d in devices:
+        holding = [lease for lease in active if d.index in lease.devices]
+        reserved = sum(lease.memory_bytes for lease in holding)
+        outside = extra.get(d.index, 0)
+        out.append(DeviceStatus(
+            index=d.index, uuid=d.uuid, name=d.name, memory_total_bytes=d.memory_total_bytes,
+            memory_used_bytes=d.memory_used_bytes, memory_reserved_bytes=reserved,
+            memory_available_bytes=max(0, d.memory_total_bytes - reserved - outside),
+            active_leases=len(holding), utilization_percent=d.utilization_percent, unmanaged_bytes=outside,
+            unmanaged_processes=tuple(u for u in strays if u.process.device_index == d.index),
+        ))
+    return out

@@ -12,12 +12,14 @@ import threading
 from collections.abc import Callable, Sequence
 
 from chronos import settings, stats
+from chronos import status as status_module
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.limits import Limits
 from chronos.model import Priority
 from chronos.policy import report as policy_report
+from chronos.request import parse_request
 from chronos.units import MemorySpec
 
 __all__ = [
@@ -27,10 +29,12 @@ __all__ = [
     "default_engine",
     "detailed_stats",
     "extend",
+    "forecast",
     "get_lease",
     "gpus",
     "leases",
     "limits_for",
+    "machine_status",
     "metrics",
     "queue",
     "release",
@@ -185,3 +189,27 @@ def suggest(user: str | None = None) -> stats.Suggestion:
 def detailed_stats(user: str | None = None) -> stats.DetailedStats:
     """Per-GPU reserved against used memory, and GPU-hours (every user's, or only ``user``'s)."""
     return stats.detailed(default_engine(), user=user)
+
+
+def forecast(
+    memory: str | int | float | MemorySpec,
+    duration: str | int | float | None = None,
+    *,
+    device: int | str | Sequence[int] | None = None,
+    gpus: int | None = None,
+    prefer: int | str | Sequence[int] | None = None,
+    priority: Priority | str | None = None,
+    user: str | None = None,
+) -> status_module.Forecast:
+    """Whether ``reserve`` with these arguments would be granted now, else its place and estimated start.
+
+    Nothing is reserved. A request that would be refused outright (bad input, a configured limit)
+    comes back with ``error`` set rather than raising, so a front end can show every answer alike.
+    """
+    spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority)
+    return status_module.forecast(default_engine(), spec, user=user)
+
+
+def machine_status(user: str | None = None) -> status_module.MachineStatus:
+    """Every GPU, your leases (or ``user``'s) live and recently ended, and the queue, in one snapshot."""
+    return status_module.machine_status(default_engine(), user=user)

@@ -216,11 +216,7 @@ class Engine:
         owner = self._owner(caller, user, "reserve")
         holder = procs.holder(bind)
         devices, gpu_procs = self._poll_devices()
-        request = scheduler.Request(
-            memory=spec.memory, duration_s=duration_s, gpus=spec.count, devices=spec.devices, prefer=spec.prefer,
-            priority=spec.priority or self.config.default_priority,
-            visible=visible_indices(devices, os.environ.get("CUDA_VISIBLE_DEVICES")),
-        )
+        request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
         cause = "capacity"
         try:
@@ -266,6 +262,29 @@ class Engine:
                 f"admins are root and members of group {self.config.admin_group!r}"
             )
         return owner
+
+    def _request_for(self, spec: RequestSpec, devices: list[Device]) -> scheduler.Request:
+        """The scheduler's request for ``spec``: the configured defaults filled in, this process's GPUs."""
+        return scheduler.Request(
+            memory=spec.memory, gpus=spec.count, devices=spec.devices, prefer=spec.prefer,
+            duration_s=spec.duration_s if spec.duration_s is not None else self.config.default_duration_s,
+            priority=spec.priority or self.config.default_priority,
+            visible=visible_indices(devices, os.environ.get("CUDA_VISIBLE_DEVICES")),
+        )
+
+    def forecast(self, spec: RequestSpec, *, user: str | None = None) -> scheduler.Decision:
+        """What :meth:`submit` would decide for ``spec`` now, changing nothing: the devices it would get,
+        or why not, its place in the queue and its estimated start. Bad input and limits raise as there."""
+        owner = self._owner(current_user(), user, "reserve")
+        devices, gpu_procs = self._poll_devices()
+        live = self._reclaim_if_due()
+        now = time.time()
+        snapshot = self._snapshot(now, devices, gpu_procs, live)
+        request = replace(self._request_for(spec, devices), seq=max((r.seq for r in snapshot.queue), default=0) + 1,
+                          share=self.policies.share_of(owner.name, now))
+        decision = scheduler.decide(snapshot, request, estimate=True)
+        self._check_limits(owner, request, snapshot, decision, live)
+        return decision
 
     def _refused(self, owner: User, caller: User, spec: RequestSpec, duration_s: float, reason: str,
                  message: str) -> None:
@@ -460,11 +479,11 @@ class Engine:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         return self._handle(record)
 
-    def leases(self, *, all: bool = False, user: str | None = None) -> list[Lease]:
-        """Active and queued leases (every lease, newest first, with ``all``); optionally one user's."""
+    def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None) -> list[Lease]:
+        """Active and queued leases (with ``all`` every lease, newest first, ``limit`` at most); or one user's."""
         live = self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
-        found = self.ledger.history(uid=uid) if all else [r for r in live if uid is None or r.uid == uid]
+        found = self.ledger.history(uid=uid, limit=limit) if all else [r for r in live if uid is None or r.uid == uid]
         return [self._handle(record) for record in found]
 
     def active_records(self) -> list[LeaseRecord]:
@@ -475,22 +494,7 @@ class Engine:
         """Every device with its memory reserved by leases, used outside them, and available."""
         devices, gpu_procs = self._poll_devices()
         active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
-        membership = accounting.Membership(active)
-        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, membership)
-        strays = accounting.unmanaged(gpu_procs, membership) if gpu_procs else []
-        out = []
-        for d in devices:
-            holding = [lease for lease in active if d.index in lease.devices]
-            reserved = sum(lease.memory_bytes for lease in holding)
-            extra = unmanaged.get(d.index, 0)
-            out.append(DeviceStatus(
-                index=d.index, uuid=d.uuid, name=d.name, memory_total_bytes=d.memory_total_bytes,
-                memory_used_bytes=d.memory_used_bytes, memory_reserved_bytes=reserved,
-                memory_available_bytes=max(0, d.memory_total_bytes - reserved - extra),
-                active_leases=len(holding), utilization_percent=d.utilization_percent, unmanaged_bytes=extra,
-                unmanaged_processes=tuple(u for u in strays if u.process.device_index == d.index),
-            ))
-        return out
+        return accounting.device_status(devices, gpu_procs, accounting.Membership(active))
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
         """Store a lease's peak GPU memory and GPU time (the watchdog calls this)."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import chronos
 from chronos.model import LeaseState
+from chronos.status import used_total
 from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = [
@@ -273,12 +274,9 @@ class LeaseWidget:
         used: int | None = self.view.used_bytes
         if lease.state == LeaseState.ACTIVE:
             try:
-                per_device = lease.usage()
+                used = used_total(lease.usage())
             except chronos.ChronosError:
                 used = None
-            else:
-                known = [nbytes for nbytes in per_device.values() if nbytes is not None]
-                used = sum(known) if known or not per_device else None
         return lease_view(lease, used)
 
     def update(self) -> LeaseView:
