@@ -144,3 +144,9 @@ def test_used_total_sums_what_the_driver_shows() -> None:
     assert used_total({0: None, 1: 3}) == 3
     assert used_total({0: None}) is None
     assert used_total({}) == 0
+
+
+@pytest.mark.parametrize("lease_id", ["9" * 30, "\u0661\u0662"])
+def test_a_lease_id_no_ledger_can_hold_is_no_such_lease(lease_id: str) -> None:
+    out = run_cli("show", lease_id)
+    assert out.returncode == 5 and out.stderr.count("\n") == 1 and "no lease" in out.stderr
