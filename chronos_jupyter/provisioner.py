@@ -26,7 +26,8 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any, TypeVar
+import weakref
+from typing import Any, ClassVar, TypeVar
 
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
@@ -66,9 +67,15 @@ __all__ = [
     "KernelLeaseInvalid",
     "KernelLeaseRefused",
     "KernelLeaseUnavailable",
+    "kernel_label",
 ]
 
 T = TypeVar("T")
+
+
+def kernel_label(kernel_name: str | None, kernel_id: str | None) -> str:
+    """The label of a kernel's lease, ``jupyter <kernelspec name> <kernel id>`` (queued or granted)."""
+    return f"jupyter {kernel_name or 'kernel'} {kernel_id or ''}".strip()[:190]
 
 
 # --------------------------------------------------------------------------- the provisioner
@@ -142,6 +149,15 @@ class ChronosProvisioner(LocalProvisioner):
     watchdog: Watchdog | None = None
     _held_by_server = False
     ended_message: str | None = None
+    #: The notebook (or other session) path the kernel is being started for, while it starts.
+    session_path: str | None = None
+    #: Provisioners taking their kernel's first lease now (a queued start among them).
+    _starting: ClassVar[weakref.WeakSet[ChronosProvisioner]] = weakref.WeakSet()
+
+    @classmethod
+    def starting(cls) -> list[ChronosProvisioner]:
+        """The provisioners in this process whose kernel is waiting for its lease (granted or queued)."""
+        return list(cls._starting)
 
     # -- the lease ------------------------------------------------------------------------
     @property
@@ -160,8 +176,15 @@ class ChronosProvisioner(LocalProvisioner):
         return f"{count}{spec.memory} for {format_duration(spec.duration_s)}"
 
     def _label(self) -> str:
-        name = getattr(self.parent, "kernel_name", None) or "kernel"
-        return f"jupyter {name} {self.kernel_id or ''}".strip()[:190]
+        return kernel_label(getattr(self.parent, "kernel_name", None), self.kernel_id)
+
+    def warning_marks(self) -> tuple[float, ...]:
+        """Seconds before the lease's end at which the kernel is warned: ``warn_before``, and a minute."""
+        return tuple(sorted({m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0}, reverse=True))
+
+    def request(self) -> RequestSpec:
+        """The lease each kernel asks for, read from the settings by the core's one request parser."""
+        return self._request()
 
     def _request(self) -> RequestSpec:
         if self.memory in ("", None):
@@ -284,7 +307,13 @@ class ChronosProvisioner(LocalProvisioner):
         """Take the lease (or, on a restart, check it), then build the kernel's environment."""
         first = self._lease is None and self._lease_id is None
         if first:
-            lease = await self._take_lease()
+            env = kwargs.get("env") or {}
+            self.session_path = str(env.get("JPY_SESSION_NAME") or "")[:4096] or None
+            self._starting.add(self)
+            try:
+                lease = await self._take_lease()
+            finally:
+                self._starting.discard(self)
         else:
             lease = await self._lease_for_restart(self.lease_id or "")
         self._lease, self._lease_id = lease, lease.id
@@ -395,7 +424,7 @@ class ChronosProvisioner(LocalProvisioner):
             return
         km = self.parent
         kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
-        warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
+        warn_at = self.warning_marks()
         # The same action for a lease released by someone else (`chronos release`) as for its end.
         policy = self.on_expiry or default_engine().on_expiry
         self._ending = False
