@@ -11,11 +11,13 @@ a provisioner in this process waiting for its lease, whose queued lease carries 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from jupyter_core.utils import ensure_async
+from traitlets import TraitError
 
 from chronos import procs
 from chronos.enforce.watchdog import DEFAULT_WARN_AT
@@ -25,7 +27,7 @@ from chronos.request import RequestSpec
 from chronos.units import format_bytes, format_duration
 from chronos_jupyter.provisioner import ChronosProvisioner, kernel_label
 
-__all__ = ["ChronosKernelspec", "KernelLeases", "chronos_kernelspecs", "kernel_leases", "warning_marks"]
+__all__ = ["ChronosKernelspec", "KernelLeases", "api_path", "chronos_kernelspecs", "kernel_leases", "warning_marks"]
 
 #: The provisioner settings a kernelspec's ``metadata.kernel_provisioner.config`` may give.
 _SETTINGS = frozenset(ChronosProvisioner.class_trait_names(config=True)) | {"wait"}
@@ -42,10 +44,13 @@ class KernelLeases:
     starting: bool = False
     #: The lease the provisioner took for this kernel (None for a kernel of another kernelspec).
     own_lease_id: str | None = None
+    #: What the provisioner does to the kernel when its own lease ends or is released (None: not a Chronos kernel).
+    on_expiry: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel_id": self.kernel_id, "kernel_name": self.kernel_name, "path": self.path,
-                "lease_ids": list(self.lease_ids), "starting": self.starting, "own_lease_id": self.own_lease_id}
+                "lease_ids": list(self.lease_ids), "starting": self.starting, "own_lease_id": self.own_lease_id,
+                "on_expiry": self.on_expiry}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def chronos_kernelspecs(specs: Mapping[str, Any], server_config: Any = None) -> 
                 raise ValueError("metadata.kernel_provisioner.config must be an object")
             request: RequestSpec | None = _provisioner(config, server_config).request()
             problem = f"ignores unknown setting(s) {', '.join(unknown)}" if unknown else None
-        except (ChronosError, ValueError, TypeError) as exc:  # traitlets' TraitError is a TypeError
+        except (ChronosError, TraitError, ValueError, TypeError) as exc:
             request, problem = None, str(exc).splitlines()[0][:300]
         out.append(ChronosKernelspec(name, display, request, problem))
     return out
@@ -112,10 +117,24 @@ def warning_marks(kernel_manager: Any) -> dict[str, tuple[float, ...]]:
     return out
 
 
-async def kernel_leases(kernel_manager: Any, session_manager: Any, leases: Iterable[Lease]) -> list[KernelLeases]:
+def api_path(path: str | None, root_dir: str | None) -> str | None:
+    """A session's file path as the front end names it: relative to the server's root, ``/``-separated.
+
+    Jupyter Server hands a kernel its notebook's path on disk (``JPY_SESSION_NAME``).
+    """
+    if not path or not root_dir or not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path, root_dir)
+    return path if relative.startswith("..") else relative.replace(os.sep, "/")
+
+
+async def kernel_leases(kernel_manager: Any, session_manager: Any, leases: Iterable[Lease],
+                        on_expiry: str | None = None, root_dir: str | None = None) -> list[KernelLeases]:
     """Every kernel of this server, running or starting, with the leases it holds or waits for.
 
-    ``leases`` are the live leases to match against (a user's own, from the machine status).
+    ``leases`` are the live leases to match against (a user's own, from the machine status);
+    ``on_expiry`` is the machine's default action, for provisioners that set none; ``root_dir`` the
+    server's root, against which a starting kernel's notebook path is given.
     """
     live = list(leases)
     paths: dict[str, str] = {}
@@ -143,13 +162,18 @@ async def kernel_leases(kernel_manager: Any, session_manager: Any, leases: Itera
         if isinstance(pid, int):
             held += [lease.id for lease in live
                      if lease.pid == pid and lease.id not in held and procs.is_alive(pid, lease.pid_start)]
+        policy = None
+        if isinstance(provisioner, ChronosProvisioner):
+            policy = str(provisioner.on_expiry or on_expiry or "") or None
         out.append(KernelLeases(str(kernel_id), str(getattr(manager, "kernel_name", "") or ""), paths.get(kernel_id),
-                                tuple(held), own_lease_id=own_id))
+                                tuple(held), own_lease_id=own_id, on_expiry=policy))
     by_label = {lease.label: lease.id for lease in live if lease.label}
     for provisioner in ChronosProvisioner.starting():
         kernel_id = str(provisioner.kernel_id or "")
         name = str(getattr(provisioner.parent, "kernel_name", "") or "")
         waiting = by_label.get(kernel_label(name, kernel_id))
-        out.append(KernelLeases(kernel_id, name, provisioner.session_path, (waiting,) if waiting else (),
-                                starting=True, own_lease_id=waiting))
+        out.append(KernelLeases(kernel_id, name, api_path(provisioner.session_path, root_dir),
+                                (waiting,) if waiting else (),
+                                starting=True, own_lease_id=waiting,
+                                on_expiry=str(provisioner.on_expiry or on_expiry or "") or None))
     return out

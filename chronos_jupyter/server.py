@@ -56,9 +56,12 @@ async def status_document(serverapp: Any) -> dict[str, Any]:
     kernelspecs = chronos_kernelspecs(specs, serverapp.config)
     requests = {k.name: k.request for k in kernelspecs if k.request is not None}
     marks = warning_marks(serverapp.kernel_manager)
-    status = await in_thread(machine.machine_status, default_engine(), requests=requests, warn_at=marks)
+    engine = default_engine()
+    status = await in_thread(machine.machine_status, engine, requests=requests, warn_at=marks)
+    on_expiry = str(engine.on_expiry)
     kernels = await kernel_leases(serverapp.kernel_manager, getattr(serverapp, "session_manager", None),
-                                  [item.lease for item in status.leases])
+                                  [item.lease for item in status.leases], on_expiry,
+                                  getattr(serverapp, "root_dir", None))
     document = status.to_dict()
     document["kernels"] = [kernel.to_dict() for kernel in kernels]
     document["kernelspecs"] = [
@@ -67,6 +70,7 @@ async def status_document(serverapp: Any) -> dict[str, Any]:
         for k in kernelspecs
     ]
     del document["forecasts"]
+    document["on_expiry"] = on_expiry
     document["version"] = chronos.__version__
     return document
 

@@ -1,7 +1,7 @@
 """The widget in a real JupyterLab, driven through Debian's Chromium (headless) with Playwright.
 
 JupyterLab is served on localhost from a temporary root directory with its own runtime,
-config and data directories; the kernel inherits this test's isolated Chronos state, so the
+config and data directories (tests/jupyter_lab.py); the kernel inherits this test's isolated Chronos state, so the
 test can check the ledger that the notebook's lease lives in. Set CHRONOS_UPDATE_SCREENSHOT=1
 to refresh docs/screenshot-widget.png.
 """
@@ -10,110 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import chronos
+from tests.jupyter_lab import CHROMIUM, CHROMIUM_ARGS, ROOT, Lab, notebook
 from tests.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "screenshot-widget.png"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def notebook(cells: list[str]) -> dict[str, object]:
-    return {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {},
-                   "outputs": [], "source": source} for i, source in enumerate(cells)],
-        "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
-                                    "name": "python3"}},
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-
-
-class Lab:
-    """A JupyterLab server on a free localhost port, in its own directories."""
-
-    def __init__(self, base: Path) -> None:
-        self.root = base / "root"
-        self.root.mkdir()
-        self.port = free_port()
-        self.token = secrets.token_hex(16)
-        env = dict(os.environ)
-        env.update({
-            "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
-            "JUPYTER_CONFIG_DIR": str(base / "config"),
-            "JUPYTER_DATA_DIR": str(base / "data"),
-            "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
-            "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
-            "IPYTHONDIR": str(base / "ipython"),
-            "JUPYTER_PLATFORM_DIRS": "1",
-        })
-        self.log_path = base / "lab.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={self.root}", "--ServerApp.port_retries=0",
-             "--ServerApp.terminals_enabled=False", "--LabApp.extension_manager=readonly",
-             "--LabApp.news_url=", "--LabApp.check_for_updates_class="
-             "jupyterlab.handlers.announcements.NeverCheckForUpdate",
-             *(["--allow-root"] if os.geteuid() == 0 else [])],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}?token={self.token}"
-
-    def wait_ready(self, timeout: float = 40) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"jupyter lab exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url("api/status"), timeout=2) as response:
-                    return response.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
-        wait_for(up, timeout=timeout, interval=0.2,
-                 what=lambda: f"jupyter lab to be ready: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture

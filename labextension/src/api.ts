@@ -61,6 +61,7 @@ export interface IKernel {
   lease_ids: string[];
   starting: boolean;
   own_lease_id: string | null;
+  on_expiry: string | null;
 }
 
 export interface IForecast {
@@ -91,6 +92,8 @@ export interface IStatus {
   queue: IQueueEntry[];
   kernels: IKernel[];
   kernelspecs: IKernelspec[];
+  /** What the machine does to a lease's processes at its end: warn, interrupt, terminate or kill. */
+  on_expiry: string;
 }
 
 /** A refusal from the server, with the one-line message the CLI would print. */

@@ -73,11 +73,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
       if (own && kernel?.starting) {
         body = `The kernel${where} is waiting for this lease: withdrawing it cancels the kernel's start.`;
         label = 'Withdraw and cancel the start';
-      } else if (own) {
+      } else if (own && ['terminate', 'kill'].includes(kernel?.on_expiry ?? 'terminate')) {
         body =
           `This is the lease of the kernel${where}. The kernel will be stopped when it is released ` +
           '(its variables are lost), and its GPU memory goes back to others at once.';
         label = 'Release and stop the kernel';
+      } else if (own) {
+        body =
+          `This is the lease of the kernel${where}. Its kernelspec keeps the kernel running without it ` +
+          `(on_expiry ${kernel?.on_expiry}); its GPU memory goes back to others at once.`;
+        label = 'Release';
       } else if (lease.state === 'queued') {
         body = 'The request leaves the queue.';
         label = 'Withdraw';

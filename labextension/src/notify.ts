@@ -19,6 +19,8 @@ interface IFollowed {
   lease: ILease;
   kernelPath: string | null;
   ownKernel: boolean;
+  /** What happens to the kernel at the lease's end (the provisioner's policy, or the machine's). */
+  onExpiry: string;
   passed: Set<number>;
   toasts: Map<number, string>;
 }
@@ -29,6 +31,8 @@ const ENDED_WORDS: { [state: string]: string } = {
   revoked: 'has ended: its kernel exited',
   withdrawn: 'was withdrawn from the queue'
 };
+
+const STOPS = ['terminate', 'kill'];
 
 export class LeaseNotifier {
   private _followed = new Map<string, IFollowed>();
@@ -51,10 +55,11 @@ export class LeaseNotifier {
     if (!status) {
       return;
     }
-    const held = new Map<string, { path: string | null; own: boolean }>();
+    const held = new Map<string, { path: string | null; own: boolean; onExpiry: string }>();
     for (const kernel of status.kernels) {
       for (const id of kernel.lease_ids) {
-        held.set(id, { path: kernel.path, own: kernel.own_lease_id === id });
+        const own = kernel.own_lease_id === id;
+        held.set(id, { path: kernel.path, own, onExpiry: (own && kernel.on_expiry) || status.on_expiry });
       }
     }
     for (const lease of status.leases) {
@@ -67,7 +72,8 @@ export class LeaseNotifier {
         known.lease = lease;
       } else {
         const followed: IFollowed = {
-          lease, kernelPath: where.path, ownKernel: where.own, passed: new Set(), toasts: new Map()
+          lease, kernelPath: where.path, ownKernel: where.own, onExpiry: where.onExpiry, passed: new Set(),
+          toasts: new Map()
         };
         this._firstSight(followed);
         this._followed.set(lease.id, followed);
@@ -132,7 +138,7 @@ export class LeaseNotifier {
   private _warn(followed: IFollowed, remaining: number, mark: number): void {
     const lease = followed.lease;
     const ends = lease.expires_at !== null ? ` (${formatClock(this._model.clock.toLocalMs(lease.expires_at))})` : '';
-    const after = followed.ownKernel ? '; its kernel stops then' : '';
+    const after = STOPS.includes(followed.onExpiry) ? '; its kernel stops then' : '';
     // Jupyter truncates a notification past 140 characters: keep the words that matter first.
     const message = `Chronos ${leaseName(lease)} on ${devicesText(lease.devices)} ends in ${formatDuration(remaining)}${ends}${after}.`;
     const id = Notification.warning(message, {
@@ -151,12 +157,17 @@ export class LeaseNotifier {
 
   private _ended(lease: ILease, followed: IFollowed): void {
     const how = ENDED_WORDS[lease.state] ?? `ended (${lease.state})`;
+    // A kernel's own lease ends its kernel by its policy, however it ends; a %chronos lease only
+    // at its end (released, its kernel is left alone).
+    const policy = followed.ownKernel || lease.state === 'expired' ? followed.onExpiry : 'warn';
     const next =
       lease.state === 'revoked'
         ? '; a new kernel takes a new lease.'
-        : followed.ownKernel
+        : STOPS.includes(policy)
           ? ': its kernel was stopped; start a new one for a new lease.'
-          : '; the kernel runs on without a GPU lease.';
+          : policy === 'interrupt'
+            ? ': the running cell was interrupted; the kernel runs on without a GPU lease.'
+            : '; the kernel runs on without a GPU lease.';
     Notification.error(`Chronos ${leaseName(lease)} ${how}${next}`, { autoClose: false });
   }
 }
