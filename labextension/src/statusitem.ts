@@ -48,7 +48,7 @@ export class ChronosStatus extends Widget {
     const { lease } = this.current();
     const clock = this._model.clock;
     const unavailable = this._model.status === null;
-    const text = unavailable ? 'Chronos: no status' : leaseLine(lease, clock);
+    const text = !unavailable ? leaseLine(lease, clock) : this._model.error ? 'Chronos: no status' : 'Chronos …';
     const level = unavailable ? 'none' : levelOf(lease, lease ? remainingOf(lease, clock) : 0);
     if (this.node.textContent !== text) {
       this.node.textContent = text;
