@@ -25,6 +25,7 @@ import pytest
 
 import chronos
 from chronos.api import reset_default_engine
+from chronos.units import format_clock
 from chronos_jupyter.kernelspec import install_kernel
 from tests.jupyter_lab import CHROMIUM, CHROMIUM_ARGS, ROOT, Lab, notebook
 from tests.waiting import wait_for
@@ -165,7 +166,8 @@ def dismiss_toasts(page: Any) -> None:
 
 
 def clock(epoch: float) -> str:
-    return time.strftime("%H:%M", time.localtime(epoch))
+    """A time as the CLI and the extension both write it: ``14:05`` today, ``Dec 02 00:04`` another day."""
+    return format_clock(epoch)
 
 
 def save(locator: Any, name: str, tmp_path: Path) -> None:
@@ -277,7 +279,8 @@ def test_launcher_says_when_a_kernel_would_start_and_a_queued_kernel_its_place(f
     card.first.wait_for(timeout=30_000)
     badge = card.first.locator(".jp-ChronosLauncherBadge")
     # 12 GiB does not fit beside the kernel's 8 GiB on 16 GiB: it would start when that lease ends.
-    wait_for(lambda: badge.inner_text() == f"starts ≈{clock(holder.expires_at)}", timeout=10)
+    wait_for(lambda: badge.inner_text() == f"starts ≈{clock(holder.expires_at)}", timeout=10,
+             what=lambda: f"the badge to read the start ({badge.inner_text()!r})")
     fits = page.locator(".jp-ChronosLauncherBadge[data-kernelspec='gpu-short']").first
     assert fits.inner_text() == "fits now"
     dismiss_toasts(page)

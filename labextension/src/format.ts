@@ -60,16 +60,18 @@ export function usedOfCap(used: number | null, cap: number): string {
   return `${usedText} / ${capText} ${name}`;
 }
 
-/** A wall-clock time, `14:05` (the browser's time zone). */
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+/** A wall-clock time in the browser's zone as the CLI writes one (chronos.units.format_clock):
+ * `14:05` today, `Dec 02 00:04` another day. */
 export function formatClock(epochMs: number): string {
   const date = new Date(epochMs);
   const two = (n: number) => String(n).padStart(2, '0');
-  const today = new Date();
   const clock = `${two(date.getHours())}:${two(date.getMinutes())}`;
-  if (date.toDateString() === today.toDateString()) {
+  if (date.toDateString() === new Date().toDateString()) {
     return clock;
   }
-  return `${date.toLocaleDateString(undefined, { month: 'short', day: 'numeric' })} ${clock}`;
+  return `${MONTHS[date.getMonth()]} ${two(date.getDate())} ${clock}`;
 }
 
 /** `GPU 0` or `GPUs 0,1`. */
