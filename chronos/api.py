@@ -1,6 +1,7 @@
 """The module-level calls, each a thin shim over the process's default engine.
 
-These, the CLI, the magics and the provisioner are the only places that fetch the default engine;
+These, the CLI, the magics, the provisioner and the Jupyter server extension are the only places
+that fetch the default engine;
 everything else is handed an engine. The default engine follows this process's settings
 (:func:`chronos.settings.current`): change ``CHRONOS_STATE_DIR`` or ``CHRONOS_SIM_GPUS`` and the
 next call uses a new one.

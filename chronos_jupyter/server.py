@@ -44,8 +44,9 @@ HTTP_STATUS = {
     errors.EXIT_UNAVAILABLE: HTTPStatus.CONFLICT,
     errors.EXIT_ERROR: HTTPStatus.SERVICE_UNAVAILABLE,
 }
-#: The longest duration text an extension request may carry (``"1h30m"`` is 5).
+#: The longest duration text an extension request may carry (``"1h30m"`` is 5), and the longest body.
 MAX_DURATION_TEXT = 32
+MAX_BODY = 1024
 #: Lease ids in URLs: a number (``7``) or the CLI's ``L7``; anything longer is no lease.
 _ID = r"(?P<lease_id>[^/]{1,32})"
 
@@ -120,6 +121,9 @@ class ExtendHandler(ChronosHandler):
     async def post(self, lease_id: str) -> None:
         key = self.lease_id(lease_id)
         if key is None:
+            return
+        if len(self.request.body) > MAX_BODY:
+            self.bad_input(f'the body is too long: send {{"duration": "30m"}} (at most {MAX_BODY} bytes)')
             return
         try:
             body = json.loads(self.request.body or b"{}")

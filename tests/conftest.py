@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -12,6 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# pytest-jupyter's in-process Jupyter Server (tests/test_server_extension.py). A plugin named here
+# applies to the whole session, so its two autouse fixtures are narrowed below to the tests that
+# use its server.
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 def _has_gpu() -> bool:
@@ -36,6 +42,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def jp_asyncio_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop | None]:
+    """pytest-jupyter's event loop (this overrides its autouse fixture), only for the tests that use
+    its server: the browser tests' Playwright runs a loop of its own, which this must not close."""
+    if "jp_serverapp" not in request.fixturenames:
+        yield None
+        return
+    from jupyter_core.utils import ensure_event_loop
+
+    loop = ensure_event_loop(prefer_selector_loop=True)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
+    """pytest-jupyter's server cleanup (overridden likewise): only after a test that ran its server."""
+    yield
+    if "jp_serverapp" not in request.fixturenames:
+        return
+    from jupyter_server.serverapp import ServerApp
+
+    app = ServerApp.instance()
+    loop = request.getfixturevalue("jp_asyncio_loop")
+    try:
+        loop.run_until_complete(app._cleanup())
+    except (RuntimeError, SystemExit):
+        pass
+    if hasattr(app, "kernel_manager"):
+        app.kernel_manager.context.destroy()
+    ServerApp.clear_instance()
+
+
+@pytest.fixture(autouse=True)
 def chronos_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An isolated state directory; simulated GPUs unless the test is marked ``gpu``."""
@@ -43,8 +82,12 @@ def chronos_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     monkeypatch.setenv("CHRONOS_STATE_DIR", str(state))
     monkeypatch.setenv("CHRONOS_CONFIG", str(state / "no-config.toml"))
     monkeypatch.setenv("CHRONOS_USER_CONFIG", str(state / "no-user-config.toml"))
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("CHRONOS_LEASE_ID", raising=False)
+    for key in ("CUDA_VISIBLE_DEVICES", "CHRONOS_LEASE_ID"):
+        # setenv first: monkeypatch then knows the key's state before the test and puts it back after,
+        # also when the test itself set it (in-process caps, an activation). delenv alone of an unset
+        # key remembers nothing, and what a test set leaked into every later one.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("NO_COLOR", "1")
     if "gpu" in request.keywords:
         monkeypatch.setenv("CHRONOS_BACKEND", "nvml")

@@ -59,7 +59,9 @@ class Lab:
         self.token = secrets.token_hex(16)
         config = base / "config"
         config.mkdir(exist_ok=True)
-        full = dict(os.environ)
+        # Not this process's lease or GPUs: a module-scoped server starts before the per-test
+        # fixtures have cleaned the environment, and an earlier test may have left them set.
+        full = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "CHRONOS_LEASE_ID")}
         full.update({
             "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
             "JUPYTER_CONFIG_DIR": str(config),

@@ -319,6 +319,8 @@ def test_notebook_7_shows_the_lease_counts_down_and_extends_from_the_warning(fre
     item.wait_for(timeout=30_000)
     first = wait_text(page, r"GPU 0 · 0 / 2 GiB · \d+s left")
     wait_for(lambda: status_text(page) != first, timeout=5, interval=0.1)
+    item.click()  # opens the Chronos panel in Notebook 7's right sidebar
+    page.locator(f"#chronos-panel .jp-ChronosLease[data-lease-id='{lease.id}']").wait_for(timeout=10_000)
     warning = toast(page, f"lease {lease.id} on GPU 0 ends in")
     before = chronos.get_lease(lease.id).expires_at
     assert before is not None

@@ -27,8 +27,6 @@ from chronos.request import parse_request
 from chronos_jupyter.kernelspec import install_kernel
 from chronos_jupyter.server import HTTP_STATUS
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
-
 Fetch = Callable[..., Awaitable[HTTPResponse]]
 GIB = 1 << 30
 
@@ -155,6 +153,8 @@ async def test_extend_moves_the_end_and_bad_input_is_one_line(jp_fetch: Fetch, g
         (["30m"], 400, 'say how long to extend by, e.g. {"duration": "30m"}'),
         ("not json", 400, 'the body must be JSON such as {"duration": "30m"}'),
         ({"duration": "1" * 100}, 400, "duration is too long: write it as 30m, 1h or 1h30m (at most 32 characters)"),
+        ({"duration": "30m", "pad": "x" * 5000}, 400,
+         'the body is too long: send {"duration": "30m"} (at most 1024 bytes)'),
     ]
     for body, expected, message in cases:
         code, reply = await call(jp_fetch, "POST", f"chronos/api/leases/{lease.id}/extend", body)
