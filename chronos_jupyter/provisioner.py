@@ -149,14 +149,12 @@ class ChronosProvisioner(LocalProvisioner):
     watchdog: Watchdog | None = None
     _held_by_server = False
     ended_message: str | None = None
-    #: The notebook (or other session) path the kernel is being started for, while it starts.
     session_path: str | None = None
-    #: Provisioners taking their kernel's first lease now (a queued start among them).
     _starting: ClassVar[weakref.WeakSet[ChronosProvisioner]] = weakref.WeakSet()
 
     @classmethod
     def starting(cls) -> list[ChronosProvisioner]:
-        """The provisioners in this process whose kernel is waiting for its lease (granted or queued)."""
+        """Provisioners here whose kernel waits for its first lease; ``session_path`` names its notebook."""
         return list(cls._starting)
 
     # -- the lease ------------------------------------------------------------------------
@@ -170,7 +168,7 @@ class ChronosProvisioner(LocalProvisioner):
         return self._lease.id if self._lease is not None else self._lease_id
 
     def _describe(self) -> str:
-        spec = self._request()
+        spec = self.request()
         count = f"{spec.count} GPUs x " if spec.count > 1 else ""
         assert spec.duration_s is not None
         return f"{count}{spec.memory} for {format_duration(spec.duration_s)}"
@@ -184,9 +182,6 @@ class ChronosProvisioner(LocalProvisioner):
 
     def request(self) -> RequestSpec:
         """The lease each kernel asks for, read from the settings by the core's one request parser."""
-        return self._request()
-
-    def _request(self) -> RequestSpec:
         if self.memory in ("", None):
             raise KernelLeaseInvalid(
                 "the chronos kernel provisioner needs a memory size: set \"memory\" (e.g. \"8G\") in the "
@@ -203,7 +198,7 @@ class ChronosProvisioner(LocalProvisioner):
         return str(getattr(self.parent, "kernel_name", None) or "?")
 
     async def _take_lease(self) -> Lease:
-        request = self._request()
+        request = self.request()
         server_pid = os.getpid()
 
         def reserve(cancel: threading.Event) -> Lease:
@@ -307,8 +302,7 @@ class ChronosProvisioner(LocalProvisioner):
         """Take the lease (or, on a restart, check it), then build the kernel's environment."""
         first = self._lease is None and self._lease_id is None
         if first:
-            env = kwargs.get("env") or {}
-            self.session_path = str(env.get("JPY_SESSION_NAME") or "")[:4096] or None
+            self.session_path = str((kwargs.get("env") or {}).get("JPY_SESSION_NAME") or "")[:4096] or None
             self._starting.add(self)
             try:
                 lease = await self._take_lease()
