@@ -81,5 +81,5 @@ def test_kernelspecs_carry_their_own_idle_rule(tmp_path: object) -> None:
     assert main(["install-kernel", "--name", "g", "--memory", "8G", "--on-idle", "release",
                  "--prefix", str(tmp_path)]) == 2  # --on-idle needs --idle-after
     provisioner = ChronosProvisioner(memory="8G", duration="2h", idle_after="20m", on_idle="terminate")
-    spec = provisioner._request()
+    spec = provisioner.request()
     assert spec.idle_after_s == 1200 and spec.on_idle == OnIdle.TERMINATE

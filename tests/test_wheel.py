@@ -101,7 +101,7 @@ def test_a_fresh_venv_shows_both_extensions_without_node(wheel: Path, tmp_path: 
     listing = re.sub(r"\x1b\[[0-9;]*m", "", server.stdout + server.stderr)
     assert str(venv / "etc" / "jupyter") in listing
     lines = [line.strip() for line in listing.splitlines()]
-    assert "chronos_jupyter enabled" in lines
+    assert "chronos_jupyter enabled" in lines and "- Validating chronos_jupyter..." in lines
     assert "chronos_jupyter  OK" in lines  # it imports, from the fresh venv
     where = subprocess.run(["python", "-c", "import chronos_jupyter; print(chronos_jupyter.__file__)"], env=env,
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
@@ -119,3 +119,30 @@ def test_a_fresh_venv_shows_both_extensions_without_node(wheel: Path, tmp_path: 
     run("jupyter", "labextension", "disable", "@chronos-gpu/jupyterlab")
     listing = run("jupyter", "labextension", "list")
     assert any(line.strip().startswith("@chronos-gpu/jupyterlab v2.0.0 disabled OK") for line in listing.splitlines())
+
+
+GUIDE_COMMANDS = [
+    "jupyter server extension list",
+    "jupyter labextension list",
+    "jupyter server extension disable --sys-prefix chronos_jupyter",
+    "jupyter labextension disable @chronos-gpu/jupyterlab",
+]
+
+
+def test_the_admin_guide_shows_the_commands_and_output_this_test_sees() -> None:
+    text = (ROOT / "docs" / "admin-guide.md").read_text()
+    start = text.index("### JupyterLab and Notebook 7\n")
+    section = text[start:text.index("\n## ", start)]
+    commands = []
+    shown = []
+    for block, body in re.findall(r"```(console|bash)\n(.*?)```", section, re.S):
+        for line in body.splitlines():
+            if block == "bash" and line.strip():
+                commands.append(line.strip())
+            elif line.startswith("$ "):
+                commands.append(line[2:].strip())
+            elif line.strip():
+                shown.append(line.strip())
+    assert commands == GUIDE_COMMANDS  # each run above, in a fresh venv
+    assert shown == ["chronos_jupyter enabled", "- Validating chronos_jupyter...", "chronos_jupyter  OK",
+                     "@chronos-gpu/jupyterlab v2.0.0 enabled OK (python, chronos-gpu)"]
