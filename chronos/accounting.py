@@ -7,9 +7,12 @@ watchdog (what it enforces) and the widget and ``chronos stats`` (what a user se
 A process belongs to a lease when, in this order:
 
 1. it, or one of its ancestors, is the lease's holder (pid *and* start time);
-2. its environment names the lease (``CHRONOS_LEASE_ID``, which ``lease.env()`` sets): a program
-   that detaches (a double fork, ``nohup … &``, a daemon) keeps it. Environments are readable for
-   one's own processes, or by root;
+2. its environment names the lease and its ledger (``CHRONOS_LEASE_ID`` and ``CHRONOS_LEDGER``,
+   which ``lease.env()`` sets) and it runs as the lease's owner: a program that detaches (a double
+   fork, ``nohup … &``, a daemon) keeps them. The ledger's name keeps lease 7 of one state
+   directory from being taken for lease 7 of another, and the owner check keeps anyone from
+   charging their processes to someone else's lease by setting the variables. Environments are
+   readable for one's own processes, or by root;
 3. its owner holds exactly one active lease with no holder, which it is then given.
 
 A process keeps the answer it first got while it lives, so a child re-parented to init when its
@@ -31,6 +34,7 @@ from chronos.model import LeaseRecord, LeaseState
 
 __all__ = [
     "LEASE_ENV",
+    "LEDGER_ENV",
     "NO_LEASE",
     "WRONG_DEVICE",
     "DeviceStatus",
@@ -43,8 +47,9 @@ __all__ = [
     "usage",
 ]
 
-#: The variable ``lease.env()`` sets in a lease's processes.
+#: The variables ``lease.env()`` sets in a lease's processes: the lease's id, and its ledger's name.
 LEASE_ENV = "CHRONOS_LEASE_ID"
+LEDGER_ENV = "CHRONOS_LEDGER"
 NO_LEASE = "no lease"
 WRONG_DEVICE = "device not in lease"
 _TOLERANCE_S = 0.05
@@ -99,11 +104,14 @@ class Membership:
     """The lease each process belongs to, over one set of active leases (see the module doc).
 
     ``roots`` overrides a lease's holder as the root of its tree (``lease id -> (pid, start)``):
-    ``chronos run`` and a kernel's watchdog watch the command they started.
+    ``chronos run`` and a kernel's watchdog watch the command they started. ``ledger`` is the name
+    of the ledger the leases live in (:attr:`chronos.ledger.Ledger.identity`); a process's
+    environment must name it too. None (pure tests only) accepts any.
     """
 
     def __init__(self, leases: Sequence[LeaseRecord] = (),
-                 roots: dict[str, tuple[int, float | None]] | None = None) -> None:
+                 roots: dict[str, tuple[int, float | None]] | None = None, *, ledger: str | None = None) -> None:
+        self.ledger = ledger
         self._roots = dict(roots or {})
         self._cache: dict[int, tuple[float | None, str | None]] = {}
         self._leases: tuple[LeaseRecord, ...] = ()
@@ -152,15 +160,16 @@ class Membership:
             if holder is not None and _same(holder[1], started):
                 return holder[0]
         uid: int | None = None
-        named: str | None = None
+        environ: dict[str, str] = {}
         try:
             proc = psutil.Process(pid)
             uid = int(proc.uids().real)
-            named = proc.environ().get(LEASE_ENV)
+            environ = proc.environ()
         except (psutil.Error, OSError):
             pass
-        if named in self._by_id:
-            return named
+        named = self._by_id.get(environ.get(LEASE_ENV, ""))
+        if named is not None and named.uid == uid and self.ledger in (None, environ.get(LEDGER_ENV)):
+            return named.id
         return self._unbound.get(uid) if uid is not None else None
 
     def members(self, lease_id: str) -> list[tuple[int, float]]:

@@ -88,6 +88,16 @@ class Engine:
             return self._ledger
 
     @property
+    def ledger_id(self) -> str:
+        """The ledger's name on this machine, carried by every lease's processes (``CHRONOS_LEDGER``)."""
+        return self.ledger.identity
+
+    def membership(self, leases: Sequence[LeaseRecord],
+                   roots: dict[str, tuple[int, float | None]] | None = None) -> accounting.Membership:
+        """The one rule for which processes are whose (:class:`chronos.accounting.Membership`), over this ledger."""
+        return accounting.Membership(leases, roots, ledger=self.ledger_id)
+
+    @property
     def backend(self) -> Backend:
         if self._backend is None:
             self._backend = backend_for(self.settings)
@@ -159,7 +169,7 @@ class Engine:
     def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess],
                   live: list[LeaseRecord]) -> scheduler.Snapshot:
         active = [lease for lease in live if lease.state == ACTIVE]
-        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, accounting.Membership(active))
+        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, self.membership(active))
         queued = [lease for lease in live if lease.state == QUEUED]
         specs = self.ledger.queued_requests() if queued else {}
         shares = self.policies.use(now) if queued and self.config.fair_share else {}
@@ -494,7 +504,7 @@ class Engine:
         """Every device with its memory reserved by leases, used outside them, and available."""
         devices, gpu_procs = self._poll_devices()
         active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
-        return accounting.device_status(devices, gpu_procs, accounting.Membership(active))
+        return accounting.device_status(devices, gpu_procs, self.membership(active))
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
         """Store a lease's peak GPU memory and GPU time (the watchdog calls this)."""
@@ -510,17 +520,18 @@ class Engine:
 
     def lease_env(self, record: LeaseRecord, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process inside ``record``'s caps (:mod:`chronos.enforce.caps`)."""
-        return caps.lease_env(record, self._totals(), base, self.settings.context_reserve_bytes)
+        return caps.lease_env(record, self._totals(), base, self.settings.context_reserve_bytes, self.ledger_id)
 
     def apply_caps(self, record: LeaseRecord) -> list[str]:
         """Cap frameworks already imported in this process (:func:`chronos.enforce.caps.apply_caps`)."""
-        return caps.apply_caps(record, self._totals(), reserve_bytes=self.settings.context_reserve_bytes)
+        return caps.apply_caps(record, self._totals(), reserve_bytes=self.settings.context_reserve_bytes,
+                               ledger=self.ledger_id)
 
     def lease_usage(self, record: LeaseRecord) -> dict[int, int | None]:
         """GPU memory ``record``'s processes use now, per device (:mod:`chronos.accounting`'s rule)."""
         if record.state != ACTIVE or not record.devices:
             return {}
-        membership = accounting.Membership([r for r in self.active_records() if r.id != record.id] + [record])
+        membership = self.membership([r for r in self.active_records() if r.id != record.id] + [record])
         found = accounting.usage(self.backend.processes(list(record.devices)), membership).get(record.id, {})
         return {index: found.get(index, 0) for index in record.devices}
 

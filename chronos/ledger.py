@@ -7,6 +7,7 @@ the read-decide-write of an admission is atomic across processes.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import threading
@@ -169,6 +170,13 @@ class Ledger:
                         self._conn.execute(statement)
                     version += 1
                     self._conn.execute(f"PRAGMA user_version = {version}")
+
+    @property
+    def identity(self) -> str:
+        """This ledger file's name on this machine (device and inode): a lease's processes carry it,
+        so lease 7 here is never taken for lease 7 of another state directory."""
+        info = os.stat(self.path)
+        return f"{info.st_dev:x}-{info.st_ino:x}"
 
     @property
     def schema_version(self) -> int:

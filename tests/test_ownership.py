@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,51 @@ def test_the_default_engine_is_the_current_settings() -> None:
 
     assert default_engine().settings is settings.current()
     assert default_engine() is default_engine()
+
+
+def test_a_lease_of_another_ledger_with_the_same_id_is_not_this_leases(tmp_path: Path) -> None:
+    """Lease 1 of one state directory is never taken for lease 1 of another (both ids are "1")."""
+    here = Engine(state_dir=tmp_path / "here")
+    there = Engine(state_dir=tmp_path / "there")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mine = here.reserve("4G", "1h", device=0, bind=holder.pid)  # bound: an owner's unbound lease takes all
+    theirs = there.reserve("4G", "1h", device=0, bind=False)
+    assert mine.id == theirs.id == "1"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=theirs.env())
+    try:
+        assert there.membership([theirs.record]).lease_of(child.pid) == "1"
+        assert here.membership([mine.record]).lease_of(child.pid) is None
+        dog = Watchdog(mine, grace_s=0, kill_wait_s=0)
+        assert {pid for pid, _ in dog.membership.members(mine.id)} == {holder.pid}
+        ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=mine.env())
+        try:
+            assert here.membership([mine.record]).lease_of(ours.pid) == "1"  # its own ledger's process counts
+        finally:
+            ours.kill()
+            ours.wait()
+    finally:
+        for proc in (child, holder):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_nobody_charges_their_processes_to_another_users_lease() -> None:
+    """Setting a victim's CHRONOS_LEASE_ID and CHRONOS_LEDGER in one's own process changes nothing."""
+    lease = chronos.reserve("4G", "1h", device=0, bind=False)
+    env = {**lease.env(), "PATH": "/usr/bin:/bin"}
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    intruder = subprocess.Popen([runuser, "-u", "nobody", "--", "/bin/sleep", "60"], env=env)
+    try:
+        pid = wait_for(lambda: next(iter(_tree(intruder.pid) - {intruder.pid}), None)
+                       if Path(f"/proc/{intruder.pid}").exists() else None,
+                       what="the intruder's sleep to start")
+        if int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) != 65534:
+            pid = intruder.pid  # runuser exec'd the command in place
+        simulated.allocate(0, 8 * GIB, pid=pid)
+        assert chronos.api.default_engine().membership([lease.record]).lease_of(pid) is None
+        assert lease.usage() == {0: 0}
+        assert chronos.gpus()[0].unmanaged_bytes == 8 * GIB
+    finally:
+        intruder.kill()
+        intruder.wait()

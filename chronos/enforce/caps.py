@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
-from chronos.accounting import LEASE_ENV
+from chronos.accounting import LEASE_ENV, LEDGER_ENV
 from chronos.errors import BackendError
 from chronos.model import LeaseRecord
 
@@ -124,17 +124,22 @@ def _cupy_limit(existing: str | None, budget: int, total: int) -> str:
 
 def lease_env(
     lease: LeaseRecord, totals: Mapping[str, int], base: Mapping[str, str] | None = None,
-    reserve_bytes: int | None = None,
+    reserve_bytes: int | None = None, ledger: str | None = None,
 ) -> dict[str, str]:
     """The environment for a child process that should live inside ``lease``'s caps.
 
-    ``totals`` maps device UUID to total bytes; ``base`` defaults to ``os.environ``. User settings
-    in the framework variables are merged: other keys kept, smaller limits kept.
+    ``totals`` maps device UUID to total bytes; ``base`` defaults to ``os.environ``; ``ledger`` names
+    the lease's ledger (what :class:`chronos.accounting.Membership` checks beside the lease id).
+    User settings in the framework variables are merged: other keys kept, smaller limits kept.
     """
     env = dict(os.environ if base is None else base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_uuids)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env[LEASE_ENV] = lease.id
+    if ledger is not None:
+        env[LEDGER_ENV] = ledger
+    else:
+        env.pop(LEDGER_ENV, None)
     sizes = [totals[u] for u in lease.device_uuids if u in totals]
     if len(sizes) != len(lease.device_uuids):
         missing = [u for u in lease.device_uuids if u not in totals]
@@ -201,7 +206,7 @@ def _cap_cupy(cupy: Any, lease: LeaseRecord, budget: int) -> list[str]:
 
 
 def apply_caps(lease: LeaseRecord, totals: Mapping[str, int], modules: Mapping[str, Any] | None = None,
-               reserve_bytes: int | None = None) -> list[str]:
+               reserve_bytes: int | None = None, ledger: str | None = None) -> list[str]:
     """Cap frameworks already imported in this process; returns one line per thing done.
 
     Frameworks not imported yet get the environment variables of :func:`lease_env`, which they
@@ -211,7 +216,7 @@ def apply_caps(lease: LeaseRecord, totals: Mapping[str, int], modules: Mapping[s
     mods = sys.modules if modules is None else modules
     budget = framework_budget(lease.memory_bytes, reserve_bytes)
     done: list[str] = []
-    env = lease_env(lease, totals, base={}, reserve_bytes=reserve_bytes)
+    env = lease_env(lease, totals, base={}, reserve_bytes=reserve_bytes, ledger=ledger)
     imported = {name for name in ("torch", "cupy", "jax") if name in mods}
     if "torch" in mods:
         done.extend(_cap_torch(mods["torch"], lease, budget))
@@ -224,7 +229,7 @@ def apply_caps(lease: LeaseRecord, totals: Mapping[str, int], modules: Mapping[s
         "jax": ["XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"],
         "cupy": ["CUPY_GPU_MEMORY_LIMIT"],
     }
-    merged = lease_env(lease, totals, reserve_bytes=reserve_bytes)
+    merged = lease_env(lease, totals, reserve_bytes=reserve_bytes, ledger=ledger)
     for name, keys in later.items():
         if name in imported:
             continue
@@ -237,4 +242,6 @@ def apply_caps(lease: LeaseRecord, totals: Mapping[str, int], modules: Mapping[s
             os.environ[key] = env[key]
         done.append(f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} set for a later CUDA start")
     os.environ[LEASE_ENV] = lease.id
+    if ledger is not None:
+        os.environ[LEDGER_ENV] = ledger
     return done

@@ -81,6 +81,9 @@ class WatchdogHost(Protocol):
 
     def active_records(self) -> list[LeaseRecord]: ...
 
+    def membership(self, leases: Sequence[LeaseRecord],
+                   roots: dict[str, tuple[int, float | None]] | None = None) -> Membership: ...
+
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None: ...
 
 
@@ -159,7 +162,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
         root_start = self.lease.pid_start if pid is None else procs.start_time(root)
         self.root_pid = root
         self.root_start = root_start
-        self.membership = Membership(self._leases(), roots={self.lease.id: (root, root_start)})
+        self.membership = engine.membership(self._leases(), roots={self.lease.id: (root, root_start)})
         self.peak_bytes = 0
         self.gpu_seconds = 0.0
         self.usage: dict[int, int] = {}

@@ -154,6 +154,7 @@ class Policies:
             samples = self.host.backend.utilization(sorted({i for lease in ruled for i in lease.devices}))
         except ChronosError:
             return  # no sample: nothing is judged idle
+        self._membership.ledger = self.host.ledger.identity
         self._membership.update(active)
         self._sample = idle.attribute(samples, ruled, self._membership, time.time())
         self.samples += 1
@@ -197,6 +198,7 @@ class Policies:
 
     def _signal_members(self, lease: LeaseRecord) -> None:
         """SIGTERM to the lease's processes this process may signal; their watchdog (or the service) goes on."""
+        self._membership.ledger = self.host.ledger.identity
         self._membership.update([lease, *[r for r in self._membership.leases if r.id != lease.id]])
         for pid, _started in self._membership.members(lease.id):
             if pid != os.getpid():
