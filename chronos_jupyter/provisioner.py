@@ -14,7 +14,9 @@ Life of a kernel:
   once it runs; a restart whose lease is over fails with a message naming the lease;
 * end of the lease: ``on_expiry`` decides (terminate by default); auto-restart is stopped first
   so the kernel stays down, and the server is told the kernel is dead;
-* shutdown or culling: ``cleanup(restart=False)`` releases the lease.
+* shutdown or culling: ``cleanup(restart=False)`` ends what is left of the kernel's processes (those
+  it started included) and releases the lease; so does the server's exit, whatever the signal
+  (:mod:`chronos_jupyter.teardown`).
 
 Nothing here blocks the server's event loop: every Chronos call runs in a worker thread.
 """
@@ -32,6 +34,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
 
 import chronos
+from chronos import procs
 from chronos.api import default_engine
 from chronos.enforce.watchdog import (
     ExpiryWarning,
@@ -55,6 +58,7 @@ from chronos_jupyter.kernel_errors import (
     KernelLeaseUnavailable,
     surface,
 )
+from chronos_jupyter.teardown import end_processes, install_stop_signals, kernel_processes, track, untrack
 from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
 
 EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
@@ -142,6 +146,8 @@ class ChronosProvisioner(LocalProvisioner):
     watchdog: Watchdog | None = None
     _held_by_server = False
     ended_message: str | None = None
+    _tree: tuple[tuple[int, float], ...] = ()
+    _kernel_pgid: int | None = None
 
     # -- the lease ------------------------------------------------------------------------
     @property
@@ -284,6 +290,7 @@ class ChronosProvisioner(LocalProvisioner):
         """Take the lease (or, on a restart, check it), then build the kernel's environment."""
         first = self._lease is None and self._lease_id is None
         if first:
+            install_stop_signals(self.log)
             lease = await self._take_lease()
         else:
             lease = await self._lease_for_restart(self.lease_id or "")
@@ -305,6 +312,8 @@ class ChronosProvisioner(LocalProvisioner):
         info = await super().launch_kernel(cmd, **kwargs)
         lease = self._lease
         assert lease is not None and self.pid is not None
+        self._kernel_pgid = self.pgid
+        track(self)
         try:
             await in_thread(lease.bind, self.pid)
             self._held_by_server = False
@@ -323,12 +332,22 @@ class ChronosProvisioner(LocalProvisioner):
         # by the server now, before the kernel (its holder) exits.
         if getattr(self.parent, "shutting_down", False):
             await self._hold_by_server()
+            self._note_tree()
         await super().send_signal(signum)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         if restart:
             await self._hold_by_server()
+        else:
+            self._note_tree()
         await super().shutdown_requested(restart=restart)
+
+    def _note_tree(self) -> None:
+        """Remember the kernel's processes while it runs: once it exits, its children lose their parent."""
+        if self.pid is not None:
+            tree = {(pid, started) for pid in procs.descendants(self.pid)
+                    if (started := procs.start_time(pid)) is not None}
+            self._tree = tuple(sorted(tree | set(self._tree)))
 
     async def terminate(self, restart: bool = False) -> None:
         if restart:
@@ -341,11 +360,36 @@ class ChronosProvisioner(LocalProvisioner):
         await super().kill(restart=restart)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Release the lease unless the kernel is about to be restarted."""
+        """Unless the kernel is about to be restarted: end its processes, then release the lease."""
         self._stop_watch()
         if not restart:
+            await self._end_kernel_processes()
             await self._release_quietly()
+            untrack(self)
         await super().cleanup(restart=restart)
+
+    def _shutdown_wait(self) -> float:
+        return self.get_shutdown_wait_time(float(getattr(self.parent, "shutdown_wait_time", 5.0)))
+
+    async def _end_kernel_processes(self) -> None:
+        """Processes the kernel started must not keep GPU memory once its lease is given back."""
+        targets = await in_thread(kernel_processes, self.lease_id, self._kernel_pgid or self.pgid, self._tree)
+        self._tree = ()
+        if targets:
+            await self._hold_by_server()  # so that ending its holder does not end the lease as revoked
+            self.log.info("Chronos: kernel %s left %d process(es) running (%s); ending them",
+                          self.kernel_id, len(targets), ", ".join(str(pid) for pid, _ in targets))
+            await in_thread(end_processes, targets, self._shutdown_wait())
+
+    def end_at_exit(self) -> None:
+        """The server is exiting with this kernel still up: end the kernel's tree and release its lease."""
+        known = list(self._tree)
+        if self.pid is not None and (started := procs.start_time(self.pid)) is not None:
+            known.append((self.pid, started))
+        end_processes(kernel_processes(self.lease_id, self._kernel_pgid, known), min(self._shutdown_wait(), 3.0))
+        if self.lease_id is not None:
+            with contextlib.suppress(ChronosError):
+                chronos.release(self.lease_id)
 
     async def _release_quietly(self) -> None:
         lease_id = self.lease_id
@@ -393,8 +437,7 @@ class ChronosProvisioner(LocalProvisioner):
         lease, pid = self._lease, self.pid
         if lease is None or pid is None:
             return
-        km = self.parent
-        kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
+        kill_wait = self._shutdown_wait()
         warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
         # The same action for a lease released by someone else (`chronos release`) as for its end.
         policy = self.on_expiry or default_engine().on_expiry

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def start_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
                  "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
                  f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'root'}", *extra],
                 stdout=out, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                stdin=subprocess.DEVNULL,  # as under JupyterHub or a service manager: no terminal
             )
         server = Server(f"http://127.0.0.1:{port}", token, process, log)
         started.append(server)
@@ -208,3 +210,56 @@ def test_culled_kernel_releases_its_lease(start_server: Callable[..., Server], t
     assert chronos.get_lease(cull_lease.id).state == "released"
     assert chronos.get_lease(kept_lease.id).state == "active"
     assert re.search(r"Culling '\w+' kernel 'gpu-cull' .* due to \d+ seconds of inactivity", server.log.read_text())
+
+
+def _run_in_kernel(kernel_id: str, code: str) -> str:
+    """Execute ``code`` in a running kernel of the server (through its connection file); its stdout."""
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    client = BlockingKernelClient(connection_file=str(Path(os.environ["JUPYTER_RUNTIME_DIR"]) /
+                                                      f"kernel-{kernel_id}.json"))
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        out: list[str] = []
+        reply = client.execute_interactive(code, timeout=60, output_hook=lambda msg: out.append(
+            msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""))
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return "".join(out)
+    finally:
+        client.stop_channels()
+
+
+_CHILDREN = """
+import subprocess, sys
+sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+in_group = subprocess.Popen(sleeper)
+own_session = subprocess.Popen(sleeper, start_new_session=True)  # left the kernel's process group
+print(in_group.pid, own_session.pid)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "api-shutdown"])
+def test_stopping_the_server_ends_every_kernel_its_processes_and_releases_the_leases(
+    start_server: Callable[..., Server], how: str
+) -> None:
+    """JupyterHub stops a server with SIGINT first (stop button, API, idle culler), then SIGTERM."""
+    server = start_server()
+    kernels = [server.request("POST", "/api/kernels", {"name": "gpu-8g"})[1]["id"] for _ in range(2)]
+    children = [int(pid) for pid in _run_in_kernel(kernels[0], _CHILDREN).split()]
+    leases = chronos.leases()
+    assert len(leases) == 2
+    pids = [lease.pid for lease in leases] + children
+    if how == "api-shutdown":
+        assert server.request("POST", "/api/shutdown")[0] == 200
+    else:
+        server.process.send_signal(getattr(signal, how))
+    server.process.wait(60)
+
+    def gone(pid: int | None) -> bool:
+        assert pid is not None
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    assert [pid for pid in pids if not gone(pid)] == [], server.log.read_text()
+    assert {chronos.get_lease(lease.id).state for lease in leases} == {"released"}, server.log.read_text()
