@@ -1,15 +1,13 @@
 """ChronosProvisioner: every Jupyter kernel started from a chronos kernelspec runs inside its own lease.
 
 A kernel.json selects it with ``metadata.kernel_provisioner = {"provisioner_name": "chronos",
-"config": {"memory": "8G", "duration": "2h"}}``; each config key is also a configurable trait, so
-an admin can set defaults in jupyter_server_config.py (``c.ChronosProvisioner.memory = "8G"``).
+"config": {"memory": "8G", "duration": "2h"}}``; each key is also a trait (provisioner_settings).
 
 Life of a kernel:
 
 * start: take the lease (waiting in the queue when ``wait`` is set), give the kernel the lease's
-  environment (CUDA_VISIBLE_DEVICES, framework caps, CHRONOS_LEASE_ID), launch it, and bind the
-  lease to the kernel's pid, so a server and kernel killed outright leave a lease that Chronos
-  reclaims through its dead holder;
+  environment (CUDA_VISIBLE_DEVICES, framework caps, CHRONOS_LEASE_ID) and, for IPython, the
+  notices extension (:mod:`chronos_jupyter.notices`); launch it, and bind the lease to its pid;
 * restart: the lease is held by the server while the old kernel stops and bound to the new kernel
   once it runs; a restart whose lease is over fails with a message naming the lease;
 * end of the lease: ``on_expiry`` decides (terminate by default); auto-restart is stopped first
@@ -30,9 +28,6 @@ import threading
 import time
 from typing import Any, TypeVar
 
-from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
-
 import chronos
 from chronos import procs
 from chronos.api import default_engine
@@ -47,7 +42,7 @@ from chronos.enforce.watchdog import (
 )
 from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
 from chronos.lease import Lease
-from chronos.model import Action, LeaseState, OnIdle, Priority
+from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, parse_request
 from chronos.units import format_bytes, format_clock, format_duration, parse_duration
 from chronos_jupyter.kernel_errors import (
@@ -56,8 +51,13 @@ from chronos_jupyter.kernel_errors import (
     KernelLeaseInvalid,
     KernelLeaseRefused,
     KernelLeaseUnavailable,
+    dialog,
+    log_refusals_in_one_line,
     surface,
 )
+from chronos_jupyter.notices import kernel_args
+from chronos_jupyter.provisioner_settings import ProvisionerSettings
+from chronos_jupyter.server_hooks import client_gone
 from chronos_jupyter.teardown import end_processes, install_stop_signals, kernel_processes, track, untrack
 from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
 
@@ -74,70 +74,18 @@ __all__ = [
 
 T = TypeVar("T")
 
+def _queue_text(lease_id: str, position: int | None, when: str | None) -> str:
+    place = f"number {position} in line" if position is not None else "queued"
+    return f"request {lease_id}, {place}" + (f", expected to start about {when}" if when else "")
+
+
+#: Notebooks (session names) whose kernel was stopped at its lease's end -> that lease: see notices.
+_ended_sessions: dict[str, str] = {}
+
 
 # --------------------------------------------------------------------------- the provisioner
-class ChronosProvisioner(LocalProvisioner):
+class ChronosProvisioner(ProvisionerSettings):
     """A local kernel launched inside a Chronos GPU lease (entry point name ``chronos``)."""
-
-    memory = Union(
-        [Unicode(), Int(), Float()], default_value="", config=True,
-        help="GPU memory per device for each kernel's lease: 8G, 512M, 50%%. Required.",
-    )
-    duration = Union(
-        [Unicode(), Int(), Float()], default_value="1h", config=True,
-        help="How long each kernel's lease lasts: 2h, 90m, 1h30m or seconds.",
-    )
-    gpus = Int(None, allow_none=True, config=True, help="Number of devices granted together.")
-    device = Union(
-        [Int(), List(Int()), Unicode()], default_value=None, allow_none=True, config=True,
-        help="Which device index(es) to use (all or none); default: the least loaded that fits.",
-    )
-    priority = Enum(
-        Priority.choices(), default_value=None, allow_none=True, config=True,
-        help="Queue priority (default: the system config's default_priority).",
-    )
-    # ``wait`` is a method of every provisioner, so the trait has another name; kernel.json's
-    # config key stays ``wait`` (mapped in __init__).
-    queue_wait = Union(
-        [Bool(), Unicode(), Float()], default_value=False, config=True,
-        help="When no capacity is free: false fails the start at once; true waits in the queue; "
-        "a duration (10m) waits at most that long. kernel.json spells it \"wait\".",
-    )
-    on_expiry = Enum(
-        Action.choices(), default_value=None, allow_none=True, config=True,
-        help="What happens when the lease ends: warn (log only), interrupt (SIGINT, kernel kept), "
-        "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
-        "stopped for terminate and kill. Default: on_expiry in /etc/chronos/config.toml [defaults] "
-        "(terminate).",
-    )
-    on_overuse = Enum(
-        Action.choices(), default_value="terminate", config=True,
-        help="What the watchdog does when the kernel's processes use more GPU memory than the lease "
-        "past its grace period (same choices as on_expiry). A terminated kernel is auto-restarted "
-        "within the rest of its lease's time.",
-    )
-    idle_after = Union(
-        [Unicode(), Int(), Float()], default_value="", config=True,
-        help="This kernelspec's own idle rule: act on a kernel whose lease used no GPU time this long (30m). "
-        "It adds to the system's [limits] idle_after, never lifts it. Empty: the system's rule only.",
-    )
-    on_idle = Enum(
-        OnIdle.choices(), default_value=None, allow_none=True, config=True,
-        help="What this kernelspec's idle rule does: warn, release (the kernel keeps running without a lease) "
-        "or terminate (the kernel is stopped). Default release.",
-    )
-    warn_before = Union(
-        [Unicode(), Int(), Float()], default_value="10m", config=True,
-        help="Log a warning this long before the lease ends (and again a minute before).",
-    )
-    check_interval = Float(
-        1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease."
-    )
-
-    def __init__(self, **kwargs: Any) -> None:
-        if "wait" in kwargs:
-            kwargs["queue_wait"] = kwargs.pop("wait")
-        super().__init__(**kwargs)
 
     _lease: Lease | None = None
     _lease_id: str | None = None
@@ -147,6 +95,9 @@ class ChronosProvisioner(LocalProvisioner):
     _held_by_server = False
     ended_message: str | None = None
     _tree: tuple[tuple[int, float], ...] = ()
+    _session: str | None = None
+    _queue_note = ""
+    _waited = ""
     _kernel_pgid: int | None = None
 
     # -- the lease ------------------------------------------------------------------------
@@ -171,16 +122,17 @@ class ChronosProvisioner(LocalProvisioner):
 
     def _request(self) -> RequestSpec:
         if self.memory in ("", None):
-            raise KernelLeaseInvalid(
-                "the chronos kernel provisioner needs a memory size: set \"memory\" (e.g. \"8G\") in the "
-                "kernelspec's metadata.kernel_provisioner.config, or c.ChronosProvisioner.memory"
-            )
+            raise KernelLeaseInvalid(dialog(
+                "the chronos kernel provisioner needs a memory size",
+                "set \"memory\" (e.g. \"8G\") in the kernelspec's metadata.kernel_provisioner.config, "
+                "or c.ChronosProvisioner.memory"))
         try:
             return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
                                  priority=self.priority, wait=self.queue_wait, label=self._label(),
                                  idle_after=self.idle_after or None, on_idle=self.on_idle)
         except InvalidRequestError as exc:
-            raise KernelLeaseInvalid(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}") from None
+            raise KernelLeaseInvalid(dialog(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting",
+                                            str(exc))) from None
 
     def _kernel_name(self) -> str:
         return str(getattr(self.parent, "kernel_name", None) or "?")
@@ -188,25 +140,40 @@ class ChronosProvisioner(LocalProvisioner):
     async def _take_lease(self) -> Lease:
         request = self._request()
         server_pid = os.getpid()
+        gone = client_gone.get()  # set when the HTTP client starting this kernel goes away
+        said: list[tuple[int | None, str | None]] = []
 
         def reserve(cancel: threading.Event) -> Lease:
             def on_wait(update: chronos.WaitUpdate) -> None:
-                if cancel.is_set():
+                if cancel.is_set() or (gone is not None and gone.is_set()):
                     raise Cancelled(update.lease_id)
+                when = format_clock(update.estimated_start, seconds=True) if update.estimated_start else None
+                if not said or said[-1] != (update.position, when):
+                    said.append((update.position, when))
+                    self._queue_note = _queue_text(update.lease_id, update.position, when)
+                    self.log.info("Chronos: kernel %s waits in the queue: %s", self.kernel_id, self._queue_note)
 
             return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
 
         if request.wait_s is not None:
             self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
+        began = time.monotonic()
         try:
             lease = await in_daemon_thread(reserve)
+        except Cancelled as stopped:
+            self.log.warning("Chronos: the client starting kernel %s went away; its queued request %s was "
+                             "withdrawn", self.kernel_id, stopped)
+            raise KernelLeaseUnavailable(dialog(f"the start of this kernel ({self._describe()}) was given up",
+                                                "its client went away; its queued request was withdrawn")) from None
         except ChronosError as exc:
             if isinstance(exc, UnavailableError):
-                raise KernelLeaseUnavailable(
-                    f"no GPU capacity for this kernel ({self._describe()}): {exc}; "
-                    "try again later or choose a smaller kernel"
-                ) from None
-            raise surface(exc, f"cannot start this kernel: {exc}") from None
+                raise KernelLeaseUnavailable(dialog(
+                    f"no GPU capacity for this kernel ({self._describe()})",
+                    f"{exc}{' (' + self._queue_note + ')' if self._queue_note else ''}",
+                    "try again later, or choose a smaller kernel")) from None
+            raise surface(exc, dialog("cannot start this kernel", str(exc))) from None
+        if said:
+            self._waited = f"{format_duration(time.monotonic() - began)} ({said[0][0] or '?'} in line at first)"
         self.log.info(
             "Chronos: kernel %s holds lease %s (%s on GPU %s, until %s)", self.kernel_id, lease.id,
             format_bytes(lease.memory_bytes), ",".join(map(str, lease.devices)),
@@ -220,7 +187,7 @@ class ChronosProvisioner(LocalProvisioner):
             lease = await in_thread(chronos.get_lease, lease_id)
         except ChronosError as exc:
             await self._give_up()
-            raise surface(exc, f"cannot restart this kernel: {exc}") from None
+            raise surface(exc, dialog("cannot restart this kernel", str(exc))) from None
         if lease.active:
             return lease
         now = time.time()
@@ -236,10 +203,9 @@ class ChronosProvisioner(LocalProvisioner):
                 )
             except ChronosError as exc:
                 await self._give_up()
-                raise KernelLeaseEnded(
-                    f"lease {lease.id} ended when its kernel exited, and its GPU memory is no longer free "
-                    f"({exc}); start a new kernel to take a new lease"
-                ) from None
+                raise KernelLeaseEnded(dialog(
+                    f"lease {lease.id} ended when its kernel exited, and its GPU memory is no longer free",
+                    str(exc), "start a new kernel to take a new lease")) from None
             self.log.warning(
                 "Chronos: lease %s ended when kernel %s exited; the restarted kernel holds lease %s until %s",
                 lease.id, self.kernel_id, fresh.id,
@@ -291,6 +257,7 @@ class ChronosProvisioner(LocalProvisioner):
         first = self._lease is None and self._lease_id is None
         if first:
             install_stop_signals(self.log)
+            log_refusals_in_one_line(self.log)
             lease = await self._take_lease()
         else:
             lease = await self._lease_for_restart(self.lease_id or "")
@@ -305,7 +272,20 @@ class ChronosProvisioner(LocalProvisioner):
             raise
         env["CHRONOS_LEASE_ID"] = lease.id
         kwargs["env"] = env
+        self._session = str(env.get("JPY_SESSION_NAME") or "") or None
+        replaces = _ended_sessions.pop(self._session, "") if first and self._session else ""
+        if replaces:
+            self.log.warning("Chronos: kernel %s replaces the kernel of %s whose lease %s ended; its first cell "
+                             "says so and is not run", self.kernel_id, self._session, replaces)
+        kwargs["cmd"] = self._with_notices(list(kwargs.get("cmd") or []), replaces)
         return kwargs
+
+    def _warn_at(self) -> tuple[float, ...]:
+        return tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
+
+    def _with_notices(self, cmd: list[str], replaces: str) -> list[str]:
+        return kernel_args(cmd, warn_before=self._warn_at(), on_end=self.on_expiry or default_engine().on_expiry,
+                           replaces=replaces, waited=self._waited)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Launch, then bind the lease to the kernel's pid: its death ends the lease."""
@@ -320,7 +300,7 @@ class ChronosProvisioner(LocalProvisioner):
         except ChronosError as exc:
             await self.kill()
             await self.wait()
-            raise surface(exc, f"kernel stopped: {exc}") from None
+            raise surface(exc, dialog("kernel stopped", str(exc))) from None
         return info
 
     async def post_launch(self, **kwargs: Any) -> None:
@@ -438,7 +418,7 @@ class ChronosProvisioner(LocalProvisioner):
         if lease is None or pid is None:
             return
         kill_wait = self._shutdown_wait()
-        warn_at = tuple(m for m in (self._seconds(self.warn_before, 600.0), 60.0) if m > 0)
+        warn_at = self._warn_at()
         # The same action for a lease released by someone else (`chronos release`) as for its end.
         policy = self.on_expiry or default_engine().on_expiry
         self._ending = False
@@ -476,6 +456,8 @@ class ChronosProvisioner(LocalProvisioner):
                              event.action)
             if event.action in (Action.TERMINATE, Action.KILL):
                 self._ending = True
+                if self._session:
+                    _ended_sessions[self._session] = event.lease_id
                 km = self.parent
                 if km is not None:
                     with contextlib.suppress(Exception):

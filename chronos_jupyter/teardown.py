@@ -120,10 +120,8 @@ def kernel_processes(lease_id: str | None, pgid: int | None,
         if not member and lease_id is not None:
             with contextlib.suppress(OSError, psutil.Error):
                 member = proc.environ().get(LEASE_ENV) == lease_id
-        if member:
-            started = procs.start_time(pid)
-            if started is not None:
-                found[pid] = started
+        if member and (began := procs.start_time(pid)) is not None:
+            found[pid] = began
     return list(found.items())
 
 

@@ -27,13 +27,15 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-# Only the server itself: the front-end extensions add seconds to every start and play no part here.
+# Only the server itself and Chronos's extension (enabled by the file the package installs, which an
+# editable install elsewhere may lack): the front-end extensions add seconds to every start.
 _NO_EXTENSIONS = {
     "ServerApp": {
         "jpserver_extensions": {
-            name: False
-            for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook",
-                         "nbclassic", "jupyter_server_ydoc", "jupyter_collaboration")
+            **{name: False
+               for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook",
+                            "nbclassic", "jupyter_server_ydoc", "jupyter_collaboration")},
+            "chronos_jupyter.server_hooks": True,
         }
     }
 }
@@ -148,15 +150,18 @@ def test_no_capacity_reaches_the_front_end_as_a_message(start_server: Callable[.
     chronos.reserve("80G", "1h", gpus=2, bind=False)
     status, reply = server.request("POST", "/api/kernels", {"name": "gpu-8g"})
     assert status == 503
-    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h)\nnot enough free memory")
     # JupyterLab opens notebooks through sessions; that handler passes str(error) on as the message
     status, reply = server.request(
         "POST", "/api/sessions", {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gpu-8g"}}
     )
     assert status == 500
-    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h)\nnot enough free memory")
     _, kernels = server.request("GET", "/api/kernels")
     assert kernels == []
+    log = server.log.read_text()
+    refusals = [line for line in log.splitlines() if "Chronos refused a kernel start: no GPU capacity" in line]
+    assert len(refusals) >= 2 and "Traceback" not in log, log  # one line each, for both requests
 
 
 def test_expired_kernel_is_ended_and_dropped_by_the_server(start_server: Callable[..., Server],
@@ -263,3 +268,49 @@ def test_stopping_the_server_ends_every_kernel_its_processes_and_releases_the_le
 
     assert [pid for pid in pids if not gone(pid)] == [], server.log.read_text()
     assert {chronos.get_lease(lease.id).state for lease in leases} == {"released"}, server.log.read_text()
+
+
+def test_a_client_that_gives_up_on_a_queued_start_withdraws_it(start_server: Callable[..., Server],
+                                                               tmp_path: Path) -> None:
+    install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
+    server = start_server()
+    blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"name": "gpu-wait"}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        queued = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
+                          what="the kernel's request in the queue")
+        wait_for(lambda: "waits in the queue: request" in server.log.read_text(), timeout=30,
+                 what=lambda: f"the queue position in the log:\n{server.log.read_text()}")
+    # the client is gone: the request leaves the queue, and no kernel is started for nobody
+    [request] = queued
+    wait_for(lambda: chronos.get_lease(request.id).state == "withdrawn", timeout=30,
+             what=lambda: f"the request to be withdrawn:\n{server.log.read_text()}")
+    log = server.log.read_text()
+    assert f"waits in the queue: request {request.id}, number 1 in line" in log
+    assert "went away; its queued request" in log and "Traceback" not in log
+    blocker.release()
+    assert server.request("GET", "/api/kernels")[1] == []
+    assert [x for x in chronos.leases() if x.state in ("active", "queued")] == []
+
+
+def test_a_kernel_that_waited_says_so_in_its_first_cell(start_server: Callable[..., Server], tmp_path: Path) -> None:
+    install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
+    server = start_server()
+    blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
+    import threading
+
+    started: list[tuple[int, Any]] = []
+    thread = threading.Thread(target=lambda: started.append(server.request("POST", "/api/kernels",
+                                                                           {"name": "gpu-wait"})))
+    thread.start()
+    wait_for(lambda: "waits in the queue: request" in server.log.read_text(), timeout=60, what="the wait")
+    blocker.release()
+    thread.join(60)
+    [(status, model)] = started
+    assert status == 201, model
+    out = _run_in_kernel(model["id"], "print('hello')")
+    assert out.startswith("chronos: this kernel waited ") and "in the queue for its lease" in out, out
+    assert out.endswith("hello\n")
