@@ -68,7 +68,7 @@ class ProvisionerSettings(LocalProvisioner):
     )
     warn_before = Union(
         [Unicode(), Int(), Float()], default_value="10m", config=True,
-        help="Log a warning this long before the lease ends (and again a minute before).",
+        help="Warn in the notebook (IPython kernels) and the log this long before the lease ends, and a minute before.",
     )
     check_interval = Float(
         1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease."
