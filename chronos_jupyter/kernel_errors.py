@@ -19,6 +19,7 @@ __all__ = [
     "OneLineRefusals",
     "dialog",
     "log_refusals_in_one_line",
+    "one_line",
     "surface",
 ]
 
@@ -32,8 +33,20 @@ def dialog(headline: str, *details: str) -> str:
     lines = [headline]
     for detail in details:
         if detail:
-            lines.extend(textwrap.wrap(detail, DIALOG_WIDTH, break_on_hyphens=False) or [detail])
+            lines.extend(textwrap.wrap(detail, DIALOG_WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+                         or [detail])
     return "\n".join(lines)
+
+
+def one_line(message: str) -> str:
+    """A :func:`dialog` text as one line: parts joined by "; ", wrapped lines (indented) rejoined."""
+    out = ""
+    for line in message.splitlines():
+        if line.startswith("  ") and out:
+            out += " " + line.strip()
+        else:
+            out += ("; " if out else "") + line.strip()
+    return out
 
 
 class KernelLeaseError(HTTPError, ChronosError):
@@ -99,10 +112,13 @@ class OneLineRefusals(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, KernelLeaseError):
+            if getattr(exc, "_chronos_logged", False):
+                return False  # jupyter_client and the server's kernel manager both log it
+            exc._chronos_logged = True  # type: ignore[attr-defined]
             record.exc_info = None
             record.exc_text = None
             record.msg = "Chronos refused a kernel start: %s"
-            record.args = ("; ".join(exc.message.splitlines()),)
+            record.args = (one_line(exc.message),)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
