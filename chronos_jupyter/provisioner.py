@@ -58,7 +58,7 @@ from chronos_jupyter.kernel_errors import (
 from chronos_jupyter.notices import kernel_args
 from chronos_jupyter.provisioner_settings import ProvisionerSettings
 from chronos_jupyter.server_hooks import client_gone
-from chronos_jupyter.teardown import end_processes, install_stop_signals, kernel_processes, track, untrack
+from chronos_jupyter.teardown import end_kernel, end_processes, install_stop_signals, kernel_processes, track, untrack
 from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
 
 EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
@@ -366,10 +366,7 @@ class ChronosProvisioner(ProvisionerSettings):
         known = list(self._tree)
         if self.pid is not None and (started := procs.start_time(self.pid)) is not None:
             known.append((self.pid, started))
-        end_processes(kernel_processes(self.lease_id, self._kernel_pgid, known), min(self._shutdown_wait(), 3.0))
-        if self.lease_id is not None:
-            with contextlib.suppress(ChronosError):
-                chronos.release(self.lease_id)
+        end_kernel(self.lease_id, self._kernel_pgid, known, min(self._shutdown_wait(), 3.0))
 
     async def _release_quietly(self) -> None:
         lease_id = self.lease_id

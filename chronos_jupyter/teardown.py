@@ -28,10 +28,11 @@ from typing import Any, Protocol
 
 import psutil
 
+import chronos
 from chronos import procs
 from chronos.accounting import LEASE_ENV
 
-__all__ = ["Teardown", "end_processes", "install_stop_signals", "kernel_processes", "track"]
+__all__ = ["Teardown", "end_kernel", "end_processes", "install_stop_signals", "kernel_processes", "track", "untrack"]
 
 _log = logging.getLogger("chronos.jupyter")
 
@@ -123,6 +124,18 @@ def kernel_processes(lease_id: str | None, pgid: int | None,
         if member and (began := procs.start_time(pid)) is not None:
             found[pid] = began
     return list(found.items())
+
+
+def end_kernel(lease_id: str | None, pgid: int | None, known: list[tuple[int, float]], wait_s: float) -> None:
+    """Synchronously (at exit): hold the lease by this process, so that ending its holder does not end
+    it as revoked; end the kernel's processes; release the lease."""
+    if lease_id is not None:
+        with contextlib.suppress(chronos.ChronosError):
+            chronos.get_lease(lease_id).bind(os.getpid())
+    end_processes(kernel_processes(lease_id, pgid, known), wait_s)
+    if lease_id is not None:
+        with contextlib.suppress(chronos.ChronosError):
+            chronos.release(lease_id)
 
 
 def end_processes(targets: list[tuple[int, float]], wait_s: float) -> list[int]:

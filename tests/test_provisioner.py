@@ -414,6 +414,44 @@ def test_killed_server_leaves_a_lease_reclaimed_through_its_dead_kernel(spec_8g:
             server.stdout.close()
 
 
+EXITING_HOST = textwrap.dedent(
+    """
+    import asyncio, subprocess, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def main():
+        km = AsyncKernelManager(kernel_name="gpu-8g")
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        out = []
+        code = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
+                "'import time; time.sleep(600)'], start_new_session=True).pid)")
+        await kc.execute_interactive(code, timeout=60, output_hook=lambda m: out.append(
+            m["content"].get("text", "") if m["msg_type"] == "stream" else ""))
+        kc.stop_channels()
+        print(km.provisioner.lease_id, km.provisioner.pid, "".join(out).strip(), flush=True)
+        # and the host exits, its kernel never shut down
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_host_that_exits_without_shutting_its_kernel_down_still_ends_it_and_releases(spec_8g: str,
+                                                                                        tmp_path: Path) -> None:
+    script = tmp_path / "host.py"
+    script.write_text(EXITING_HOST)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lease_id, kernel_pid, child_pid = done.stdout.split()
+    for pid in (int(kernel_pid), int(child_pid)):
+        wait_for(lambda p=pid: _exited(p), timeout=20, interval=0.1, what=f"process {pid} to end")  # type: ignore[misc]
+    assert chronos.get_lease(lease_id).state == "released"
+
+
 def _exited(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
