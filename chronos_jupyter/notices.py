@@ -261,8 +261,15 @@ class KernelNotices:
 
 def for_kernel(shell: Any, lease_id: str, on_notice: Callable[[str], None],
                on_end_seen: Callable[[str], None]) -> KernelNotices | None:
-    """Start the notices for the kernel's own lease, with the provisioner's settings from the config."""
-    settings = dict(getattr(shell, "config", {}).get(CONFIG_SECTION, {}) or {})
+    """Start the notices for the kernel's own lease, with the provisioner's settings from the config.
+
+    Only in a kernel the provisioner started (its command line carries the settings): elsewhere a
+    ``CHRONOS_LEASE_ID`` in the environment gets no thread and no SIGTERM handler.
+    """
+    config = getattr(shell, "config", None)
+    if config is None or CONFIG_SECTION not in config:
+        return None
+    settings = dict(config.get(CONFIG_SECTION, {}) or {})
     try:
         warn = tuple(float(x) for x in str(settings.get("warn_before", "600,60")).split(",") if x.strip())
         return KernelNotices(

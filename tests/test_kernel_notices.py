@@ -116,7 +116,7 @@ def test_warnings_and_the_end_reach_the_running_cell_and_the_widget_ends(prefix:
 def test_an_idle_kernel_is_told_at_the_top_of_the_next_cell(prefix: Path) -> None:
     from jupyter_client.manager import AsyncKernelManager
 
-    name = spec(prefix, "hour", "1h", warn_before="59m30s")
+    name = spec(prefix, "hour", "1h", warn_before="59m57s")  # due three seconds after the start
 
     async def scenario() -> None:
         km = AsyncKernelManager(kernel_name=name)
