@@ -132,18 +132,36 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _audit_world_dir(path: Path) -> list[str]:
+    """The shared default (1777): every file must be readable and writable by every user."""
+    problems = []
+    for file in state_files(path):
+        try:
+            st = os.lstat(file)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o006 != 0o006:
+            problems.append(f"{file} is not readable and writable by every user, so the others are refused: "
+                            f"ask {_user(st.st_uid)} to run chmod 666 {file}")
+    return problems
+
+
 def audit_state_dir(directory: str | os.PathLike[str]) -> list[str]:
     """One line per thing that keeps a group state directory from working for all its members.
 
-    Directories shared through the world (the 1777 default) or private to one user are checked
-    where they are used (:mod:`chronos.state`); here only what concerns a group is judged.
+    A directory shared through the world (the 1777 default) must have files every user can write; one
+    private to its user is checked where it is used (:mod:`chronos.state`).
     """
     path = Path(directory)
     try:
         info = os.lstat(path)
     except OSError:
         return []
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or not is_group_dir(info.st_mode):
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return []
+    if info.st_mode & stat.S_IWOTH and info.st_mode & stat.S_ISVTX:
+        return _audit_world_dir(path)
+    if not is_group_dir(info.st_mode):
         return []
     name = group_name(info.st_gid)
     fix = init_hint(path)

@@ -183,3 +183,20 @@ def pwd_uid(name: str) -> int:
     import pwd
 
     return pwd.getpwnam(name).pw_uid
+
+
+def test_doctor_says_when_the_shared_default_directory_is_not_usable_by_everyone(
+    people: dict[str, str], as_user: Run, state_dir: Path
+) -> None:
+    """The world-shared layout (1777): a ledger only its maker can write locks everyone else out."""
+    state_dir.parent.mkdir()
+    state_dir.mkdir(mode=0o1777)
+    state_dir.chmod(0o1777)
+    _reserve(as_user, "alice")
+    assert as_user("root", "doctor").returncode == 0
+    db = state_dir / "chronos.db"
+    db.chmod(0o644)
+    doctor = as_user("root", "doctor")
+    assert doctor.returncode == 1
+    assert f"{db} is not readable and writable by every user" in doctor.stderr
+    assert f"ask {people['alice']} (uid {pwd_uid(people['alice'])}) to run chmod 666 {db}" in doctor.stderr
