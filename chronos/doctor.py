@@ -16,6 +16,8 @@ from typing import Any
 from chronos.enforce import caps, mps
 from chronos.engine import Engine
 from chronos.errors import ChronosError
+from chronos.state import check_dir
+from chronos.state_admin import audit_state_dir
 
 __all__ = ["Report", "diagnose", "framework_versions"]
 
@@ -114,8 +116,14 @@ def _check_state_dir(report: Report, engine: Engine) -> None:
     elif mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
         report.problems.append(f"state directory {path} is world-writable without the sticky bit: "
                                "chmod +t it")
-    elif not info["writable"]:
-        report.problems.append(f"state directory {path} is not writable by this user")
+    elif not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        try:
+            check_dir(path, shared=False)
+        except ChronosError as exc:
+            report.problems.append(str(exc))
+        else:  # pragma: no cover - check_dir refuses what os.access refuses
+            report.problems.append(f"state directory {path} is not usable by this user")
+    report.problems.extend(audit_state_dir(path))
 
 
 def _check_mps(report: Report, engine: Engine) -> None:

@@ -1,20 +1,23 @@
 """The state directory: found, created safely, and checked before the ledger trusts it.
 
 The default directory is shared by every user of the machine (sticky and world-writable, like /tmp)
-so that two users coordinate with no setup. An admin hardens it by creating a group-owned directory
-(e.g. ``root:gpu-users`` mode 2770) and pointing ``state_dir`` or ``CHRONOS_STATE_DIR`` at it.
+so that two users coordinate with no setup. An admin hardens it with ``chronos admin init-state-dir
+DIR --group G`` (root:G, mode 3770, its files made by root: see :mod:`chronos.state_admin`) and points
+``state_dir`` or ``CHRONOS_STATE_DIR`` at it.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
 from chronos.config import Config
-from chronos.errors import StateError
+from chronos.errors import NotAllowedError, StateError
 
-__all__ = ["check_dir", "file_mode_for", "prepare_file", "state_dir"]
+__all__ = ["check_dir", "file_mode_for", "group_name", "init_hint", "is_group_dir", "prepare_file", "state_dir"]
 
 _SHARED_DIR_MODE = 0o1777
 _PRIVATE_DIR_MODE = 0o700
@@ -47,7 +50,44 @@ def check_dir(path: Path, *, shared: bool) -> Path:
                 f"state directory {path} is world-writable without the sticky bit; "
                 "ask its owner to run: chmod +t " + str(path)
             )
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        if is_group_dir(info.st_mode):
+            name = group_name(info.st_gid)
+            raise NotAllowedError(
+                f"state directory {path} is for members of group {name}: ask an admin to add you "
+                f"(sudo usermod -aG {name} {_user_name()}), then log in again or restart your server"
+            )
+        raise StateError(f"no permission to use state directory {path}; ask its owner to share it "
+                         "(see docs/trust-model.md)")
     return path
+
+
+def is_group_dir(mode: int) -> bool:
+    """A directory shared through its group (the hardened setup), not through the world."""
+    return mode & 0o070 == 0o070 and not mode & stat.S_IWOTH
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def init_hint(directory: Path) -> str:
+    """The admin step that makes a group directory's files right (it never removes a file)."""
+    try:
+        gid = os.stat(directory).st_gid
+    except OSError:
+        return f"sudo chronos admin init-state-dir {directory} --group GROUP"
+    return f"sudo chronos admin init-state-dir {directory} --group {group_name(gid)}"
 
 
 def _create_dir(path: Path, *, shared: bool) -> None:
@@ -76,7 +116,9 @@ def file_mode_for(directory: Path) -> int:
 def prepare_file(path: Path) -> Path:
     """Create ``path`` if missing, then refuse it if it is a symlink, not a file, or foreign-owned.
 
-    Trusted owners: the caller, root, and the directory's owner (who could replace it anyway).
+    Trusted owners: the caller, root, and the directory's owner (who could replace it anyway); in a
+    directory shared through its group, also a member whose file belongs to the group and is group
+    read/write (whoever came first made it; ``chronos doctor`` says when root should own it).
     """
     directory = path.parent
     try:
@@ -95,13 +137,19 @@ def prepare_file(path: Path) -> Path:
         raise StateError(f"{path} is a symlink; refusing it (remove it, or ask an admin to)")
     if not stat.S_ISREG(info.st_mode):
         raise StateError(f"{path} is not a regular file; refusing it")
-    trusted = {os.getuid(), 0, os.stat(directory).st_uid}
-    if info.st_uid not in trusted:
+    dir_info = os.stat(directory)
+    trusted = {os.getuid(), 0, dir_info.st_uid}
+    group_shared = is_group_dir(dir_info.st_mode) and info.st_gid == dir_info.st_gid
+    if info.st_uid not in trusted and not (group_shared and info.st_mode & 0o060 == 0o060):
+        advice = (f"ask an admin to run: {init_hint(directory)}" if is_group_dir(dir_info.st_mode)
+                  else "ask an admin to check it (see docs/trust-model.md)")
         raise StateError(
             f"{path} is owned by uid {info.st_uid}, who neither owns the state directory nor is you; "
-            "refusing it (ask an admin to remove it)"
+            f"refusing it ({advice})"
         )
     if not os.access(path, os.R_OK | os.W_OK):
+        if is_group_dir(dir_info.st_mode):
+            raise StateError(f"no permission to write {path}; ask an admin to run: {init_hint(directory)}")
         raise StateError(
             f"no permission to write {path}; ask its owner to share the state directory "
             "(see docs/trust-model.md)"

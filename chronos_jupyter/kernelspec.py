@@ -20,7 +20,7 @@ from chronos.model import Action, OnIdle, Priority
 from chronos.request import FOREVER, parse_request
 from chronos.units import duration_text, format_bytes, format_duration, parse_duration, parse_memory
 
-__all__ = ["install_kernel", "kernel_json", "main"]
+__all__ = ["default_display_name", "install_kernel", "kernel_json", "main"]
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
@@ -89,11 +89,39 @@ def kernel_json(
     }
 
 
-def _default_display_name(memory: str | int | float, duration: str | int | float, gpus: int | None) -> str:
-    mem = parse_memory(memory)
+def default_display_name(doc: dict[str, Any]) -> str:
+    """The launcher's label for a kernel.json: every setting a user would choose by is in it.
+
+    Two kernelspecs that differ in waiting, culling, the action at the end, priority or devices must
+    not look alike in the launcher, so each of those that is set is named.
+    """
+    meta = doc["metadata"]
+    config = meta["kernel_provisioner"]["config"]
+    mem = parse_memory(config["memory"])
     size = format_bytes(mem.nbytes) if mem.nbytes is not None else str(mem)
-    where = f"{gpus} GPUs x {size}" if gpus and gpus > 1 else f"GPU {size}"
-    return f"Python 3 ({where}, {format_duration(parse_duration(duration))})"
+    gpus, device = config.get("gpus"), config.get("device")
+    if device is not None:
+        devices = device if isinstance(device, list) else [device]
+        where = f"GPU {','.join(map(str, devices))}: {size}" + (" each" if len(devices) > 1 else "")
+    elif gpus and gpus > 1:
+        where = f"{gpus} GPUs x {size}"
+    else:
+        where = f"GPU {size}"
+    parts = [where, format_duration(parse_duration(config["duration"]))]
+    if "priority" in config:
+        parts.append(f"{config['priority']} priority")
+    wait = config.get("wait")
+    if wait is True:
+        parts.append("waits for a free GPU")
+    elif wait:
+        parts.append(f"waits up to {format_duration(parse_duration(wait))}")
+    if "cull_idle_timeout" in meta:
+        parts.append(f"culled after {format_duration(meta['cull_idle_timeout'])} idle")
+    if "idle_after" in config:
+        parts.append(f"GPU idle {format_duration(parse_duration(config['idle_after']))}: {config['on_idle']}")
+    if "on_expiry" in config:
+        parts.append(f"{config['on_expiry']} at the end")
+    return f"Python 3 ({', '.join(parts)})"
 
 
 def install_kernel(
@@ -129,17 +157,21 @@ def install_kernel(
     doc = kernel_json(
         memory=memory, duration=duration, gpus=gpus, device=device, priority=priority, wait=wait,
         on_expiry=on_expiry, cull_idle=cull_idle, python=python, idle_after=idle_after, on_idle=on_idle,
-        display_name=display_name or _default_display_name(memory, duration, gpus),
+        display_name=display_name or "",
     )
+    if not display_name:
+        doc["display_name"] = default_display_name(doc)
     target_prefix = sys.prefix if sys_prefix else (os.fspath(prefix) if prefix is not None else None)
+    manager = KernelSpecManager()
+    destination = manager._get_destination_dir(kernel_name, user=user, prefix=target_prefix)
+    created = _missing_dirs(os.path.dirname(destination))
     with tempfile.TemporaryDirectory(prefix="chronos-kernelspec-") as tmp:
         with open(os.path.join(tmp, "kernel.json"), "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=1)
             fh.write("\n")
         try:
-            path: str = KernelSpecManager().install_kernel_spec(
-                tmp, kernel_name=kernel_name, user=user, prefix=target_prefix
-            )
+            path: str = manager.install_kernel_spec(tmp, kernel_name=kernel_name, user=user, prefix=target_prefix)
+            _make_readable(path, created)
         except PermissionError as exc:
             where = exc.filename or "the system kernel directory"
             raise NotAllowedError(
@@ -147,6 +179,36 @@ def install_kernel(
                 "run as root, or use --user, --sys-prefix or --prefix DIR"
             ) from None
     return path
+
+
+def _missing_dirs(directory: str) -> list[str]:
+    """``directory`` and those of its ancestors that do not exist yet (the install will create them)."""
+    missing: list[str] = []
+    current = os.path.abspath(directory)
+    while not os.path.exists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
+
+
+def _make_readable(path: str, created: Sequence[str]) -> None:
+    """Every user must see the kernel: 0755 directories, 0644 files, whatever the umask.
+
+    jupyter_client copies the private staging directory with its mode, and creates missing parent
+    directories through the umask; an admin's ``umask 077`` would hide the kernel from everyone else.
+    """
+    for directory in created:
+        if os.path.isdir(directory):
+            os.chmod(directory, 0o755)
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -165,7 +227,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="lease duration: 2h, 90m, 1h30m (default 1h)")
     inst.add_argument("--gpus", type=int, default=None, help="number of devices, granted together")
     inst.add_argument("--device", default=None, help="which device index(es), e.g. 0 or 0,1")
-    inst.add_argument("--display-name", default=None, help="name shown in the launcher")
+    inst.add_argument("--display-name", default=None,
+                      help="name shown in the launcher (default: from the settings, e.g. Python 3 (GPU 8 GiB, 2h))")
     inst.add_argument("--priority", default=None, choices=Priority.choices())
     inst.add_argument("--wait", default=None, metavar="TIME",
                       help="wait in the queue up to TIME (or 'forever') when no capacity is free")

@@ -32,6 +32,7 @@ from chronos.lease import Lease
 from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, parse_request
 from chronos.units import format_bytes, format_clock, format_duration
+from chronos_jupyter.notices import KERNEL_RELEASE, KERNEL_RELEASE_CONFIRM, KernelNotices, for_kernel
 from chronos_jupyter.widgets import LeaseWidget
 
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
@@ -54,6 +55,8 @@ Chronos: time-limited, memory-capped GPU leases.
   %chronos extend DURATION [LEASE]
                                add time, e.g. %chronos extend 30m
   %chronos release [LEASE]     end this kernel's lease (or LEASE) now
+  %chronos release --stop-kernel
+                               end the lease of a kernel started inside one, which stops the kernel
   %chronos stats               usage so far: leases, GPU-hours, peak memory
   %chronos suggest             how much to ask for, for how long, and where
   %chronos help                this text
@@ -68,7 +71,6 @@ The widget's Release and Extend buttons answer between cells (the kernel is busy
 IN_KERNEL_OVERUSE = Action.INTERRUPT
 
 _COMMANDS = ("reserve", "claim", "status", "list", "release", "extend", "stats", "suggest", "help")
-
 
 
 class CellFailed(Exception):
@@ -172,6 +174,20 @@ class ChronosMagics(Magics):
         self._widgets: list[LeaseWidget] = []
         # A kernel launched by the Chronos provisioner already runs inside this lease.
         self.kernel_lease_id: str | None = os.environ.get(LEASE_ENV) or None
+        self.notices: KernelNotices | None = None
+        if self.kernel_lease_id:
+            self.notices = for_kernel(shell, self.kernel_lease_id, self._kernel_notice, self._kernel_lease_over)
+
+    def _kernel_widgets(self) -> list[LeaseWidget]:
+        return [w for w in self._widgets if w.lease_id == self.kernel_lease_id]
+
+    def _kernel_notice(self, text: str) -> None:
+        for widget in self._kernel_widgets():
+            widget.notify(text)
+
+    def _kernel_lease_over(self, text: str) -> None:
+        for widget in self._kernel_widgets():
+            widget.show_ended(text)
 
     # -- entry point ---------------------------------------------------------------------
     @line_cell_magic
@@ -255,6 +271,9 @@ class ChronosMagics(Magics):
 
     def shutdown(self) -> None:
         """Stop every thread this extension started; leases are left as they are."""
+        if self.notices is not None:
+            self.notices.stop()
+            self.notices = None
         for widget in self._widgets:
             widget.stop()
         self._widgets.clear()
@@ -323,6 +342,8 @@ class ChronosMagics(Magics):
             return
         if self.lease is not None and lease.id == self.lease.id:
             self.widget = self._show(lease, release=self._release_current, extend=self._extend_current)
+        elif lease.id == self.kernel_lease_id:
+            self._show(lease, confirm_release=KERNEL_RELEASE_CONFIRM.format(id=lease.id))
         else:
             self._show(lease)
 
@@ -348,9 +369,23 @@ class ChronosMagics(Magics):
         print(text.table(["GPU", "NAME", "TOTAL", "RESERVED", "AVAILABLE", "LEASES"], rows))
 
     def _cmd_release(self, rest: list[str]) -> None:
+        stop_kernel = "--stop-kernel" in rest
+        rest = [word for word in rest if word != "--stop-kernel"]
         if len(rest) > 1:
             raise UsageError("type %chronos release, or %chronos release LEASE_ID")
         lease = self._target(rest[0] if rest else None, "release")
+        own = self.kernel_lease_id is not None and lease.id == self.kernel_lease_id and (
+            self.lease is None or self.lease.id != lease.id)
+        if stop_kernel and not own:
+            raise UsageError(f"--stop-kernel is for the lease this kernel was started in; lease {lease.id} is not: "
+                             f"type %chronos release {lease.id}")
+        if own and not stop_kernel:
+            raise UsageError(KERNEL_RELEASE.format(id=lease.id))
+        if own:
+            print(f"chronos: releasing lease {lease.id}: this kernel is stopped now, and its variables are lost",
+                  flush=True)
+            lease.release()
+            return
         if self.lease is not None and lease.id == self.lease.id:
             self._release_current()
         else:

@@ -1,20 +1,20 @@
 """ChronosProvisioner: every Jupyter kernel started from a chronos kernelspec runs inside its own lease.
 
 A kernel.json selects it with ``metadata.kernel_provisioner = {"provisioner_name": "chronos",
-"config": {"memory": "8G", "duration": "2h"}}``; each config key is also a configurable trait, so
-an admin can set defaults in jupyter_server_config.py (``c.ChronosProvisioner.memory = "8G"``).
+"config": {"memory": "8G", "duration": "2h"}}``; each key is also a trait (provisioner_settings).
 
 Life of a kernel:
 
 * start: take the lease (waiting in the queue when ``wait`` is set), give the kernel the lease's
-  environment (CUDA_VISIBLE_DEVICES, framework caps, CHRONOS_LEASE_ID), launch it, and bind the
-  lease to the kernel's pid, so a server and kernel killed outright leave a lease that Chronos
-  reclaims through its dead holder;
+  environment (CUDA_VISIBLE_DEVICES, framework caps, CHRONOS_LEASE_ID) and, for IPython, the
+  notices extension (:mod:`chronos_jupyter.notices`); launch it, and bind the lease to its pid;
 * restart: the lease is held by the server while the old kernel stops and bound to the new kernel
   once it runs; a restart whose lease is over fails with a message naming the lease;
 * end of the lease: ``on_expiry`` decides (terminate by default); auto-restart is stopped first
   so the kernel stays down, and the server is told the kernel is dead;
-* shutdown or culling: ``cleanup(restart=False)`` releases the lease.
+* shutdown or culling: ``cleanup(restart=False)`` ends what is left of the kernel's processes (those
+  it started included) and releases the lease; so does the server's exit, whatever the signal
+  (:mod:`chronos_jupyter.teardown`).
 
 Nothing here blocks the server's event loop: every Chronos call runs in a worker thread.
 """
@@ -29,10 +29,8 @@ import time
 import weakref
 from typing import Any, ClassVar, TypeVar
 
-from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-from traitlets import Bool, Enum, Float, Int, List, Unicode, Union
-
 import chronos
+from chronos import procs
 from chronos.api import default_engine
 from chronos.enforce.watchdog import (
     ExpiryWarning,
@@ -45,7 +43,7 @@ from chronos.enforce.watchdog import (
 )
 from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
 from chronos.lease import Lease
-from chronos.model import Action, LeaseState, OnIdle, Priority
+from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, parse_request
 from chronos.units import format_bytes, format_clock, format_duration, parse_duration
 from chronos_jupyter.kernel_errors import (
@@ -54,8 +52,14 @@ from chronos_jupyter.kernel_errors import (
     KernelLeaseInvalid,
     KernelLeaseRefused,
     KernelLeaseUnavailable,
+    dialog,
+    log_refusals_in_one_line,
     surface,
 )
+from chronos_jupyter.notices import kernel_args
+from chronos_jupyter.provisioner_settings import ProvisionerSettings
+from chronos_jupyter.server_hooks import client_gone
+from chronos_jupyter.teardown import end_kernel, end_processes, install_stop_signals, kernel_processes, track, untrack
 from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
 
 EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
@@ -72,6 +76,14 @@ __all__ = [
 
 T = TypeVar("T")
 
+def _queue_text(lease_id: str, position: int | None, when: str | None) -> str:
+    place = f"number {position} in line" if position is not None else "queued"
+    return f"request {lease_id}, {place}" + (f", expected to start about {when}" if when else "")
+
+
+#: Notebooks (session names) whose kernel was stopped at its lease's end -> that lease: see notices.
+_ended_sessions: dict[str, str] = {}
+
 
 def kernel_label(kernel_name: str | None, kernel_id: str | None) -> str:
     """The label of a kernel's lease, ``jupyter <kernelspec name> <kernel id>`` (queued or granted)."""
@@ -79,68 +91,8 @@ def kernel_label(kernel_name: str | None, kernel_id: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- the provisioner
-class ChronosProvisioner(LocalProvisioner):
+class ChronosProvisioner(ProvisionerSettings):
     """A local kernel launched inside a Chronos GPU lease (entry point name ``chronos``)."""
-
-    memory = Union(
-        [Unicode(), Int(), Float()], default_value="", config=True,
-        help="GPU memory per device for each kernel's lease: 8G, 512M, 50%%. Required.",
-    )
-    duration = Union(
-        [Unicode(), Int(), Float()], default_value="1h", config=True,
-        help="How long each kernel's lease lasts: 2h, 90m, 1h30m or seconds.",
-    )
-    gpus = Int(None, allow_none=True, config=True, help="Number of devices granted together.")
-    device = Union(
-        [Int(), List(Int()), Unicode()], default_value=None, allow_none=True, config=True,
-        help="Which device index(es) to use (all or none); default: the least loaded that fits.",
-    )
-    priority = Enum(
-        Priority.choices(), default_value=None, allow_none=True, config=True,
-        help="Queue priority (default: the system config's default_priority).",
-    )
-    # ``wait`` is a method of every provisioner, so the trait has another name; kernel.json's
-    # config key stays ``wait`` (mapped in __init__).
-    queue_wait = Union(
-        [Bool(), Unicode(), Float()], default_value=False, config=True,
-        help="When no capacity is free: false fails the start at once; true waits in the queue; "
-        "a duration (10m) waits at most that long. kernel.json spells it \"wait\".",
-    )
-    on_expiry = Enum(
-        Action.choices(), default_value=None, allow_none=True, config=True,
-        help="What happens when the lease ends: warn (log only), interrupt (SIGINT, kernel kept), "
-        "terminate (SIGTERM, then SIGKILL after the shutdown wait), kill (SIGKILL). Auto-restart is "
-        "stopped for terminate and kill. Default: on_expiry in /etc/chronos/config.toml [defaults] "
-        "(terminate).",
-    )
-    on_overuse = Enum(
-        Action.choices(), default_value="terminate", config=True,
-        help="What the watchdog does when the kernel's processes use more GPU memory than the lease "
-        "past its grace period (same choices as on_expiry). A terminated kernel is auto-restarted "
-        "within the rest of its lease's time.",
-    )
-    idle_after = Union(
-        [Unicode(), Int(), Float()], default_value="", config=True,
-        help="This kernelspec's own idle rule: act on a kernel whose lease used no GPU time this long (30m). "
-        "It adds to the system's [limits] idle_after, never lifts it. Empty: the system's rule only.",
-    )
-    on_idle = Enum(
-        OnIdle.choices(), default_value=None, allow_none=True, config=True,
-        help="What this kernelspec's idle rule does: warn, release (the kernel keeps running without a lease) "
-        "or terminate (the kernel is stopped). Default release.",
-    )
-    warn_before = Union(
-        [Unicode(), Int(), Float()], default_value="10m", config=True,
-        help="Log a warning this long before the lease ends (and again a minute before).",
-    )
-    check_interval = Float(
-        1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease."
-    )
-
-    def __init__(self, **kwargs: Any) -> None:
-        if "wait" in kwargs:
-            kwargs["queue_wait"] = kwargs.pop("wait")
-        super().__init__(**kwargs)
 
     _lease: Lease | None = None
     _lease_id: str | None = None
@@ -151,6 +103,11 @@ class ChronosProvisioner(LocalProvisioner):
     ended_message: str | None = None
     session_path: str | None = None
     _starting: ClassVar[weakref.WeakSet[ChronosProvisioner]] = weakref.WeakSet()
+    _tree: tuple[tuple[int, float], ...] = ()
+    _session: str | None = None
+    _queue_note = ""
+    _waited = ""
+    _kernel_pgid: int | None = None
 
     @classmethod
     def starting(cls) -> list[ChronosProvisioner]:
@@ -183,16 +140,17 @@ class ChronosProvisioner(LocalProvisioner):
     def request(self) -> RequestSpec:
         """The lease each kernel asks for, read from the settings by the core's one request parser."""
         if self.memory in ("", None):
-            raise KernelLeaseInvalid(
-                "the chronos kernel provisioner needs a memory size: set \"memory\" (e.g. \"8G\") in the "
-                "kernelspec's metadata.kernel_provisioner.config, or c.ChronosProvisioner.memory"
-            )
+            raise KernelLeaseInvalid(dialog(
+                "the chronos kernel provisioner needs a memory size",
+                "set \"memory\" (e.g. \"8G\") in the kernelspec's metadata.kernel_provisioner.config, "
+                "or c.ChronosProvisioner.memory"))
         try:
             return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
                                  priority=self.priority, wait=self.queue_wait, label=self._label(),
                                  idle_after=self.idle_after or None, on_idle=self.on_idle)
         except InvalidRequestError as exc:
-            raise KernelLeaseInvalid(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting: {exc}") from None
+            raise KernelLeaseInvalid(dialog(f"kernelspec {self._kernel_name()!r} has a bad Chronos setting",
+                                            str(exc))) from None
 
     def _kernel_name(self) -> str:
         return str(getattr(self.parent, "kernel_name", None) or "?")
@@ -200,25 +158,40 @@ class ChronosProvisioner(LocalProvisioner):
     async def _take_lease(self) -> Lease:
         request = self.request()
         server_pid = os.getpid()
+        gone = client_gone.get()  # set when the HTTP client starting this kernel goes away
+        said: list[tuple[int | None, str | None]] = []
 
         def reserve(cancel: threading.Event) -> Lease:
             def on_wait(update: chronos.WaitUpdate) -> None:
-                if cancel.is_set():
+                if cancel.is_set() or (gone is not None and gone.is_set()):
                     raise Cancelled(update.lease_id)
+                when = format_clock(update.estimated_start, seconds=True) if update.estimated_start else None
+                if not said or said[-1] != (update.position, when):
+                    said.append((update.position, when))
+                    self._queue_note = _queue_text(update.lease_id, update.position, when)
+                    self.log.info("Chronos: kernel %s waits in the queue: %s", self.kernel_id, self._queue_note)
 
             return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
 
         if request.wait_s is not None:
             self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
+        began = time.monotonic()
         try:
             lease = await in_daemon_thread(reserve)
+        except Cancelled as stopped:
+            self.log.warning("Chronos: the client starting kernel %s went away; its queued request %s was "
+                             "withdrawn", self.kernel_id, stopped)
+            raise KernelLeaseUnavailable(dialog(f"the start of this kernel ({self._describe()}) was given up",
+                                                "its client went away; its queued request was withdrawn")) from None
         except ChronosError as exc:
             if isinstance(exc, UnavailableError):
-                raise KernelLeaseUnavailable(
-                    f"no GPU capacity for this kernel ({self._describe()}): {exc}; "
-                    "try again later or choose a smaller kernel"
-                ) from None
-            raise surface(exc, f"cannot start this kernel: {exc}") from None
+                raise KernelLeaseUnavailable(dialog(
+                    f"no GPU capacity for this kernel ({self._describe()})",
+                    f"{exc}{' (' + self._queue_note + ')' if self._queue_note else ''}",
+                    "try again later, or choose a smaller kernel")) from None
+            raise surface(exc, dialog("cannot start this kernel", str(exc))) from None
+        if said:
+            self._waited = f"{format_duration(time.monotonic() - began)} ({said[0][0] or '?'} in line at first)"
         self.log.info(
             "Chronos: kernel %s holds lease %s (%s on GPU %s, until %s)", self.kernel_id, lease.id,
             format_bytes(lease.memory_bytes), ",".join(map(str, lease.devices)),
@@ -232,7 +205,7 @@ class ChronosProvisioner(LocalProvisioner):
             lease = await in_thread(chronos.get_lease, lease_id)
         except ChronosError as exc:
             await self._give_up()
-            raise surface(exc, f"cannot restart this kernel: {exc}") from None
+            raise surface(exc, dialog("cannot restart this kernel", str(exc))) from None
         if lease.active:
             return lease
         now = time.time()
@@ -248,10 +221,9 @@ class ChronosProvisioner(LocalProvisioner):
                 )
             except ChronosError as exc:
                 await self._give_up()
-                raise KernelLeaseEnded(
-                    f"lease {lease.id} ended when its kernel exited, and its GPU memory is no longer free "
-                    f"({exc}); start a new kernel to take a new lease"
-                ) from None
+                raise KernelLeaseEnded(dialog(
+                    f"lease {lease.id} ended when its kernel exited, and its GPU memory is no longer free",
+                    str(exc), "start a new kernel to take a new lease")) from None
             self.log.warning(
                 "Chronos: lease %s ended when kernel %s exited; the restarted kernel holds lease %s until %s",
                 lease.id, self.kernel_id, fresh.id,
@@ -302,6 +274,8 @@ class ChronosProvisioner(LocalProvisioner):
         """Take the lease (or, on a restart, check it), then build the kernel's environment."""
         first = self._lease is None and self._lease_id is None
         if first:
+            install_stop_signals(self.log)
+            log_refusals_in_one_line(self.log)
             self.session_path = str((kwargs.get("env") or {}).get("JPY_SESSION_NAME") or "")[:4096] or None
             self._starting.add(self)
             try:
@@ -321,20 +295,32 @@ class ChronosProvisioner(LocalProvisioner):
             raise
         env["CHRONOS_LEASE_ID"] = lease.id
         kwargs["env"] = env
+        self._session = str(env.get("JPY_SESSION_NAME") or "") or None
+        replaces = _ended_sessions.pop(self._session, "") if first and self._session else ""
+        if replaces:
+            self.log.warning("Chronos: kernel %s replaces the kernel of %s whose lease %s ended; its first cell "
+                             "says so and is not run", self.kernel_id, self._session, replaces)
+        kwargs["cmd"] = self._with_notices(list(kwargs.get("cmd") or []), replaces)
         return kwargs
+
+    def _with_notices(self, cmd: list[str], replaces: str) -> list[str]:
+        return kernel_args(cmd, warn_before=self.warning_marks(), on_end=self.on_expiry or default_engine().on_expiry,
+                           replaces=replaces, waited=self._waited)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         """Launch, then bind the lease to the kernel's pid: its death ends the lease."""
         info = await super().launch_kernel(cmd, **kwargs)
         lease = self._lease
         assert lease is not None and self.pid is not None
+        self._kernel_pgid = self.pgid
+        track(self)
         try:
             await in_thread(lease.bind, self.pid)
             self._held_by_server = False
         except ChronosError as exc:
             await self.kill()
             await self.wait()
-            raise surface(exc, f"kernel stopped: {exc}") from None
+            raise surface(exc, dialog("kernel stopped", str(exc))) from None
         return info
 
     async def post_launch(self, **kwargs: Any) -> None:
@@ -346,12 +332,22 @@ class ChronosProvisioner(LocalProvisioner):
         # by the server now, before the kernel (its holder) exits.
         if getattr(self.parent, "shutting_down", False):
             await self._hold_by_server()
+            self._note_tree()
         await super().send_signal(signum)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         if restart:
             await self._hold_by_server()
+        else:
+            self._note_tree()
         await super().shutdown_requested(restart=restart)
+
+    def _note_tree(self) -> None:
+        """Remember the kernel's processes while it runs: once it exits, its children lose their parent."""
+        if self.pid is not None:
+            tree = {(pid, started) for pid in procs.descendants(self.pid)
+                    if (started := procs.start_time(pid)) is not None}
+            self._tree = tuple(sorted(tree | set(self._tree)))
 
     async def terminate(self, restart: bool = False) -> None:
         if restart:
@@ -364,11 +360,33 @@ class ChronosProvisioner(LocalProvisioner):
         await super().kill(restart=restart)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Release the lease unless the kernel is about to be restarted."""
+        """Unless the kernel is about to be restarted: end its processes, then release the lease."""
         self._stop_watch()
         if not restart:
+            await self._end_kernel_processes()
             await self._release_quietly()
+            untrack(self)
         await super().cleanup(restart=restart)
+
+    def _shutdown_wait(self) -> float:
+        return self.get_shutdown_wait_time(float(getattr(self.parent, "shutdown_wait_time", 5.0)))
+
+    async def _end_kernel_processes(self) -> None:
+        """Processes the kernel started must not keep GPU memory once its lease is given back."""
+        targets = await in_thread(kernel_processes, self.lease_id, self._kernel_pgid or self.pgid, self._tree)
+        self._tree = ()
+        if targets:
+            await self._hold_by_server()  # so that ending its holder does not end the lease as revoked
+            self.log.info("Chronos: kernel %s left %d process(es) running (%s); ending them",
+                          self.kernel_id, len(targets), ", ".join(str(pid) for pid, _ in targets))
+            await in_thread(end_processes, targets, self._shutdown_wait())
+
+    def end_at_exit(self) -> None:
+        """The server is exiting with this kernel still up: end the kernel's tree and release its lease."""
+        known = list(self._tree)
+        if self.pid is not None and (started := procs.start_time(self.pid)) is not None:
+            known.append((self.pid, started))
+        end_kernel(self.lease_id, self._kernel_pgid, known, min(self._shutdown_wait(), 3.0))
 
     async def _release_quietly(self) -> None:
         lease_id = self.lease_id
@@ -416,8 +434,7 @@ class ChronosProvisioner(LocalProvisioner):
         lease, pid = self._lease, self.pid
         if lease is None or pid is None:
             return
-        km = self.parent
-        kill_wait = self.get_shutdown_wait_time(float(getattr(km, "shutdown_wait_time", 5.0)))
+        kill_wait = self._shutdown_wait()
         warn_at = self.warning_marks()
         # The same action for a lease released by someone else (`chronos release`) as for its end.
         policy = self.on_expiry or default_engine().on_expiry
@@ -456,6 +473,8 @@ class ChronosProvisioner(LocalProvisioner):
                              event.action)
             if event.action in (Action.TERMINATE, Action.KILL):
                 self._ending = True
+                if self._session:
+                    _ended_sessions[self._session] = event.lease_id
                 km = self.parent
                 if km is not None:
                     with contextlib.suppress(Exception):

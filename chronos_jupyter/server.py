@@ -31,6 +31,7 @@ from chronos import status as machine
 from chronos.api import default_engine
 from chronos.lease import Lease
 from chronos.request import parse_lease_id
+from chronos_jupyter import server_hooks
 from chronos_jupyter.kernels import chronos_kernelspecs, kernel_leases, warning_marks
 from chronos_jupyter.threads import in_thread
 
@@ -170,3 +171,4 @@ def load_jupyter_server_extension(serverapp: Any) -> None:
         (url_path_join(base, f"chronos/api/leases/{_ID}"), LeaseHandler),
     ])
     serverapp.log.info("Chronos: REST API at %s", url_path_join(base, "chronos/api/"))
+    server_hooks.install(serverapp)

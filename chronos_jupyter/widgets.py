@@ -207,7 +207,9 @@ class LeaseWidget:
 
     Display it like any object (``display(widget)`` or as a cell's last expression).
     ``release`` and ``extend`` override what the buttons do (the ``%chronos`` magic
-    passes its own, so its bookkeeping stays right); by default they act on the lease.
+    passes its own, so its bookkeeping stays right); by default they act on the lease. With
+    ``confirm_release`` (a kernel's own lease, whose release stops the kernel) the first click on
+    Release only shows that text and turns the button into "Release and stop kernel".
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class LeaseWidget:
         extend_step: str = "30m",
         release: Callable[[], object] | None = None,
         extend: Callable[[str], object] | None = None,
+        confirm_release: str | None = None,
         start: bool = True,
     ) -> None:
         import ipywidgets as w
@@ -228,6 +231,8 @@ class LeaseWidget:
         self._lease = lease
         self._release_fn = release
         self._extend_fn = extend
+        self._confirm_release = confirm_release
+        self._armed = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -360,6 +365,22 @@ class LeaseWidget:
             pending.extend(getattr(widget, "children", ()))
         return found
 
+    def show_ended(self, text: str) -> None:
+        """The lease is over for this kernel (or the kernel is being stopped for it): say so, no buttons.
+
+        Called before the kernel goes, so the front end keeps an ended widget, not a frozen countdown.
+        """
+        self._stop.set()
+        with self._lock:
+            self.countdown.value = f'<span style="color:{_COLOURS["ended"]}">{html.escape(text)}</span>'
+            self.time_bar.value = 0.0
+            self.time_bar.bar_style = ""
+            self.release_button.disabled = True
+            self.extend_button.disabled = True
+            self.box.remove_class("chronos-active")
+            self.box.add_class("chronos-ended")
+        self.notify(text)
+
     # -- buttons (the kernel handles them between cells) ---------------------------------
     def notify(self, text: str) -> None:
         """Show one line under the lease (button results, watchdog events); safe from any thread."""
@@ -367,6 +388,12 @@ class LeaseWidget:
         self.message.value = html.escape(text)
 
     def _on_release(self) -> None:
+        if self._confirm_release is not None and not self._armed:
+            # Releasing this lease stops the kernel: say so, and act only on a second click.
+            self._armed = True
+            self.release_button.description = "Release and stop kernel"
+            self.notify(self._confirm_release)
+            return
         try:
             if self._release_fn is not None:
                 self._release_fn()

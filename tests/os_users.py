@@ -1,6 +1,11 @@
-"""Real OS users and groups for policy tests, named under the prefix ``chrpol`` and removed afterwards.
+"""Real OS users and groups for tests that run as root, removed afterwards.
 
-CI runs as root; elsewhere the tests that need them are skipped.
+CI runs as root; elsewhere the tests that need them are skipped. Policy tests name theirs under the
+prefix ``chrpol`` (:func:`os_users`); the state-directory and JupyterHub tests under ``chrhub``
+(:class:`OsUsers`). /root is private, so a process run as another user needs an interpreter and files
+it can read: Debian's ``/usr/bin/python3`` with a virtual environment outside /root
+(:func:`system_venv`), and a copy of this checkout's packages in a world-readable directory
+(:func:`readable_copy`).
 """
 
 from __future__ import annotations
@@ -8,11 +13,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+from tests.conftest import ROOT
 
 PREFIX = "chrpol"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create OS users and groups")
@@ -48,3 +57,90 @@ def os_users(users: dict[str, tuple[str, ...]]) -> Iterator[dict[str, str]]:
             subprocess.run(["userdel", full], capture_output=True)
         for group in groups:
             subprocess.run(["groupdel", group], capture_output=True)
+
+
+HUB_PREFIX = "chrhub"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+CAN_RUN = os.geteuid() == 0 and SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None
+WHY_NOT = "needs root, useradd and Debian's /usr/bin/python3 to act as other OS users"
+
+
+class OsUsers:
+    """Creates ``chrhub-*`` users and groups and removes every one it made."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+        self.groups: list[str] = []
+
+    def group(self, name: str) -> str:
+        full = f"{HUB_PREFIX}-{name}"
+        subprocess.run(["groupadd", "-f", full], check=True)
+        self.groups.append(full)
+        return full
+
+    def user(self, name: str, groups: Sequence[str] = (), *, home: bool = False) -> str:
+        full = f"{HUB_PREFIX}-{name}"
+        try:
+            pwd.getpwnam(full)
+        except KeyError:
+            args = ["useradd", "--shell", "/bin/sh", "--create-home" if home else "--no-create-home"]
+            if groups:
+                args += ["--groups", ",".join(groups)]
+            subprocess.run([*args, full], check=True)
+        else:
+            if groups:
+                subprocess.run(["usermod", "-aG", ",".join(groups), full], check=True)
+        self.users.append(full)
+        return full
+
+    def remove(self) -> None:
+        for name in self.users:
+            subprocess.run(["userdel", "--force", "--remove", name], check=False, capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+        self.users.clear()
+        self.groups.clear()
+
+
+def system_venv(path: Path, packages: Sequence[str], marker: str) -> Path:
+    """A virtual environment of Debian's Python at ``path`` with ``packages``; rebuilt when ``marker`` changes.
+
+    Built once and kept (``path`` is outside /root so every user can run it); the pip cache makes a
+    rebuild cheap.
+    """
+    python = path / "bin" / "python"
+    stamp = path / ".chronos-test-venv"
+    if not (stamp.exists() and stamp.read_text() == marker and python.exists()):
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(path)], check=True, timeout=300)
+        if packages:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                           check=True, timeout=600)
+        stamp.write_text(marker)
+    for directory in [path, *path.parents]:
+        if directory == Path("/"):
+            break
+        directory.chmod(directory.stat().st_mode | 0o755)
+    return python
+
+
+def readable_copy(target: Path, packages: Sequence[str] = ("chronos",)) -> Path:
+    """This checkout's ``packages`` copied to ``target`` (world-readable), for PYTHONPATH."""
+    shutil.rmtree(target, ignore_errors=True)
+    for package in packages:
+        shutil.copytree(ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for root, _dirs, files in os.walk(target):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return target
+
+
+def run_as(user: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: str = "/",
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``argv`` as ``user`` with that user's groups from /etc/group (as a login would give them)."""
+    info = pwd.getpwnam(user)
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    return subprocess.run(list(argv), capture_output=True, text=True, env=dict(env), cwd=cwd, user=info.pw_uid,
+                          group=info.pw_gid, extra_groups=groups, timeout=timeout)

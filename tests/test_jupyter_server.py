@@ -6,6 +6,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -26,13 +27,15 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-# Only the server itself: the front-end extensions add seconds to every start and play no part here.
+# Only the server itself and Chronos's extension (enabled by the file the package installs, which an
+# editable install elsewhere may lack): the front-end extensions add seconds to every start.
 _NO_EXTENSIONS = {
     "ServerApp": {
         "jpserver_extensions": {
-            name: False
-            for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook",
-                         "nbclassic", "jupyter_server_ydoc", "jupyter_collaboration")
+            **{name: False
+               for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook",
+                            "nbclassic", "jupyter_server_ydoc", "jupyter_collaboration")},
+            "chronos_jupyter": True,
         }
     }
 }
@@ -96,6 +99,7 @@ def start_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
                  "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
                  f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'root'}", *extra],
                 stdout=out, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                stdin=subprocess.DEVNULL,  # as under JupyterHub or a service manager: no terminal
             )
         server = Server(f"http://127.0.0.1:{port}", token, process, log)
         started.append(server)
@@ -146,15 +150,18 @@ def test_no_capacity_reaches_the_front_end_as_a_message(start_server: Callable[.
     chronos.reserve("80G", "1h", gpus=2, bind=False)
     status, reply = server.request("POST", "/api/kernels", {"name": "gpu-8g"})
     assert status == 503
-    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h)\nnot enough free memory")
     # JupyterLab opens notebooks through sessions; that handler passes str(error) on as the message
     status, reply = server.request(
         "POST", "/api/sessions", {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gpu-8g"}}
     )
     assert status == 500
-    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h): ")
+    assert reply["message"].startswith("no GPU capacity for this kernel (8 GiB for 1h)\nnot enough free memory")
     _, kernels = server.request("GET", "/api/kernels")
     assert kernels == []
+    log = server.log.read_text()
+    refusals = [line for line in log.splitlines() if "Chronos refused a kernel start: no GPU capacity" in line]
+    assert len(refusals) == 2 and "Traceback" not in log, log  # one line, once, for each request
 
 
 def test_expired_kernel_is_ended_and_dropped_by_the_server(start_server: Callable[..., Server],
@@ -208,3 +215,102 @@ def test_culled_kernel_releases_its_lease(start_server: Callable[..., Server], t
     assert chronos.get_lease(cull_lease.id).state == "released"
     assert chronos.get_lease(kept_lease.id).state == "active"
     assert re.search(r"Culling '\w+' kernel 'gpu-cull' .* due to \d+ seconds of inactivity", server.log.read_text())
+
+
+def _run_in_kernel(kernel_id: str, code: str) -> str:
+    """Execute ``code`` in a running kernel of the server (through its connection file); its stdout."""
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    client = BlockingKernelClient(connection_file=str(Path(os.environ["JUPYTER_RUNTIME_DIR"]) /
+                                                      f"kernel-{kernel_id}.json"))
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        out: list[str] = []
+        reply = client.execute_interactive(code, timeout=60, output_hook=lambda msg: out.append(
+            msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""))
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return "".join(out)
+    finally:
+        client.stop_channels()
+
+
+_CHILDREN = """
+import subprocess, sys
+sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+in_group = subprocess.Popen(sleeper)
+own_session = subprocess.Popen(sleeper, start_new_session=True)  # left the kernel's process group
+print(in_group.pid, own_session.pid)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "api-shutdown"])
+def test_stopping_the_server_ends_every_kernel_its_processes_and_releases_the_leases(
+    start_server: Callable[..., Server], how: str
+) -> None:
+    """JupyterHub stops a server with SIGINT first (stop button, API, idle culler), then SIGTERM."""
+    server = start_server()
+    kernels = [server.request("POST", "/api/kernels", {"name": "gpu-8g"})[1]["id"] for _ in range(2)]
+    children = [int(pid) for pid in _run_in_kernel(kernels[0], _CHILDREN).split()]
+    leases = chronos.leases()
+    assert len(leases) == 2
+    pids = [lease.pid for lease in leases] + children
+    if how == "api-shutdown":
+        assert server.request("POST", "/api/shutdown")[0] == 200
+    else:
+        server.process.send_signal(getattr(signal, how))
+    server.process.wait(60)
+
+    def gone(pid: int | None) -> bool:
+        assert pid is not None
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    assert [pid for pid in pids if not gone(pid)] == [], server.log.read_text()
+    assert {chronos.get_lease(lease.id).state for lease in leases} == {"released"}, server.log.read_text()
+
+
+def test_a_client_that_gives_up_on_a_queued_start_withdraws_it(start_server: Callable[..., Server],
+                                                               tmp_path: Path) -> None:
+    install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
+    server = start_server()
+    blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"name": "gpu-wait"}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        queued = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
+                          what="the kernel's request in the queue")
+        wait_for(lambda: "waits in the queue: request" in server.log.read_text(), timeout=30,
+                 what=lambda: f"the queue position in the log:\n{server.log.read_text()}")
+    # the client is gone: the request leaves the queue, and no kernel is started for nobody
+    [request] = queued
+    wait_for(lambda: chronos.get_lease(request.id).state == "withdrawn", timeout=30,
+             what=lambda: f"the request to be withdrawn:\n{server.log.read_text()}")
+    log = server.log.read_text()
+    assert f"waits in the queue: request {request.id}, number 1 in line" in log
+    assert "went away; its queued request" in log and "Traceback" not in log
+    blocker.release()
+    assert server.request("GET", "/api/kernels")[1] == []
+    assert [x for x in chronos.leases() if x.state in ("active", "queued")] == []
+
+
+def test_a_kernel_that_waited_says_so_in_its_first_cell(start_server: Callable[..., Server], tmp_path: Path) -> None:
+    install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
+    server = start_server()
+    blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
+    import threading
+
+    started: list[tuple[int, Any]] = []
+    thread = threading.Thread(target=lambda: started.append(server.request("POST", "/api/kernels",
+                                                                           {"name": "gpu-wait"})))
+    thread.start()
+    wait_for(lambda: "waits in the queue: request" in server.log.read_text(), timeout=60, what="the wait")
+    blocker.release()
+    thread.join(60)
+    [(status, model)] = started
+    assert status == 201, model
+    out = _run_in_kernel(model["id"], "print('hello')")
+    assert out.startswith("chronos: this kernel waited ") and "in the queue for its lease" in out, out
+    assert out.endswith("hello\n")

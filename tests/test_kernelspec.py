@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,9 @@ def test_cli_writes_every_setting(jupyter_env: dict[str, str], tmp_path: Path) -
         "memory": "40G", "duration": "1h30m", "gpus": 2, "priority": "high", "wait": "10m", "on_expiry": "kill",
     }
     assert doc["metadata"]["cull_idle_timeout"] == 1800
-    assert doc["display_name"] == "Python 3 (2 GPUs x 40 GiB, 1h 30m)"
+    assert doc["display_name"] == (
+        "Python 3 (2 GPUs x 40 GiB, 1h 30m, high priority, waits up to 10m, culled after 30m idle, kill at the end)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,3 +133,57 @@ def test_help_lists_the_command() -> None:
     done = subprocess.run([sys.executable, "-m", "chronos_jupyter.kernelspec", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "install-kernel" in done.stdout
+
+
+def _modes(top: Path) -> dict[str, int]:
+    return {str(p.relative_to(top)): p.stat().st_mode & 0o7777 for p in [top, *sorted(top.rglob("*"))]}
+
+
+@pytest.mark.parametrize("how", ["cli-prefix", "cli-sys-prefix", "python"])
+def test_a_kernelspec_installed_under_umask_077_is_readable_by_everyone(
+    jupyter_env: dict[str, str], tmp_path: Path, how: str
+) -> None:
+    """An admin's umask and the private staging directory must not hide the kernel from other users."""
+    prefix = tmp_path / "prefix"
+    if how == "python":
+        script = ("import sys; from chronos_jupyter.kernelspec import install_kernel; "
+                  "print(install_kernel('gpu-8g', '8G', '2h', prefix=sys.argv[1]))")
+        argv = [sys.executable, "-c", script, str(prefix)]
+    elif how == "cli-prefix":
+        argv = [sys.executable, "-m", "chronos_jupyter.kernelspec", "install-kernel", "--name", "gpu-8g",
+                "--memory", "8G", "--prefix", str(prefix)]
+    else:  # a throwaway environment whose sys.prefix the installer writes into, seeing this one's packages
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True, timeout=120)
+        jupyter_env = {**jupyter_env, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *site.getsitepackages()])}
+        argv = [str(prefix / "bin" / "python"), "-m", "chronos_jupyter.kernelspec", "install-kernel",
+                "--name", "gpu-8g", "--memory", "8G", "--sys-prefix"]
+    done = subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv], capture_output=True, text=True,
+                          env=jupyter_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    share = prefix / "share"
+    modes = _modes(share)
+    assert modes == {
+        ".": 0o755, "jupyter": 0o755, "jupyter/kernels": 0o755, "jupyter/kernels/gpu-8g": 0o755,
+        "jupyter/kernels/gpu-8g/kernel.json": 0o644,
+    }, {k: oct(v) for k, v in modes.items()}
+
+
+def test_default_display_names_differ_whenever_a_setting_does(tmp_path: Path) -> None:
+    """Two kernels that behave differently never look alike in the launcher."""
+    variants: dict[str, dict[str, object]] = {
+        "plain": {}, "wait": {"wait": "15m"}, "wait-forever": {"wait": True}, "cull": {"cull_idle": "30m"},
+        "cull-other": {"cull_idle": "1h"}, "expiry": {"on_expiry": "kill"}, "expiry-warn": {"on_expiry": "warn"},
+        "high": {"priority": "high"}, "device": {"device": 1}, "pair": {"gpus": 2},
+        "idle": {"idle_after": "20m"}, "idle-stop": {"idle_after": "20m", "on_idle": "terminate"},
+    }
+    names = {}
+    for name, options in variants.items():
+        path = install_kernel(name, "8G", "2h", prefix=tmp_path, **options)  # type: ignore[arg-type]
+        names[name] = json.loads((Path(path) / "kernel.json").read_text())["display_name"]
+    assert len(set(names.values())) == len(variants), names
+    assert names["plain"] == "Python 3 (GPU 8 GiB, 2h)"
+    assert names["wait"] == "Python 3 (GPU 8 GiB, 2h, waits up to 15m)"
+    assert names["wait-forever"] == "Python 3 (GPU 8 GiB, 2h, waits for a free GPU)"
+    assert names["cull"] == "Python 3 (GPU 8 GiB, 2h, culled after 30m idle)"
+    assert names["expiry"] == "Python 3 (GPU 8 GiB, 2h, kill at the end)"
+    assert names["device"] == "Python 3 (GPU 1: 8 GiB, 2h)"

@@ -217,3 +217,27 @@ def test_display_forms(lease: chronos.Lease) -> None:
         assert pretty(widget) == repr(widget)
     finally:
         widget.close()
+
+
+def test_release_that_stops_the_kernel_asks_first(lease: chronos.Lease) -> None:
+    """A kernel's own lease: the first click says what will happen, the second releases."""
+    widget = LeaseWidget(lease, start=False, confirm_release="Releasing lease stops this kernel. Click again.")
+    widget.release_button.click()
+    assert lease.refresh().state == "active"
+    assert widget.message.value == "Releasing lease stops this kernel. Click again."
+    assert widget.release_button.description == "Release and stop kernel"
+    widget.release_button.click()
+    assert lease.refresh().state == "released"
+    assert widget.release_button.disabled
+
+
+def test_an_ended_lease_shows_as_ended_with_no_live_buttons(lease: chronos.Lease) -> None:
+    widget = LeaseWidget(lease, start=True, interval=0.05)
+    widget.show_ended("lease ended: this kernel is being stopped")
+    assert widget.release_button.disabled and widget.extend_button.disabled
+    assert "chronos-ended" in widget.box._dom_classes and "chronos-active" not in widget.box._dom_classes
+    assert "this kernel is being stopped" in widget.countdown.value
+    if widget._thread is not None:
+        widget._thread.join(5)
+    assert not widget.running
+    widget.close()

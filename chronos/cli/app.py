@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_suggest",
     "chronos.cli.cmd_book",
     "chronos.cli.cmd_report",
+    "chronos.cli.cmd_admin",
 ]
 
 EXIT_CODES_HELP = """exit codes:

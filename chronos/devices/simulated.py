@@ -197,6 +197,8 @@ def _read_bytes(path: Path) -> bytes:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StateError(f"{path} is a symbolic link; remove it") from None
+        if exc.errno == errno.EACCES:
+            check_dir(path.parent, shared=False)  # says which group to ask for, where that is the reason
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
     try:
         chunks: list[bytes] = []
