@@ -41,6 +41,7 @@ __all__ = [
     "Judge",
     "Membership",
     "Unmanaged",
+    "carries",
     "device_status",
     "unmanaged",
     "unmanaged_bytes",
@@ -168,7 +169,7 @@ class Membership:
         except (psutil.Error, OSError):
             pass
         named = self._by_id.get(environ.get(LEASE_ENV, ""))
-        if named is not None and named.uid == uid and self.ledger in (None, environ.get(LEDGER_ENV)):
+        if named is not None and carries(environ, uid, named, self.ledger):
             return named.id
         return self._unbound.get(uid) if uid is not None else None
 
@@ -192,6 +193,13 @@ class Membership:
                     and procs.is_alive(pid, started):
                 found[pid] = started
         return list(found.items())
+
+
+def carries(environ: dict[str, str], uid: int | None, lease: LeaseRecord, ledger: str | None) -> bool:
+    """Rule 2 alone: a process with this environment and real uid carries ``lease`` of ``ledger``
+    (None, in pure tests only, accepts any ledger)."""
+    return (environ.get(LEASE_ENV) == lease.id and uid == lease.uid
+            and (ledger is None or environ.get(LEDGER_ENV) == ledger))
 
 
 def _same(a: float | None, b: float | None) -> bool:

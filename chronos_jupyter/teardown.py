@@ -9,8 +9,9 @@ Chronos kernel of a server makes SIGINT stop the server as SIGTERM does
 (:func:`track`) should the server exit any other way.
 
 A kernel's processes are its process group (Jupyter starts each kernel in a new session), the
-processes below it, and every process of this user whose environment names the kernel's lease
-(``CHRONOS_LEASE_ID``), which is how a child that left the group is still found.
+processes below it, and every process that carries the kernel's lease in its environment
+(:func:`chronos.accounting.carries`: the lease's id and its ledger's name, and the lease's owner),
+which is how a child that left the group is still found.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import psutil
 
 import chronos
 from chronos import procs
-from chronos.accounting import LEASE_ENV
+from chronos.accounting import carries
+from chronos.api import default_engine
 
 __all__ = ["Teardown", "end_kernel", "end_processes", "install_stop_signals", "kernel_processes", "track", "untrack"]
 
@@ -107,6 +109,11 @@ def kernel_processes(lease_id: str | None, pgid: int | None,
                      known: Iterable[tuple[int, float]] = ()) -> list[tuple[int, float]]:
     """The live processes of a kernel (see the module doc), never this process; each with its start time."""
     me, uid = os.getpid(), os.getuid()
+    lease, ledger = None, None
+    if lease_id is not None:
+        with contextlib.suppress(chronos.ChronosError):
+            engine = default_engine()
+            lease, ledger = engine.get(lease_id).record, engine.ledger_id
     found: dict[int, float] = {}
     for pid, started in known:
         if pid != me and procs.is_alive(pid, started):
@@ -118,9 +125,9 @@ def kernel_processes(lease_id: str | None, pgid: int | None,
         member = False
         with contextlib.suppress(OSError, psutil.Error):
             member = pgid is not None and os.getpgid(pid) == pgid
-        if not member and lease_id is not None:
+        if not member and lease is not None:
             with contextlib.suppress(OSError, psutil.Error):
-                member = proc.environ().get(LEASE_ENV) == lease_id
+                member = carries(proc.environ(), uid, lease, ledger)
         if member and (began := procs.start_time(pid)) is not None:
             found[pid] = began
     return list(found.items())
