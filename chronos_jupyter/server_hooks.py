@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from tornado import web
+
 __all__ = ["client_gone", "hook_handlers", "install"]
 
 #: Set when the HTTP request that is starting a kernel in this context was closed by its client.
@@ -58,7 +60,9 @@ def _with_event(post: Callable[..., Any]) -> Callable[..., Any]:
             client_gone.reset(token)
 
     hooked.__wrapped__ = post  # type: ignore[attr-defined]
-    return hooked
+    # The handler's own post is @web.authenticated; so is its wrapper, so that Jupyter Server's check
+    # that every core endpoint authenticates still sees it does (and it is asked first).
+    return web.authenticated(hooked)
 
 
 def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
