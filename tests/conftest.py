@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # pytest-jupyter's in-process Jupyter Server (tests/test_server_extension.py). A plugin named here
 # applies to the whole session, so its two autouse fixtures are narrowed below to the tests that
-# use its server.
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+# use its server. A GPU machine runs only the ``gpu`` tests, without the Jupyter extras installed.
+try:
+    import pytest_jupyter  # noqa: F401
+except ImportError:
+    pytest_plugins: list[str] = []
+else:
+    pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 def _has_gpu() -> bool:

@@ -97,6 +97,11 @@ def test_a_lease_whose_pytorch_process_stops_computing_is_warned_then_released(t
     proc = _start(lease.env(dict(os.environ)))
     try:
         policies = default_engine().policies
+        # Samples taken while the child was still importing PyTorch saw a lease with no process: idle,
+        # rightly. The first sample that starts after "ready" sees it compute and must end that spell.
+        after_ready = policies.samples + 2
+        wait_for(lambda: policies.samples >= after_ready and chronos.get_lease(lease.id).idle_since is None,
+                 timeout=30, what="a sample that sees the lease's process computing")
         target = policies.samples + 8
 
         def sampled_busy() -> bool:
