@@ -27,10 +27,10 @@ from chronos.accounting import LEASE_ENV
 from chronos.enforce.activation import Activation
 from chronos.enforce.watchdog import WatchdogEvent
 from chronos.engine import WaitUpdate
-from chronos.errors import ChronosError
+from chronos.errors import ChronosError, as_chronos_error
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
-from chronos.request import RequestSpec, parse_request
+from chronos.request import RequestSpec, parse_request, swapped_extend
 from chronos.units import format_bytes, format_clock, format_duration
 from chronos_jupyter.notices import KERNEL_RELEASE, KERNEL_RELEASE_CONFIRM, KernelNotices, for_kernel
 from chronos_jupyter.widgets import LeaseWidget
@@ -52,7 +52,7 @@ Chronos: time-limited, memory-capped GPU leases.
   %chronos claim BOOKING       claim a booking of yours in its window, as this kernel's lease
   %chronos status [LEASE]      show this kernel's lease (or LEASE), live
   %chronos list                the leases on this machine, and its GPUs
-  %chronos extend DURATION [LEASE]
+  %chronos extend [LEASE] DURATION
                                add time, e.g. %chronos extend 30m
   %chronos release [LEASE]     end this kernel's lease (or LEASE) now
   %chronos release --stop-kernel
@@ -155,11 +155,14 @@ def _print_notes(notes: list[str]) -> None:
 
 @contextmanager
 def _core_errors() -> Iterator[None]:
-    """Turn an error from the core into IPython's one-line UsageError."""
+    """Turn an error from the core (or the machine under it) into IPython's one-line UsageError."""
     try:
         yield
-    except ChronosError as exc:
-        raise UsageError(str(exc)) from None
+    except Exception as exc:  # a Chronos error, or a full disk or damaged ledger under it
+        known = as_chronos_error(exc)
+        if known is None:
+            raise
+        raise UsageError(text.plain(known)) from None
 
 
 @magics_class
@@ -354,12 +357,9 @@ class ChronosMagics(Magics):
         if not leases:
             print("No active or queued leases.")
         else:
-            rows = [[lease.id, lease.owner, ",".join(map(str, lease.devices)) or "-",
-                     format_bytes(lease.memory_bytes),
-                     str(lease.state) + (f", idle since {format_clock(lease.idle_since)}" if lease.idle_since else ""),
-                     format_duration(lease.remaining) if lease.state.live else "-", lease.label or ""]
-                    for lease in leases]
-            print(text.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "LABEL"], rows))
+            queue = {e.lease_id: (e.position, e.estimated_start) for e in api.queue()} \
+                if any(lease.state == LeaseState.QUEUED for lease in leases) else {}
+            print(text.table(text.LEASE_COLUMNS, text.lease_rows([lease.record for lease in leases], queue)))
         print()
         self._print_devices()
 
@@ -396,9 +396,13 @@ class ChronosMagics(Magics):
 
     def _cmd_extend(self, rest: list[str]) -> None:
         if not rest or len(rest) > 2:
-            raise UsageError("say how much longer, e.g. %chronos extend 30m (or: %chronos extend 30m LEASE)")
-        lease = self._target(rest[1] if len(rest) > 1 else None, "extend")
-        lease.extend(rest[0])
+            raise UsageError("say how much longer, e.g. %chronos extend 30m (or: %chronos extend LEASE 30m)")
+        swapped = swapped_extend(*rest) if len(rest) == 2 else None
+        if swapped is not None:
+            raise UsageError(f"{rest[0]!r} is a duration, not a lease id: the lease comes first, "
+                             f"%chronos extend {swapped[0]} {swapped[1]}")
+        lease = self._target(rest[0] if len(rest) > 1 else None, "extend")
+        lease.extend(rest[-1])
         if self.widget is not None and self.widget.lease_id == lease.id:
             self.widget.update()
         print(f"chronos: lease {lease.id} now ends at {_clock(lease.expires_at)} "

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import chronos
 from chronos.model import LeaseState
 from chronos.status import used_total
+from chronos.text import plain
 from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = [
@@ -162,7 +163,7 @@ def render_text(view: LeaseView) -> str:
     """A few plain lines for terminals and logs."""
     title = f"Chronos lease {view.lease_id}"
     if view.label:
-        title += f" ({view.label})"
+        title += f" ({plain(view.label)})"
     lines = [f"{title}: {view.devices_text}, {view.state}", f"  time:   {view.time_text}"]
     memory = view.memory_text
     if view.over_cap:
