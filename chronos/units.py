@@ -41,9 +41,10 @@ _UNITS = {
     "g": 1 << 30,
     "t": 1 << 40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*%\s*$")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE)
+# ASCII only: a fullwidth or other script's digit is never read as a number of bytes or seconds.
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*%\s*$", re.ASCII)
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE | re.ASCII)
 _DURATION_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 #: The longest duration anything reads, whatever the configuration says (about 100 years): every end
@@ -109,7 +110,7 @@ def parse_memory(value: str | int | float | MemorySpec) -> MemorySpec:
     match = _PERCENT_RE.match(text)
     if match:
         return _fraction(float(match.group(1)) / 100.0, text)
-    if re.fullmatch(r"\d*\.\d+|\d+\.?\d*", text):
+    if re.fullmatch(r"\d*\.\d+|\d+\.?\d*", text, re.ASCII):
         if float(text) <= 1.0:
             return _fraction(float(text), text)
         if float(text) * _UNITS["g"] > SIZE_CEILING:
@@ -167,10 +168,10 @@ def parse_duration(value: str | int | float, *, shortest: float = 0.0, longest: 
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InvalidRequestError(f"invalid {what} {_shown(value)}: use 2h, 90m, 1h30m, 45s, 1d or seconds")
     if isinstance(value, (int, float)):
-        seconds = float(value) if not abs(value) > 1e300 else math.copysign(math.inf, value)
+        seconds = float(value) if not abs(value) > 1e300 else math.inf if value > 0 else -math.inf
     else:
         text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        if re.fullmatch(r"\d+(?:\.\d+)?", text, re.ASCII):
             seconds = float(text)
         else:
             parts = _DURATION_PART_RE.findall(text)

@@ -9,40 +9,32 @@ UsageError that says what to type instead; notebooks never see a traceback from 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display as _display
 
-from chronos import api, text
-from chronos.accounting import LEASE_ENV
+from chronos import api, settings, text
 from chronos.enforce.activation import Activation
 from chronos.enforce.watchdog import WatchdogEvent
 from chronos.engine import WaitUpdate
 from chronos.errors import ChronosError, as_chronos_error
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
-from chronos.request import RequestSpec, parse_request, swapped_extend
+from chronos.request import RequestSpec, swapped_extend
 from chronos.units import format_bytes, format_clock, format_duration
+from chronos_jupyter.magic_words import RESERVE_USAGE, request_of, reserve_parser, split_words
 from chronos_jupyter.notices import KERNEL_RELEASE, KERNEL_RELEASE_CONFIRM, KernelNotices, for_kernel
 from chronos_jupyter.widgets import LeaseWidget
 
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
 
 display = cast(Callable[[object], None], _display)  # IPython's display() carries no annotations
-
-RESERVE_USAGE = (
-    "%chronos reserve MEMORY [DURATION] [--gpu I[,I]] [--gpus N] [--prefer I[,I]] "
-    "[--priority low|normal|high] [--wait [TIMEOUT]] [--label TEXT]"
-)
 
 HELP = f"""\
 Chronos: time-limited, memory-capped GPU leases.
@@ -82,53 +74,6 @@ class CellFailed(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [self.text]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one UsageError line with the usage to type."""
-
-    def __init__(self, usage: str, **kwargs: Any) -> None:
-        super().__init__(prog="%chronos", usage=usage, add_help=False, allow_abbrev=False, **kwargs)
-        self.hint = usage
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; type: {self.hint}")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise UsageError((message or "").strip() or f"type: {self.hint}")
-
-
-def _reserve_parser(usage: str = RESERVE_USAGE) -> _Parser:
-    parser = _Parser(usage)
-    parser.add_argument("memory", nargs="?")
-    parser.add_argument("duration", nargs="?")
-    parser.add_argument("--gpu", dest="device")
-    parser.add_argument("--gpus")
-    parser.add_argument("--prefer")
-    parser.add_argument("--priority")
-    parser.add_argument("--wait", nargs="?", const="forever", default=None)
-    parser.add_argument("--label")
-    return parser
-
-
-def _split(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot read {line!r} ({exc}); type %chronos help") from None
-
-
-def _request(args: argparse.Namespace, usage: str, label: str | None = None) -> RequestSpec:
-    """The parsed words as a request, read by the core's one request parser."""
-    if args.memory is None:
-        raise UsageError(f"say how much GPU memory and for how long, e.g. {usage.split(' MEMORY')[0]} 8G 2h")
-    if args.gpus is not None and args.device is not None:
-        raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")
-    try:
-        return parse_request(args.memory, args.duration, device=args.device, gpus=args.gpus, prefer=args.prefer,
-                             priority=args.priority, wait=args.wait, label=args.label or label)
-    except ChronosError as exc:
-        raise UsageError(f"{exc}; type: {usage}") from None
 
 
 def _queue_reporter() -> Callable[[WaitUpdate], None]:
@@ -176,7 +121,11 @@ class ChronosMagics(Magics):
         self._activation: Activation | None = None
         self._widgets: list[LeaseWidget] = []
         # A kernel launched by the Chronos provisioner already runs inside this lease.
-        self.kernel_lease_id: str | None = os.environ.get(LEASE_ENV) or None
+        self._env_error: str | None = None
+        try:
+            self.kernel_lease_id: str | None = settings.lease_id_from_env()
+        except ChronosError as exc:  # said at every %chronos, never taken for "no lease"
+            self.kernel_lease_id, self._env_error = None, str(exc)
         self.notices: KernelNotices | None = None
         if self.kernel_lease_id:
             self.notices = for_kernel(shell, self.kernel_lease_id, self._kernel_notice, self._kernel_lease_over)
@@ -196,9 +145,11 @@ class ChronosMagics(Magics):
     @line_cell_magic
     def chronos(self, line: str, cell: str | None = None) -> Any:
         """GPU leases: %chronos help lists the commands; %%chronos 4G 10m runs a cell under a lease."""
+        if self._env_error is not None:
+            raise UsageError(self._env_error)
         if cell is not None:
             return self._cell(line, cell)
-        words = _split(line)
+        words = split_words(line)
         if not words:
             print(HELP)
             return None
@@ -296,7 +247,7 @@ class ChronosMagics(Magics):
         print(HELP)
 
     def _cmd_reserve(self, rest: list[str]) -> None:
-        spec = _request(_reserve_parser().parse_args(rest), RESERVE_USAGE)
+        spec = request_of(reserve_parser().parse_args(rest), RESERVE_USAGE)
         held = self.current()
         if held is not None and held.state.live:
             if held.id == self.kernel_lease_id:
@@ -441,7 +392,7 @@ class ChronosMagics(Magics):
     # -- the cell magic ------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
         usage = RESERVE_USAGE.replace("%chronos reserve", "%%chronos")
-        spec = _request(_reserve_parser(usage).parse_args(_split(line)), usage, label="cell")
+        spec = request_of(reserve_parser(usage).parse_args(split_words(line)), usage, label="cell")
         with _core_errors():
             lease = self._reserve(spec)
         activation: Activation | None = None

@@ -145,7 +145,7 @@ def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float |
         lease_id=lease.id,
         devices=tuple(lease.devices),
         state=lease.state,
-        label=lease.label,
+        label=plain(lease.label) if lease.label else None,  # escaped once for every renderer
         priority=lease.priority,
         remaining_s=remaining,
         duration_s=lease.duration_s,
@@ -163,7 +163,7 @@ def render_text(view: LeaseView) -> str:
     """A few plain lines for terminals and logs."""
     title = f"Chronos lease {view.lease_id}"
     if view.label:
-        title += f" ({plain(view.label)})"
+        title += f" ({view.label})"
     lines = [f"{title}: {view.devices_text}, {view.state}", f"  time:   {view.time_text}"]
     memory = view.memory_text
     if view.over_cap:
