@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 
+from chronos import api
 from chronos.errors import ChronosError
 from chronos.request import RequestSpec, parse_request
 from chronos.text import plain
@@ -63,6 +64,7 @@ def request_of(args: argparse.Namespace, usage: str, label: str | None = None) -
         raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")
     try:
         return parse_request(args.memory, args.duration, device=args.device, gpus=args.gpus, prefer=args.prefer,
-                             priority=args.priority, wait=args.wait, label=args.label or label)
+                             priority=args.priority, wait=args.wait, label=args.label or label,
+                             longest=api.default_engine().config.longest_duration_s)
     except ChronosError as exc:
         raise UsageError(f"{plain(exc)}; type: {usage}") from None

@@ -56,7 +56,8 @@ Chronos: time-limited, memory-capped GPU leases.
   %%chronos MEMORY [DURATION] [options]
         first line of a cell: run that cell under its own lease, released when it ends
 
-MEMORY: 8G, 512M, 8GiB, 50% or 0.5 of a GPU.  DURATION: 2h, 90m, 1h30m, 45s (default 1h).
+MEMORY: 8G, 512M, 8GiB, 50%, or a bare fraction of each GPU (0.5; 1 is all of it).
+DURATION: 2h, 90m, 1h30m, 45s (default 1h).
 The widget's Release and Extend buttons answer between cells (the kernel is busy during one)."""
 
 #: What the in-kernel watchdog does when the kernel's processes use more than the cap.

@@ -610,3 +610,43 @@ def test_an_end_time_past_the_clocks_range_renders_everywhere(monkeypatch: pytes
         shell.run_line_magic("unload_ext", "chronos_jupyter")
     mine = [item for item in chronos.machine_status().to_dict()["leases"] if item["id"] == lease.id]
     assert mine and mine[0]["expires_at"] == 8.64e19  # JSON carries the stored value as it is
+
+
+# -- the docs say what the CLI says --------------------------------------------------------------------
+
+
+def documented_mistakes() -> list[tuple[str, str]]:
+    """The ``$ command`` and the line after it in docs/configuration.md's "Bounds on every value"."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    start = text.index("## Bounds on every value\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    block = section.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
+    return [(line[2:], block[i + 1]) for i, line in enumerate(block) if line.startswith("$ ")]
+
+
+def test_the_documented_mistakes_are_what_the_cli_says() -> None:
+    import shlex
+
+    cases = documented_mistakes()
+    assert len(cases) >= 7
+    for command, shown in cases:
+        argv = shlex.split(command)
+        assert argv[0] == "chronos"
+        code, _out, err = cli(*argv[1:])
+        assert code in (B, F), command
+        assert one_line(err) == shown, command
+
+
+def test_the_user_guides_mistakes_are_what_the_magics_say(ip: InteractiveShell) -> None:
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "user-guide.md").read_text(encoding="utf-8")
+    start = text.index("## Mistakes\n")
+    block = text[start:].split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    pairs = [(line.split(": ", 1)[1], block[i + 1]) for i, line in enumerate(block) if line.startswith("In [")]
+    assert len(pairs) >= 5
+    for source, shown in pairs:
+        message = magic_error(ip, source)
+        assert f"UsageError: {message.split('; type: %chronos')[0]}" == shown, source
