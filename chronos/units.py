@@ -194,6 +194,8 @@ def check_duration(seconds: float, *, shortest: float = 0.0, longest: float = DU
     if not seconds <= longest:
         raise InvalidRequestError(f"{what} {shown} is too long: at most {duration_text(longest)} here")
     if seconds < shortest:
+        if what != "duration":
+            raise InvalidRequestError(f"{what} {shown} is too short: at least {duration_text(shortest)}")
         raise InvalidRequestError(f"{what} {shown} is too short: a lease lasts at least {duration_text(shortest)}, "
                                   "or it would end before it could be used")
     return seconds

@@ -650,3 +650,147 @@ def test_the_user_guides_mistakes_are_what_the_magics_say(ip: InteractiveShell) 
     for source, shown in pairs:
         message = magic_error(ip, source)
         assert f"UsageError: {message.split('; type: %chronos')[0]}" == shown, source
+
+
+# -- a ledger or a disk that fails under a command ----------------------------------------------------------
+
+
+def _broken_ledger(state: Path, how: str) -> None:
+    chronos.reserve("1G", "1h", bind=False)
+    api.reset_default_engine()
+    if how == "missing table":
+        db = sqlite3.connect(state / "chronos.db")
+        db.execute("DROP TABLE leases")
+        db.commit()
+        db.close()
+    else:  # not a database at all
+        for name in ("chronos.db-wal", "chronos.db-shm"):
+            (state / name).unlink(missing_ok=True)
+        (state / "chronos.db").write_bytes(b"not a ledger\n" * 400)
+
+
+@pytest.mark.parametrize("how", ["missing table", "not a database"])
+@pytest.mark.parametrize("argv", [["list"], ["reserve", "1G", "1h"], ["show", "1"], ["release", "1"], ["stats"]],
+                         ids=lambda argv: " ".join(argv))
+def test_an_unusable_ledger_is_one_line_in_the_cli(chronos_env: Path, how: str, argv: list[str]) -> None:
+    _broken_ledger(chronos_env, how)
+    code, _out, err = cli(*argv)
+    assert code == E, err
+    assert "ledger" in one_line(err)
+
+
+@pytest.mark.parametrize("how", ["missing table", "not a database"])
+def test_an_unusable_ledger_is_one_line_in_the_magics(chronos_env: Path, how: str) -> None:
+    _broken_ledger(chronos_env, how)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "chronos_jupyter")
+    try:
+        for source in ("%chronos list", "%chronos reserve 1G 1h", "%chronos status 1"):
+            assert "ledger" in magic_error(shell, source)
+    finally:
+        shell.run_line_magic("unload_ext", "chronos_jupyter")
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the file system has no byte left."""
+    with open(path, "wb", buffering=0) as fill:
+        for size in (1 << 16, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    fill.write(b"\0" * size)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A state directory on a 2 MiB tmpfs holding one lease."""
+    import subprocess
+
+    from tests.os_users import needs_root
+
+    if needs_root.args[0]:
+        pytest.skip("needs root to mount a small file system")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        state = mount / "state"
+        state.mkdir(mode=0o700)
+        monkeypatch.setenv("CHRONOS_STATE_DIR", str(state))
+        api.reset_default_engine()
+        chronos.reserve("1G", "1h", bind=False, label="before the disk filled")
+        api.reset_default_engine()
+        yield state
+    finally:
+        api.reset_default_engine()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(full_disk: Path) -> None:
+    before = snapshot(full_disk)
+    _fill(full_disk.parent / "fill")
+    for argv in (["reserve", "1G", "1h", "--label", "x" * 200], ["release", "1"], ["extend", "1", "30m"]):
+        code, _out, err = cli(*argv)
+        assert code == E, (argv, err)
+        one_line(err)
+    (full_disk.parent / "fill").unlink()
+    api.reset_default_engine()
+    assert snapshot(full_disk) == before
+
+
+# -- the kernel provisioner: a kernelspec's bad setting refuses the start, in words ------------------------
+
+PROVISIONER_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"memory": "2"}, "write 2G"),
+    ({"memory": HUGE}, "far larger"),
+    ({"memory": "nan"}, "cannot read memory"),
+    ({"duration": "nan"}, "cannot read duration"),
+    ({"duration": "inf"}, "cannot read duration"),
+    ({"duration": "999999999999999d"}, "too long"),
+    ({"duration": 1e300}, "too long"),
+    ({"duration": "0.01s"}, "too short"),
+    ({"wait": "nan"}, "--wait"),
+    ({"wait": "99999999999999999999d"}, "--wait forever"),
+    ({"device": "①"}, "invalid --gpu"),
+    ({"idle_after": "nan"}, "cannot read duration"),
+    ({"warn_before": "soon"}, "warn_before"),
+    ({"warn_before": "inf"}, "warn_before"),
+    ({"check_interval": math.inf}, "check_interval"),
+    ({"check_interval": 0.0}, "check_interval"),
+]
+
+
+@pytest.fixture
+def kernel_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    prefix = tmp_path / "prefix"
+    for key, where in (("JUPYTER_PATH", prefix / "share" / "jupyter"), ("JUPYTER_DATA_DIR", tmp_path / "data"),
+                       ("JUPYTER_RUNTIME_DIR", tmp_path / "runtime"), ("JUPYTER_CONFIG_DIR", tmp_path / "config"),
+                       ("IPYTHONDIR", tmp_path / "ipython")):
+        monkeypatch.setenv(key, str(where))
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    return prefix
+
+
+@pytest.mark.parametrize(("config", "fragment"), PROVISIONER_CASES, ids=[str(c)[:40] for c, _f in PROVISIONER_CASES])
+def test_provisioner_mistakes(kernel_dirs: Path, config: dict[str, Any], fragment: str) -> None:
+    import asyncio
+    import json
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from chronos_jupyter.kernelspec import install_kernel
+    from chronos_jupyter.provisioner import KernelLeaseInvalid
+
+    spec_dir = Path(install_kernel("bad-setting", "1G", "1h", prefix=kernel_dirs))
+    doc = json.loads((spec_dir / "kernel.json").read_text())
+    doc["metadata"]["kernel_provisioner"]["config"].update(config)
+    (spec_dir / "kernel.json").write_text(json.dumps(doc))
+
+    async def start() -> None:
+        await AsyncKernelManager(kernel_name="bad-setting").start_kernel()
+
+    with pytest.raises(KernelLeaseInvalid) as info:
+        asyncio.run(start())
+    first, _, detail = str(info.value).partition("\n")
+    assert first == "kernelspec 'bad-setting' has a bad Chronos setting"
+    assert fragment in " ".join(detail.split()) and "Traceback" not in detail  # the dialog wraps its details
+    assert chronos.leases(all=True) == []
