@@ -87,13 +87,16 @@ def snapshot(state: Path) -> tuple[list[Any], list[Any]]:
 def cli(*argv: str) -> tuple[int, str, str]:
     """The CLI's ``run`` in this process: exit code, stdout, stderr. An exception other than argparse's
     SystemExit propagates, so a traceback fails the test."""
-    out, err = io.StringIO(), io.StringIO()
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline=""), io.StringIO()  # out has a .buffer
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = app.run(list(argv))
         except SystemExit as exc:
             code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
+    out.flush()
+    buffer = out.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return code, buffer.getvalue().decode("utf-8"), err.getvalue()
 
 
 def one_line(stderr: str) -> str:
@@ -579,14 +582,18 @@ def test_an_end_time_past_the_clocks_range_renders_everywhere(monkeypatch: pytes
     """A ledger written before durations were bounded may hold an end far past year 9999, and a label
     with control characters: every renderer shows them, none crashes, nothing reaches a terminal raw."""
     lease = chronos.reserve("1G", "1h", bind=False)
+    booking = chronos.book("1G", "1h", "+2h")
     api.reset_default_engine()
     db = sqlite3.connect(chronos_env / "chronos.db")
     db.execute("UPDATE leases SET expires_at = ?, duration_s = ?, label = ? WHERE seq = ?",
                (8.64e19, 8.64e19, "x\n9  root  0  80 GiB  active\x1b[2J", int(lease.id)))
+    db.execute("UPDATE leases SET duration_s = ?, label = ? WHERE seq = ?",
+               (8.64e19, "\x1b]0;owned\x07", int(booking.id)))
     db.commit()
     db.close()
-    for argv in (["list"], ["list", "--all"], ["show", lease.id], ["list", "--json"], ["stats", "--detailed"],
-                 ["queue"], ["report"]):
+    for argv in (["list"], ["list", "--all"], ["show", lease.id], ["show", booking.id], ["list", "--json"],
+                 ["stats"], ["stats", "--detailed"], ["queue"], ["report"], ["report", "--csv"], ["suggest"],
+                 ["metrics"], ["bookings"], ["bookings", "--all", "--ics"], ["bookings", "--json"]):
         code, out, err = cli(*argv)
         assert code == 0, (argv, err)
         assert "\x1b" not in out and "Traceback" not in err
