@@ -9,6 +9,7 @@ limit must never silently leave the machine unlimited.
 
     state_dir = "/var/lib/chronos"
     admin_group = "chronos-admin"
+    longest_duration = "366d"   # the longest lease, extension or booking anyone may ask for
 
     [defaults]            # also allowed in a user's file
     duration = "1h"
@@ -49,7 +50,15 @@ from typing import Any
 
 from chronos.errors import InvalidRequestError
 from chronos.model import Action, OnIdle, Priority
-from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
+from chronos.units import (
+    LONGEST_DURATION_S,
+    SHORTEST_LEASE_S,
+    check_duration,
+    format_bytes,
+    format_duration,
+    parse_duration,
+    parse_memory,
+)
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -81,6 +90,8 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     state_dir_explicit: bool = False
     default_duration_s: float = 3600.0
+    #: The longest lease (its whole length, extensions included), booking or wait anyone may ask for.
+    longest_duration_s: float = LONGEST_DURATION_S
     max_duration_s: float | None = None
     max_memory_per_lease_bytes: int | None = None
     max_memory_per_user_bytes: int | None = None
@@ -135,6 +146,11 @@ def _bytes(value: Any) -> int:
     if spec.nbytes is None:
         raise ValueError("give an absolute size such as \"40G\"; a fraction of a GPU is not a limit here")
     return spec.nbytes
+
+
+def _lease_duration(value: Any) -> float:
+    """A lease's length: at least :data:`~chronos.units.SHORTEST_LEASE_S`."""
+    return check_duration(_duration(value), shortest=SHORTEST_LEASE_S, text=value)
 
 
 def _seconds0(value: Any) -> float:
@@ -226,9 +242,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "": {
         "state_dir": _Key("state_dir", _path, str),
         "admin_group": _Key("admin_group", _name, str),
+        "longest_duration": _Key("longest_duration_s", _lease_duration, _show_duration),
     },
     "defaults": {
-        "duration": _Key("default_duration_s", _duration, _show_duration, user_allowed=True),
+        "duration": _Key("default_duration_s", _lease_duration, _show_duration, user_allowed=True),
         "priority": _Key("default_priority", _choice(Priority), str, user_allowed=True),
         "on_expiry": _Key("on_expiry", _choice(Action), str, user_allowed=True),
     },
@@ -308,12 +325,19 @@ def _read(path: Path, *, user: bool = False) -> tuple[dict[str, Any], str] | Non
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        if user:  # e.g. XDG_CONFIG_HOME naming a file: there is no user file, and it holds no limits
+            return None
+        raise ConfigError(f"{path}: a directory on this path is a file, so it cannot be a configuration "
+                          "file; fix CHRONOS_CONFIG or unset it") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a configuration file") from None
     except PermissionError:
         raise ConfigError(f"{path}: cannot be read (permission denied); ask the administrator") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     tomllib = _toml()
     try:
         return tomllib.loads(text), text
@@ -462,9 +486,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         _apply(user, found_user[0], found_user[1], values, sources, user=True)
     env_dir = env.get("CHRONOS_STATE_DIR")
     if env_dir:
+        if not env_dir.startswith("/") or "\0" in env_dir:
+            raise ConfigError(f"CHRONOS_STATE_DIR={env_dir[:80]!r} is not an absolute path: "
+                              "write e.g. CHRONOS_STATE_DIR=/var/tmp/chronos-mine, or unset it")
         values["state_dir"] = Path(env_dir)
         values["state_dir_explicit"] = True
         sources["state_dir"] = "env CHRONOS_STATE_DIR"
+    longest = values.get("longest_duration_s", LONGEST_DURATION_S)
+    if values.get("default_duration_s", 0.0) > longest:
+        raise ConfigError(f"{sources['default_duration_s']}: defaults.duration "
+                          f"({format_duration(values['default_duration_s'])}) is longer than longest_duration "
+                          f"({format_duration(longest)}): shorten it")
     return Config(
         **values,
         sources=sources,

@@ -24,17 +24,17 @@ from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import ChronosError, LeaseNotFoundError, NotAllowedError, UnavailableError
+from chronos.errors import ChronosError, InvalidRequestError, LeaseNotFoundError, NotAllowedError, UnavailableError
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.runtime import Policies
-from chronos.request import RequestSpec, parse_lease_id, parse_request
+from chronos.request import RequestSpec, lease_duration, parse_lease_id, parse_request
 from chronos.settings import Settings
 from chronos.state import state_dir as checked_state_dir
-from chronos.units import MemorySpec, format_duration, parse_duration, parse_instant
+from chronos.units import MemorySpec, check_duration, format_duration, parse_instant
 
 __all__ = ["DeviceStatus", "Engine", "WaitUpdate"]
 
@@ -215,13 +215,15 @@ class Engine:
     ) -> Lease:
         """Grant a lease now, or (with ``wait``) queue for one; see ``chronos.reserve``."""
         spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority,
-                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle)
+                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle,
+                             longest=self.config.longest_duration_s)
         return self.submit(spec, user=user, bind=bind, on_wait=on_wait)
 
     def submit(self, spec: RequestSpec, *, user: str | None = None, bind: bool | int = True,
                on_wait: Callable[[WaitUpdate], None] | None = None) -> Lease:
         """Grant or queue a request already read by :func:`chronos.request.parse_request`."""
         duration_s = spec.duration_s if spec.duration_s is not None else self.config.default_duration_s
+        check_duration(duration_s, longest=self.config.longest_duration_s)
         caller = current_user()
         owner = self._owner(caller, user, "reserve")
         holder = procs.holder(bind)
@@ -246,7 +248,7 @@ class Engine:
                     return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices,
                                            own_rule)
                 if spec.wait_s is None:
-                    raise UnavailableError(decision.reason)
+                    raise UnavailableError(f"{decision.reason}; add --wait to queue until it fits")
                 waiter = procs.caller()
                 queued = LeaseRecord(
                     id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),
@@ -411,8 +413,9 @@ class Engine:
         return self._handle(lease)
 
     def extend(self, lease_id: str, duration: str | int | float) -> Lease:
-        """Push an active lease's end back by ``duration``."""
-        seconds = parse_duration(duration)
+        """Push an active lease's end back by ``duration``; the lease's whole length stays within the
+        configuration's ``longest_duration``."""
+        seconds = lease_duration(duration, self.config.longest_duration_s)
         caller = current_user()
         devices, gpu_procs = self._poll_devices()
         with self.ledger.transaction():
@@ -425,6 +428,12 @@ class Engine:
                 raise UnavailableError(f"lease {lease.id} has ended ({lease.state}); reserve a new one")
             assert lease.expires_at is not None
             new_end = lease.expires_at + seconds
+            length = new_end - (lease.started_at or lease.created_at)
+            if length > self.config.longest_duration_s:
+                raise InvalidRequestError(
+                    f"cannot extend lease {lease.id} by {format_duration(seconds)}: it would last "
+                    f"{format_duration(length)} in all, and the longest lease here is "
+                    f"{format_duration(self.config.longest_duration_s)}")
             limits.check_extend(self.policies.limits_of(User(lease.uid, lease.owner)),
                                 new_end - (lease.started_at or lease.created_at))
             conflict = scheduler.extend_conflict(self._snapshot(now, devices, gpu_procs, live), lease.id, new_end)
@@ -455,7 +464,8 @@ class Engine:
              device: int | str | Sequence[int] | None = None, gpus: int | None = None, label: str | None = None,
              user: str | None = None) -> Lease:
         """Book ``memory`` per GPU for ``duration`` from ``at`` (``tomorrow 09:00``, ``+2h``); see ``chronos.book``."""
-        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label)
+        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label,
+                             longest=self.config.longest_duration_s)
         caller = current_user()
         return bookings.book(self, self._owner(caller, user, "book"), caller, spec, parse_instant(at))
 

@@ -16,9 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chronos.config import Config, load_config
-from chronos.errors import InvalidRequestError
+from chronos.errors import ChronosError, InvalidRequestError
+from chronos.request import parse_lease_id
+from chronos.units import SIZE_CEILING, parse_size
 
-__all__ = ["BACKENDS", "ENV_KEYS", "Settings", "current", "from_environ", "refresh"]
+__all__ = ["BACKENDS", "ENV_KEYS", "Settings", "current", "from_environ", "lease_id_from_env", "refresh"]
 
 #: Backend choices for ``CHRONOS_BACKEND``.
 BACKENDS = ("auto", "nvml", "simulated")
@@ -70,11 +72,29 @@ def _reserve(raw: str | None) -> int | None:
     text = (raw or "").strip()
     if not text:
         return None
-    if not text.isdigit():
-        raise InvalidRequestError(
-            f"CHRONOS_CONTEXT_RESERVE={raw!r} is not a number of bytes: write e.g. 805306368, or unset it"
-        )
-    return int(text)
+    hint = "write a size such as 768M or a number of bytes such as 805306368, or unset it"
+    if text.isascii() and text.isdigit():
+        if len(text) > 16 or int(text) > SIZE_CEILING:
+            raise InvalidRequestError(f"CHRONOS_CONTEXT_RESERVE={text[:20]!r}... is larger than any GPU: {hint}")
+        return int(text)
+    try:
+        return parse_size(text)
+    except InvalidRequestError:
+        raise InvalidRequestError(f"CHRONOS_CONTEXT_RESERVE={text[:40]!r} is not a size: {hint}") from None
+
+
+def lease_id_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The lease this process runs inside (``CHRONOS_LEASE_ID``, set by ``chronos run`` and the kernel
+    provisioner), or None; a value that is no lease id is an error, never silently no lease."""
+    env = os.environ if environ is None else environ
+    raw = env.get("CHRONOS_LEASE_ID")
+    if not raw:
+        return None
+    try:
+        return parse_lease_id(raw)
+    except ChronosError:
+        raise InvalidRequestError(f"CHRONOS_LEASE_ID={raw[:40]!r} is not a lease id (Chronos sets it to a number "
+                                  "such as 12 for a process inside a lease): unset it") from None
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> Settings:

@@ -71,7 +71,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from chronos.errors import ChronosError
+    from chronos.errors import as_chronos_error
 
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -89,13 +89,16 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ChronosError as exc:
-        from chronos.cli import render
-
-        render.error(str(exc))
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("chronos: interrupted\n")
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:
+        known = as_chronos_error(exc)
+        if known is None:
+            raise
+        from chronos.cli import render
+
+        render.error(str(known))
+        return known.exit_code
