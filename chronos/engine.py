@@ -28,6 +28,7 @@ from chronos.errors import ChronosError, LeaseNotFoundError, NotAllowedError, Un
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
+from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.runtime import Policies
@@ -224,7 +225,7 @@ class Engine:
         duration_s = spec.duration_s if spec.duration_s is not None else self.config.default_duration_s
         caller = current_user()
         owner = self._owner(caller, user, "reserve")
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
         devices, gpu_procs = self._poll_devices()
         request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
@@ -272,6 +273,16 @@ class Engine:
                 f"admins are root and members of group {self.config.admin_group!r}"
             )
         return owner
+
+    def _holder(self, bind: bool | int | None, caller: User) -> tuple[int, float] | None:
+        """The holder asked for: the caller's own process, or (for an admin) anyone's; a lease bound to
+        another user's process would count that user's memory twice, and end when they stop it."""
+        holder = procs.holder(bind)
+        if holder is not None and bind is not True and procs.uid_of(holder[0]) != caller.uid \
+                and not is_admin(caller, self.config.admin_group):
+            raise NotAllowedError(f"process {holder[0]} is not yours; a lease may be bound only to your own "
+                                  "processes (an admin may bind to anyone's)")
+        return holder
 
     def _request_for(self, spec: RequestSpec, devices: list[Device]) -> scheduler.Request:
         """The scheduler's request for ``spec``: the configured defaults filled in, this process's GPUs."""
@@ -439,7 +450,7 @@ class Engine:
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
         caller = current_user()
-        holder = procs.holder(pid) if pid is not None else None
+        holder = self._holder(pid, caller) if pid is not None else None
         with self.ledger.transaction():
             live = self._reclaim(time.time(), caller)
             lease = self._owned(lease_id, caller, "bind", live)
@@ -462,7 +473,7 @@ class Engine:
     def claim(self, booking_id: str, *, bind: bool | int = True) -> Lease:
         """Claim a booking in its window: it becomes an active lease (bound as ``reserve`` binds)."""
         caller = current_user()
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
 
         def usage_check(booking: LeaseRecord) -> None:
             owner = User(booking.uid, booking.owner)
@@ -506,9 +517,19 @@ class Engine:
         active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
         return accounting.device_status(devices, gpu_procs, self.membership(active))
 
-    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
-        """Store a lease's peak GPU memory and GPU time (the watchdog calls this)."""
-        self.ledger.record_usage(parse_lease_id(lease_id), peak_bytes, gpu_seconds)
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float, *, note: str | None = None) -> None:
+        """Store a lease's peak GPU memory and GPU time (the watchdog calls this); ``note`` says what kept
+        the watchdog from recording them before, and goes into the audit log (``unrecorded``) with them."""
+        key = parse_lease_id(lease_id)
+        with self.ledger.transaction():
+            self.ledger.record_usage(key, peak_bytes, gpu_seconds)
+            if note is not None:
+                self._event(key, "unrecorded", current_user(), {"reason": note, "peak_memory_bytes": peak_bytes})
+
+    def patience(self, seconds: float) -> AbstractContextManager[None]:
+        """Inside it, this thread's ledger writes wait at most ``seconds`` for another process's lock
+        (the watchdog's: enforcement never stalls behind a held lock)."""
+        return ledger_patience(seconds)
 
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from chronos.errors import StateError
+from chronos.ledger_faults import ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
 
 DB_NAME = "chronos.db"
 BUSY_TIMEOUT_MS = 30_000
-
-
 @dataclass(frozen=True)
 class Event:
     """One line of the audit log: who did what to which lease, when."""
@@ -119,16 +118,27 @@ class Ledger:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.path = prepare_file(Path(directory) / DB_NAME)
+        path = Path(directory) / DB_NAME
         self._lock = threading.RLock()
+        if not os.path.lexists(path):
+            _create(path)
+        self.path = prepare_file(path)
+        if os.stat(self.path).st_size == 0:
+            # A new ledger is built aside and linked into place whole, so an empty one was emptied.
+            raise StateError(f"ledger {self.path} is empty (0 bytes): it was truncated or made by hand, and "
+                             "Chronos will not start it afresh over leases it may have held; restore it from a "
+                             "backup, or remove it if no lease matters (see docs/trust-model.md)")
+        self._connect()
+
+    def _connect(self) -> None:
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+        except sqlite3.Error as exc:
+            raise ledger_error(exc, self.path) from None
 
     def _setup(self) -> None:
         """WAL mode and the schema, retried while other processes do the same on a new file.
@@ -187,26 +197,51 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """This thread's patience (:func:`patience`) as SQLite's busy timeout, for one write."""
+        ms = patience_ms()
+        if ms is None:
+            yield
+            return
+        self._conn.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Ledger]:
-        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
-        with self._lock:
+        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger.
+
+        Every SQLite error inside it (a full disk, a lock held past the wait, a read-only file)
+        rolls it back and is raised as one :class:`StateError` that says what happened.
+        """
+        with self._lock, self._waiting():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
             try:
                 yield self
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
                 self._conn.execute("COMMIT")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite may have rolled back already (a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise ledger_error(exc, self.path) from None
+                raise
 
     # -- leases ---------------------------------------------------------------------------
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query, under the connection's lock."""
         with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
 
     def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
@@ -240,10 +275,11 @@ class Ledger:
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
+        """Store a lease's figures (inside a transaction): the peak only ever grows."""
         with self._lock:
             self._conn.execute(
-                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), gpu_seconds = ? "
-                "WHERE seq = ?",
+                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), "
+                "gpu_seconds = ? WHERE seq = ?",
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
 
@@ -370,6 +406,30 @@ class Ledger:
         rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id",
                           params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+
+def _create(path: Path) -> None:
+    """A new ledger with its schema, built under a private name and linked into place (a lost race
+    leaves the other process's ledger), so no process ever meets a half-made ledger file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.new")
+    prepare_file(temp)
+    try:
+        fresh = Ledger.__new__(Ledger)
+        fresh.path, fresh._lock = temp, threading.RLock()
+        fresh._connect()
+        fresh.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create ledger {path}: {exc.strerror}") from None
+    finally:
+        for leftover in (temp, temp.with_name(temp.name + "-wal"), temp.with_name(temp.name + "-shm")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
 
 
 @lru_cache(maxsize=1024)

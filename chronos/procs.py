@@ -14,7 +14,7 @@ import psutil
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["caller", "descendants", "holder", "is_alive", "start_time"]
+__all__ = ["caller", "descendants", "holder", "is_alive", "start_time", "uid_of"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
 _TOLERANCE_S = 0.05
@@ -111,3 +111,11 @@ def holder(bind: bool | int | None) -> tuple[int, float] | None:
     if started is None:
         raise InvalidRequestError(f"no running process {bind} to bind the lease to")
     return bind, started
+
+
+def uid_of(pid: int) -> int | None:
+    """The real uid of ``pid`` (whose process it is), or None when there is no such process."""
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None

@@ -1,0 +1,130 @@
+"""Faults: a ledger lock held by another process, a full or read-only file system, an emptied ledger.
+
+Each test drives the real thing: another process holding SQLite's write lock, a small tmpfs filled
+to the last block, ``chattr +i``, and ``chronos`` commands as subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import chronos
+from chronos.api import reset_default_engine
+from tests.waiting import wait_for
+
+GIB = 1 << 30
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a file system or set chattr +i")
+
+# Waits for the file named by argv[2], then claims argv[1] bytes of its simulated GPU and sleeps.
+ALLOCATE_ON_GO = textwrap.dedent("""
+    import os, pathlib, sys, time
+    from chronos.devices import get_backend
+    from chronos.devices.simulated import allocate
+    go = pathlib.Path(sys.argv[2])
+    while not go.exists():
+        time.sleep(0.02)
+    uuid = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]
+    index = [d.index for d in get_backend().devices() if d.uuid == uuid][0]
+    allocate(index, int(sys.argv[1]))
+    time.sleep(120)
+""")
+
+# Holds the ledger's write lock (BEGIN IMMEDIATE) until a line arrives on stdin.
+LOCKER = textwrap.dedent("""
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+    conn.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    conn.execute("ROLLBACK")
+""")
+
+
+@contextmanager
+def ledger_locked(db: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds the ledger's write lock inside the block."""
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert locker.stdin is not None and locker.stdout is not None
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        yield locker
+    finally:
+        if locker.poll() is None:
+            locker.stdin.write("\n")
+            locker.stdin.flush()
+            locker.wait(30)
+        locker.stdin.close()
+        locker.stdout.close()
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_enforcement_goes_on_while_another_process_holds_the_ledger_lock(chronos_env: Path, tmp_path: Path) -> None:
+    go, err = tmp_path / "go", tmp_path / "stderr"
+    with err.open("w") as stderr:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "chronos", "run", "1G", "1h", "--grace", "0.3", "--kill-wait", "5", "--",
+             sys.executable, "-c", ALLOCATE_ON_GO, str(3 * GIB), str(go)],
+            stderr=stderr, stdout=subprocess.DEVNULL,
+        )
+    try:
+        (lease,) = wait_for(lambda: [item for item in chronos.leases() if item.state == "active"],
+                            what="the run's lease")
+        with ledger_locked(chronos_env / "chronos.db") as locker:
+            go.touch()
+            # The command is ended over its cap, and the wrapper waits to record its figures, lock and all.
+            wait_for(lambda: "recording its usage" in _text(err), timeout=40, what=lambda: _text(err))
+            assert run.poll() is None, _text(err)
+            assert "ended" not in lease.refresh().state
+            locker.stdin.write("\n")  # type: ignore[union-attr]
+            locker.stdin.flush()  # type: ignore[union-attr]
+            locker.wait(30)
+        assert run.wait(60) == 128 + 15, _text(err)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    text = _text(err)
+    assert "chronos: ended the command (SIGTERM): GPU " in text and "over the lease's 1 GiB cap" in text
+    assert f"chronos: lease {lease.id}: usage recorded" in text
+    assert "peak 3 GiB of 1 GiB" in text.strip().splitlines()[-1]
+    assert "Traceback" not in text
+    ended = lease.refresh()
+    assert ended.state == "released" and ended.peak_memory_bytes == 3 * GIB
+    notes = [e for e in chronos.api.default_engine().events(lease_id=lease.id) if e.event == "unrecorded"]
+    assert len(notes) == 1 and "locked by another process" in notes[0].detail["reason"]
+
+
+def test_a_watchdog_thread_survives_a_held_lock_and_records_later(chronos_env: Path) -> None:
+    from chronos.enforce.watchdog import LedgerTroubleEvent, Watchdog
+
+    lease = chronos.reserve("1G", "1h", bind=True)
+    events: list[object] = []
+    dog = Watchdog(lease, rate_hz=20, record_s=0.05, refresh_s=0.05, on_event=events.append)
+    dog.start()
+    try:
+        with ledger_locked(chronos_env / "chronos.db"):
+            dog.peak_bytes = 5 * GIB  # a figure to record while the lock is held
+            wait_for(lambda: any(isinstance(e, LedgerTroubleEvent) and not e.recovered for e in events),
+                     what="the watchdog saying the ledger is locked")
+            polls = dog.polls
+            wait_for(lambda: dog.polls > polls + 5, what="the watchdog polling on under the lock")
+        wait_for(lambda: any(isinstance(e, LedgerTroubleEvent) and e.recovered for e in events),
+                 what="the watchdog recording again")
+        assert not dog.done and dog._thread is not None and dog._thread.is_alive()
+        assert lease.refresh().peak_memory_bytes == 5 * GIB
+    finally:
+        dog.stop()
+        lease.release()
+    reset_default_engine()
