@@ -24,7 +24,7 @@ from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import ChronosError, LeaseNotFoundError, NotAllowedError, UnavailableError
+from chronos.errors import ChronosError, LeaseNotFoundError, NamespaceError, NotAllowedError, UnavailableError
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
@@ -85,7 +85,13 @@ class Engine:
     def ledger(self) -> Ledger:
         with self._lock:
             if self._ledger is None:
-                self._ledger = Ledger(checked_state_dir(self.config))
+                ledger = Ledger(checked_state_dir(self.config))
+                try:
+                    _check_host(ledger)
+                except ChronosError:
+                    ledger.close()
+                    raise
+                self._ledger = ledger
             return self._ledger
 
     @property
@@ -564,6 +570,35 @@ class Engine:
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _foreign(namespace: str, recorded: str) -> NamespaceError:
+    return NamespaceError(
+        f"this process is in a different pid namespace ({namespace}) from the ledger's ({recorded}), so it cannot "
+        "tell which lease holders are alive; use the Chronos service (chronos serve), or run Chronos outside the "
+        "container")
+
+
+def _check_host(ledger: Ledger) -> None:
+    """Holders are judged only where their pids mean what they meant: in the ledger's pid namespace (else
+    :class:`NamespaceError`), and in its boot (a ledger opened first after a reboot lets every holder go)."""
+    facts, namespace, boot = ledger.host_facts(), procs.pid_namespace(), procs.boot_id()
+    recorded = facts.get("pid_namespace")
+    if namespace is not None and recorded is not None and recorded != namespace:
+        raise _foreign(namespace, recorded)
+    if (namespace is None or recorded is not None) and (boot is None or facts.get("boot_id") == boot):
+        return
+    with ledger.transaction():
+        facts = ledger.host_facts()  # again, under the write lock
+        if namespace is not None and facts.get("pid_namespace") is None:
+            ledger.set_host_fact("pid_namespace", namespace)
+        elif namespace is not None and facts["pid_namespace"] != namespace:
+            raise _foreign(namespace, facts["pid_namespace"])
+        if boot is not None and facts.get("boot_id") != boot:
+            if facts.get("boot_id") is not None:
+                ledger.forget_holders()
+            ledger.set_host_fact("boot_id", boot)
+
+
+
 #: Live engines by what they were built from, so that an unpickled lease finds its engine again.
 _engines: weakref.WeakValueDictionary[tuple[Settings, int], Engine] = weakref.WeakValueDictionary()
 

@@ -12,13 +12,14 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from chronos import procs
 from chronos.errors import StateError
 from chronos.ledger_faults import ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
@@ -98,8 +99,25 @@ _V5_INDEXES = (
     "CREATE INDEX leases_ended ON leases(ended_at)",
 )
 
+
+
+def _start_ticks(conn: sqlite3.Connection) -> None:
+    """Holders' starts from clock-derived times (boot time + start tick, which a clock step moves) to the
+    start ticks themselves; the host table records the boot they count in."""
+    if procs.boot_id() is None:
+        return  # not Linux: starts stay psutil's times
+    conn.execute("UPDATE leases SET pid_start = ROUND((pid_start - ?) * ?) - ? WHERE pid_start IS NOT NULL",
+                 (procs.legacy_boot_time(), procs.clock_ticks(), procs.boottime_offset()))
+    conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES ('boot_id', ?)", (procs.boot_id(),))
+
+
+#: Facts the holders are read against: the boot their start ticks count in, the pid namespace of their pids.
+_V6_HOLDERS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    "CREATE TABLE host (key TEXT PRIMARY KEY, value TEXT NOT NULL)", _start_ticks)
+
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES)
+MIGRATIONS: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]] = (
+    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -177,7 +195,10 @@ class Ledger:
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if version < SCHEMA_VERSION:
                     for statement in MIGRATIONS[version]:
-                        self._conn.execute(statement)
+                        if callable(statement):
+                            statement(self._conn)
+                        else:
+                            self._conn.execute(statement)
                     version += 1
                     self._conn.execute(f"PRAGMA user_version = {version}")
 
@@ -382,6 +403,19 @@ class Ledger:
         tail = f" LIMIT {int(limit)}" if limit else ""
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
+
+    # -- the host ---------------------------------------------------------------------------
+    def host_facts(self) -> dict[str, str]:
+        """What the ledger's holders are read against (``boot_id``, ``pid_namespace``)."""
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM host")}
+
+    def set_host_fact(self, key: str, value: str) -> None:
+        """Record one host fact (inside a transaction)."""
+        self._conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES (?, ?)", (key, value))
+
+    def forget_holders(self) -> None:
+        """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
+        self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
 
     # -- audit log ------------------------------------------------------------------------
     def append_event(

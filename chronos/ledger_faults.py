@@ -48,6 +48,8 @@ def ledger_error(exc: Exception, path: Path) -> StateError:
                           "(see docs/trust-model.md)")
     if "disk I/O" in text:
         why = write_trouble(path)
+        if why is not None and why.endswith("is full: free space there"):
+            return StateError(f"the file system holding ledger {path} is full: free space there, then try again")
         return StateError(f"ledger {path}: disk I/O error{f' ({why})' if why else ''}; check the file system")
     return StateError(f"ledger {path}: {text}")
 

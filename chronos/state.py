@@ -55,6 +55,9 @@ def check_dir(path: Path, *, shared: bool) -> Path:
                 "ask its owner to run: chmod +t " + str(path)
             )
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        why = write_trouble(path)
+        if why is not None:
+            raise StateError(f"cannot use state directory {path}: {why}")
         if is_group_dir(info.st_mode):
             name = group_name(info.st_gid)
             raise NotAllowedError(

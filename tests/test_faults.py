@@ -6,9 +6,12 @@ to the last block, ``chattr +i``, and ``chronos`` commands as subprocesses.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ import pytest
 
 import chronos
 from chronos.api import reset_default_engine
+from tests.conftest import run_cli
 from tests.waiting import wait_for
 
 GIB = 1 << 30
@@ -128,3 +132,77 @@ def test_a_watchdog_thread_survives_a_held_lock_and_records_later(chronos_env: P
         dog.stop()
         lease.release()
     reset_default_engine()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 1 MiB tmpfs holding the state directory (as root), unmounted after the test."""
+    mount = Path(tempfile.mkdtemp(prefix="faults-mnt-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        monkeypatch.setenv("CHRONOS_STATE_DIR", str(mount / "state"))
+        reset_default_engine()
+        yield mount
+    finally:
+        reset_default_engine()
+        subprocess.run(["chattr", "-R", "-i", str(mount)], capture_output=True)
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        mount.rmdir()
+
+
+def _fill(mount: Path) -> Path:
+    filler = mount / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@needs_root
+def test_a_full_disk_is_said_and_a_release_waits_for_space(small_fs: Path) -> None:
+    made = run_cli("reserve", "1G", "1h", "--json")
+    assert made.returncode == 0, made.stderr
+    lease = json.loads(made.stdout)["id"]
+    db = small_fs / "state" / "chronos.db"
+    filler = _fill(small_fs)
+    full = f"the file system holding ledger {db} is full: free space there, then try again"
+    done = run_cli("release", lease)
+    assert done.returncode == 1
+    assert _one_line(done) == f"chronos: error: lease {lease} is not released (it stays held until a release " \
+                              f"succeeds): {full}"
+    listed = run_cli("list")
+    assert listed.returncode == 1 and _one_line(listed) == f"chronos: error: {full}"
+    filler.unlink()
+    shown = json.loads(run_cli("show", lease, "--json").stdout)
+    assert shown["state"] == "active"  # held, as it said, until the release succeeds
+    assert run_cli("release", lease).returncode == 0
+    assert json.loads(run_cli("show", lease, "--json").stdout)["state"] == "released"
+
+
+@needs_root
+def test_a_read_only_file_system_and_an_immutable_ledger_each_say_so(small_fs: Path) -> None:
+    assert run_cli("reserve", "1G", "1h").returncode == 0
+    db = small_fs / "state" / "chronos.db"
+    subprocess.run(["chattr", "+i", str(db)], check=True)
+    done = run_cli("reserve", "1G", "1h")
+    assert done.returncode == 1
+    assert _one_line(done) == f"chronos: error: cannot write {db}: {db} is immutable (chattr +i); an admin can " \
+                              f"run: chattr -i {db}"
+    subprocess.run(["chattr", "-i", str(db)], check=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    done = run_cli("list")
+    assert done.returncode == 1
+    assert _one_line(done) == f"chronos: error: cannot use state directory {db.parent}: {db.parent} is on a " \
+                              "read-only file system (remount it read-write, or set CHRONOS_STATE_DIR)"
+    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    assert run_cli("list").returncode == 0
