@@ -206,3 +206,87 @@ def test_a_read_only_file_system_and_an_immutable_ledger_each_say_so(small_fs: P
                               "read-only file system (remount it read-write, or set CHRONOS_STATE_DIR)"
     subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     assert run_cli("list").returncode == 0
+
+
+@needs_root
+def test_a_watchdog_on_a_full_disk_goes_on_says_so_and_records_when_space_returns(small_fs: Path) -> None:
+    from chronos.enforce.watchdog import LedgerTroubleEvent, Watchdog
+
+    lease = chronos.reserve("1G", "1h", bind=True)
+    events: list[object] = []
+    dog = Watchdog(lease, rate_hz=20, record_s=0.05, refresh_s=0.05, on_event=events.append).start()
+    try:
+        filler = _fill(small_fs)
+        dog.peak_bytes = 7 * GIB
+        wait_for(lambda: any(isinstance(e, LedgerTroubleEvent) and not e.recovered for e in events),
+                 what="the watchdog saying the disk is full")
+        (trouble,) = [e for e in events if isinstance(e, LedgerTroubleEvent)]
+        assert "is full: free space there" in trouble.message and "enforcement goes on" in trouble.message
+        polls = dog.polls
+        wait_for(lambda: dog.polls > polls + 5, what="the watchdog polling on with the disk full")
+        filler.unlink()
+        wait_for(lambda: any(isinstance(e, LedgerTroubleEvent) and e.recovered for e in events),
+                 what="the watchdog recording once space returned")
+        assert dog._thread is not None and dog._thread.is_alive()
+    finally:
+        dog.stop()
+    assert lease.refresh().peak_memory_bytes == 7 * GIB
+    (note,) = [e for e in chronos.api.default_engine().events(lease_id=lease.id) if e.event == "unrecorded"]
+    assert "is full" in note.detail["reason"] and note.detail["peak_memory_bytes"] == 7 * GIB
+    lease.release()
+
+
+# Runs the CLI with this process's clock an hour ahead (what a machine or container with a skewed clock does).
+SKEWED = textwrap.dedent("""
+    import sys, time
+    real = time.time
+    time.time = lambda: real() + 3600
+    from chronos.cli import main
+    raise SystemExit(main(sys.argv[1:]))
+""")
+
+# Opens the ledger (mapping its -shm), says so, and keeps it open until stdin closes.
+KEEPS_OPEN = textwrap.dedent("""
+    import sys
+    import chronos
+    chronos.leases()
+    print("open", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def _doctor_problems() -> list[str]:
+    done = run_cli("doctor", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == (1 if report["problems"] else 0)
+    return list(report["problems"])
+
+
+def test_doctor_reports_a_held_lock_a_skewed_clock_and_removed_wal_files(chronos_env: Path) -> None:
+    assert run_cli("reserve", "1G", "1h").returncode == 0
+    assert _doctor_problems() == []
+    db = chronos_env / "chronos.db"
+    with ledger_locked(db):
+        (problem,) = _doctor_problems()
+        assert problem.startswith(f"ledger {db} is locked by another process")
+    skewed = subprocess.run([sys.executable, "-c", SKEWED, "reserve", "1G", "1h", "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert skewed.returncode == 0, skewed.stderr
+    (problem,) = _doctor_problems()
+    assert problem.startswith("2 audit event(s) are dated ahead of this machine's clock (the latest by 5")
+    assert "a process with its clock ahead wrote them" in problem
+    keeper = subprocess.Popen([sys.executable, "-c", KEEPS_OPEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert keeper.stdin is not None and keeper.stdout is not None
+    try:
+        assert keeper.stdout.readline().strip() == "open"
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        problems = [p for p in _doctor_problems() if "was removed while processes" in p]
+        assert problems == [f"{db}{suffix} was removed while processes {keeper.pid} still use it: they and new "
+                            "processes no longer see each other's writes; stop those processes (see "
+                            "docs/trust-model.md)" for suffix in ("-shm", "-wal")]
+    finally:
+        keeper.stdin.close()
+        keeper.wait(30)
+        keeper.stdout.close()
