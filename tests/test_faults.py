@@ -198,12 +198,14 @@ def test_a_read_only_file_system_and_an_immutable_ledger_each_say_so(small_fs: P
     assert done.returncode == 1
     assert _one_line(done) == f"chronos: error: cannot write {db}: {db} is immutable (chattr +i); an admin can " \
                               f"run: chattr -i {db}"
+    assert f"cannot write {db}: {db} is immutable (chattr +i)" in "\n".join(_doctor_problems())
     subprocess.run(["chattr", "-i", str(db)], check=True)
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     done = run_cli("list")
     assert done.returncode == 1
     assert _one_line(done) == f"chronos: error: cannot use state directory {db.parent}: {db.parent} is on a " \
                               "read-only file system (remount it read-write, or set CHRONOS_STATE_DIR)"
+    assert f"{db.parent} is on a read-only file system" in "\n".join(_doctor_problems())
     subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     assert run_cli("list").returncode == 0
 
