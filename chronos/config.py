@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chronos.config_trust import untrusted
 from chronos.errors import InvalidRequestError
 from chronos.model import Action, OnIdle, Priority
 from chronos.units import (
@@ -471,6 +472,19 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             sources[spec.field] = str(path)
 
 
+def _check_named_system_file(env: Mapping[str, str], system: Path, user: Path) -> None:
+    """``CHRONOS_CONFIG`` names the administrator's file: for anyone but root it must be one only root can write
+    (a user's own file would make them admin, ``/dev/null`` would lift every limit). See docs/configuration.md."""
+    if not env.get("CHRONOS_CONFIG") or os.getuid() == 0:
+        return
+    why = untrusted(system)
+    if why is not None:
+        raise ConfigError(
+            f"CHRONOS_CONFIG={system} is not used: {why}, and the system configuration (admin group, limits) "
+            f"must be a file only root can change; unset CHRONOS_CONFIG (personal defaults go in {user})"
+        )
+
+
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """The effective configuration: defaults, then the system file, the user's file, ``CHRONOS_STATE_DIR``."""
     env = os.environ if environ is None else environ
@@ -478,6 +492,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     sources: dict[str, str] = {}
     system = system_config_path(env)
     user = user_config_path(env)
+    _check_named_system_file(env, system, user)
     found_system = _read(system)
     if found_system is not None:
         _apply(system, found_system[0], found_system[1], values, sources, user=False)

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from chronos.doctor_ledger import ledger_problems
 from chronos.enforce import caps, mps
 from chronos.engine import Engine
 from chronos.errors import ChronosError
@@ -124,6 +125,7 @@ def _check_state_dir(report: Report, engine: Engine) -> None:
         else:  # pragma: no cover - check_dir refuses what os.access refuses
             report.problems.append(f"state directory {path} is not usable by this user")
     report.problems.extend(audit_state_dir(path))
+    report.problems.extend(ledger_problems(engine))
 
 
 def _check_mps(report: Report, engine: Engine) -> None:

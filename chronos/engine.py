@@ -24,10 +24,18 @@ from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import ChronosError, InvalidRequestError, LeaseNotFoundError, NotAllowedError, UnavailableError
+from chronos.errors import (
+    ChronosError,
+    InvalidRequestError,
+    LeaseNotFoundError,
+    NamespaceError,
+    NotAllowedError,
+    UnavailableError,
+)
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
+from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.runtime import Policies
@@ -84,7 +92,13 @@ class Engine:
     def ledger(self) -> Ledger:
         with self._lock:
             if self._ledger is None:
-                self._ledger = Ledger(checked_state_dir(self.config))
+                ledger = Ledger(checked_state_dir(self.config))
+                try:
+                    _check_host(ledger)
+                except ChronosError:
+                    ledger.close()
+                    raise
+                self._ledger = ledger
             return self._ledger
 
     @property
@@ -226,7 +240,7 @@ class Engine:
         check_duration(duration_s, longest=self.config.longest_duration_s)
         caller = current_user()
         owner = self._owner(caller, user, "reserve")
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
         devices, gpu_procs = self._poll_devices()
         request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
@@ -274,6 +288,16 @@ class Engine:
                 f"admins are root and members of group {self.config.admin_group!r}"
             )
         return owner
+
+    def _holder(self, bind: bool | int | None, caller: User) -> tuple[int, float] | None:
+        """The holder asked for: the caller's own process, or (for an admin) anyone's; a lease bound to
+        another user's process would count that user's memory twice, and end when they stop it."""
+        holder = procs.holder(bind)
+        if holder is not None and bind is not True and procs.uid_of(holder[0]) != caller.uid \
+                and not is_admin(caller, self.config.admin_group):
+            raise NotAllowedError(f"process {holder[0]} is not yours; a lease may be bound only to your own "
+                                  "processes (an admin may bind to anyone's)")
+        return holder
 
     def _request_for(self, spec: RequestSpec, devices: list[Device]) -> scheduler.Request:
         """The scheduler's request for ``spec``: the configured defaults filled in, this process's GPUs."""
@@ -448,7 +472,7 @@ class Engine:
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
         caller = current_user()
-        holder = procs.holder(pid) if pid is not None else None
+        holder = self._holder(pid, caller) if pid is not None else None
         with self.ledger.transaction():
             live = self._reclaim(time.time(), caller)
             lease = self._owned(lease_id, caller, "bind", live)
@@ -472,7 +496,7 @@ class Engine:
     def claim(self, booking_id: str, *, bind: bool | int = True) -> Lease:
         """Claim a booking in its window: it becomes an active lease (bound as ``reserve`` binds)."""
         caller = current_user()
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
 
         def usage_check(booking: LeaseRecord) -> None:
             owner = User(booking.uid, booking.owner)
@@ -516,9 +540,19 @@ class Engine:
         active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
         return accounting.device_status(devices, gpu_procs, self.membership(active))
 
-    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
-        """Store a lease's peak GPU memory and GPU time (the watchdog calls this)."""
-        self.ledger.record_usage(parse_lease_id(lease_id), peak_bytes, gpu_seconds)
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float, *, note: str | None = None) -> None:
+        """Store a lease's peak GPU memory and GPU time (the watchdog calls this); ``note`` says what kept
+        the watchdog from recording them before, and goes into the audit log (``unrecorded``) with them."""
+        key = parse_lease_id(lease_id)
+        with self.ledger.transaction():
+            self.ledger.record_usage(key, peak_bytes, gpu_seconds)
+            if note is not None:
+                self._event(key, "unrecorded", current_user(), {"reason": note, "peak_memory_bytes": peak_bytes})
+
+    def patience(self, seconds: float) -> AbstractContextManager[None]:
+        """Inside it, this thread's ledger writes wait at most ``seconds`` for another process's lock
+        (the watchdog's: enforcement never stalls behind a held lock)."""
+        return ledger_patience(seconds)
 
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""
@@ -553,6 +587,35 @@ class Engine:
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _foreign(namespace: str, recorded: str) -> NamespaceError:
+    return NamespaceError(
+        f"this process is in a different pid namespace ({namespace}) from the ledger's ({recorded}), so it cannot "
+        "tell which lease holders are alive; use the Chronos service (chronos serve), or run Chronos outside the "
+        "container")
+
+
+def _check_host(ledger: Ledger) -> None:
+    """Holders are judged only where their pids mean what they meant: in the ledger's pid namespace (else
+    :class:`NamespaceError`), and in its boot (a ledger opened first after a reboot lets every holder go)."""
+    facts, namespace, boot = ledger.host_facts(), procs.pid_namespace(), procs.boot_id()
+    recorded = facts.get("pid_namespace")
+    if namespace is not None and recorded is not None and recorded != namespace:
+        raise _foreign(namespace, recorded)
+    if (namespace is None or recorded is not None) and (boot is None or facts.get("boot_id") == boot):
+        return
+    with ledger.transaction():
+        facts = ledger.host_facts()  # again, under the write lock
+        if namespace is not None and facts.get("pid_namespace") is None:
+            ledger.set_host_fact("pid_namespace", namespace)
+        elif namespace is not None and facts["pid_namespace"] != namespace:
+            raise _foreign(namespace, facts["pid_namespace"])
+        if boot is not None and facts.get("boot_id") != boot:
+            if facts.get("boot_id") is not None:
+                ledger.forget_holders()
+            ledger.set_host_fact("boot_id", boot)
+
+
+
 #: Live engines by what they were built from, so that an unpickled lease finds its engine again.
 _engines: weakref.WeakValueDictionary[tuple[Settings, int], Engine] = weakref.WeakValueDictionary()
 

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidRequestError",
     "LeaseNotFoundError",
     "LimitError",
+    "NamespaceError",
     "NotAllowedError",
     "StateError",
     "UnavailableError",
@@ -46,6 +47,11 @@ class UnavailableError(ChronosError):
     """The request is valid but cannot be satisfied now (not enough free memory, queue timeout)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class NamespaceError(UnavailableError):
+    """This process reads pids in another pid namespace than the ledger's (a container sharing the state
+    directory): it cannot tell whose holders are alive, so it must not judge them (exit 3)."""
 
 
 class NotAllowedError(ChronosError, PermissionError):

@@ -12,23 +12,23 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from chronos import procs
 from chronos.errors import StateError
+from chronos.ledger_faults import ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
 
 DB_NAME = "chronos.db"
 BUSY_TIMEOUT_MS = 30_000
-
-
 @dataclass(frozen=True)
 class Event:
     """One line of the audit log: who did what to which lease, when."""
@@ -99,8 +99,25 @@ _V5_INDEXES = (
     "CREATE INDEX leases_ended ON leases(ended_at)",
 )
 
+
+
+def _start_ticks(conn: sqlite3.Connection) -> None:
+    """Holders' starts from clock-derived times (boot time + start tick, which a clock step moves) to the
+    start ticks themselves; the host table records the boot they count in."""
+    if procs.boot_id() is None:
+        return  # not Linux: starts stay psutil's times
+    conn.execute("UPDATE leases SET pid_start = ROUND((pid_start - ?) * ?) - ? WHERE pid_start IS NOT NULL",
+                 (procs.legacy_boot_time(), procs.clock_ticks(), procs.boottime_offset()))
+    conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES ('boot_id', ?)", (procs.boot_id(),))
+
+
+#: Facts the holders are read against: the boot their start ticks count in, the pid namespace of their pids.
+_V6_HOLDERS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    "CREATE TABLE host (key TEXT PRIMARY KEY, value TEXT NOT NULL)", _start_ticks)
+
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES)
+MIGRATIONS: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]] = (
+    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -119,16 +136,27 @@ class Ledger:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.path = prepare_file(Path(directory) / DB_NAME)
+        path = Path(directory) / DB_NAME
         self._lock = threading.RLock()
+        if not os.path.lexists(path):
+            _create(path)
+        self.path = prepare_file(path)
+        if os.stat(self.path).st_size == 0:
+            # A new ledger is built aside and linked into place whole, so an empty one was emptied.
+            raise StateError(f"ledger {self.path} is empty (0 bytes): it was truncated or made by hand, and "
+                             "Chronos will not start it afresh over leases it may have held; restore it from a "
+                             "backup, or remove it if no lease matters (see docs/trust-model.md)")
+        self._connect()
+
+    def _connect(self) -> None:
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+        except sqlite3.Error as exc:
+            raise ledger_error(exc, self.path) from None
 
     def _setup(self) -> None:
         """WAL mode and the schema, retried while other processes do the same on a new file.
@@ -167,7 +195,10 @@ class Ledger:
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if version < SCHEMA_VERSION:
                     for statement in MIGRATIONS[version]:
-                        self._conn.execute(statement)
+                        if callable(statement):
+                            statement(self._conn)
+                        else:
+                            self._conn.execute(statement)
                     version += 1
                     self._conn.execute(f"PRAGMA user_version = {version}")
 
@@ -187,26 +218,51 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """This thread's patience (:func:`patience`) as SQLite's busy timeout, for one write."""
+        ms = patience_ms()
+        if ms is None:
+            yield
+            return
+        self._conn.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Ledger]:
-        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
-        with self._lock:
+        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger.
+
+        Every SQLite error inside it (a full disk, a lock held past the wait, a read-only file)
+        rolls it back and is raised as one :class:`StateError` that says what happened.
+        """
+        with self._lock, self._waiting():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
             try:
                 yield self
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
                 self._conn.execute("COMMIT")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite may have rolled back already (a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise ledger_error(exc, self.path) from None
+                raise
 
     # -- leases ---------------------------------------------------------------------------
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query, under the connection's lock."""
         with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
 
     def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
@@ -240,10 +296,11 @@ class Ledger:
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
+        """Store a lease's figures (inside a transaction): the peak only ever grows."""
         with self._lock:
             self._conn.execute(
-                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), gpu_seconds = ? "
-                "WHERE seq = ?",
+                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), "
+                "gpu_seconds = ? WHERE seq = ?",
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
 
@@ -347,6 +404,19 @@ class Ledger:
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
 
+    # -- the host ---------------------------------------------------------------------------
+    def host_facts(self) -> dict[str, str]:
+        """What the ledger's holders are read against (``boot_id``, ``pid_namespace``)."""
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM host")}
+
+    def set_host_fact(self, key: str, value: str) -> None:
+        """Record one host fact (inside a transaction)."""
+        self._conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES (?, ?)", (key, value))
+
+    def forget_holders(self) -> None:
+        """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
+        self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
+
     # -- audit log ------------------------------------------------------------------------
     def append_event(
         self, lease_id: str, event: str, *, uid: int, user: str, pid: int, detail: dict[str, Any] | None = None,
@@ -370,6 +440,30 @@ class Ledger:
         rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id",
                           params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+
+def _create(path: Path) -> None:
+    """A new ledger with its schema, built under a private name and linked into place (a lost race
+    leaves the other process's ledger), so no process ever meets a half-made ledger file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.new")
+    prepare_file(temp)
+    try:
+        fresh = Ledger.__new__(Ledger)
+        fresh.path, fresh._lock = temp, threading.RLock()
+        fresh._connect()
+        fresh.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create ledger {path}: {exc.strerror}") from None
+    finally:
+        for leftover in (temp, temp.with_name(temp.name + "-wal"), temp.with_name(temp.name + "-shm")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
 
 
 @lru_cache(maxsize=1024)

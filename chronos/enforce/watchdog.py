@@ -16,6 +16,7 @@ memory (device-seconds of held memory).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from chronos.enforce.events import (
     HolderExitedEvent,
     IdleWarning,
     LeaseEndedEvent,
+    LedgerTroubleEvent,
     OveruseEvent,
     SignalEvent,
     UnkillableEvent,
@@ -52,6 +54,7 @@ __all__ = [
     "HolderExitedEvent",
     "IdleWarning",
     "LeaseEndedEvent",
+    "LedgerTroubleEvent",
     "OveruseEvent",
     "SignalEvent",
     "UnkillableEvent",
@@ -66,6 +69,9 @@ DEFAULT_KILL_WAIT_S = 30.0
 DEFAULT_WARN_AT = (600.0, 60.0)
 #: After SIGKILL, a process still there this long later is reported as unkillable.
 UNKILLABLE_AFTER_S = 5.0
+#: How long one of the watchdog's ledger writes waits for another process's lock (the last one: longer).
+LEDGER_PATIENCE_S, FINAL_PATIENCE_S = 0.2, 3.0
+_log = logging.getLogger("chronos.watchdog")
 
 
 class WatchdogHost(Protocol):
@@ -84,7 +90,8 @@ class WatchdogHost(Protocol):
     def membership(self, leases: Sequence[LeaseRecord],
                    roots: dict[str, tuple[int, float | None]] | None = None) -> Membership: ...
 
-    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None: ...
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float, *,
+                     note: str | None = None) -> None: ...
 
 
 # --------------------------------------------------------------------------- the watchdog
@@ -173,6 +180,8 @@ class Watchdog(PollLoop[WatchdogEvent]):
         self._last_refresh = time.monotonic()
         self._last_record = time.monotonic()
         self._recorded: tuple[int, float] | None = None
+        self._trouble: str | None = None  # what the ledger last failed at, until a record succeeds
+        self._pending: list[WatchdogEvent] = []
         self._over_since: dict[int, float] = {}
         self._warned_over: set[int] = set()
         self._enforcing: _Enforcement | None = None
@@ -209,6 +218,8 @@ class Watchdog(PollLoop[WatchdogEvent]):
         return self._log(out)
 
     def _log(self, events: list[WatchdogEvent]) -> list[WatchdogEvent]:
+        if self._pending:
+            events[:0], self._pending = self._pending, []
         self.events.extend(events)
         if len(self.events) > 1000:
             del self.events[:-1000]
@@ -220,15 +231,22 @@ class Watchdog(PollLoop[WatchdogEvent]):
         others = [r for r in self.engine.active_records() if r.id != self.lease.id]
         return [*others, self.lease]
 
+    def _patient(self, seconds: float = LEDGER_PATIENCE_S) -> contextlib.AbstractContextManager[None]:
+        """The host's short wait for the ledger's lock (a host with no file lock offers none)."""
+        patience = getattr(self.engine, "patience", lambda _s: contextlib.nullcontext())
+        return patience(seconds)
+
     def _refresh(self) -> None:
         old_end = self.lease.expires_at
         try:
-            self.lease = self.engine.get(self.lease.id).record
-            self.membership.update(self._leases())
+            with self._patient():
+                self.lease = self.engine.get(self.lease.id).record
+                self.membership.update(self._leases())
         except LeaseNotFoundError:
             self.lease = _ended(self.lease, "lease no longer in the ledger")
-        except ChronosError:
-            return  # a busy or unreadable ledger: keep the last copy, try again next time
+        except ChronosError as exc:
+            self._troubled(f"cannot read the ledger: {exc}")
+            return  # keep the last copy: enforcement goes on from it, and the next refresh tries again
         if self.lease.expires_at != old_end:
             self._init_marks()
 
@@ -413,18 +431,48 @@ class Watchdog(PollLoop[WatchdogEvent]):
             self._done.set()
 
     # -- usage records -------------------------------------------------------------------
-    def _record(self) -> None:
+    def _record(self, patience_s: float = LEDGER_PATIENCE_S) -> None:
         figures = (self.peak_bytes, round(self.gpu_seconds, 3))
-        if figures == self._recorded:
+        if figures == self._recorded and self._trouble is None:
             return
+        note = self._trouble
         try:
-            self.engine.record_usage(self.lease.id, figures[0], figures[1])
-            self._recorded = figures
-        except ChronosError:
-            pass  # the next record (or the final one) tries again
+            with self._patient(patience_s):
+                self.engine.record_usage(self.lease.id, figures[0], figures[1], note=note)
+        except ChronosError as exc:
+            self._troubled(f"cannot record the lease's usage (peak {format_bytes(figures[0])}): {exc}")
+            return  # the next record (or the final one) tries again
+        self._recorded = figures
+        if note is not None:
+            self._trouble = None
+            text = f"lease {self.lease.id}: the ledger works again; usage recorded (earlier: {note})"
+            self._say(text)
+            self._pending.append(LedgerTroubleEvent(self.lease.id, time.time(), text, True))
+
+    def _troubled(self, what: str) -> None:
+        """Say once per spell that the ledger failed (a log line and an event); it goes in the audit log later."""
+        if self._trouble is not None:
+            return
+        self._trouble = what
+        text = f"lease {self.lease.id}: {what}; enforcement goes on, and the ledger is tried again"
+        self._say(text)
+        self._pending.append(LedgerTroubleEvent(self.lease.id, time.time(), text, False))
+
+    def _say(self, text: str) -> None:
+        """The log (stderr when nothing else is set up) hears of ledger trouble when no host takes the events."""
+        if self.on_event is None:
+            _log.warning("chronos: %s", text)
+
+    @property
+    def trouble(self) -> str | None:
+        """What the ledger last failed at, while the failure lasts (None: every figure is recorded)."""
+        return self._trouble
 
     def _finish(self) -> None:
-        self._record()
+        self._record(FINAL_PATIENCE_S)
+        if self._trouble is not None:  # the host may wait longer for the ledger (``chronos run`` does)
+            self._say(f"lease {self.lease.id}: its usage (peak {format_bytes(self.peak_bytes)}) is not yet "
+                      f"recorded in the ledger: {self._trouble}")
         super()._finish()
 
 
