@@ -167,9 +167,11 @@ def get_lease(lease_id: str | int) -> Lease:
     return default_engine().get(str(lease_id))
 
 
-def leases(*, all: bool = False, user: str | None = None) -> list[Lease]:
-    """Active and queued leases; every lease with ``all=True``."""
-    return default_engine().leases(all=all, user=user)
+def leases(*, all: bool = False, user: str | None = None, limit: int | None = None,
+           before: str | int | None = None) -> list[Lease]:
+    """Active and queued leases; every lease with ``all=True``, newest first (``limit`` of them, older than
+    lease ``before``: a page)."""
+    return default_engine().leases(all=all, user=user, limit=limit, before=before)
 
 
 def gpus() -> list[DeviceStatus]:

@@ -30,6 +30,7 @@ from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
+from chronos.policy.retention import Retention
 from chronos.policy.runtime import Policies
 from chronos.request import RequestSpec, parse_lease_id, parse_request
 from chronos.settings import Settings
@@ -69,6 +70,8 @@ class Engine:
         #: Idle sampling, limits per user and group, bookings, fair share (:mod:`chronos.policy.runtime`).
         self.policies = Policies(self)
         self.policies.on_tick = lambda: figures.write_metrics(self)
+        #: Pruning of history past ``[history] keep`` (:mod:`chronos.policy.retention`).
+        self.retention = Retention()
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -159,6 +162,7 @@ class Engine:
             with self.ledger.transaction():
                 live = self._reclaim(time.time(), current_user())
         self.policies.tick()
+        self.retention.after(self.ledger, self.config.history_keep_s)
         return live
 
     # -- snapshot -------------------------------------------------------------------------
@@ -408,6 +412,7 @@ class Engine:
             if lease.state.live:
                 state = LeaseState.RELEASED if lease.state == ACTIVE else LeaseState.WITHDRAWN
                 lease = self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
+        self.retention.after(self.ledger, self.config.history_keep_s)
         return self._handle(lease)
 
     def extend(self, lease_id: str, duration: str | int | float) -> Lease:
@@ -489,11 +494,19 @@ class Engine:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         return self._handle(record)
 
-    def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None) -> list[Lease]:
-        """Active and queued leases (with ``all`` every lease, newest first, ``limit`` at most); or one user's."""
+    def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
+               before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:
+        """Active and queued leases; or one user's. With ``all``, every lease newest first: ``limit`` at most,
+        older than lease ``before`` (a page); with ``ended_since``, live leases and those ended since then."""
         live = self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
-        found = self.ledger.history(uid=uid, limit=limit) if all else [r for r in live if uid is None or r.uid == uid]
+        if ended_since is not None:
+            found = self.ledger.recent(ended_since, uid)
+        elif all:
+            page = parse_lease_id(str(before)) if before is not None else None
+            found = self.ledger.history(uid=uid, limit=limit, before=page)
+        else:
+            found = [r for r in live if uid is None or r.uid == uid]
         return [self._handle(record) for record in found]
 
     def active_records(self) -> list[LeaseRecord]:

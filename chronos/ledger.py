@@ -98,9 +98,18 @@ _V5_INDEXES = (
     "CREATE INDEX events_rare ON events(event) WHERE event IN ('refused', 'no-show', 'idle-warning')",
     "CREATE INDEX leases_ended ON leases(ended_at)",
 )
+#: Bounded history: one owner's newest leases without a scan (advice, ``list --all --user``), and an audit
+#: log that stays append-only for every lease still on file, so retention may drop a pruned lease's events.
+_V6_HISTORY = (
+    "CREATE INDEX leases_owner ON leases(uid, seq)",
+    "DROP TRIGGER events_no_delete",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN EXISTS (SELECT 1 FROM leases WHERE seq = old.lease_seq)
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only while its lease is on file'); END""",
+)
 
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES)
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HISTORY)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -331,9 +340,10 @@ class Ledger:
                           "WHERE event = ? AND event IN ('refused', 'no-show', 'idle-warning') GROUP BY 1", (event,))
         return {str(reason): int(n) for reason, n in rows}
 
-    def history(self, *, uid: int | None = None, since: float | None = None,
-                limit: int | None = None) -> list[LeaseRecord]:
-        """Every lease, newest first; optionally one owner's, created since a time."""
+    def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None,
+                before: str | None = None) -> list[LeaseRecord]:
+        """Every lease, newest first; optionally one owner's, created since a time, older than lease ``before``
+        (a page: the primary key or the owner index walks from there, so a page costs the same at any depth)."""
         clauses: list[str] = []
         params: list[float] = []
         if uid is not None:
@@ -342,10 +352,39 @@ class Ledger:
         if since is not None:
             clauses.append("created_at >= ?")
             params.append(since)
+        if before is not None:
+            clauses.append("seq < ?")
+            params.append(int(before))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         tail = f" LIMIT {int(limit)}" if limit else ""
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
+
+    def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
+        """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""
+        owner = " AND uid = ?" if uid is not None else ""
+        extra: list[Any] = [uid] if uid is not None else []
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                          f"SELECT {_COLUMNS} FROM leases WHERE ended_at >= ?{owner} ORDER BY seq DESC",
+                          [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since,
+                           *extra])
+        return [_lease(r) for r in rows]
+
+    def prune(self, before: float, batch: int) -> int:
+        """Forget up to ``batch`` leases that ended before ``before``, and the audit log's lines older than
+        that whose lease is gone, in one short write; returns how many leases went.
+
+        The newest lease is never pruned, so a lease id is never given out twice.
+        """
+        with self.transaction():
+            newest = self._conn.execute("SELECT MAX(seq) FROM leases").fetchone()[0] or 0
+            gone = self._conn.execute(
+                "DELETE FROM leases WHERE seq IN (SELECT seq FROM leases WHERE ended_at < ? AND seq < ? "
+                "ORDER BY ended_at LIMIT ?)", (before, newest, batch)).rowcount
+            self._conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM leases WHERE seq = events.lease_seq) ORDER BY at LIMIT ?)", (before, batch * 8))
+        return int(gone)
 
     # -- audit log ------------------------------------------------------------------------
     def append_event(
