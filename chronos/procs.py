@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-import psutil
-
 from chronos.errors import InvalidRequestError
 
 __all__ = ["caller", "descendants", "holder", "is_alive", "start_time"]
@@ -33,6 +31,8 @@ def _linux_boot_time() -> float:
                     _boot_time = float(line.split()[1])
                     break
             else:  # pragma: no cover - every Linux has btime
+                import psutil
+
                 _boot_time = psutil.boot_time()
     return _boot_time
 
@@ -62,6 +62,8 @@ def start_time(pid: int) -> float | None:
         return None
     if _LINUX:
         return _linux_start_time(pid)
+    import psutil  # only off Linux, and for process trees: it costs a CLI start ~15 ms
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -81,6 +83,8 @@ def is_alive(pid: int, started: float | None) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """``pid`` and every process below it; empty when it is gone."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         return {pid} | {child.pid for child in proc.children(recursive=True)}
