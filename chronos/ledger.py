@@ -330,6 +330,10 @@ class Ledger:
                           "(state = ? OR ended_at >= ?)", (str(LeaseState.ACTIVE), since))
         return [_lease(r) for r in rows]
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
+        return int(self._read("PRAGMA data_version")[0][0])
+
     def change_mark(self) -> tuple[Any, ...]:
         """Something that changes whenever a lease is added or ends (two index lookups, no scan)."""
         return tuple(self._read("SELECT (SELECT MAX(seq) FROM leases), (SELECT MAX(ended_at) FROM leases)")[0])
