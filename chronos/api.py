@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from chronos import settings, stats
-from chronos import status as status_module
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
@@ -22,6 +22,9 @@ from chronos.model import Priority
 from chronos.policy import report as policy_report
 from chronos.request import parse_request
 from chronos.units import MemorySpec
+
+if TYPE_CHECKING:  # loaded by the calls that use it: a CLI start that does not pays nothing for it
+    from chronos import status as status_module
 
 __all__ = [
     "book",
@@ -167,9 +170,11 @@ def get_lease(lease_id: str | int) -> Lease:
     return default_engine().get(str(lease_id))
 
 
-def leases(*, all: bool = False, user: str | None = None) -> list[Lease]:
-    """Active and queued leases; every lease with ``all=True``."""
-    return default_engine().leases(all=all, user=user)
+def leases(*, all: bool = False, user: str | None = None, limit: int | None = None,
+           before: str | int | None = None) -> list[Lease]:
+    """Active and queued leases; every lease with ``all=True``, newest first (``limit`` of them, older than
+    lease ``before``: a page)."""
+    return default_engine().leases(all=all, user=user, limit=limit, before=before)
 
 
 def gpus() -> list[DeviceStatus]:
@@ -208,9 +213,13 @@ def forecast(
     comes back with ``error`` set rather than raising, so a front end can show every answer alike.
     """
     spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority)
+    from chronos import status as status_module
+
     return status_module.forecast(default_engine(), spec, user=user)
 
 
 def machine_status(user: str | None = None) -> status_module.MachineStatus:
     """Every GPU, your leases (or ``user``'s) live and recently ended, and the queue, in one snapshot."""
+    from chronos import status as status_module
+
     return status_module.machine_status(default_engine(), user=user)

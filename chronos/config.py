@@ -35,6 +35,9 @@ limit must never silently leave the machine unlimited.
 
     [metrics]
     textfile = "/var/lib/node_exporter/textfile/chronos.prom"
+
+    [history]
+    keep = "180d"         # ended leases and their audit lines older than this are pruned ("none": never)
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class Config:
     fair_share_half_life_s: float = 7 * 86400.0
     metrics_textfile: Path | None = None
     metrics_interval_s: float = 5.0
+    #: ``[history] keep``: how long an ended lease and its audit lines are kept (None: for ever).
+    history_keep_s: float | None = 180 * 86400.0
     #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
     #: a value of None lifting the limit for them.
     user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -272,6 +277,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "metrics": {
         "textfile": _Key("metrics_textfile", _path, str),
         "interval": _Key("metrics_interval_s", _duration, _show_duration),
+    },
+    "history": {
+        "keep": _Key("history_keep_s", _optional(_duration), _show_duration),
     },
 }
 

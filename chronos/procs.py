@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-import psutil
-
 from chronos.errors import InvalidRequestError
 
 __all__ = ["boot_id", "boottime_offset", "caller", "clock_ticks", "descendants", "holder", "is_alive",
@@ -98,6 +96,8 @@ def legacy_boot_time() -> float:
         for line in f:
             if line.startswith(b"btime"):
                 return float(line.split()[1])
+    import psutil
+
     return float(psutil.boot_time())  # pragma: no cover - every Linux has btime
 
 
@@ -113,6 +113,8 @@ def start_time(pid: int) -> float | None:
         return None
     if _LINUX:
         return _linux_start(pid)
+    import psutil  # only off Linux, and for process trees: it costs a CLI start ~15 ms
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -132,6 +134,8 @@ def is_alive(pid: int, started: float | None) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """``pid`` and every process below it; empty when it is gone."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         return {pid} | {child.pid for child in proc.children(recursive=True)}
@@ -166,6 +170,8 @@ def holder(bind: bool | int | None) -> tuple[int, float] | None:
 
 def uid_of(pid: int) -> int | None:
     """The real uid of ``pid`` (whose process it is), or None when there is no such process."""
+    import psutil
+
     try:
         return int(psutil.Process(pid).uids().real)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

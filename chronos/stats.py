@@ -399,8 +399,9 @@ def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:
 
     devices = engine.devices()
     snapshot, _ = engine.snapshot()
-    history = [lease.record for lease in engine.leases(all=True, user=user)]
     now = time.time()
+    # Only the week the figures cover is read: the cost does not grow with the ledger's history.
+    history = [lease.record for lease in engine.leases(ended_since=now - WEEK, user=user)]
     idle_week = {row.key: row.idle_gpu_hours for row in gather_report(engine, since=now - WEEK, now=now).rows}
     return detailed_from(devices, snapshot, history, now, idle_week)
 
@@ -411,7 +412,9 @@ def suggest(engine: Engine, user: str | None = None) -> Suggestion:
 
     snapshot, _ = engine.snapshot()
     name = user or current_user().name
-    history = [lease.record for lease in engine.leases(all=True, user=name)]
+    # The newest HISTORY leases that are not queued: one page of the owner index, whatever the history's size.
+    waiting = sum(1 for lease in engine.leases(user=name) if lease.state == LeaseState.QUEUED)
+    history = [lease.record for lease in engine.leases(all=True, user=name, limit=HISTORY + waiting)]
     config = engine.config
     advice = suggest_from(snapshot, history, default_duration_s=config.default_duration_s,
                           max_duration_s=config.max_duration_s, max_memory_bytes=config.max_memory_per_lease_bytes)

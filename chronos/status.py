@@ -17,7 +17,7 @@ from typing import Any
 
 from chronos import stats
 from chronos.accounting import DeviceStatus
-from chronos.enforce.watchdog import DEFAULT_WARN_AT
+from chronos.enforce.events import DEFAULT_WARN_AT
 from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.identity import current_user

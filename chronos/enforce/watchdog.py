@@ -29,6 +29,7 @@ from chronos import procs
 from chronos.accounting import Membership, usage
 from chronos.devices.base import Backend, GpuProcess
 from chronos.enforce.events import (
+    DEFAULT_WARN_AT,
     ExpiryWarning,
     HolderExitedEvent,
     IdleWarning,
@@ -66,7 +67,6 @@ __all__ = [
 DEFAULT_RATE_HZ = 4.0
 DEFAULT_GRACE_S = 2.0
 DEFAULT_KILL_WAIT_S = 30.0
-DEFAULT_WARN_AT = (600.0, 60.0)
 #: After SIGKILL, a process still there this long later is reported as unkillable.
 UNKILLABLE_AFTER_S = 5.0
 #: How long one of the watchdog's ledger writes waits for another process's lock (the last one: longer).
