@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import psutil
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["caller", "descendants", "holder", "is_alive", "start_time"]
+__all__ = ["acting_for", "caller", "descendants", "holder", "is_alive", "owner_uid", "start_time"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
 _TOLERANCE_S = 0.05
@@ -88,9 +91,37 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
+#: The process a service request is served for (its pid from SO_PEERCRED, in this pid namespace), else None.
+_peer: ContextVar[tuple[int, float] | None] = ContextVar("chronos_peer_process", default=None)
+
+
+@contextmanager
+def acting_for(pid: int, started: float) -> Iterator[None]:
+    """Serve the code inside for process ``pid`` (started at ``started``): it is the caller and default holder."""
+    token = _peer.set((pid, started))
+    try:
+        yield
+    finally:
+        _peer.reset(token)
+
+
+def owner_uid(pid: int) -> int | None:
+    """The real uid ``pid`` runs as, or None when there is no such process."""
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
 def caller() -> tuple[int, float]:
-    """The calling process as (pid, start time); cached, and refreshed after a fork."""
+    """The calling process as (pid, start time); cached, and refreshed after a fork.
+
+    While the service serves a request, the caller is the client's process, as the kernel named it.
+    """
     global _caller
+    peer = _peer.get()
+    if peer is not None:
+        return peer
     pid = os.getpid()
     if _caller is None or _caller[0] != pid:
         started = start_time(pid)

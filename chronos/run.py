@@ -41,10 +41,10 @@ from chronos.enforce.watchdog import (
     Watchdog,
     WatchdogEvent,
 )
-from chronos.engine import Engine
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.model import Action
+from chronos.ops import EngineOps
 from chronos.units import format_bytes, format_duration
 
 __all__ = ["FORWARDED_SIGNALS", "RunResult", "run", "shell_status"]
@@ -201,7 +201,7 @@ def run(
     label: str | None = None,
     env: Mapping[str, str] | None = None,
     on_event: Callable[[WatchdogEvent], None] | None = None,
-    engine: Engine | None = None,
+    engine: EngineOps | None = None,
     stderr: TextIO | None = sys.stderr,
     booking: str | int | None = None,
 ) -> RunResult:
@@ -250,7 +250,7 @@ def run(
         forwarder.restore()
 
 
-def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwarder, started: float,
+def _run_leased(argv: list[str], lease: Lease, engine: EngineOps, forwarder: _Forwarder, started: float,
                 env: Mapping[str, str] | None, on_expiry: Action | None, on_overuse: Action, grace: float,
                 kill_wait: float, rate_hz: float, warn_at: Sequence[float],
                 on_event: Callable[[WatchdogEvent], None] | None, stderr: TextIO | None) -> RunResult:
