@@ -31,9 +31,11 @@ class Service:
     state_dir: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    #: Variables the service runs with on top of this process's (its system file, say).
+    env: dict[str, str] | None = None
 
     def start(self) -> Service:
-        env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
+        env = {**{k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}, **(self.env or {})}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "chronos", "serve", "--socket", str(self.socket), "--state-dir",
@@ -69,12 +71,12 @@ class Service:
 
 
 @contextmanager
-def running_service(directory: Path) -> Iterator[Service]:
-    """A service with its socket and state under ``directory``, stopped (and checked) afterwards."""
+def running_service(directory: Path, env: dict[str, str] | None = None) -> Iterator[Service]:
+    """A service with its socket and state under ``directory``, stopped afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     service = Service(socket=directory / "run" / "chronos.sock", state_dir=directory / "state",
-                      log=directory / "serve.log").start()
+                      log=directory / "serve.log", env=env).start()
     try:
         yield service
     finally:
