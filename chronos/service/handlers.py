@@ -17,6 +17,7 @@ from chronos import identity, procs
 from chronos.engine import Engine
 from chronos.errors import InvalidRequestError, NotAllowedError
 from chronos.identity import User, is_admin
+from chronos.lease import Lease
 from chronos.model import WaitUpdate
 from chronos.request import RequestSpec, parse_request
 from chronos.service import codec
@@ -45,6 +46,16 @@ class Call:
     progress: Callable[[WaitUpdate], None] | None = None
     #: A lease this request granted, released again if its answer cannot be delivered.
     granted: str | None = None
+    #: The process a lease was just granted or bound to (the holder watch watches it from now on).
+    holder: tuple[int, float | None] | None = None
+
+    def took(self, lease: Lease, *, granted: bool) -> Any:
+        """Note what a grant or bind did, and the lease's wire form."""
+        if granted:
+            self.granted = lease.id
+        if lease.pid is not None:
+            self.holder = (lease.pid, lease.pid_start)
+        return codec.encode(lease)
 
     def arg(self, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
         """Argument ``name``, of one of ``kinds`` (or null); anything else is bad input."""
@@ -134,8 +145,7 @@ def _reserve(call: Call) -> Any:
     spec = _request(call)
     lease = call.engine.submit(spec, user=call.arg("user", (str,)), bind=_bind(call, "bind", True) or False,
                                on_wait=call.progress if spec.wait_s is not None else None)
-    call.granted = lease.id
-    return codec.encode(lease)
+    return call.took(lease, granted=True)
 
 
 def _release(call: Call) -> Any:
@@ -152,7 +162,7 @@ def _extend(call: Call) -> Any:
 def _bind_op(call: Call) -> Any:
     pid = _bind(call, "pid", None)
     holder = procs.caller()[0] if pid is True else (pid or None)
-    return codec.encode(call.engine.bind(_lease_id(call), holder))
+    return call.took(call.engine.bind(_lease_id(call), holder), granted=False)
 
 
 def _get(call: Call) -> Any:
@@ -184,8 +194,7 @@ def _book(call: Call) -> Any:
 
 def _claim(call: Call) -> Any:
     lease = call.engine.claim(_lease_id(call, "booking_id"), bind=_bind(call, "bind", True) or False)
-    call.granted = lease.id
-    return codec.encode(lease)
+    return call.took(lease, granted=True)
 
 
 def _forecast(call: Call) -> Any:
@@ -254,7 +263,7 @@ OPS: dict[str, Callable[[Call], Any]] = {
     "lease_usage": _lease_usage, "events": _events, "report": _report, "metrics": _metrics,
     "limits_for": _limits_for,
 }
-#: Operations that change the ledger (the holder watch looks again after each).
+#: Operations that change the ledger.
 WRITE_OPS = frozenset({"reserve", "release", "extend", "bind", "book", "claim"})
 #: Operations that may wait in the queue (served on a thread of their own, not the worker pool).
 WAITING_OPS = frozenset({"reserve"})

@@ -29,7 +29,7 @@ from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.model import WaitUpdate
 from chronos.service import codec
-from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, handle, undo_grant
+from chronos.service.handlers import WAITING_OPS, Call, Peer, handle, undo_grant
 from chronos.service.holders import HolderWatch
 from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_to_wire, read_message
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
@@ -393,8 +393,8 @@ class Server:
         finally:
             if done is not None:
                 done()
-        if op in WRITE_OPS:
-            self.watch.wake()
+        if call.holder is not None:
+            self.watch.wake(call.holder)
         self._done.put((conn, data, granted, True))
         self._poke()
 
