@@ -10,6 +10,7 @@ limit must never silently leave the machine unlimited.
     state_dir = "/var/lib/chronos"
     admin_group = "chronos-admin"
     longest_duration = "366d"   # the longest lease, extension or booking anyone may ask for
+    server = "/run/chronos/chronos.sock"   # clients go through the service (docs/protocol.md)
 
     [defaults]            # also allowed in a user's file
     duration = "1h"
@@ -102,6 +103,8 @@ class Config:
     max_leases_per_user: int | None = None
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
+    #: The service's socket: set, every client goes through ``chronos serve`` and never opens the ledger.
+    server: Path | None = None
     on_expiry: Action = Action.TERMINATE
     default_priority: Priority = Priority.NORMAL
     max_gpus_per_user: int | None = None
@@ -249,6 +252,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "state_dir": _Key("state_dir", _path, str),
         "admin_group": _Key("admin_group", _name, str),
         "longest_duration": _Key("longest_duration_s", _lease_duration, _show_duration),
+        "server": _Key("server", _path, str),
     },
     "defaults": {
         "duration": _Key("default_duration_s", _lease_duration, _show_duration, user_allowed=True),

@@ -37,8 +37,10 @@ from chronos.identity import User, current_user, groups_of, is_admin, lookup_use
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
+from chronos.limits import Limits
 from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
+from chronos.policy.report import Report
 from chronos.policy.retention import Retention
 from chronos.policy.runtime import Policies
 from chronos.request import RequestSpec, lease_duration, parse_lease_id, parse_request
@@ -141,7 +143,7 @@ class Engine:
         return Lease(record, self)
 
     def _event(self, lease_id: str, event: str, who: User, detail: dict[str, Any] | None = None) -> None:
-        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=os.getpid(), detail=detail)
+        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=procs.caller()[0], detail=detail)
 
     # -- reclaiming -----------------------------------------------------------------------
     def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
@@ -662,6 +664,18 @@ class Engine:
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""
         return self.ledger.events(since=since, lease_id=parse_lease_id(lease_id) if lease_id is not None else None)
+
+    def report(self, *, since: float, by: str = "user") -> Report:
+        """Usage over the audit log since ``since`` (:func:`chronos.policy.figures.gather_report`)."""
+        return figures.gather_report(self, since=since, by=by)
+
+    def metrics(self) -> str:
+        """The machine's figures in the Prometheus text format (:func:`chronos.policy.figures.collect_metrics`)."""
+        return figures.collect_metrics(self)
+
+    def limits_for(self, user: str | None = None) -> Limits:
+        """A user's effective limits (default: the caller's), each with the rule that set it."""
+        return self.policies.limits_of(lookup_user(user) if user is not None else current_user())
 
     # -- a lease in a process ---------------------------------------------------------------
     def _totals(self) -> dict[str, int]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["boot_id", "boottime_offset", "caller", "clock_ticks", "descendants", "holder", "is_alive",
+__all__ = ["acting_for", "boot_id", "boottime_offset", "caller", "clock_ticks", "descendants", "holder", "is_alive",
            "legacy_boot_time", "pid_namespace", "start_ticks", "start_time", "uid_of"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
@@ -143,9 +146,29 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
+#: The process a service request is served for (its pid from SO_PEERCRED, in this pid namespace), else None.
+_peer: ContextVar[tuple[int, float] | None] = ContextVar("chronos_peer_process", default=None)
+
+
+@contextmanager
+def acting_for(pid: int, started: float) -> Iterator[None]:
+    """Serve the code inside for process ``pid`` (started at ``started``): it is the caller and default holder."""
+    token = _peer.set((pid, started))
+    try:
+        yield
+    finally:
+        _peer.reset(token)
+
+
 def caller() -> tuple[int, float]:
-    """The calling process as (pid, start); cached, and refreshed after a fork."""
+    """The calling process as (pid, start time); cached, and refreshed after a fork.
+
+    While the service serves a request, the caller is the client's process, as the kernel named it.
+    """
     global _caller
+    peer = _peer.get()
+    if peer is not None:
+        return peer
     pid = os.getpid()
     if _caller is None or _caller[0] != pid:
         started = start_time(pid)

@@ -42,10 +42,10 @@ from chronos.enforce.watchdog import (
     Watchdog,
     WatchdogEvent,
 )
-from chronos.engine import Engine
 from chronos.errors import ChronosError, InvalidRequestError
 from chronos.lease import Lease
 from chronos.model import Action
+from chronos.ops import EngineOps
 from chronos.request import MAX_LABEL
 from chronos.text import plain
 from chronos.units import format_bytes, format_duration, parse_duration
@@ -217,7 +217,7 @@ def run(
     label: str | None = None,
     env: Mapping[str, str] | None = None,
     on_event: Callable[[WatchdogEvent], None] | None = None,
-    engine: Engine | None = None,
+    engine: EngineOps | None = None,
     stderr: TextIO | None = sys.stderr,
     booking: str | int | None = None,
 ) -> RunResult:
@@ -269,7 +269,7 @@ def run(
         forwarder.restore()
 
 
-def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwarder, started: float,
+def _run_leased(argv: list[str], lease: Lease, engine: EngineOps, forwarder: _Forwarder, started: float,
                 env: Mapping[str, str] | None, on_expiry: Action | None, on_overuse: Action, grace: float,
                 kill_wait: float, rate_hz: float, warn_at: Sequence[float],
                 on_event: Callable[[WatchdogEvent], None] | None, stderr: TextIO | None) -> RunResult:
@@ -322,7 +322,7 @@ def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwa
     return result
 
 
-def _record_late(engine: Engine, lease: Lease, watchdog: Watchdog, stderr: TextIO | None) -> None:
+def _record_late(engine: EngineOps, lease: Lease, watchdog: Watchdog, stderr: TextIO | None) -> None:
     """The figures the watchdog could not store, stored now with the ledger's full wait, or said to be lost."""
     peak = format_bytes(watchdog.peak_bytes)
     if stderr is not None:

@@ -116,3 +116,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
         [sys.executable, "-m", "chronos", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, input=input,
     )
+
+
+# The running service (``service``) and the two modes (``both_modes``), for every test module.
+from tests.service_fixture import both_modes, service  # noqa: E402, F401

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_book",
     "chronos.cli.cmd_report",
     "chronos.cli.cmd_admin",
+    "chronos.cli.cmd_serve",
 ]
 
 EXIT_CODES_HELP = """exit codes:
