@@ -39,6 +39,10 @@ limit must never silently leave the machine unlimited.
 
     [history]
     keep = "180d"         # ended leases and their audit lines older than this are pruned ("none": never)
+
+    [enforce]             # the service's enforcer (chronos serve); see docs/enforcement.md
+    unmanaged = "report"
+    gate_devices = false
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any
 
 from chronos.config_trust import untrusted
 from chronos.errors import InvalidRequestError
-from chronos.model import Action, OnIdle, Priority
+from chronos.model import Action, OnIdle, OnUnmanaged, Priority
 from chronos.units import (
     LONGEST_DURATION_S,
     SHORTEST_LEASE_S,
@@ -121,6 +125,16 @@ class Config:
     metrics_interval_s: float = 5.0
     #: ``[history] keep``: how long an ended lease and its audit lines are kept (None: for ever).
     history_keep_s: float | None = 180 * 86400.0
+    #: ``[enforce]``: the service's one enforcement loop (:mod:`chronos.service.enforcer`) and device gating.
+    unmanaged: OnUnmanaged = OnUnmanaged.REPORT
+    unmanaged_grace_s: float = 60.0
+    unmanaged_exempt: tuple[str, ...] = ()
+    on_overuse: Action = Action.TERMINATE
+    overuse_grace_s: float = 2.0
+    kill_wait_s: float = 30.0
+    enforce_interval_s: float = 0.5
+    gate_devices: bool = False
+    device_dir: Path = Path("/dev")
     #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
     #: a value of None lifting the limit for them.
     user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -216,7 +230,7 @@ def _name(value: Any) -> str:
     return value.strip()
 
 
-def _choice(kind: type[Action] | type[Priority] | type[OnIdle]) -> Callable[[Any], Any]:
+def _choice(kind: type[Action] | type[Priority] | type[OnIdle] | type[OnUnmanaged]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         if value not in kind.choices():
             raise ValueError(f"use one of {', '.join(kind.choices())}")
@@ -231,8 +245,27 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _users(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("give a list of user names such as [\"root\"]")
+    return tuple(v.strip() for v in value)
+
+
+def _interval(value: Any) -> float:
+    """A poll interval: a duration from 0.05 s to 1 minute."""
+    seconds = _duration(value)
+    if not 0.05 <= seconds <= 60:
+        raise ValueError("give an interval from 0.05s to 1m, such as \"0.5s\"")
+    return seconds
+
+
 def _show_duration(value: Any) -> str:
     return format_duration(value)
+
+
+def _show_seconds(value: Any) -> str:
+    """A short duration as people write it, fractions of a second kept (``0.25s``)."""
+    return f"{value:g}s" if value < 60 else format_duration(value)
 
 
 def _show_bytes(value: Any) -> str:
@@ -241,6 +274,10 @@ def _show_bytes(value: Any) -> str:
 
 def _show_groups(value: Any) -> str:
     return ", ".join(value) if value else "nobody but admins"
+
+
+def _show_users(value: Any) -> str:
+    return ", ".join(value) if value else "nobody"
 
 
 def _show_bool(value: Any) -> str:
@@ -284,6 +321,17 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "history": {
         "keep": _Key("history_keep_s", _optional(_duration), _show_duration),
+    },
+    "enforce": {
+        "unmanaged": _Key("unmanaged", _choice(OnUnmanaged), str),
+        "unmanaged_grace": _Key("unmanaged_grace_s", _seconds0, _show_seconds),
+        "unmanaged_exempt": _Key("unmanaged_exempt", _users, _show_users),
+        "on_overuse": _Key("on_overuse", _choice(Action), str),
+        "grace": _Key("overuse_grace_s", _seconds0, _show_seconds),
+        "kill_wait": _Key("kill_wait_s", _seconds0, _show_seconds),
+        "interval": _Key("enforce_interval_s", _interval, _show_seconds),
+        "gate_devices": _Key("gate_devices", _bool, _show_bool),
+        "device_dir": _Key("device_dir", _path, str),
     },
 }
 

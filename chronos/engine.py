@@ -8,6 +8,7 @@ so the accounting stays true with no daemon.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -31,6 +32,7 @@ from chronos.errors import (
     LeaseNotFoundError,
     NamespaceError,
     NotAllowedError,
+    StateError,
     UnavailableError,
 )
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
@@ -38,7 +40,7 @@ from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
-from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.report import Report
 from chronos.policy.retention import Retention
@@ -60,6 +62,8 @@ LEADER_FULL_S = 1.0
 LEADER_REPLAN_S = 30.0
 
 ACTIVE, QUEUED = LeaseState.ACTIVE, LeaseState.QUEUED
+#: Audit events after which the device files' ACLs change (device gating): a grant, and every end.
+_GATED_EVENTS = frozenset({"granted", *(str(state) for state in ENDED_STATES)})
 
 
 class Engine:
@@ -144,6 +148,26 @@ class Engine:
 
     def _event(self, lease_id: str, event: str, who: User, detail: dict[str, Any] | None = None) -> None:
         self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=procs.caller()[0], detail=detail)
+        if event in _GATED_EVENTS and self.config.gate_devices:
+            self.sync_gate(strict=event == "granted")
+
+    def sync_gate(self, *, strict: bool = True) -> list[str]:
+        """Device gating (``[enforce] gate_devices``, :mod:`chronos.enforce.gating`): the device files'
+        ACLs made equal to the active leases. Every grant and every end passes here (through the audit
+        log's one writer), inside its transaction, and the service's enforcer repeats it every pass.
+        A grant whose ACL cannot be written fails (``strict``); an end never does."""
+        if not self.config.gate_devices:
+            return []
+        from chronos.enforce.gating import DeviceGate
+
+        active = [lease for lease in self.ledger.live() if lease.state == ACTIVE]
+        try:
+            return DeviceGate(self.config.device_dir).sync(active)
+        except StateError as exc:
+            if strict:
+                raise
+            logging.getLogger("chronos.gating").warning("%s (the next enforcement pass tries again)", exc)
+            return []
 
     # -- reclaiming -----------------------------------------------------------------------
     def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
@@ -660,6 +684,11 @@ class Engine:
         """Inside it, this thread's ledger writes wait at most ``seconds`` for another process's lock
         (the watchdog's: enforcement never stalls behind a held lock)."""
         return ledger_patience(seconds)
+
+    def record_enforcement(self, lease_id: str, detail: dict[str, Any]) -> None:
+        """Append what the service's enforcer did to a lease's processes to the audit log (``enforced``)."""
+        with self.ledger.transaction():
+            self._event(parse_lease_id(lease_id), "enforced", current_user(), detail)
 
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""
