@@ -127,7 +127,7 @@ def test_two_leases_on_one_gpu_each_give_their_owner_access_until_their_own_end(
 
 def test_an_expired_lease_loses_its_access_at_the_next_operation(people: dict[str, str], devices: Path) -> None:
     engine = _engine(devices)
-    engine.reserve("4G", 0.3, device=0, user=people["ann"], bind=False)
+    engine.reserve("4G", 2, device=0, user=people["ann"], bind=False)  # the shortest lease is 1s
     assert _open_as(people["ann"], devices / "nvidia0") == "ok"
     wait_for(lambda: not engine.active_records(), what="the lease to be reclaimed")
     assert _open_as(people["ann"], devices / "nvidia0") == "EACCES"
