@@ -30,7 +30,7 @@ from chronos.engine import Engine
 from chronos.errors import StateError
 from chronos.model import Action, FindingKind, OnUnmanaged
 from chronos.service.enforcer import Enforcer, Finding
-from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, system_venv
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, user_python
 from tests.waiting import wait_for
 
 GIB = 1 << 30
@@ -60,8 +60,7 @@ def other() -> Iterator[dict[str, Any]]:
     users = OsUsers("chrenf")
     try:
         name = users.user("other")
-        python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"],
-                             "psutil nvidia-ml-py")
+        python = user_python()
         src = readable_copy(Path("/var/tmp") / f"chrenf-src-{os.getpid()}")
         yield {"name": name, "uid": pwd.getpwnam(name).pw_uid, "python": python, "src": src}
         shutil.rmtree(src, ignore_errors=True)
