@@ -205,12 +205,18 @@ def main() -> int:
         found = [f.message for f in enforcer.findings if f.kind == FindingKind.UNMANAGED]
         failed |= not check(f"unmanaged: {user}'s GPU process with no lease is ended", code == -signal.SIGTERM,
                             returncode=code, findings=found)
-        # 3. device gating
+        # 3. device gating. First the baseline: with the file as the driver made it the user can, so a
+        # refusal below is the gating's and not, say, an interpreter this user may not run.
+        allowed, said = cuda_context(user)
+        failed |= not check(f"gating: before, with {gpu0} as it was, {user} can create a CUDA context", allowed,
+                            said=said, mode=oct(os.stat(gpu0).st_mode & 0o777))
         os.chmod(gpu0, 0o660)
         allowed, said = cuda_context(user)
         mode_after = oct(os.stat(gpu0).st_mode & 0o777)
         failed |= not check(f"gating: without a lease {user} cannot create a CUDA context", not allowed,
                             said=said, mode_after=mode_after)
+        failed |= not check("gating: the driver left the mode as it was set", mode_after == "0o660",
+                            mode_after=mode_after)
         engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, kill_wait_s=5.0,
                                        on_expiry=Action.TERMINATE))
         lease = engine.reserve("8G", "10m", device=0, user=user, bind=False)
