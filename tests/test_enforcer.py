@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -253,6 +254,19 @@ def test_expiry_ends_the_holders_tree(shared_state: Path, spawn: Spawn) -> None:
     assert found and found[0].lease_id == lease.id and found[0].signal == "SIGTERM"
     assert set(found[0].pids) == {holder.pid, kid}
     assert engine.get(lease.id).state == "expired"
+
+
+def test_an_extension_moves_the_end_the_enforcer_acts_at(shared_state: Path, spawn: Spawn) -> None:
+    engine = _engine(on_expiry=Action.TERMINATE)
+    holder = spawn("root", 0, GIB)
+    _ready(holder)
+    lease = engine.reserve("2G", 1, device=0, bind=holder.pid)
+    enforcer = Enforcer(engine)
+    assert enforcer.poll() == []  # the lease as it was: ending in a second
+    engine.extend(lease.id, "1h")  # extended between two passes...
+    wait_for(lambda: time.time() > (lease.expires_at or 0) + 0.1, what="the old end to pass")
+    assert enforcer.poll() == []  # ...so the next pass judges by the new end
+    assert holder.poll() is None and engine.get(lease.id).state == "active"
 
 
 class FlakyLedger(Engine):

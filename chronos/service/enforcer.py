@@ -154,10 +154,11 @@ class Enforcer:
         gpu = self._processes()
         current = records if records is not None else \
             [lease for lease in self._active.values() if not _past(lease, now)]
-        current_ids = {lease.id for lease in current}
+        by_id = {lease.id: lease for lease in current}
         for lease in list(self._active.values()):
-            if lease.id not in current_ids or _past(lease, now):
-                self._lease_ended(out, lease, now, mono)
+            fresh = by_id.get(lease.id)  # an extension since the last pass moves the end
+            if fresh is None or _past(fresh, now):
+                self._lease_ended(out, fresh or lease, now, mono)
         self._active = {lease.id: lease for lease in current}
         self.membership.update(current)
         if gpu is not None:
