@@ -61,8 +61,7 @@ def other() -> Iterator[dict[str, Any]]:
     users = OsUsers("chrenf")
     try:
         name = users.user("other")
-        python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"],
-                             "psutil nvidia-ml-py")
+        python = system_venv(Path("/var/tmp/chrenf-test-venv"), ["psutil"], "psutil")
         src = readable_copy(Path("/var/tmp") / f"chrenf-src-{os.getpid()}")
         yield {"name": name, "uid": pwd.getpwnam(name).pw_uid, "python": python, "src": src}
         shutil.rmtree(src, ignore_errors=True)
