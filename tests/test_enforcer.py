@@ -268,6 +268,27 @@ def test_an_extension_moves_the_end_the_enforcer_acts_at(shared_state: Path, spa
     assert holder.poll() is None and engine.get(lease.id).state == "active"
 
 
+def test_a_lease_ended_asking_for_an_action_gets_it_and_a_plain_release_does_not(shared_state: Path,
+                                                                                 spawn: Spawn) -> None:
+    engine = _engine()
+    asked, plain = spawn("root", 0, GIB), spawn("root", 1, GIB)
+    _ready(asked)
+    _ready(plain)
+    first = engine.reserve("2G", "1h", device=0, bind=asked.pid)
+    second = engine.reserve("2G", "1h", device=1, bind=plain.pid)
+    with Loop(Enforcer(engine)) as enforcer:
+        wait_for(lambda: enforcer.polls >= 2, what="the enforcer to see both leases")
+        with engine.ledger.transaction():  # what the idle policy's terminate asks of a lease it ends
+            engine.ledger.update(first.id, end_action=Action.TERMINATE)
+        engine.release(first.id)
+        engine.release(second.id)
+        assert asked.wait(20) == -signal.SIGTERM
+        _polls_without(enforcer, 5, lambda: plain.poll() is not None)
+    found = _found(enforcer, FindingKind.PAST_EXPIRY, asked.pid)
+    assert found and found[0].lease_id == first.id and "was released asking for terminate" in found[0].message
+    assert not [f for f in enforcer.findings if f.lease_id == second.id]
+
+
 class FlakyLedger(Engine):
     """A real engine whose ledger fails on the calls named, as a locked or broken ledger would."""
 
