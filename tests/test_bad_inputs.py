@@ -801,3 +801,31 @@ def test_provisioner_mistakes(kernel_dirs: Path, config: dict[str, Any], fragmen
     assert first == "kernelspec 'bad-setting' has a bad Chronos setting"
     assert fragment in " ".join(detail.split()) and "Traceback" not in detail  # the dialog wraps its details
     assert chronos.leases(all=True) == []
+
+
+# -- the CLI and the magics speak alike --------------------------------------------------------------------
+
+
+def test_the_cli_and_the_magics_show_leases_alike(ip: InteractiveShell) -> None:
+    """The same columns and cells for the same leases, in ``chronos list`` and ``%chronos list``, and the
+    same GPU-hours columns in ``chronos stats --detailed --all`` and ``%chronos stats``."""
+    _code, out, _err = cli("list")
+    with capture_output() as captured:
+        assert ip.run_cell("%chronos list", store_history=False).success
+    cli_rows = out.strip().splitlines()
+    magic_rows = captured.stdout.strip().splitlines()[:len(cli_rows)]
+    assert cli_rows[0].split() == magic_rows[0].split() == ["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT",
+                                                             "ENDS", "PID", "LABEL"]
+    assert [r.split()[:5] for r in cli_rows] == [r.split()[:5] for r in magic_rows]
+    _code, out, _err = cli("stats", "--detailed", "--all")
+    with capture_output() as captured:
+        assert ip.run_cell("%chronos stats", store_history=False).success
+    header = next(line for line in captured.stdout.splitlines() if line.startswith("USER"))
+    assert header in out
+
+
+@pytest.mark.parametrize("verb", ["show", "status"])
+def test_show_is_a_verb_of_both(ip: InteractiveShell, verb: str) -> None:
+    with capture_output():
+        assert ip.run_cell(f"%chronos {verb} 1", store_history=False).success
+    assert cli("show", "1")[0] == 0
