@@ -187,6 +187,12 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     # other reserve options
     (["reserve", "1G", "1h", "--priority", "urgent"], B, "invalid choice"),
     (["reserve", "1G", "1h", "--user", "no-such-user-here"], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", "①"], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", HUGE], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", "a\x1b[2Jb"], B, "no such user"),
+    (["reserve", "1G", "1h", "--pid", HUGE[:30]], B, "no running process"),
+    (["reserve", "1G", "1h", "--pid", "-1"], B, "process id"),
+    (["list", "--user", "①"], B, "no such user"),
     (["reserve", "1G", "1h", "--pid", "x"], B, "invalid int"),
     (["reserve", "50G", "1h", "--gpu", "0", "--gpus", "1", "--wait", "0"], B, "--wait"),
     (["reserve", "79G", "1h", "--gpu", "0"], U, "add --wait"),
@@ -482,6 +488,21 @@ API_CASES: list[tuple[str, Callable[[], object], type[BaseException]]] = [
     ("book at inf", lambda: chronos.book("1G", "1h", "+inf"), ValueError),
     ("book huge", lambda: chronos.book("1G", "999999999999999d", "+1h"), ValueError),
     ("forecast nan", lambda: chronos.forecast("1G", math.nan), ValueError),
+    ("bind 'x'", lambda: chronos.reserve("1G", "1h", bind="x"), ValueError),  # type: ignore[arg-type]
+    ("bind 10**30", lambda: chronos.reserve("1G", "1h", bind=10**30), ValueError),
+    ("user int", lambda: chronos.reserve("1G", "1h", bind=False, user=5), ValueError),  # type: ignore[arg-type]
+    ("user ①", lambda: chronos.reserve("1G", "1h", bind=False, user="①"), ValueError),
+    ("user NUL", lambda: chronos.reserve("1G", "1h", bind=False, user="a\0b"), ValueError),
+    ("user 10**30", lambda: chronos.reserve("1G", "1h", bind=False, user=str(10**30)), ValueError),
+    ("leases user", lambda: chronos.leases(user="no-such-user-here"), ValueError),
+    ("report by", lambda: chronos.report(by="bogus"), ValueError),
+    ("report since nan", lambda: chronos.report(since=math.nan), ValueError),
+    ("idle_after nan", lambda: chronos.reserve("1G", "1h", bind=False, idle_after="nan"), ValueError),
+    ("on_idle", lambda: chronos.reserve("1G", "1h", bind=False, on_idle="bogus"), ValueError),
+    ("claim None", lambda: chronos.claim(None), LookupError),  # type: ignore[arg-type]
+    ("Partitioner nan", lambda: chronos.Partitioner().create(0, math.nan, 60), ValueError),
+    ("Partitioner inf", lambda: chronos.Partitioner().create(0, 0.5, math.inf), ValueError),
+    ("Partitioner GPU", lambda: chronos.Partitioner().create(10**30, 0.5, 60), ValueError),
 ]
 
 
