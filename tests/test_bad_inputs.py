@@ -638,6 +638,7 @@ def test_an_end_time_past_the_clocks_range_renders_everywhere(monkeypatch: pytes
         shell.run_line_magic("unload_ext", "chronos_jupyter")
     mine = [item for item in chronos.machine_status().to_dict()["leases"] if item["id"] == lease.id]
     assert mine and mine[0]["expires_at"] == 8.64e19  # JSON carries the stored value as it is
+    assert mine[0]["label"].startswith("x\\n9") and "\x1b" not in mine[0]["label"]  # the panel shows it escaped
 
 
 # -- the docs say what the CLI says --------------------------------------------------------------------
