@@ -392,6 +392,8 @@ CONFIG_CASES: list[tuple[str, str]] = [
     ('[defaults]\nduration = "0.1s"\n', "too short"),
     ('[defaults]\nduration = "30d"\nlongest_duration = "7d"\n', "unknown setting"),
     ('longest_duration = "7d"\n[defaults]\nduration = "30d"\n', "longer than longest_duration"),
+    ('longest_duration = "7d"\n[limits]\nmax_duration = "8d"\n', "limits.max_duration (8d) is longer than"),
+    ('[limits]\nmax_duration = "400d"\n', "raise longest_duration"),
     ('longest_duration = "999999999999d"\n', "too long"),
     ('longest_duration = "nan"\n', "cannot read duration"),
     ("longest_duration = -1\n", "more than 0"),
