@@ -23,7 +23,7 @@ from chronos import api, settings, text
 from chronos.enforce.activation import Activation
 from chronos.enforce.watchdog import WatchdogEvent
 from chronos.engine import WaitUpdate
-from chronos.errors import ChronosError, as_chronos_error
+from chronos.errors import ChronosError, as_chronos_error, with_hint
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, swapped_extend
@@ -108,7 +108,7 @@ def _core_errors() -> Iterator[None]:
         known = as_chronos_error(exc)
         if known is None:
             raise
-        raise UsageError(text.plain(known)) from None
+        raise UsageError(text.plain(with_hint(known))) from None
 
 
 @magics_class

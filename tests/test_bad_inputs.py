@@ -858,3 +858,29 @@ def test_show_is_a_verb_of_both(ip: InteractiveShell, verb: str) -> None:
     with capture_output():
         assert ip.run_cell(f"%chronos {verb} 1", store_history=False).success
     assert cli("show", "1")[0] == 0
+
+
+def test_only_a_front_end_that_takes_wait_suggests_it(kernel_dirs: Path) -> None:
+    """The CLI and the magics say ``add --wait``; the API marks the error; a kernel start, whose waiting
+    its kernelspec decides, is not told to add an option it cannot give."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from chronos_jupyter.kernelspec import install_kernel
+    from chronos_jupyter.provisioner import KernelLeaseUnavailable
+
+    chronos.reserve("8G", "1h", device=0, bind=False)
+    with pytest.raises(errors.UnavailableError) as info:
+        chronos.reserve("79G", "1h", device=0, bind=False)
+    assert info.value.could_wait and "--wait" not in str(info.value)
+    assert "add --wait to queue until it fits" in one_line(cli("reserve", "79G", "1h", "--gpu", "0")[2])
+    install_kernel("too-big", "79G", "1h", device=0, prefix=kernel_dirs)
+
+    async def start() -> None:
+        await AsyncKernelManager(kernel_name="too-big").start_kernel()
+
+    with pytest.raises(KernelLeaseUnavailable) as refused:
+        asyncio.run(start())
+    assert "not enough free memory" in " ".join(str(refused.value).split())
+    assert "--wait" not in str(refused.value)
