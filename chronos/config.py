@@ -10,6 +10,7 @@ limit must never silently leave the machine unlimited.
     state_dir = "/var/lib/chronos"
     admin_group = "chronos-admin"
     longest_duration = "366d"   # the longest lease, extension or booking anyone may ask for
+    server = "/run/chronos/chronos.sock"   # clients go through the service (docs/protocol.md)
 
     [defaults]            # also allowed in a user's file
     duration = "1h"
@@ -35,6 +36,13 @@ limit must never silently leave the machine unlimited.
 
     [metrics]
     textfile = "/var/lib/node_exporter/textfile/chronos.prom"
+
+    [history]
+    keep = "180d"         # ended leases and their audit lines older than this are pruned ("none": never)
+
+    [enforce]             # the service's enforcer (chronos serve); see docs/enforcement.md
+    unmanaged = "report"
+    gate_devices = false
 """
 
 from __future__ import annotations
@@ -48,8 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chronos.config_trust import untrusted
 from chronos.errors import InvalidRequestError
-from chronos.model import Action, OnIdle, Priority
+from chronos.model import Action, OnIdle, OnUnmanaged, Priority
 from chronos.units import (
     LONGEST_DURATION_S,
     SHORTEST_LEASE_S,
@@ -98,6 +107,8 @@ class Config:
     max_leases_per_user: int | None = None
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
+    #: The service's socket: set, every client goes through ``chronos serve`` and never opens the ledger.
+    server: Path | None = None
     on_expiry: Action = Action.TERMINATE
     default_priority: Priority = Priority.NORMAL
     max_gpus_per_user: int | None = None
@@ -112,6 +123,18 @@ class Config:
     fair_share_half_life_s: float = 7 * 86400.0
     metrics_textfile: Path | None = None
     metrics_interval_s: float = 5.0
+    #: ``[history] keep``: how long an ended lease and its audit lines are kept (None: for ever).
+    history_keep_s: float | None = 180 * 86400.0
+    #: ``[enforce]``: the service's one enforcement loop (:mod:`chronos.service.enforcer`) and device gating.
+    unmanaged: OnUnmanaged = OnUnmanaged.REPORT
+    unmanaged_grace_s: float = 60.0
+    unmanaged_exempt: tuple[str, ...] = ()
+    on_overuse: Action = Action.TERMINATE
+    overuse_grace_s: float = 2.0
+    kill_wait_s: float = 30.0
+    enforce_interval_s: float = 0.5
+    gate_devices: bool = False
+    device_dir: Path = Path("/dev")
     #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
     #: a value of None lifting the limit for them.
     user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -207,7 +230,7 @@ def _name(value: Any) -> str:
     return value.strip()
 
 
-def _choice(kind: type[Action] | type[Priority] | type[OnIdle]) -> Callable[[Any], Any]:
+def _choice(kind: type[Action] | type[Priority] | type[OnIdle] | type[OnUnmanaged]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         if value not in kind.choices():
             raise ValueError(f"use one of {', '.join(kind.choices())}")
@@ -222,8 +245,27 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _users(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("give a list of user names such as [\"root\"]")
+    return tuple(v.strip() for v in value)
+
+
+def _interval(value: Any) -> float:
+    """A poll interval: a duration from 0.05 s to 1 minute."""
+    seconds = _duration(value)
+    if not 0.05 <= seconds <= 60:
+        raise ValueError("give an interval from 0.05s to 1m, such as \"0.5s\"")
+    return seconds
+
+
 def _show_duration(value: Any) -> str:
     return format_duration(value)
+
+
+def _show_seconds(value: Any) -> str:
+    """A short duration as people write it, fractions of a second kept (``0.25s``)."""
+    return f"{value:g}s" if value < 60 else format_duration(value)
 
 
 def _show_bytes(value: Any) -> str:
@@ -232,6 +274,10 @@ def _show_bytes(value: Any) -> str:
 
 def _show_groups(value: Any) -> str:
     return ", ".join(value) if value else "nobody but admins"
+
+
+def _show_users(value: Any) -> str:
+    return ", ".join(value) if value else "nobody"
 
 
 def _show_bool(value: Any) -> str:
@@ -243,6 +289,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "state_dir": _Key("state_dir", _path, str),
         "admin_group": _Key("admin_group", _name, str),
         "longest_duration": _Key("longest_duration_s", _lease_duration, _show_duration),
+        "server": _Key("server", _path, str),
     },
     "defaults": {
         "duration": _Key("default_duration_s", _lease_duration, _show_duration, user_allowed=True),
@@ -271,6 +318,20 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "metrics": {
         "textfile": _Key("metrics_textfile", _path, str),
         "interval": _Key("metrics_interval_s", _duration, _show_duration),
+    },
+    "history": {
+        "keep": _Key("history_keep_s", _optional(_duration), _show_duration),
+    },
+    "enforce": {
+        "unmanaged": _Key("unmanaged", _choice(OnUnmanaged), str),
+        "unmanaged_grace": _Key("unmanaged_grace_s", _seconds0, _show_seconds),
+        "unmanaged_exempt": _Key("unmanaged_exempt", _users, _show_users),
+        "on_overuse": _Key("on_overuse", _choice(Action), str),
+        "grace": _Key("overuse_grace_s", _seconds0, _show_seconds),
+        "kill_wait": _Key("kill_wait_s", _seconds0, _show_seconds),
+        "interval": _Key("enforce_interval_s", _interval, _show_seconds),
+        "gate_devices": _Key("gate_devices", _bool, _show_bool),
+        "device_dir": _Key("device_dir", _path, str),
     },
 }
 
@@ -471,6 +532,19 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             sources[spec.field] = str(path)
 
 
+def _check_named_system_file(env: Mapping[str, str], system: Path, user: Path) -> None:
+    """``CHRONOS_CONFIG`` names the administrator's file: for anyone but root it must be one only root can write
+    (a user's own file would make them admin, ``/dev/null`` would lift every limit). See docs/configuration.md."""
+    if not env.get("CHRONOS_CONFIG") or os.getuid() == 0:
+        return
+    why = untrusted(system)
+    if why is not None:
+        raise ConfigError(
+            f"CHRONOS_CONFIG={system} is not used: {why}, and the system configuration (admin group, limits) "
+            f"must be a file only root can change; unset CHRONOS_CONFIG (personal defaults go in {user})"
+        )
+
+
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """The effective configuration: defaults, then the system file, the user's file, ``CHRONOS_STATE_DIR``."""
     env = os.environ if environ is None else environ
@@ -478,6 +552,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     sources: dict[str, str] = {}
     system = system_config_path(env)
     user = user_config_path(env)
+    _check_named_system_file(env, system, user)
     found_system = _read(system)
     if found_system is not None:
         _apply(system, found_system[0], found_system[1], values, sources, user=False)

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidRequestError",
     "LeaseNotFoundError",
     "LimitError",
+    "NamespaceError",
     "NotAllowedError",
     "StateError",
     "UnavailableError",
@@ -61,6 +62,11 @@ class UnavailableError(ChronosError):
 
 #: What a front end whose request takes ``--wait`` adds to a refusal that could have waited.
 WAIT_HINT = "add --wait to queue until it fits"
+
+
+class NamespaceError(UnavailableError):
+    """This process reads pids in another pid namespace than the ledger's (a container sharing the state
+    directory): it cannot tell whose holders are alive, so it must not judge them (exit 3)."""
 
 
 class NotAllowedError(ChronosError, PermissionError):

@@ -12,23 +12,23 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from chronos import procs
 from chronos.errors import StateError
+from chronos.ledger_faults import ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
 
 DB_NAME = "chronos.db"
 BUSY_TIMEOUT_MS = 30_000
-
-
 @dataclass(frozen=True)
 class Event:
     """One line of the audit log: who did what to which lease, when."""
@@ -98,9 +98,35 @@ _V5_INDEXES = (
     "CREATE INDEX events_rare ON events(event) WHERE event IN ('refused', 'no-show', 'idle-warning')",
     "CREATE INDEX leases_ended ON leases(ended_at)",
 )
+#: Bounded history: one owner's newest leases without a scan (advice, ``list --all --user``), and an audit
+#: log that stays append-only for every lease still on file, so retention may drop a pruned lease's events.
+_V7_HISTORY = (
+    "CREATE INDEX leases_owner ON leases(uid, seq)",
+    "DROP TRIGGER events_no_delete",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN EXISTS (SELECT 1 FROM leases WHERE seq = old.lease_seq)
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only while its lease is on file'); END""",
+)
+
+
+
+def _start_ticks(conn: sqlite3.Connection) -> None:
+    """Holders' starts from clock-derived times (boot time + start tick, which a clock step moves) to the
+    start ticks themselves; the host table records the boot they count in."""
+    if procs.boot_id() is None:
+        return  # not Linux: starts stay psutil's times
+    conn.execute("UPDATE leases SET pid_start = ROUND((pid_start - ?) * ?) - ? WHERE pid_start IS NOT NULL",
+                 (procs.legacy_boot_time(), procs.clock_ticks(), procs.boottime_offset()))
+    conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES ('boot_id', ?)", (procs.boot_id(),))
+
+
+#: Facts the holders are read against: the boot their start ticks count in, the pid namespace of their pids.
+_V6_HOLDERS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    "CREATE TABLE host (key TEXT PRIMARY KEY, value TEXT NOT NULL)", _start_ticks)
 
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES)
+MIGRATIONS: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]] = (
+    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS, _V7_HISTORY)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -119,16 +145,27 @@ class Ledger:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.path = prepare_file(Path(directory) / DB_NAME)
+        path = Path(directory) / DB_NAME
         self._lock = threading.RLock()
+        if not os.path.lexists(path):
+            _create(path)
+        self.path = prepare_file(path)
+        if os.stat(self.path).st_size == 0:
+            # A new ledger is built aside and linked into place whole, so an empty one was emptied.
+            raise StateError(f"ledger {self.path} is empty (0 bytes): it was truncated or made by hand, and "
+                             "Chronos will not start it afresh over leases it may have held; restore it from a "
+                             "backup, or remove it if no lease matters (see docs/trust-model.md)")
+        self._connect()
+
+    def _connect(self) -> None:
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+        except sqlite3.Error as exc:
+            raise ledger_error(exc, self.path) from None
 
     def _setup(self) -> None:
         """WAL mode and the schema, retried while other processes do the same on a new file.
@@ -167,7 +204,10 @@ class Ledger:
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if version < SCHEMA_VERSION:
                     for statement in MIGRATIONS[version]:
-                        self._conn.execute(statement)
+                        if callable(statement):
+                            statement(self._conn)
+                        else:
+                            self._conn.execute(statement)
                     version += 1
                     self._conn.execute(f"PRAGMA user_version = {version}")
 
@@ -187,26 +227,51 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """This thread's patience (:func:`patience`) as SQLite's busy timeout, for one write."""
+        ms = patience_ms()
+        if ms is None:
+            yield
+            return
+        self._conn.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Ledger]:
-        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
-        with self._lock:
+        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger.
+
+        Every SQLite error inside it (a full disk, a lock held past the wait, a read-only file)
+        rolls it back and is raised as one :class:`StateError` that says what happened.
+        """
+        with self._lock, self._waiting():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
             try:
                 yield self
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
                 self._conn.execute("COMMIT")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite may have rolled back already (a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise ledger_error(exc, self.path) from None
+                raise
 
     # -- leases ---------------------------------------------------------------------------
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query, under the connection's lock."""
         with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
 
     def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
@@ -240,10 +305,11 @@ class Ledger:
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
+        """Store a lease's figures (inside a transaction): the peak only ever grows."""
         with self._lock:
             self._conn.execute(
-                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), gpu_seconds = ? "
-                "WHERE seq = ?",
+                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), "
+                "gpu_seconds = ? WHERE seq = ?",
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
 
@@ -321,6 +387,10 @@ class Ledger:
                           "(state = ? OR ended_at >= ?)", (str(LeaseState.ACTIVE), since))
         return [_lease(r) for r in rows]
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
+        return int(self._read("PRAGMA data_version")[0][0])
+
     def change_mark(self) -> tuple[Any, ...]:
         """Something that changes whenever a lease is added or ends (two index lookups, no scan)."""
         return tuple(self._read("SELECT (SELECT MAX(seq) FROM leases), (SELECT MAX(ended_at) FROM leases)")[0])
@@ -331,9 +401,10 @@ class Ledger:
                           "WHERE event = ? AND event IN ('refused', 'no-show', 'idle-warning') GROUP BY 1", (event,))
         return {str(reason): int(n) for reason, n in rows}
 
-    def history(self, *, uid: int | None = None, since: float | None = None,
-                limit: int | None = None) -> list[LeaseRecord]:
-        """Every lease, newest first; optionally one owner's, created since a time."""
+    def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None,
+                before: str | None = None) -> list[LeaseRecord]:
+        """Every lease, newest first; optionally one owner's, created since a time, older than lease ``before``
+        (a page: the primary key or the owner index walks from there, so a page costs the same at any depth)."""
         clauses: list[str] = []
         params: list[float] = []
         if uid is not None:
@@ -342,10 +413,58 @@ class Ledger:
         if since is not None:
             clauses.append("created_at >= ?")
             params.append(since)
+        if before is not None:
+            clauses.append("seq < ?")
+            params.append(int(before))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         tail = f" LIMIT {int(limit)}" if limit else ""
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
+
+    # -- the host ---------------------------------------------------------------------------
+    def host_facts(self) -> dict[str, str]:
+        """What the ledger's holders are read against (``boot_id``, ``pid_namespace``)."""
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM host")}
+
+    def set_host_fact(self, key: str, value: str) -> None:
+        """Record one host fact (inside a transaction)."""
+        self._conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES (?, ?)", (key, value))
+
+    def forget_holders(self) -> None:
+        """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
+        self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
+
+    def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
+        """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""
+        owner = " AND uid = ?" if uid is not None else ""
+        extra: list[Any] = [uid] if uid is not None else []
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                          f"SELECT {_COLUMNS} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner} "
+                          "ORDER BY seq DESC",
+                          [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since,
+                           *extra])
+        return [_lease(r) for r in rows]
+
+    def prune(self, before: float, batch: int) -> int:
+        """Forget up to ``batch`` leases that ended before ``before``, and the audit log's lines older than
+        that whose lease is gone, in one short write; returns how many leases went.
+
+        The newest lease is never pruned, so a lease id is never given out twice.
+        """
+        with self.transaction():
+            newest = self._conn.execute("SELECT MAX(seq) FROM leases").fetchone()[0] or 0
+            gone = self._conn.execute(
+                "DELETE FROM leases WHERE seq IN (SELECT seq FROM leases WHERE ended_at < ? AND seq < ? "
+                "ORDER BY ended_at LIMIT ?)", (before, newest, batch)).rowcount
+            # Every line of a lease on file is no older than the oldest such lease: lines before both bounds
+            # are its forgotten leases', and only a bounded number of the oldest lines is looked at.
+            oldest = self._conn.execute("SELECT created_at FROM leases ORDER BY seq LIMIT 1").fetchone()
+            bound = min(before, oldest[0]) if oldest else before
+            self._conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, lease_seq FROM events INDEXED BY events_at "
+                "WHERE at < ? ORDER BY at LIMIT ?) AS old WHERE NOT EXISTS "
+                "(SELECT 1 FROM leases WHERE seq = old.lease_seq))", (bound, batch * 4))
+        return int(gone)
 
     # -- audit log ------------------------------------------------------------------------
     def append_event(
@@ -367,9 +486,35 @@ class Ledger:
             clauses.append("lease_seq = ?")
             params.append(int(lease_id))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id",
-                          params)
+        # A window of the log is read through its index (SQLite would otherwise walk the whole log in id order).
+        index = "INDEXED BY events_at " if since is not None else ""
+        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {index}{where} "
+                          "ORDER BY id", params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+
+def _create(path: Path) -> None:
+    """A new ledger with its schema, built under a private name and linked into place (a lost race
+    leaves the other process's ledger), so no process ever meets a half-made ledger file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.new")
+    prepare_file(temp)
+    try:
+        fresh = Ledger.__new__(Ledger)
+        fresh.path, fresh._lock = temp, threading.RLock()
+        fresh._connect()
+        fresh.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create ledger {path}: {exc.strerror}") from None
+    finally:
+        for leftover in (temp, temp.with_name(temp.name + "-wal"), temp.with_name(temp.name + "-shm")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
 
 
 @lru_cache(maxsize=1024)

@@ -36,6 +36,7 @@ ENV_KEYS = (
     "CHRONOS_SIM_GPUS",
     "CHRONOS_SIM_TOPOLOGY",
     "CHRONOS_CONTEXT_RESERVE",
+    "CHRONOS_SERVER",
 )
 
 
@@ -49,6 +50,8 @@ class Settings:
     sim_topology: str | None = None
     #: Device memory kept out of the framework caps for the CUDA context (None: the default rule).
     context_reserve_bytes: int | None = None
+    #: The service's socket (``CHRONOS_SERVER``, else the system file's ``server``): None is embedded mode.
+    server: Path | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -97,11 +100,23 @@ def lease_id_from_env(environ: Mapping[str, str] | None = None) -> str | None:
                                   "such as 12 for a process inside a lease): unset it") from None
 
 
+def _server(raw: str | None, config: Config) -> Path | None:
+    text = (raw or "").strip()
+    if text:
+        if not text.startswith("/"):
+            raise InvalidRequestError(f"CHRONOS_SERVER={raw!r} is not a socket path: write an absolute path such as "
+                                      "/run/chronos/chronos.sock, or unset it")
+        return Path(text)
+    return config.server
+
+
 def from_environ(environ: Mapping[str, str] | None = None) -> Settings:
     """A fresh snapshot of ``environ`` (default: this process's) and the files it names."""
     env = os.environ if environ is None else environ
+    config = load_config(env)
     return Settings(
-        config=load_config(env),
+        config=config,
+        server=_server(env.get("CHRONOS_SERVER"), config),
         backend=_backend(env.get("CHRONOS_BACKEND")),
         sim_gpus=env.get("CHRONOS_SIM_GPUS") or None,
         sim_topology=env.get("CHRONOS_SIM_TOPOLOGY") or None,

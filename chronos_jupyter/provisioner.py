@@ -36,6 +36,7 @@ from chronos.enforce.watchdog import (
     ExpiryWarning,
     IdleWarning,
     LeaseEndedEvent,
+    LedgerTroubleEvent,
     OveruseEvent,
     UnkillableEvent,
     Watchdog,
@@ -483,7 +484,7 @@ class ChronosProvisioner(ProvisionerSettings):
                 if km is not None:
                     with contextlib.suppress(Exception):
                         km.stop_restarter()  # the kernel must stay down
-        elif isinstance(event, (ExpiryWarning, IdleWarning, OveruseEvent, UnkillableEvent)):
+        elif isinstance(event, (ExpiryWarning, IdleWarning, OveruseEvent, UnkillableEvent, LedgerTroubleEvent)):
             self.log.warning("Chronos: kernel %s: %s", self.kernel_id, event.message)
         else:
             self.log.info("Chronos: kernel %s: %s", self.kernel_id, event.message)

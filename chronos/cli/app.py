@@ -23,13 +23,15 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_book",
     "chronos.cli.cmd_report",
     "chronos.cli.cmd_admin",
+    "chronos.cli.cmd_serve",
 ]
 
 EXIT_CODES_HELP = """exit codes:
   0  success
   1  anything else (a bug, an unusable state directory, a GPU driver error)
   2  bad input: unknown GPU, unparsable size or duration, a request that could never fit here
-  3  cannot be satisfied now: not enough free memory, queue timeout, extension refused
+  3  cannot be satisfied now: not enough free memory, queue timeout, extension refused,
+     or this process is in another pid namespace than the ledger's (use the Chronos service)
   4  not allowed: another user's lease, admin-only options, a policy limit
   5  no such lease
 """

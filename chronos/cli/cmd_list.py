@@ -12,9 +12,24 @@ if TYPE_CHECKING:
     from chronos.lease import Lease
 
 
+#: How many leases ``list --all`` shows unless told otherwise.
+PAGE = 50
+#: The most ``--limit`` may ask for in one page.
+MAX_PAGE = 10_000
+
+
+def _page_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"give a whole number from 1 to {MAX_PAGE}, not {text!r}")
+    return int(text)
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("list", aliases=["ls"], help="active and queued leases (--all: history)")
-    p.add_argument("--all", action="store_true", help="every lease, ended ones too, newest first")
+    p.add_argument("--all", action="store_true", help="every lease, ended ones too, newest first, a page at a time")
+    p.add_argument("--limit", type=_page_size, default=PAGE, metavar="N",
+                   help=f"with --all: at most N leases (default {PAGE})")
+    p.add_argument("--before", metavar="ID", help="with --all: leases older than lease ID (the next page)")
     p.add_argument("--user", metavar="NAME", help="only this user's leases")
     p.add_argument("--json", action="store_true", help="a JSON array of leases")
     p.set_defaults(func=list_leases)
@@ -40,7 +55,11 @@ def list_leases(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
 
-    found = chronos.leases(all=args.all, user=args.user)
+    if args.before is not None and not args.all:
+        from chronos.errors import InvalidRequestError
+
+        raise InvalidRequestError("--before pages through history: use it with --all")
+    found = chronos.leases(all=args.all, user=args.user, limit=args.limit if args.all else None, before=args.before)
     queue = {}
     if any(lease.state == LeaseState.QUEUED for lease in found):
         queue = {entry.lease_id: entry for entry in chronos.queue()}
@@ -60,6 +79,9 @@ def list_leases(args: argparse.Namespace) -> int:
     places = {key: (entry.position, entry.estimated_start) for key, entry in queue.items()}
     rows = lease_rows([lease.record for lease in found], places, lambda record, _text: _state(record))
     render.table(LEASE_COLUMNS, rows)
+    if args.all and len(found) == args.limit:
+        more = f" --user {args.user}" if args.user else ""
+        print(f"(the {len(found)} newest shown; older ones: chronos list --all{more} --before {found[-1].id})")
     return 0
 
 

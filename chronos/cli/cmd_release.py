@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
 def release(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
-    from chronos.errors import ChronosError
+    from chronos.errors import ChronosError, StateError
 
     worst = 0
     released = []
@@ -30,6 +30,10 @@ def release(args: argparse.Namespace) -> int:
         try:
             before = chronos.get_lease(lease_id).state
             lease = chronos.release(lease_id)
+        except StateError as exc:  # a full disk, a held lock: the lease must not look released
+            render.error(f"lease {lease_id} is not released (it stays held until a release succeeds): {exc}")
+            worst = max(worst, exc.exit_code)
+            continue
         except ChronosError as exc:
             render.error(str(exc))
             worst = max(worst, exc.exit_code)

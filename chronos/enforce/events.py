@@ -10,11 +10,16 @@ from dataclasses import dataclass
 
 from chronos.model import Action, LeaseState, OnIdle
 
+#: When the watchdog warns before a lease's end (seconds left); here so that readers need no watchdog.
+DEFAULT_WARN_AT = (600.0, 60.0)
+
 __all__ = [
+    "DEFAULT_WARN_AT",
     "ExpiryWarning",
     "HolderExitedEvent",
     "IdleWarning",
     "LeaseEndedEvent",
+    "LedgerTroubleEvent",
     "OveruseEvent",
     "SignalEvent",
     "UnkillableEvent",
@@ -90,3 +95,11 @@ class HolderExitedEvent(WatchdogEvent):
     """The watched process (the root of the tree) is gone; the watchdog stops."""
 
     pid: int
+
+
+@dataclass(frozen=True)
+class LedgerTroubleEvent(WatchdogEvent):
+    """The ledger could not be read or written (a full disk, a lock held by another process): the
+    watchdog goes on enforcing from what it knows and retries; ``recovered`` once it can again."""
+
+    recovered: bool
