@@ -884,3 +884,28 @@ def test_only_a_front_end_that_takes_wait_suggests_it(kernel_dirs: Path) -> None
         asyncio.run(start())
     assert "not enough free memory" in " ".join(str(refused.value).split())
     assert "--wait" not in str(refused.value)
+
+
+# -- the same through the service ---------------------------------------------------------------------------
+
+SERVICE_CASES: list[tuple[list[str], int, str]] = [
+    (["extend", "1", "999999999999999d"], B, "too long"),
+    (["reserve", "1G", "400d"], B, "at most 366d"),
+    (["reserve", "1G", "0.5s"], B, "too short"),
+    (["reserve", "2", "1h"], B, "write 2G"),
+    (["reserve", "1G", "1h", "--label", "a\nb"], B, "control character"),
+    (["reserve", "1G", "1h", "--prefer", "7"], B, "no GPU 7"),
+    (["reserve", "1G", "1h", "--wait", "nan"], B, "--wait"),
+    (["show", "①"], F, "no lease"),
+    (["reserve", "79G", "1h", "--gpu", "0"], U, "add --wait to queue until it fits"),
+]
+
+
+def test_bad_inputs_through_the_service(service: Any) -> None:
+    """In service mode the client and the service read every value with the same parsers and bounds, and a
+    refusal that could wait still says so."""
+    chronos.reserve("8G", "1h", device=0, bind=False)
+    for argv, code, fragment in SERVICE_CASES:
+        got, out, err = cli(*argv)
+        assert got == code, (argv, out, err)
+        assert fragment in one_line(err), argv
