@@ -26,8 +26,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-import psutil
-
 from chronos import procs
 from chronos.devices.base import Device, GpuProcess
 from chronos.model import LeaseRecord, LeaseState
@@ -162,6 +160,8 @@ class Membership:
                 return holder[0]
         uid: int | None = None
         environ: dict[str, str] = {}
+        import psutil  # only when a process is judged: a CLI start that judges none does not pay for it
+
         try:
             proc = psutil.Process(pid)
             uid = int(proc.uids().real)
@@ -211,6 +211,8 @@ def _ancestors(pid: int) -> list[tuple[int, float | None]]:
     out: list[tuple[int, float | None]] = []
     seen: set[int] = set()
     current: int | None = pid
+    import psutil
+
     while current and current > 1 and current not in seen:
         seen.add(current)
         try:

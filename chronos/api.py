@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from chronos import settings, stats
-from chronos import status as status_module
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.limits import Limits
 from chronos.model import Priority
+from chronos.ops import EngineOps
 from chronos.policy import report as policy_report
 from chronos.request import parse_request
 from chronos.units import MemorySpec
+
+if TYPE_CHECKING:  # loaded by the calls that use it: a CLI start that does not pays nothing for it
+    from chronos import status as status_module
 
 __all__ = [
     "book",
@@ -45,19 +49,28 @@ __all__ = [
     "suggest",
 ]
 
-_default: Engine | None = None
+_default: EngineOps | None = None
 _lock = threading.Lock()
 
 
-def default_engine() -> Engine:
-    """The engine for this process's current settings (a new one when they change)."""
+def default_engine() -> EngineOps:
+    """The engine for this process's current settings (a new one when they change).
+
+    With a service configured (``CHRONOS_SERVER``, or ``server`` in the system file) it is the
+    service's client, and this process never opens a ledger; otherwise the local engine.
+    """
     global _default
     current = settings.current()
     with _lock:
         if _default is None or _default.settings is not current:
             if _default is not None:
                 _default.close()
-            _default = Engine(settings=current)
+            if current.server is not None:
+                from chronos.service.client import ServiceEngine
+
+                _default = ServiceEngine(current.server, settings=current)
+            else:
+                _default = Engine(settings=current)
         return _default
 
 
@@ -127,29 +140,23 @@ def report(since: str | int | float = "30d", by: str = "user") -> policy_report.
     """Usage over the audit log since ``since`` (a duration back, or a time), by user, group, label or gpu."""
     import time
 
-    from chronos.policy.figures import gather_report
     from chronos.units import parse_duration, parse_instant
 
     try:
         start = time.time() - parse_duration(since)
     except InvalidRequestError:
         start = parse_instant(since)
-    return gather_report(default_engine(), since=start, by=by)
+    return default_engine().report(since=start, by=by)
 
 
 def metrics() -> str:
     """The machine's figures in the Prometheus text exposition format."""
-    from chronos.policy.figures import collect_metrics
-
-    return collect_metrics(default_engine())
+    return default_engine().metrics()
 
 
 def limits_for(user: str | None = None) -> Limits:
     """A user's effective limits (default: yours), each with the rule that set it."""
-    from chronos.identity import current_user, lookup_user
-
-    engine = default_engine()
-    return engine.policies.limits_of(lookup_user(user) if user is not None else current_user())
+    return default_engine().limits_for(user)
 
 
 def release(lease_id: str | int) -> Lease:
@@ -167,9 +174,11 @@ def get_lease(lease_id: str | int) -> Lease:
     return default_engine().get(str(lease_id))
 
 
-def leases(*, all: bool = False, user: str | None = None) -> list[Lease]:
-    """Active and queued leases; every lease with ``all=True``."""
-    return default_engine().leases(all=all, user=user)
+def leases(*, all: bool = False, user: str | None = None, limit: int | None = None,
+           before: str | int | None = None) -> list[Lease]:
+    """Active and queued leases; every lease with ``all=True``, newest first (``limit`` of them, older than
+    lease ``before``: a page)."""
+    return default_engine().leases(all=all, user=user, limit=limit, before=before)
 
 
 def gpus() -> list[DeviceStatus]:
@@ -208,9 +217,13 @@ def forecast(
     comes back with ``error`` set rather than raising, so a front end can show every answer alike.
     """
     spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority)
+    from chronos import status as status_module
+
     return status_module.forecast(default_engine(), spec, user=user)
 
 
 def machine_status(user: str | None = None) -> status_module.MachineStatus:
     """Every GPU, your leases (or ``user``'s) live and recently ended, and the queue, in one snapshot."""
+    from chronos import status as status_module
+
     return status_module.machine_status(default_engine(), user=user)

@@ -8,43 +8,62 @@ so the accounting stays true with no daemon.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from chronos import accounting, limits, procs, scheduler
+from chronos import accounting, limits, procs, scheduler, waiting
 from chronos import settings as settings_module
 from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import ChronosError, LeaseNotFoundError, NamespaceError, NotAllowedError, UnavailableError
+from chronos.errors import (
+    ChronosError,
+    InvalidRequestError,
+    LeaseNotFoundError,
+    NamespaceError,
+    NotAllowedError,
+    StateError,
+    UnavailableError,
+)
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
-from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.limits import Limits
+from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
+from chronos.policy.report import Report
+from chronos.policy.retention import Retention
 from chronos.policy.runtime import Policies
-from chronos.request import RequestSpec, parse_lease_id, parse_request
+from chronos.request import RequestSpec, lease_duration, parse_lease_id, parse_request
 from chronos.settings import Settings
 from chronos.state import state_dir as checked_state_dir
-from chronos.units import MemorySpec, format_duration, parse_duration, parse_instant
+from chronos.units import MemorySpec, check_duration, format_duration, parse_instant
 
 __all__ = ["DeviceStatus", "Engine", "WaitUpdate"]
 
 #: How often a queued request re-checks whether it can start.
 WAIT_POLL_S = 0.2
-#: How often a waiter with a progress callback re-plans the queue for its estimated start.
+#: How often a waiter with a progress callback re-plans the queue for its estimated start (when it polls).
 ESTIMATE_EVERY_S = 5.0
+#: How often the queue's leader checks every holder and the GPUs' memory even when the ledger did not change,
+#: and how often it re-plans with nothing changed (estimates drift as time passes).
+LEADER_FULL_S = 1.0
+LEADER_REPLAN_S = 30.0
 
 ACTIVE, QUEUED = LeaseState.ACTIVE, LeaseState.QUEUED
+#: Audit events after which the device files' ACLs change (device gating): a grant, and every end.
+_GATED_EVENTS = frozenset({"granted", *(str(state) for state in ENDED_STATES)})
 
 
 class Engine:
@@ -70,6 +89,10 @@ class Engine:
         #: Idle sampling, limits per user and group, bookings, fair share (:mod:`chronos.policy.runtime`).
         self.policies = Policies(self)
         self.policies.on_tick = lambda: figures.write_metrics(self)
+        #: Pruning of history past ``[history] keep`` (:mod:`chronos.policy.retention`).
+        self.retention = Retention()
+        #: What the queue's leader last saw, when this process leads (:meth:`_lead`).
+        self._leading = _Leading()
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -124,7 +147,27 @@ class Engine:
         return Lease(record, self)
 
     def _event(self, lease_id: str, event: str, who: User, detail: dict[str, Any] | None = None) -> None:
-        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=os.getpid(), detail=detail)
+        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=procs.caller()[0], detail=detail)
+        if event in _GATED_EVENTS and self.config.gate_devices:
+            self.sync_gate(strict=event == "granted")
+
+    def sync_gate(self, *, strict: bool = True) -> list[str]:
+        """Device gating (``[enforce] gate_devices``, :mod:`chronos.enforce.gating`): the device files'
+        ACLs made equal to the active leases. Every grant and every end passes here (through the audit
+        log's one writer), inside its transaction, and the service's enforcer repeats it every pass.
+        A grant whose ACL cannot be written fails (``strict``); an end never does."""
+        if not self.config.gate_devices:
+            return []
+        from chronos.enforce.gating import DeviceGate
+
+        active = [lease for lease in self.ledger.live() if lease.state == ACTIVE]
+        try:
+            return DeviceGate(self.config.device_dir).sync(active)
+        except StateError as exc:
+            if strict:
+                raise
+            logging.getLogger("chronos.gating").warning("%s (the next enforcement pass tries again)", exc)
+            return []
 
     # -- reclaiming -----------------------------------------------------------------------
     def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
@@ -166,6 +209,7 @@ class Engine:
             with self.ledger.transaction():
                 live = self._reclaim(time.time(), current_user())
         self.policies.tick()
+        self.retention.after(self.ledger, self.config.history_keep_s)
         return live
 
     # -- snapshot -------------------------------------------------------------------------
@@ -222,13 +266,15 @@ class Engine:
     ) -> Lease:
         """Grant a lease now, or (with ``wait``) queue for one; see ``chronos.reserve``."""
         spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority,
-                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle)
+                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle,
+                             longest=self.config.longest_duration_s)
         return self.submit(spec, user=user, bind=bind, on_wait=on_wait)
 
     def submit(self, spec: RequestSpec, *, user: str | None = None, bind: bool | int = True,
                on_wait: Callable[[WaitUpdate], None] | None = None) -> Lease:
         """Grant or queue a request already read by :func:`chronos.request.parse_request`."""
         duration_s = spec.duration_s if spec.duration_s is not None else self.config.default_duration_s
+        check_duration(duration_s, longest=self.config.longest_duration_s)
         caller = current_user()
         owner = self._owner(caller, user, "reserve")
         holder = self._holder(bind, caller)
@@ -253,7 +299,7 @@ class Engine:
                     return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices,
                                            own_rule)
                 if spec.wait_s is None:
-                    raise UnavailableError(decision.reason)
+                    raise UnavailableError(f"{decision.reason}; add --wait to queue until it fits")
                 waiter = procs.caller()
                 queued = LeaseRecord(
                     id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),
@@ -355,48 +401,133 @@ class Engine:
 
     def _wait(self, lease_id: str, caller: User, holder: tuple[int, float] | None, timeout: float,
               on_wait: Callable[[WaitUpdate], None] | None) -> Lease:
+        """Sleep on the lease's doorbell until the queue's leader says it can start (:mod:`chronos.waiting`);
+        decide under the write lock only then, at the deadline, or where no leader can ring."""
         deadline = time.monotonic() + timeout
-        next_estimate, estimated = 0.0, None
+        bell = waiting.Doorbell(self.ledger_id, lease_id)
+        lead = waiting.Leadership(self.ledger.path, self._lead)
+        position: int | None = None
+        estimated: float | None = None
+        reason, decide, next_estimate = "", True, 0.0
         try:
             while True:
-                devices, gpu_procs = self._poll_devices()
-                with self.ledger.transaction():
-                    now = time.time()
-                    live = self._reclaim(now, caller)
-                    lease = self.ledger.get(lease_id)
-                    assert lease is not None
-                    if lease.state != QUEUED:
-                        raise UnavailableError(f"queued request {lease_id} ended: {lease.end_reason or lease.state}")
-                    snapshot = self._snapshot(now, devices, gpu_procs, live)
-                    request = _stored(self.ledger.request_of(lease.id), lease)
-                    decision = scheduler.decide(snapshot, request)
-                    if decision.granted:
-                        assert decision.devices is not None
-                        self.ledger.update(
-                            lease_id, state=ACTIVE, devices=decision.devices,
-                            device_uuids=_uuids(devices, decision.devices), memory_bytes=decision.memory_bytes,
-                            started_at=now, expires_at=now + lease.duration_s,
-                            pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
-                        )
-                        granted = self.ledger.get(lease_id)
-                        assert granted is not None
-                        self._event(lease_id, "granted", caller,
-                                    {**_grant_detail(granted), "waited_s": round(now - lease.created_at, 3)})
-                        return self._handle(granted)
-                if on_wait is not None:
-                    if time.monotonic() >= next_estimate:  # outside the write lock, and not every poll
-                        estimated = scheduler.estimate_start(snapshot, request)
+                if decide:
+                    granted, decision, snapshot, request = self._try_grant(lease_id, caller, holder)
+                    if granted is not None:
+                        return granted
+                    reason, position = decision.reason, decision.position
+                    if on_wait is not None and not bell.usable and time.monotonic() >= next_estimate:
+                        estimated = scheduler.estimate_start(snapshot, request)  # outside the write lock
                         # Planning costs ~0.1 ms per queued request: on a long queue, re-plan less often.
                         next_estimate = time.monotonic() + max(ESTIMATE_EVERY_S, 0.05 * len(snapshot.queue))
-                    on_wait(WaitUpdate(lease_id, decision.position, estimated, decision.reason))
+                else:
+                    lease = self.ledger.get(lease_id)
+                    if lease is None or lease.state != QUEUED:
+                        ended = lease.end_reason or lease.state if lease is not None else "gone"
+                        raise UnavailableError(f"queued request {lease_id} ended: {ended}")
+                if on_wait is not None:
+                    on_wait(WaitUpdate(lease_id, position, estimated, reason))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise UnavailableError(f"gave up after waiting {format_duration(timeout)} in the queue: "
-                                           f"{decision.reason}")
-                time.sleep(min(WAIT_POLL_S, left))
+                                           f"{reason}")
+                if not bell.usable:
+                    time.sleep(min(WAIT_POLL_S, left))
+                    continue
+                if not lead.held:
+                    lead.try_take()
+                messages = bell.wait(min(left, waiting.check_after()))
+                decide = any(m.get("go") is True for m in messages)
+                for message in messages:
+                    if isinstance(message.get("position"), int):
+                        position = message["position"]
+                        start = message.get("start")
+                        estimated = float(start) if isinstance(start, (int, float)) else None
+                    if message.get("lead") is True and not lead.held:
+                        lead.try_take()
+                # Woken by nobody: lead if nobody does; decide for itself if the leader went quiet.
+                if not messages and not lead.held and not lead.try_take() and not lead.leader_alive():
+                    decide = True
         except BaseException:
             self._withdraw(lease_id, caller)
             raise
+        finally:
+            bell.close()
+            if lead.held:
+                lead.give_up()
+                # The next few in line are asked to take over (the first to try wins): one of them may be
+                # leaving just now too.
+                for nxt in [i for i in sorted(self._leading.queued, key=int) if i != lease_id][:4]:
+                    waiting.ring(self.ledger_id, nxt, {"lead": True})
+
+    def _try_grant(self, lease_id: str, caller: User, holder: tuple[int, float] | None
+                   ) -> tuple[Lease | None, scheduler.Decision, scheduler.Snapshot, scheduler.Request]:
+        """Decide a queued request under the write lock, and grant it when it can start now."""
+        devices, gpu_procs = self._poll_devices()
+        with self.ledger.transaction():
+            now = time.time()
+            live = self._reclaim(now, caller)
+            lease = self.ledger.get(lease_id)
+            assert lease is not None
+            if lease.state != QUEUED:
+                raise UnavailableError(f"queued request {lease_id} ended: {lease.end_reason or lease.state}")
+            snapshot = self._snapshot(now, devices, gpu_procs, live)
+            request = _stored(self.ledger.request_of(lease.id), lease)
+            decision = scheduler.decide(snapshot, request)
+            if not decision.granted:
+                return None, decision, snapshot, request
+            assert decision.devices is not None
+            self.ledger.update(
+                lease_id, state=ACTIVE, devices=decision.devices,
+                device_uuids=_uuids(devices, decision.devices), memory_bytes=decision.memory_bytes,
+                started_at=now, expires_at=now + lease.duration_s,
+                pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
+            )
+            granted = self.ledger.get(lease_id)
+            assert granted is not None
+            self._event(lease_id, "granted", caller,
+                        {**_grant_detail(granted), "waited_s": round(now - lease.created_at, 3)})
+            return self._handle(granted), decision, snapshot, request
+
+    def _lead(self) -> None:
+        """One round of the queue's leader: notice a change cheaply, reclaim what is due, plan once, ring
+        the waiters that can start now and those whose place changed."""
+        state = self._leading
+        mono, now = time.monotonic(), time.time()
+        version = self.ledger.data_version()
+        full = mono >= state.next_full
+        if version == state.version and not full and now < state.next_end:
+            return
+        state.version = version
+        if full:
+            state.next_full = mono + LEADER_FULL_S
+        live = self._reclaim_if_due()
+        queued = {r.id for r in live if r.state == QUEUED}
+        for gone in state.queued - queued:
+            waiting.ring(self.ledger_id, gone, {"ended": True})
+        state.queued = queued
+        state.next_end = min((r.expires_at for r in live if r.state == ACTIVE and r.expires_at), default=math.inf)
+        if not queued:
+            return
+        devices, gpu_procs = self._poll_devices()
+        snapshot = self._snapshot(time.time(), devices, gpu_procs, live)
+        key = tuple(sorted((r.id, str(r.state)) for r in live))
+        free = _free(snapshot)
+        grew = any(free.get(index, 0) > before for index, before in state.free.items()) or not state.free
+        if key == state.key and not grew and mono < state.next_plan:
+            return
+        state.key, state.free, state.next_plan = key, free, mono + LEADER_REPLAN_S
+        for slot in scheduler.plan(snapshot):
+            if slot.lease_id is None:
+                continue
+            if slot.start <= snapshot.now:
+                waiting.ring(self.ledger_id, slot.lease_id, {"go": True, "position": slot.position})
+                continue
+            start = slot.start if math.isfinite(slot.start) else None
+            told = (slot.position, None if start is None else round(start / 10))
+            if state.told.get(slot.lease_id) != told:
+                state.told[slot.lease_id] = told
+                waiting.ring(self.ledger_id, slot.lease_id, {"position": slot.position, "start": start})
 
     def _withdraw(self, lease_id: str, caller: User) -> None:
         with self.ledger.transaction():
@@ -425,11 +556,13 @@ class Engine:
             if lease.state.live:
                 state = LeaseState.RELEASED if lease.state == ACTIVE else LeaseState.WITHDRAWN
                 lease = self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
+        self.retention.after(self.ledger, self.config.history_keep_s)
         return self._handle(lease)
 
     def extend(self, lease_id: str, duration: str | int | float) -> Lease:
-        """Push an active lease's end back by ``duration``."""
-        seconds = parse_duration(duration)
+        """Push an active lease's end back by ``duration``; the lease's whole length stays within the
+        configuration's ``longest_duration``."""
+        seconds = lease_duration(duration, self.config.longest_duration_s)
         caller = current_user()
         devices, gpu_procs = self._poll_devices()
         with self.ledger.transaction():
@@ -442,6 +575,12 @@ class Engine:
                 raise UnavailableError(f"lease {lease.id} has ended ({lease.state}); reserve a new one")
             assert lease.expires_at is not None
             new_end = lease.expires_at + seconds
+            length = new_end - (lease.started_at or lease.created_at)
+            if length > self.config.longest_duration_s:
+                raise InvalidRequestError(
+                    f"cannot extend lease {lease.id} by {format_duration(seconds)}: it would last "
+                    f"{format_duration(length)} in all, and the longest lease here is "
+                    f"{format_duration(self.config.longest_duration_s)}")
             limits.check_extend(self.policies.limits_of(User(lease.uid, lease.owner)),
                                 new_end - (lease.started_at or lease.created_at))
             conflict = scheduler.extend_conflict(self._snapshot(now, devices, gpu_procs, live), lease.id, new_end)
@@ -472,7 +611,8 @@ class Engine:
              device: int | str | Sequence[int] | None = None, gpus: int | None = None, label: str | None = None,
              user: str | None = None) -> Lease:
         """Book ``memory`` per GPU for ``duration`` from ``at`` (``tomorrow 09:00``, ``+2h``); see ``chronos.book``."""
-        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label)
+        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label,
+                             longest=self.config.longest_duration_s)
         caller = current_user()
         return bookings.book(self, self._owner(caller, user, "book"), caller, spec, parse_instant(at))
 
@@ -506,11 +646,19 @@ class Engine:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         return self._handle(record)
 
-    def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None) -> list[Lease]:
-        """Active and queued leases (with ``all`` every lease, newest first, ``limit`` at most); or one user's."""
+    def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
+               before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:
+        """Active and queued leases; or one user's. With ``all``, every lease newest first: ``limit`` at most,
+        older than lease ``before`` (a page); with ``ended_since``, live leases and those ended since then."""
         live = self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
-        found = self.ledger.history(uid=uid, limit=limit) if all else [r for r in live if uid is None or r.uid == uid]
+        if ended_since is not None:
+            found = self.ledger.recent(ended_since, uid)
+        elif all:
+            page = parse_lease_id(str(before)) if before is not None else None
+            found = self.ledger.history(uid=uid, limit=limit, before=page)
+        else:
+            found = [r for r in live if uid is None or r.uid == uid]
         return [self._handle(record) for record in found]
 
     def active_records(self) -> list[LeaseRecord]:
@@ -537,9 +685,26 @@ class Engine:
         (the watchdog's: enforcement never stalls behind a held lock)."""
         return ledger_patience(seconds)
 
+    def record_enforcement(self, lease_id: str, detail: dict[str, Any]) -> None:
+        """Append what the service's enforcer did to a lease's processes to the audit log (``enforced``)."""
+        with self.ledger.transaction():
+            self._event(parse_lease_id(lease_id), "enforced", current_user(), detail)
+
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""
         return self.ledger.events(since=since, lease_id=parse_lease_id(lease_id) if lease_id is not None else None)
+
+    def report(self, *, since: float, by: str = "user") -> Report:
+        """Usage over the audit log since ``since`` (:func:`chronos.policy.figures.gather_report`)."""
+        return figures.gather_report(self, since=since, by=by)
+
+    def metrics(self) -> str:
+        """The machine's figures in the Prometheus text format (:func:`chronos.policy.figures.collect_metrics`)."""
+        return figures.collect_metrics(self)
+
+    def limits_for(self, user: str | None = None) -> Limits:
+        """A user's effective limits (default: the caller's), each with the rule that set it."""
+        return self.policies.limits_of(lookup_user(user) if user is not None else current_user())
 
     # -- a lease in a process ---------------------------------------------------------------
     def _totals(self) -> dict[str, int]:
@@ -615,6 +780,29 @@ def _uuids(devices: list[Device], indices: tuple[int, ...]) -> tuple[str, ...]:
 def _grant_detail(lease: LeaseRecord) -> dict[str, Any]:
     return {"devices": list(lease.devices), "memory_bytes": lease.memory_bytes, "expires_at": lease.expires_at,
             "priority": str(lease.priority), "holder": lease.pid}
+
+
+@dataclass
+class _Leading:
+    """The queue leader's memory between rounds."""
+
+    version: int = -1
+    next_full: float = 0.0
+    next_end: float = math.inf
+    next_plan: float = 0.0
+    queued: set[str] = field(default_factory=set)
+    key: tuple[tuple[str, str], ...] = ()
+    free: dict[int, int] = field(default_factory=dict)
+    told: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+
+def _free(snapshot: scheduler.Snapshot) -> dict[int, int]:
+    """Free memory per device now: what a grant could take."""
+    held = {d.index: d.unmanaged_bytes for d in snapshot.devices}
+    for holding in snapshot.active:
+        for index in holding.devices:
+            held[index] = held.get(index, 0) + holding.memory_bytes
+    return {d.index: d.total_bytes - held[d.index] for d in snapshot.devices}
 
 
 def _stored(spec: dict[str, Any] | None, lease: LeaseRecord) -> scheduler.Request:

@@ -98,6 +98,15 @@ _V5_INDEXES = (
     "CREATE INDEX events_rare ON events(event) WHERE event IN ('refused', 'no-show', 'idle-warning')",
     "CREATE INDEX leases_ended ON leases(ended_at)",
 )
+#: Bounded history: one owner's newest leases without a scan (advice, ``list --all --user``), and an audit
+#: log that stays append-only for every lease still on file, so retention may drop a pruned lease's events.
+_V7_HISTORY = (
+    "CREATE INDEX leases_owner ON leases(uid, seq)",
+    "DROP TRIGGER events_no_delete",
+    """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN EXISTS (SELECT 1 FROM leases WHERE seq = old.lease_seq)
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only while its lease is on file'); END""",
+)
 
 
 
@@ -117,7 +126,7 @@ _V6_HOLDERS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
 
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
 MIGRATIONS: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]] = (
-    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS)
+    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS, _V7_HISTORY)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -378,6 +387,10 @@ class Ledger:
                           "(state = ? OR ended_at >= ?)", (str(LeaseState.ACTIVE), since))
         return [_lease(r) for r in rows]
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's ``PRAGMA data_version``)."""
+        return int(self._read("PRAGMA data_version")[0][0])
+
     def change_mark(self) -> tuple[Any, ...]:
         """Something that changes whenever a lease is added or ends (two index lookups, no scan)."""
         return tuple(self._read("SELECT (SELECT MAX(seq) FROM leases), (SELECT MAX(ended_at) FROM leases)")[0])
@@ -388,9 +401,10 @@ class Ledger:
                           "WHERE event = ? AND event IN ('refused', 'no-show', 'idle-warning') GROUP BY 1", (event,))
         return {str(reason): int(n) for reason, n in rows}
 
-    def history(self, *, uid: int | None = None, since: float | None = None,
-                limit: int | None = None) -> list[LeaseRecord]:
-        """Every lease, newest first; optionally one owner's, created since a time."""
+    def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None,
+                before: str | None = None) -> list[LeaseRecord]:
+        """Every lease, newest first; optionally one owner's, created since a time, older than lease ``before``
+        (a page: the primary key or the owner index walks from there, so a page costs the same at any depth)."""
         clauses: list[str] = []
         params: list[float] = []
         if uid is not None:
@@ -399,6 +413,9 @@ class Ledger:
         if since is not None:
             clauses.append("created_at >= ?")
             params.append(since)
+        if before is not None:
+            clauses.append("seq < ?")
+            params.append(int(before))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         tail = f" LIMIT {int(limit)}" if limit else ""
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
@@ -416,6 +433,38 @@ class Ledger:
     def forget_holders(self) -> None:
         """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
         self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
+
+    def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
+        """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""
+        owner = " AND uid = ?" if uid is not None else ""
+        extra: list[Any] = [uid] if uid is not None else []
+        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                          f"SELECT {_COLUMNS} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner} "
+                          "ORDER BY seq DESC",
+                          [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since,
+                           *extra])
+        return [_lease(r) for r in rows]
+
+    def prune(self, before: float, batch: int) -> int:
+        """Forget up to ``batch`` leases that ended before ``before``, and the audit log's lines older than
+        that whose lease is gone, in one short write; returns how many leases went.
+
+        The newest lease is never pruned, so a lease id is never given out twice.
+        """
+        with self.transaction():
+            newest = self._conn.execute("SELECT MAX(seq) FROM leases").fetchone()[0] or 0
+            gone = self._conn.execute(
+                "DELETE FROM leases WHERE seq IN (SELECT seq FROM leases WHERE ended_at < ? AND seq < ? "
+                "ORDER BY ended_at LIMIT ?)", (before, newest, batch)).rowcount
+            # Every line of a lease on file is no older than the oldest such lease: lines before both bounds
+            # are its forgotten leases', and only a bounded number of the oldest lines is looked at.
+            oldest = self._conn.execute("SELECT created_at FROM leases ORDER BY seq LIMIT 1").fetchone()
+            bound = min(before, oldest[0]) if oldest else before
+            self._conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, lease_seq FROM events INDEXED BY events_at "
+                "WHERE at < ? ORDER BY at LIMIT ?) AS old WHERE NOT EXISTS "
+                "(SELECT 1 FROM leases WHERE seq = old.lease_seq))", (bound, batch * 4))
+        return int(gone)
 
     # -- audit log ------------------------------------------------------------------------
     def append_event(
@@ -437,8 +486,10 @@ class Ledger:
             clauses.append("lease_seq = ?")
             params.append(int(lease_id))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {where} ORDER BY id",
-                          params)
+        # A window of the log is read through its index (SQLite would otherwise walk the whole log in id order).
+        index = "INDEXED BY events_at " if since is not None else ""
+        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {index}{where} "
+                          "ORDER BY id", params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
 

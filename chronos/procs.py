@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
-
-import psutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["boot_id", "boottime_offset", "caller", "clock_ticks", "descendants", "holder", "is_alive",
+__all__ = ["acting_for", "boot_id", "boottime_offset", "caller", "clock_ticks", "descendants", "holder", "is_alive",
            "legacy_boot_time", "pid_namespace", "start_ticks", "start_time", "uid_of"]
 
 # Equal processes agree exactly; the tolerance only absorbs float rounding in stored values.
@@ -104,6 +105,8 @@ def legacy_boot_time() -> float:
         for line in f:
             if line.startswith(b"btime"):
                 return float(line.split()[1])
+    import psutil
+
     return float(psutil.boot_time())  # pragma: no cover - every Linux has btime
 
 
@@ -119,6 +122,8 @@ def start_time(pid: int) -> float | None:
         return None
     if _LINUX:
         return _linux_start(pid)
+    import psutil  # only off Linux, and for process trees: it costs a CLI start ~15 ms
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -138,6 +143,8 @@ def is_alive(pid: int, started: float | None) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """``pid`` and every process below it; empty when it is gone."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         return {pid} | {child.pid for child in proc.children(recursive=True)}
@@ -145,9 +152,29 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
+#: The process a service request is served for (its pid from SO_PEERCRED, in this pid namespace), else None.
+_peer: ContextVar[tuple[int, float] | None] = ContextVar("chronos_peer_process", default=None)
+
+
+@contextmanager
+def acting_for(pid: int, started: float) -> Iterator[None]:
+    """Serve the code inside for process ``pid`` (started at ``started``): it is the caller and default holder."""
+    token = _peer.set((pid, started))
+    try:
+        yield
+    finally:
+        _peer.reset(token)
+
+
 def caller() -> tuple[int, float]:
-    """The calling process as (pid, start); cached, and refreshed after a fork."""
+    """The calling process as (pid, start time); cached, and refreshed after a fork.
+
+    While the service serves a request, the caller is the client's process, as the kernel named it.
+    """
     global _caller
+    peer = _peer.get()
+    if peer is not None:
+        return peer
     pid = os.getpid()
     if _caller is None or _caller[0] != pid:
         started = start_time(pid)
@@ -172,6 +199,8 @@ def holder(bind: bool | int | None) -> tuple[int, float] | None:
 
 def uid_of(pid: int) -> int | None:
     """The real uid of ``pid`` (whose process it is), or None when there is no such process."""
+    import psutil
+
     try:
         return int(psutil.Process(pid).uids().real)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

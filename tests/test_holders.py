@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import chronos
@@ -50,7 +51,7 @@ def test_a_lease_stays_held_when_the_boot_time_reading_moves(
     # What a clock step does to the boot time the kernel reports (/proc/stat's btime, psutil.boot_time).
     stepped = procs.legacy_boot_time() + 7
     monkeypatch.setattr(procs, "_boot_time", stepped, raising=False)
-    monkeypatch.setattr(procs.psutil, "boot_time", lambda: stepped)
+    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
     assert procs.is_alive(sleeper.pid, lease.pid_start)
     assert [item.id for item in chronos.leases()] == [lease.id]
     assert lease.refresh().state == "active"

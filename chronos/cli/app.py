@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_book",
     "chronos.cli.cmd_report",
     "chronos.cli.cmd_admin",
+    "chronos.cli.cmd_serve",
 ]
 
 EXIT_CODES_HELP = """exit codes:
@@ -72,7 +73,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from chronos.errors import ChronosError
+    from chronos.errors import as_chronos_error
 
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -90,13 +91,16 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ChronosError as exc:
-        from chronos.cli import render
-
-        render.error(str(exc))
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("chronos: interrupted\n")
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:
+        known = as_chronos_error(exc)
+        if known is None:
+            raise
+        from chronos.cli import render
+
+        render.error(str(known))
+        return known.exit_code

@@ -13,8 +13,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=release)
 
     e = subparsers.add_parser("extend", help="push a lease's end back")
-    e.add_argument("lease_id", metavar="ID")
-    e.add_argument("duration", metavar="DURATION", help="30m, 1h, 1h30m or seconds")
+    e.add_argument("lease_id", metavar="ID", help="the lease, as chronos list shows it")
+    e.add_argument("duration", metavar="DURATION", help="how much longer: 30m, 1h, 1h30m or seconds")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=extend)
 
@@ -54,7 +54,13 @@ def release(args: argparse.Namespace) -> int:
 def extend(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
+    from chronos.errors import InvalidRequestError
+    from chronos.request import swapped_extend
 
+    swapped = swapped_extend(args.lease_id, args.duration)
+    if swapped is not None:
+        raise InvalidRequestError(f"{args.lease_id!r} is a duration, not a lease id: the lease comes first, "
+                                  f"chronos extend {swapped[0]} {swapped[1]}")
     lease = chronos.extend(args.lease_id, args.duration)
     if args.json:
         render.dump_json(lease.to_dict())

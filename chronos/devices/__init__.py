@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from chronos.devices.base import Backend, Device, GpuProcess, ProcessUtilization
 from chronos.errors import BackendError
-from chronos.settings import Settings, current
+
+if TYPE_CHECKING:  # the settings (and the config parser) load only when a backend is built
+    from chronos.settings import Settings
 
 __all__ = ["Backend", "Device", "GpuProcess", "ProcessUtilization", "backend_for", "get_backend", "is_simulated",
            "select", "visible_indices"]
@@ -69,6 +72,8 @@ def backend_for(settings: Settings) -> Backend:
 
 def get_backend() -> Backend:
     """The backend this process's environment selects (for scripts; library code is handed one)."""
+    from chronos.settings import current
+
     return backend_for(current())
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
 from chronos.accounting import LEASE_ENV, LEDGER_ENV
@@ -64,6 +63,8 @@ def _fraction(budget: int, totals: Sequence[int]) -> float | None:
 
 def torch_env_fraction_supported() -> bool:
     """True when the installed PyTorch reads ``per_process_memory_fraction`` from the environment."""
+    from importlib import metadata  # ~12 ms: only where caps are worked out
+
     try:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 from chronos.model import Action, LeaseState, OnIdle
 
+#: When the watchdog warns before a lease's end (seconds left); here so that readers need no watchdog.
+DEFAULT_WARN_AT = (600.0, 60.0)
+
 __all__ = [
+    "DEFAULT_WARN_AT",
     "ExpiryWarning",
     "HolderExitedEvent",
     "IdleWarning",

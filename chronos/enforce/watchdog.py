@@ -18,17 +18,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Protocol
 
 from chronos import procs
 from chronos.accounting import Membership, usage
 from chronos.devices.base import Backend, GpuProcess
+from chronos.enforce import actions
+from chronos.enforce.actions import UNKILLABLE_AFTER_S
 from chronos.enforce.events import (
+    DEFAULT_WARN_AT,
     ExpiryWarning,
     HolderExitedEvent,
     IdleWarning,
@@ -66,9 +67,6 @@ __all__ = [
 DEFAULT_RATE_HZ = 4.0
 DEFAULT_GRACE_S = 2.0
 DEFAULT_KILL_WAIT_S = 30.0
-DEFAULT_WARN_AT = (600.0, 60.0)
-#: After SIGKILL, a process still there this long later is reported as unkillable.
-UNKILLABLE_AFTER_S = 5.0
 #: How long one of the watchdog's ledger writes waits for another process's lock (the last one: longer).
 LEDGER_PATIENCE_S, FINAL_PATIENCE_S = 0.2, 3.0
 _log = logging.getLogger("chronos.watchdog")
@@ -95,16 +93,6 @@ class WatchdogHost(Protocol):
 
 
 # --------------------------------------------------------------------------- the watchdog
-
-
-@dataclass
-class _Enforcement:
-    cause: str  # "overuse", "expiry" or "release"
-    action: Action
-    stage: str  # "interrupt", "terminate", "kill", "done"
-    since: float
-    targets: list[tuple[int, float]] = field(default_factory=list)
-    reported_unkillable: bool = False
 
 
 def _seconds(value: float, what: str) -> float:
@@ -184,7 +172,7 @@ class Watchdog(PollLoop[WatchdogEvent]):
         self._pending: list[WatchdogEvent] = []
         self._over_since: dict[int, float] = {}
         self._warned_over: set[int] = set()
-        self._enforcing: _Enforcement | None = None
+        self._enforcing: actions.Enforcement | None = None
         self._warned_marks: set[float] = set()
         self._baseline: dict[int, int] | None = None
         self._idle_warned: float | None = self.lease.idle_warning.at if self.lease.idle_warning else None
@@ -360,38 +348,21 @@ class Watchdog(PollLoop[WatchdogEvent]):
 
     # -- acting --------------------------------------------------------------------------
     def _begin(self, out: list[WatchdogEvent], cause: str, action: Action, wall: float, now: float) -> None:
-        members = self.membership.members(self.lease.id)
-        if not members:
-            self._enforcing = _Enforcement(cause, action, "done", now)
-            return
-        if action == Action.INTERRUPT:
-            targets = members[:1]  # the main program, as Ctrl-C would reach it
-            self._enforcing = _Enforcement(cause, action, "interrupt", now, targets)
-            self._send(out, signal.SIGINT, targets, cause, wall)
-        elif action == Action.TERMINATE:
-            self._enforcing = _Enforcement(cause, action, "terminate", now, members)
-            self._send(out, signal.SIGTERM, members, cause, wall)
-        else:
-            self._enforcing = _Enforcement(cause, action, "kill", now, members)
-            self._send(out, signal.SIGKILL, members, cause, wall)
+        self._enforcing, step = actions.begin(cause, action, self.membership.members(self.lease.id), now)
+        self._report(out, step, cause, wall)
 
-    def _send(self, out: list[WatchdogEvent], sig: signal.Signals, targets: list[tuple[int, float]],
-              cause: str, wall: float) -> None:
-        sent = []
-        for pid, started in targets:
-            if procs.is_alive(pid, started):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-                    sent.append(pid)
-        if sent:
-            text = f"sent {sig.name} to {', '.join(map(str, sent))} ({cause})"
-            out.append(SignalEvent(self.lease.id, wall, text, sig.name, tuple(sent), cause))
+    def _report(self, out: list[WatchdogEvent], step: actions.Step, cause: str, wall: float) -> None:
+        if step.signal_name is not None:
+            text = f"sent {step.signal_name} to {', '.join(map(str, step.pids))} ({cause})"
+            out.append(SignalEvent(self.lease.id, wall, text, step.signal_name, step.pids, cause))
+        if step.unkillable:
+            text = (f"process {', '.join(map(str, step.unkillable))} survived SIGKILL for "
+                    f"{UNKILLABLE_AFTER_S:.0f}s (stuck in the kernel or driver)")
+            out.append(UnkillableEvent(self.lease.id, wall, text, step.unkillable))
+            self._done.set()
 
     def _alive_targets(self) -> list[tuple[int, float]]:
-        enforcing = self._enforcing
-        if enforcing is None:
-            return []
-        return [(p, s) for p, s in enforcing.targets if procs.is_alive(p, s)]
+        return self._enforcing.alive() if self._enforcing is not None else []
 
     def _escalate(self, out: list[WatchdogEvent], wall: float, now: float) -> None:
         enf = self._enforcing
@@ -399,7 +370,6 @@ class Watchdog(PollLoop[WatchdogEvent]):
         if enf.stage == "done":
             self._done.set()
             return
-        alive = self._alive_targets()
         if enf.stage == "interrupt":
             if enf.cause != "overuse":
                 self._done.set()  # the lease is over: SIGINT once, then the processes end themselves
@@ -410,25 +380,11 @@ class Watchdog(PollLoop[WatchdogEvent]):
                 self._warned_over.clear()  # still over: interrupt again at the next check
                 self._enforcing = None
             return
-        if not alive:
-            enf.stage = "done"
+        step = actions.escalate(enf, now, self.kill_wait_s, lambda: self.membership.members(self.lease.id))
+        if enf.stage == "done":
             self._done.set()
             return
-        if enf.stage == "terminate" and now - enf.since >= self.kill_wait_s:
-            # new processes may have appeared since SIGTERM: kill every member as it is now
-            current = dict(self.membership.members(self.lease.id))
-            current.update(dict(alive))
-            enf.targets = list(current.items())
-            enf.stage = "kill"
-            enf.since = now
-            self._send(out, signal.SIGKILL, enf.targets, enf.cause, wall)
-        elif enf.stage == "kill" and now - enf.since >= UNKILLABLE_AFTER_S and not enf.reported_unkillable:
-            enf.reported_unkillable = True
-            pids = tuple(p for p, _ in alive)
-            text = (f"process {', '.join(map(str, pids))} survived SIGKILL for {UNKILLABLE_AFTER_S:.0f}s "
-                    "(stuck in the kernel or driver)")
-            out.append(UnkillableEvent(self.lease.id, wall, text, pids))
-            self._done.set()
+        self._report(out, step, enf.cause, wall)
 
     # -- usage records -------------------------------------------------------------------
     def _record(self, patience_s: float = LEDGER_PATIENCE_S) -> None:
