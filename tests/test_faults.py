@@ -183,6 +183,7 @@ def test_a_full_disk_is_said_and_a_release_waits_for_space(small_fs: Path) -> No
                               f"succeeds): {full}"
     listed = run_cli("list")
     assert listed.returncode == 1 and _one_line(listed) == f"chronos: error: {full}"
+    assert full in _doctor_problems()
     filler.unlink()
     shown = json.loads(run_cli("show", lease, "--json").stdout)
     assert shown["state"] == "active"  # held, as it said, until the release succeeds
