@@ -249,12 +249,18 @@ SKEWED = textwrap.dedent("""
     raise SystemExit(main(sys.argv[1:]))
 """)
 
-# Opens the ledger (mapping its -shm), says so, and keeps it open until stdin closes.
+# Opens the ledger (mapping its -shm), says so, and on a line from stdin tries to write; keeps it open until EOF.
 KEEPS_OPEN = textwrap.dedent("""
     import sys
     import chronos
     chronos.leases()
     print("open", flush=True)
+    sys.stdin.readline()
+    try:
+        chronos.reserve("1G", "1h", bind=False)
+        print("wrote", flush=True)
+    except chronos.StateError as exc:
+        print(exc, flush=True)
     sys.stdin.readline()
 """)
 
@@ -292,6 +298,13 @@ def test_doctor_reports_a_held_lock_a_skewed_clock_and_removed_wal_files(chronos
         assert problems == [f"{db}{suffix} was removed while processes {keeper.pid} still use it: they and new "
                             "processes no longer see each other's writes; stop those processes (see "
                             "docs/trust-model.md)" for suffix in ("-shm", "-wal")]
+        # The process that still has the removed files open refuses to write on into them.
+        keeper.stdin.write("\n")
+        keeper.stdin.flush()
+        assert keeper.stdout.readline().strip() == (
+            f"ledger {db}: its -wal or -shm file was removed or replaced while this process had the ledger open, so "
+            "its writes would no longer reach other processes; restart this process (see docs/trust-model.md)")
+        assert run_cli("reserve", "1G", "1h").returncode == 0  # a new process uses the new files
     finally:
         keeper.stdin.close()
         keeper.wait(30)
