@@ -39,20 +39,6 @@ def start_ticks(stat: bytes) -> int | None:
     return int(fields[19])
 
 
-def _read_bytes(path: str) -> bytes:
-    """A small /proc file's bytes (empty when it cannot be read): no text layer, no codec lookup."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        return os.read(fd, 4096)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
-
-
 def _linux_start(pid: int) -> float | None:
     # os.open/os.read: no buffered file object, since admission calls this for every holder.
     try:
@@ -75,10 +61,15 @@ def boottime_offset() -> int:
     global _offset
     if _offset is None:
         _offset = 0
-        for line in _read_bytes("/proc/self/timens_offsets").splitlines():
-            fields = line.split()
-            if len(fields) == 3 and fields[0] == b"boottime":
-                _offset = round((int(fields[1]) + int(fields[2]) / 1e9) * _ticks)
+        try:
+            # Bytes, no codec: this runs wherever a start is read, in a kernel's teardown too.
+            with open("/proc/self/timens_offsets", "rb") as f:
+                for line in f:
+                    name, seconds, nanos = line.split()
+                    if name == b"boottime":
+                        _offset = round((int(seconds) + int(nanos) / 1e9) * _ticks)
+        except (OSError, ValueError):
+            pass
     return _offset
 
 
@@ -86,7 +77,11 @@ def boot_id() -> str | None:
     """This boot's id (``/proc/sys/kernel/random/boot_id``): start ticks count within it. None off Linux."""
     global _boot
     if _boot is None:
-        _boot = (_read_bytes("/proc/sys/kernel/random/boot_id").strip().decode("latin-1") or None,)
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _boot = (f.read().strip().decode("latin-1") or None,)
+        except OSError:
+            _boot = (None,)
     return _boot[0]
 
 
