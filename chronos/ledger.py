@@ -21,7 +21,7 @@ from typing import Any
 
 from chronos import procs
 from chronos.errors import StateError
-from chronos.ledger_faults import ledger_error, patience, patience_ms
+from chronos.ledger_faults import check_wal_files, ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
@@ -158,12 +158,14 @@ class Ledger:
         self._connect()
 
     def _connect(self) -> None:
+        self._wal_files: tuple[int, int] | None = None
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
+            self._wal_files = check_wal_files(self.path, None)  # this connection's -wal and -shm
         except sqlite3.Error as exc:
             raise ledger_error(exc, self.path) from None
 
@@ -252,6 +254,7 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise ledger_error(exc, self.path) from None
             try:
+                self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
                 self._conn.execute("COMMIT")
             except BaseException as exc:
