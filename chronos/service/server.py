@@ -47,6 +47,9 @@ PARTIAL_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 600.0
 #: An answer not taken by its client within this long closes the connection.
 WRITE_TIMEOUT_S = 30.0
+#: A queued request's progress line is sent when it changes, and at least this often (the client's
+#: ``on_wait`` runs on each, so a client can give up; a silent socket that long means the service is gone).
+WAIT_HEARTBEAT_S = 1.0
 
 log = logging.getLogger("chronos.service")
 
@@ -364,13 +367,14 @@ class Server:
     # -- the workers ----------------------------------------------------------------------
     def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
                done: Callable[[], None] | None) -> None:
-        last: list[WaitUpdate] = []
+        last: list[tuple[WaitUpdate, float]] = []
 
         def progress(update: WaitUpdate) -> None:
             if conn.closed:
                 raise ClientGone("the client went away")
-            if not last or last[0] != update:
-                last[:] = [update]
+            now = time.monotonic()
+            if not last or last[0][0] != update or now - last[0][1] >= WAIT_HEARTBEAT_S:
+                last[:] = [(update, now)]
                 self._done.put((conn, dump({"v": VERSION, "id": request_id, "wait": codec.encode(update)}), None,
                                 False))
                 self._poke()
