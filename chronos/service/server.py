@@ -40,7 +40,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/chronos")
 MAX_CONNECTIONS = 1024
 MAX_PER_USER = 128
 MAX_WAITERS = 256
-WORKERS = 8
+#: The ledger serialises every read and write, so more workers than this only contend for it.
+WORKERS = 4
 #: A request must arrive whole this soon after its first byte.
 PARTIAL_TIMEOUT_S = 10.0
 #: A connection with nothing to do is closed after this long (the client reconnects by itself).
