@@ -208,10 +208,8 @@ class ServiceEngine:
         self._local = threading.local()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ServiceEngine, (self.path,), {"settings": self.settings})
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.settings = state["settings"]
+        # A pickled lease finds a client of the same service (a fresh connection, in its own process).
+        return (ServiceEngine, (str(self.path),))
 
     # -- operations -----------------------------------------------------------------------
     def reserve(

@@ -249,6 +249,7 @@ class Server:
         line = bytes(conn.inbox[:end])
         del conn.inbox[:end + 1]
         conn.partial_since = time.monotonic() if conn.inbox else None
+        request_id: Any = None
         try:
             message = read_message(line)
             request_id = message.get("id")
@@ -259,10 +260,9 @@ class Server:
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise ProtocolError("a request is {\"v\": 1, \"id\": N, \"op\": NAME, \"args\": {...}}")
         except ProtocolError as exc:
-            self._answer_now(conn, None, exc)
+            self._answer_now(conn, _plain_id(request_id), exc)
             return
-        if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
-            request_id = None
+        request_id = _plain_id(request_id)
         conn.busy = True
         if op in WAITING_OPS and _waits(args):
             if not self._waiters.acquire(blocking=False):
@@ -413,6 +413,13 @@ class Server:
             self.watch.wake(call.holder)
         self._done.put((conn, data, granted, True))
         self._poke()
+
+
+def _plain_id(value: Any) -> int | str | None:
+    """A request's ``id`` as it may be echoed: a number or a short string, else nothing."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return value if not isinstance(value, str) or len(value) <= 200 else None
 
 
 def _dump_result(reply: dict[str, Any]) -> bytes:
