@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root and unshare for a private mount namespace")
+needs_namespaces = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                      reason="needs root and unshare for a private mount namespace")
 
 GUIDE = ROOT / "docs" / "admin-guide.md"
 
@@ -26,6 +26,7 @@ def _block(name: str) -> list[str]:
     return [line for line in found.group(1).splitlines() if line.strip()]
 
 
+@needs_namespaces
 def test_the_tljh_and_container_setup_commands_work_as_written(tmp_path: Path) -> None:
     tljh, container = _block("service-tljh"), _block("service-container")
     bin_dir = tmp_path / "bin"  # `chronos` as the guide types it, this checkout's
@@ -67,3 +68,14 @@ def test_the_tljh_and_container_setup_commands_work_as_written(tmp_path: Path) -
     assert re.search(r"^3\s+root\s+\d\s+1 GiB\s+active", listed, re.M), listed
     assert re.search(r"^3\s+root\s+\d\s+1 GiB\s+released", listed.split("ID", 2)[-1], re.M), listed
     assert "drwx------" in out and "srw-rw-rw-" in out, out
+
+
+def test_the_service_benchmark_runs_and_finds_no_overcommit() -> None:
+    """docs/benchmarks.md's command, on a tiny scale (the figures themselves are measured by hand)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_service.py"), "--rounds", "6", "--seconds",
+                           "0.5", "--procs", "2", "--repeats", "1"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines() if not line.startswith("#")}
+    assert set(lines) == {"round trip median ms", "round trip p99 ms", "2 processes grants/s",
+                          "2 processes over-commits"}, done.stdout
+    assert "embedded      0.00   service      0.00" in lines["2 processes over-commits"], done.stdout
