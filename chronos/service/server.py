@@ -319,8 +319,12 @@ class Server:
     def _drop(self, conn: _Conn) -> None:
         """Forget a connection; a grant it never received is undone."""
         conn.closed = True
-        if conn.busy:
-            return  # its worker finishes, sees it closed, and undoes what it did
+        if conn.busy:  # its worker finishes, sees it closed, and undoes what it did
+            try:
+                self._selector.unregister(conn.sock)  # a closed socket reads as ready: stop watching it
+            except (KeyError, ValueError):
+                pass
+            return
         if conn in self._conns:
             self._conns.discard(conn)
             try:
