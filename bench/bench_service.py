@@ -9,7 +9,10 @@
 Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
 on a temporary socket, with simulated GPUs ``8x80G``.
 
-    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5]
+    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3]
+
+The modes alternate, ``--repeats`` times per figure, and each figure is the median of its runs
+(over-commits: the sum), so that a change in the machine's load between runs hits both alike.
 """
 
 from __future__ import annotations
@@ -143,29 +146,44 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--procs", default="8,16")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternate the modes this many times per figure (the machine's load drifts)")
     args = parser.parse_args()
-    print(f"# {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G")
-    results: dict[str, dict[str, float]] = {}
-    for name in ("embedded", "service"):
-        mode = _Mode(name)
-        try:
-            median, p99 = round_trips(mode, args.rounds)
-            results.setdefault("round trip median ms", {})[name] = median * 1000
-            results.setdefault("round trip p99 ms", {})[name] = p99 * 1000
-        finally:
+    print(f"# Python {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G, "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    samples: dict[str, dict[str, list[float]]] = {}
+
+    def add(figure: str, name: str, value: float) -> None:
+        samples.setdefault(figure, {}).setdefault(name, []).append(value)
+
+    modes = {name: _Mode(name) for name in ("embedded", "service")}
+    try:
+        for _ in range(args.repeats):
+            for name, mode in modes.items():
+                median, p99 = round_trips(mode, args.rounds // args.repeats)
+                add("round trip median ms", name, median * 1000)
+                add("round trip p99 ms", name, p99 * 1000)
+    finally:
+        for mode in modes.values():
             mode.close()
-        for procs in (int(p) for p in args.procs.split(",")):
-            mode = _Mode(name)
-            try:
-                rate, bad = throughput(mode, procs, args.seconds)
-            finally:
-                mode.close()
-            results.setdefault(f"{procs} processes grants/s", {})[name] = rate
-            results.setdefault(f"{procs} processes over-commits", {})[name] = bad
-    for figure, by in results.items():
-        ratio = by["service"] / by["embedded"] if by["embedded"] else float("nan")
-        print(f"{figure:32} embedded {by['embedded']:10.2f}   service {by['service']:10.2f}   "
-              f"service/embedded {ratio:.2f}x")
+    for procs in (int(p) for p in args.procs.split(",")):
+        for _ in range(args.repeats):
+            for name in ("embedded", "service"):
+                mode = _Mode(name)
+                try:
+                    rate, bad = throughput(mode, procs, args.seconds)
+                finally:
+                    mode.close()
+                add(f"{procs} processes grants/s", name, rate)
+                add(f"{procs} processes over-commits", name, bad)
+    for figure, by in samples.items():
+        total = "over-commits" in figure
+        emb, svc = (sum(by[n]) if total else statistics.median(by[n]) for n in ("embedded", "service"))
+        ratio = f"service/embedded {svc / emb:.2f}x" if emb else ""
+        print(f"{figure:30} embedded {emb:9.2f}   service {svc:9.2f}   {ratio}   "
+              f"(runs: embedded {', '.join(f'{v:.2f}' for v in by['embedded'])}; "
+              f"service {', '.join(f'{v:.2f}' for v in by['service'])})")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ DEVICE_KEYS = {"index", "uuid", "name", "memory_total_bytes", "memory_used_bytes
                "memory_available_bytes", "active_leases"}
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_reserve_prints_the_id_and_lives_after_the_cli_exits() -> None:
     out = run_cli("reserve", "8G", "2h", "--label", "train")
     assert out.returncode == 0, out.stderr
@@ -62,6 +63,7 @@ def test_extend_and_release_several() -> None:
     assert out.stdout.count("released lease") == 2
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_pid_binds_the_lease_to_a_process() -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -109,6 +111,7 @@ def test_mistakes_get_one_line_and_an_exit_code(args: list[str], code: int, frag
         assert len([line for line in out.stderr.splitlines() if line.strip()]) == 1, out.stderr
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_not_enough_free_memory_is_exit_3_and_says_where() -> None:
     assert run_cli("reserve", "70G", "--gpu", "0").returncode == 0
     assert run_cli("reserve", "70G", "--gpu", "1").returncode == 0
@@ -117,6 +120,7 @@ def test_not_enough_free_memory_is_exit_3_and_says_where() -> None:
     assert "GPU 0: 10 GiB" in out.stderr and "GPU 1: 10 GiB" in out.stderr
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_wait_timeout_is_exit_3_and_leaves_no_queued_request() -> None:
     run_cli("reserve", "70G", "--gpu", "0")
     out = run_cli("reserve", "70G", "--gpu", "0", "--wait", "1s")
@@ -170,6 +174,7 @@ def test_stats_reports_unmanaged_processes() -> None:
             holder.stdout.close()
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_list_shows_queued_requests_with_position_and_estimate() -> None:
     assert run_cli("reserve", "70G", "10m", "--gpu", "0").returncode == 0
     assert run_cli("reserve", "70G", "10m", "--gpu", "1").returncode == 0

@@ -82,6 +82,7 @@ def test_unload_removes_the_magics(shell: InteractiveShell) -> None:
 # -- reserve / status / list / extend / release ----------------------------------------------
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_reserve_binds_a_lease_to_the_kernel_and_shows_the_widget(shell: InteractiveShell) -> None:
     result, captured = run(shell, "%chronos reserve 1G 10m --label demo")
     assert result.success, result.error_in_exec
@@ -129,6 +130,7 @@ def test_reserve_leaves_the_priority_to_the_configured_default(shell: Interactiv
     assert [lease.priority for lease in own_active()] == ["low"]
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_status_list_extend_release(shell: InteractiveShell) -> None:
     run(shell, "%chronos reserve 1G 10m")
     [lease] = own_active()
@@ -174,6 +176,7 @@ def test_status_without_a_lease_shows_the_gpus(shell: InteractiveShell) -> None:
     assert "Chronos Simulated GPU" in captured.stdout
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_release_and_extend_by_id(shell: InteractiveShell) -> None:
     other = chronos.reserve("1G", "10m", bind=False)
     result, _ = run(shell, f"%chronos extend {other.id} 5m")
@@ -212,6 +215,7 @@ def test_suggest_gives_a_magic_to_type(shell: InteractiveShell) -> None:
 # -- the cell magic --------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_cell_runs_under_a_lease_released_when_it_ends(shell: InteractiveShell) -> None:
     result, captured = run(shell, "%%chronos 2G 5m\nimport chronos\n"
                                   "inside = [(l.id, l.label, l.state, l.pid) for l in chronos.leases()]\n"
@@ -293,6 +297,7 @@ def test_a_second_reserve_says_what_to_do(shell: InteractiveShell) -> None:
     assert len(own_active()) == 1
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_unavailable_is_a_usage_error_not_a_traceback(shell: InteractiveShell) -> None:
     big = chronos.reserve("79G", "10m", device=0, bind=False)
     also = chronos.reserve("79G", "10m", device=1, bind=False)
@@ -304,6 +309,7 @@ def test_unavailable_is_a_usage_error_not_a_traceback(shell: InteractiveShell) -
         also.release()
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_wait_queues_until_memory_is_free(shell: InteractiveShell) -> None:
     big = chronos.reserve("79G", "10m", device=0, bind=False)
     also = chronos.reserve("79G", "10m", device=1, bind=False)
@@ -435,6 +441,7 @@ def kernel() -> Iterator[Kernel]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_modes")
 def test_kernel_reserve_status_extend_release(kernel: Kernel) -> None:
     reply, outputs = kernel.execute("%chronos reserve 1G 5m")
     assert reply["status"] == "ok", text_of(outputs)
@@ -479,6 +486,7 @@ def test_kernel_reserve_status_extend_release(kernel: Kernel) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_modes")
 def test_kernel_lease_ends_with_the_kernel(kernel: Kernel) -> None:
     reply, _ = kernel.execute("%chronos reserve 1G 10m")
     assert reply["status"] == "ok"

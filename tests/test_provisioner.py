@@ -89,6 +89,7 @@ def spec_8g(jupyter_dirs: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_modes")
 def test_start_restart_shutdown_keep_one_lease_bound_to_the_kernel(spec_8g: str) -> None:
     from jupyter_client.manager import AsyncKernelManager
 
@@ -235,6 +236,7 @@ def test_interrupt_policy_keeps_the_kernel_but_not_the_lease(jupyter_dirs: Path)
 # --------------------------------------------------------------------------- no capacity
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_no_capacity_fails_at_once_with_a_clear_message(spec_8g: str) -> None:
     from jupyter_client.manager import AsyncKernelManager
 
@@ -257,6 +259,7 @@ def test_no_capacity_fails_at_once_with_a_clear_message(spec_8g: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_modes")
 def test_waiting_start_is_granted_when_capacity_frees_without_blocking_the_loop(jupyter_dirs: Path) -> None:
     from jupyter_client.manager import AsyncKernelManager
 
@@ -283,6 +286,7 @@ def test_waiting_start_is_granted_when_capacity_frees_without_blocking_the_loop(
     run(scenario())
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_cancelled_waiting_start_withdraws_its_request(jupyter_dirs: Path) -> None:
     from jupyter_client.manager import AsyncKernelManager
 

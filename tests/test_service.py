@@ -192,6 +192,15 @@ def test_the_service_refuses_a_state_directory_others_may_write(tmp_path: Path) 
     assert "Traceback" not in out.stderr
 
 
+def test_the_service_runs_the_enforcement_loop_where_it_is_installed(service: Service) -> None:
+    import importlib.util
+
+    installed = importlib.util.find_spec("chronos.service.enforcer") is not None
+    log = wait_for(lambda: service.logs() if "serving" in service.logs() else None)
+    assert ("enforcement loop started" in log) is installed, log
+    assert ("no enforcement loop in this installation" in log) is not installed, log
+
+
 def test_unavailable_is_what_a_stopped_service_means(service: Service) -> None:
     chronos.leases()
     service.stop()

@@ -67,6 +67,7 @@ def _used(lease: chronos.Lease) -> int:
     return sum(n or 0 for n in lease.usage().values())
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_memory_used_counts_the_holder_tree_only(lease: chronos.Lease) -> None:
     """The holder and its descendants count, on the lease's devices only; its parent does not."""
     spawn_grandchild = (
@@ -118,6 +119,7 @@ def test_hidden_use_is_unknown() -> None:
 # -- the live widget -------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_widget_traits_follow_the_lease(lease: chronos.Lease) -> None:
     widget = LeaseWidget(lease, start=False)
     try:
@@ -176,6 +178,7 @@ def test_thread_moves_the_countdown_and_stops_at_the_end() -> None:
         widget.close()
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_buttons_release_and_extend(lease: chronos.Lease) -> None:
     widget = LeaseWidget(lease, start=False, extend_step="15m")
     try:
@@ -192,6 +195,7 @@ def test_buttons_release_and_extend(lease: chronos.Lease) -> None:
         widget.close()
 
 
+@pytest.mark.usefixtures("both_modes")
 def test_button_errors_show_in_the_widget(lease: chronos.Lease) -> None:
     def refuse(_step: str) -> None:
         raise chronos.NotAllowedError("extension refused: the policy allows at most 2h")

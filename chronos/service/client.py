@@ -38,8 +38,10 @@ from chronos.units import MemorySpec
 __all__ = ["DEFAULT_SOCKET", "ServiceEngine", "request_to_wire"]
 
 DEFAULT_SOCKET = Path("/run/chronos/chronos.sock")
-#: How long an answer may take (a write waits at most the ledger's busy timeout); a queued wait has none.
+#: How long an answer may take (a write waits at most the ledger's busy timeout); a queued request
+#: gets a progress line every second (:data:`chronos.service.server.WAIT_HEARTBEAT_S`) however long it waits.
 REPLY_TIMEOUT_S = 120.0
+WAIT_LINE_TIMEOUT_S = 60.0
 
 
 def request_to_wire(spec: RequestSpec) -> dict[str, Any]:
@@ -135,7 +137,7 @@ class ServiceEngine:
         conn.next_id += 1
         message = {"v": VERSION, "id": conn.next_id, "op": op, "args": dict(args or {})}
         try:
-            conn.sock.settimeout(None if waits else REPLY_TIMEOUT_S)
+            conn.sock.settimeout(WAIT_LINE_TIMEOUT_S if waits else REPLY_TIMEOUT_S)
             conn.sock.sendall(dump(message))
             while True:
                 line = conn.reader.readline(MAX_MESSAGE_BYTES + 1)
@@ -206,10 +208,8 @@ class ServiceEngine:
         self._local = threading.local()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ServiceEngine, (self.path,), {"settings": self.settings})
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.settings = state["settings"]
+        # A pickled lease finds a client of the same service (a fresh connection, in its own process).
+        return (ServiceEngine, (str(self.path),))
 
     # -- operations -----------------------------------------------------------------------
     def reserve(

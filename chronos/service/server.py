@@ -2,9 +2,10 @@
 
 One selector thread does all socket I/O (accepting, reading lines, writing answers), so a client
 that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
-nothing else. Complete requests go to a small pool of workers; a queued reservation waits on a
-thread of its own (at most :data:`MAX_WAITERS`). SQLite serialises the writes. A connection serves
-one request at a time. Identity comes from SO_PEERCRED, never from the request.
+nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on
+a small pool of workers; a queued reservation waits on a thread of its own (at most
+:data:`MAX_WAITERS`). SQLite serialises the writes. A connection serves one request at a time.
+Identity comes from SO_PEERCRED, never from the request.
 """
 
 from __future__ import annotations
@@ -40,13 +41,21 @@ DEFAULT_STATE_DIR = Path("/var/lib/chronos")
 MAX_CONNECTIONS = 1024
 MAX_PER_USER = 128
 MAX_WAITERS = 256
-WORKERS = 8
+#: The ledger serialises every read and write, so more workers than this only contend for it.
+WORKERS = 4
+#: Short operations on one lease, served on the I/O thread itself: no hand-over to a worker and back
+#: (two thread switches, which on a busy machine cost more than the operation). Everything that
+#: reads many leases, the GPUs' processes or the audit log goes to the workers.
+INLINE_OPS = frozenset({"hello", "reserve", "release", "extend", "get", "bind", "claim"})
 #: A request must arrive whole this soon after its first byte.
 PARTIAL_TIMEOUT_S = 10.0
 #: A connection with nothing to do is closed after this long (the client reconnects by itself).
 IDLE_TIMEOUT_S = 600.0
 #: An answer not taken by its client within this long closes the connection.
 WRITE_TIMEOUT_S = 30.0
+#: A queued request's progress line is sent when it changes, and at least this often (the client's
+#: ``on_wait`` runs on each, so a client can give up; a silent socket that long means the service is gone).
+WAIT_HEARTBEAT_S = 1.0
 
 log = logging.getLogger("chronos.service")
 
@@ -124,6 +133,7 @@ class Server:
         thread = threading.Thread(target=loop.run, args=(self.stop_event,), name="chronos-enforcer", daemon=True)
         thread.start()
         self._threads.append(thread)
+        log.info("enforcement loop started: one loop for every lease and every user")
 
     def serve_forever(self) -> None:
         """Run until :meth:`stop` (a signal handler calls it)."""
@@ -239,6 +249,7 @@ class Server:
         line = bytes(conn.inbox[:end])
         del conn.inbox[:end + 1]
         conn.partial_since = time.monotonic() if conn.inbox else None
+        request_id: Any = None
         try:
             message = read_message(line)
             request_id = message.get("id")
@@ -249,10 +260,9 @@ class Server:
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise ProtocolError("a request is {\"v\": 1, \"id\": N, \"op\": NAME, \"args\": {...}}")
         except ProtocolError as exc:
-            self._answer_now(conn, None, exc)
+            self._answer_now(conn, _plain_id(request_id), exc)
             return
-        if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
-            request_id = None
+        request_id = _plain_id(request_id)
         conn.busy = True
         if op in WAITING_OPS and _waits(args):
             if not self._waiters.acquire(blocking=False):
@@ -262,6 +272,8 @@ class Server:
                 return
             threading.Thread(target=self._serve, args=(conn, request_id, op, args, self._waiters.release),
                              name="chronos-waiter", daemon=True).start()
+        elif op in INLINE_OPS:
+            self._serve(conn, request_id, op, args, None)
         else:
             self._pool.submit(self._serve, conn, request_id, op, args, None)
 
@@ -307,8 +319,12 @@ class Server:
     def _drop(self, conn: _Conn) -> None:
         """Forget a connection; a grant it never received is undone."""
         conn.closed = True
-        if conn.busy:
-            return  # its worker finishes, sees it closed, and undoes what it did
+        if conn.busy:  # its worker finishes, sees it closed, and undoes what it did
+            try:
+                self._selector.unregister(conn.sock)  # a closed socket reads as ready: stop watching it
+            except (KeyError, ValueError):
+                pass
+            return
         if conn in self._conns:
             self._conns.discard(conn)
             try:
@@ -329,11 +345,12 @@ class Server:
         self.watch.wake()
 
     def _deliver(self) -> None:
+        ready: list[_Conn] = []
         while True:
             try:
                 conn, data, granted, final = self._done.get_nowait()
             except queue.Empty:
-                return
+                break
             if final:
                 conn.busy = False
                 conn.last = time.monotonic()
@@ -348,7 +365,9 @@ class Server:
                 conn.undo = granted
             self._queue_out(conn, data)
             if final and not conn.closed:
-                self._next_request(conn)
+                ready.append(conn)
+        for conn in ready:  # one request of each connection per turn: a pipelining client waits its turn
+            self._next_request(conn)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -364,13 +383,14 @@ class Server:
     # -- the workers ----------------------------------------------------------------------
     def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
                done: Callable[[], None] | None) -> None:
-        last: list[WaitUpdate] = []
+        last: list[tuple[WaitUpdate, float]] = []
 
         def progress(update: WaitUpdate) -> None:
             if conn.closed:
                 raise ClientGone("the client went away")
-            if not last or last[0] != update:
-                last[:] = [update]
+            now = time.monotonic()
+            if not last or last[0][0] != update or now - last[0][1] >= WAIT_HEARTBEAT_S:
+                last[:] = [(update, now)]
                 self._done.put((conn, dump({"v": VERSION, "id": request_id, "wait": codec.encode(update)}), None,
                                 False))
                 self._poke()
@@ -397,6 +417,13 @@ class Server:
             self.watch.wake(call.holder)
         self._done.put((conn, data, granted, True))
         self._poke()
+
+
+def _plain_id(value: Any) -> int | str | None:
+    """A request's ``id`` as it may be echoed: a number or a short string, else nothing."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return value if not isinstance(value, str) or len(value) <= 200 else None
 
 
 def _dump_result(reply: dict[str, Any]) -> bytes:
