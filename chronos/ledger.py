@@ -434,7 +434,9 @@ _PRIORITIES = {priority.value: priority for priority in Priority}
 _ACTIONS = {action.value: action for action in Action}
 
 
+@lru_cache(maxsize=8192)
 def _lease(row: tuple[Any, ...]) -> LeaseRecord:
+    """A record from its row; the same live rows are read by every write, so each is built once."""
     return LeaseRecord(
         id=str(row[0]), uid=row[1], owner=row[2], devices=_tuple(row[3]),
         device_uuids=_tuple(row[4]), memory_bytes=row[5], created_at=row[6], started_at=row[7],
