@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,9 @@ class Engine:
     def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess],
                   live: list[LeaseRecord]) -> scheduler.Snapshot:
         active = [lease for lease in live if lease.state == ACTIVE]
-        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, self.membership(active))
+        # With no process on any GPU there is nothing to judge: every used byte is outside the leases.
+        judge = self.membership(active) if gpu_procs else accounting.Membership(ledger=self.ledger_id)
+        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, judge)
         queued = [lease for lease in live if lease.state == QUEUED]
         requests = self._queued_requests(queued)
         shares = self.policies.use(now) if queued and self.config.fair_share else {}
@@ -215,7 +218,7 @@ class Engine:
             now=now,
             devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
                           for d in devices),
-            active=tuple(scheduler.Holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
+            active=tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
                          for lease in active),
             queue=tuple(replace(request, share=shares.get(lease.owner, 0.0)) if shares else request
                         for lease, request in zip(queued, requests, strict=True)),
@@ -713,6 +716,12 @@ class _Leading:
     key: tuple[tuple[str, str], ...] = ()
     free: dict[int, int] = field(default_factory=dict)
     told: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=8192)
+def _holding(lease_id: str, devices: tuple[int, ...], memory_bytes: int, expires_at: float) -> scheduler.Holding:
+    """An active lease as the planner holds it; the same leases recur in every write's snapshot."""
+    return scheduler.Holding(lease_id, devices, memory_bytes, expires_at)
 
 
 def _free(snapshot: scheduler.Snapshot) -> dict[int, int]:

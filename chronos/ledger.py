@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,9 @@ class Ledger:
         self._lock = threading.RLock()
         self._commits = 0
         self._checkpoints: threading.Event | None = None
+        #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
+        self._open_rows: dict[int, LeaseRecord] | None = None
+        self._open_version = -1
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -215,11 +218,13 @@ class Ledger:
                 raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
             try:
                 yield self
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._open_rows = None  # it holds this transaction's writes: read again
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             else:
-                self._conn.execute("COMMIT")
                 self._commits += 1
                 if self._commits % CHECKPOINT_EVERY == 0:
                     self._checkpoint_soon()
@@ -254,6 +259,8 @@ class Ledger:
             ),
         )
         assert cur.lastrowid is not None
+        if self._open_rows is not None and lease.state in _OPEN:
+            self._open_rows[cur.lastrowid] = replace(lease, id=str(cur.lastrowid))
         return str(cur.lastrowid)
 
     _UPDATABLE = frozenset(
@@ -269,6 +276,24 @@ class Ledger:
                   else str(v) if isinstance(v, (LeaseState, Action)) else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
         self._conn.execute(f"UPDATE leases SET {assignments} WHERE seq = ?", (*values, int(lease_id)))
+        self._apply(int(lease_id), fields)
+
+    def _apply(self, seq: int, fields: dict[str, Any]) -> None:
+        """This connection's own change to an open lease, made to the kept copy too."""
+        if self._open_rows is None:
+            return
+        found = self._open_rows.get(seq)
+        if found is None:
+            if "state" in fields and LeaseState(fields["state"]) in _OPEN:
+                self._open_rows = None  # an ended lease open again (never done): read again
+            return
+        typed: dict[str, Any] = {k: tuple(v) if k in ("devices", "device_uuids") else LeaseState(v) if k == "state"
+                 else Action(v) if k == "end_action" and v is not None else v for k, v in fields.items()}
+        record = replace(found, **typed)
+        if record.state in _OPEN:
+            self._open_rows[seq] = record
+        else:
+            del self._open_rows[seq]
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
         with self._lock:
@@ -277,6 +302,10 @@ class Ledger:
                 "WHERE seq = ?",
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
+            found = self._open_rows.get(int(lease_id)) if self._open_rows is not None else None
+            if found is not None:
+                self._apply(int(lease_id), {"peak_memory_bytes": max(found.peak_memory_bytes or 0, int(peak_bytes)),
+                                            "gpu_seconds": float(gpu_seconds)})
 
     def get(self, lease_id: str) -> LeaseRecord | None:
         rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE seq = ?", (int(lease_id),))
@@ -297,13 +326,26 @@ class Ledger:
                           [str(state) for state in states])
         return [_lease(r) for r in rows]
 
+    def _open(self) -> list[LeaseRecord]:
+        """Active, queued and booked leases, oldest first. Kept while no other connection commits (``PRAGMA
+        data_version``), this connection's own writes applied as made: a write does not re-read every live
+        lease, yet sees every other process's change."""
+        with self._lock:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if self._open_rows is None or version != self._open_version:
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
+                                          [str(state) for state in _OPEN]).fetchall()
+                self._open_rows = {row[0]: _lease(row) for row in rows}  # new ids are the largest: order holds
+                self._open_version = version
+            return list(self._open_rows.values())
+
     def live(self) -> list[LeaseRecord]:
         """Active and queued leases, oldest first."""
-        return self.in_states(LeaseState.ACTIVE, LeaseState.QUEUED)
+        return [r for r in self._open() if r.state != LeaseState.BOOKED]
 
     def open_leases(self) -> tuple[list[LeaseRecord], list[LeaseRecord]]:
         """Active and queued leases, and bookings not yet claimed, in one read (each oldest first)."""
-        rows = self.in_states(LeaseState.ACTIVE, LeaseState.QUEUED, LeaseState.BOOKED)
+        rows = self._open()
         return ([r for r in rows if r.state != LeaseState.BOOKED], [r for r in rows if r.state == LeaseState.BOOKED])
 
     def count_granted(self) -> int:
@@ -315,7 +357,7 @@ class Ledger:
 
     def booked(self) -> list[LeaseRecord]:
         """Bookings not yet claimed, oldest first."""
-        return self.in_states(LeaseState.BOOKED)
+        return [r for r in self._open() if r.state == LeaseState.BOOKED]
 
     def bookings_of(self, uid: int | None = None, since: float | None = None,
                     until: float | None = None) -> list[LeaseRecord]:
@@ -466,6 +508,7 @@ def _tuple(text: str) -> tuple[Any, ...]:
 
 
 _STATES = {state.value: state for state in LeaseState}
+_OPEN = (LeaseState.ACTIVE, LeaseState.QUEUED, LeaseState.BOOKED)
 _PRIORITIES = {priority.value: priority for priority in Priority}
 _ACTIONS = {action.value: action for action in Action}
 
