@@ -19,6 +19,7 @@ from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.limits import Limits
 from chronos.model import Priority
+from chronos.ops import EngineOps
 from chronos.policy import report as policy_report
 from chronos.request import parse_request
 from chronos.units import MemorySpec
@@ -48,19 +49,28 @@ __all__ = [
     "suggest",
 ]
 
-_default: Engine | None = None
+_default: EngineOps | None = None
 _lock = threading.Lock()
 
 
-def default_engine() -> Engine:
-    """The engine for this process's current settings (a new one when they change)."""
+def default_engine() -> EngineOps:
+    """The engine for this process's current settings (a new one when they change).
+
+    With a service configured (``CHRONOS_SERVER``, or ``server`` in the system file) it is the
+    service's client, and this process never opens a ledger; otherwise the local engine.
+    """
     global _default
     current = settings.current()
     with _lock:
         if _default is None or _default.settings is not current:
             if _default is not None:
                 _default.close()
-            _default = Engine(settings=current)
+            if current.server is not None:
+                from chronos.service.client import ServiceEngine
+
+                _default = ServiceEngine(current.server, settings=current)
+            else:
+                _default = Engine(settings=current)
         return _default
 
 
@@ -130,29 +140,23 @@ def report(since: str | int | float = "30d", by: str = "user") -> policy_report.
     """Usage over the audit log since ``since`` (a duration back, or a time), by user, group, label or gpu."""
     import time
 
-    from chronos.policy.figures import gather_report
     from chronos.units import parse_duration, parse_instant
 
     try:
         start = time.time() - parse_duration(since)
     except InvalidRequestError:
         start = parse_instant(since)
-    return gather_report(default_engine(), since=start, by=by)
+    return default_engine().report(since=start, by=by)
 
 
 def metrics() -> str:
     """The machine's figures in the Prometheus text exposition format."""
-    from chronos.policy.figures import collect_metrics
-
-    return collect_metrics(default_engine())
+    return default_engine().metrics()
 
 
 def limits_for(user: str | None = None) -> Limits:
     """A user's effective limits (default: yours), each with the rule that set it."""
-    from chronos.identity import current_user, lookup_user
-
-    engine = default_engine()
-    return engine.policies.limits_of(lookup_user(user) if user is not None else current_user())
+    return default_engine().limits_for(user)
 
 
 def release(lease_id: str | int) -> Lease:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from chronos.api import default_engine
-from chronos.engine import Engine
 from chronos.errors import ChronosError, InvalidRequestError
 from chronos.lease import Lease
 from chronos.model import LeaseState
+from chronos.ops import EngineOps
 from chronos.request import partition_id
 
 __all__ = ["Partition", "PartitionInfo", "Partitioner", "is_stub_mode"]
@@ -123,12 +123,12 @@ class Partition:
 class Partitioner:
     """Creates, lists and releases partitions (leases) as the original API did."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: EngineOps | None = None) -> None:
         self._engine = engine
         self._made: list[Partition] = []
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> EngineOps:
         return self._engine if self._engine is not None else default_engine()
 
     def _total(self, device: int) -> int:

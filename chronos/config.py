@@ -9,6 +9,8 @@ limit must never silently leave the machine unlimited.
 
     state_dir = "/var/lib/chronos"
     admin_group = "chronos-admin"
+    longest_duration = "366d"   # the longest lease, extension or booking anyone may ask for
+    server = "/run/chronos/chronos.sock"   # clients go through the service (docs/protocol.md)
 
     [defaults]            # also allowed in a user's file
     duration = "1h"
@@ -37,6 +39,10 @@ limit must never silently leave the machine unlimited.
 
     [history]
     keep = "180d"         # ended leases and their audit lines older than this are pruned ("none": never)
+
+    [enforce]             # the service's enforcer (chronos serve); see docs/enforcement.md
+    unmanaged = "report"
+    gate_devices = false
 """
 
 from __future__ import annotations
@@ -50,9 +56,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chronos.config_trust import untrusted
 from chronos.errors import InvalidRequestError
-from chronos.model import Action, OnIdle, Priority
-from chronos.units import format_bytes, format_duration, parse_duration, parse_memory
+from chronos.model import Action, OnIdle, OnUnmanaged, Priority
+from chronos.units import (
+    LONGEST_DURATION_S,
+    SHORTEST_LEASE_S,
+    check_duration,
+    format_bytes,
+    format_duration,
+    parse_duration,
+    parse_memory,
+)
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -84,12 +99,16 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     state_dir_explicit: bool = False
     default_duration_s: float = 3600.0
+    #: The longest lease (its whole length, extensions included), booking or wait anyone may ask for.
+    longest_duration_s: float = LONGEST_DURATION_S
     max_duration_s: float | None = None
     max_memory_per_lease_bytes: int | None = None
     max_memory_per_user_bytes: int | None = None
     max_leases_per_user: int | None = None
     high_priority_groups: tuple[str, ...] | None = None
     admin_group: str = "chronos-admin"
+    #: The service's socket: set, every client goes through ``chronos serve`` and never opens the ledger.
+    server: Path | None = None
     on_expiry: Action = Action.TERMINATE
     default_priority: Priority = Priority.NORMAL
     max_gpus_per_user: int | None = None
@@ -106,6 +125,16 @@ class Config:
     metrics_interval_s: float = 5.0
     #: ``[history] keep``: how long an ended lease and its audit lines are kept (None: for ever).
     history_keep_s: float | None = 180 * 86400.0
+    #: ``[enforce]``: the service's one enforcement loop (:mod:`chronos.service.enforcer`) and device gating.
+    unmanaged: OnUnmanaged = OnUnmanaged.REPORT
+    unmanaged_grace_s: float = 60.0
+    unmanaged_exempt: tuple[str, ...] = ()
+    on_overuse: Action = Action.TERMINATE
+    overuse_grace_s: float = 2.0
+    kill_wait_s: float = 30.0
+    enforce_interval_s: float = 0.5
+    gate_devices: bool = False
+    device_dir: Path = Path("/dev")
     #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
     #: a value of None lifting the limit for them.
     user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -140,6 +169,11 @@ def _bytes(value: Any) -> int:
     if spec.nbytes is None:
         raise ValueError("give an absolute size such as \"40G\"; a fraction of a GPU is not a limit here")
     return spec.nbytes
+
+
+def _lease_duration(value: Any) -> float:
+    """A lease's length: at least :data:`~chronos.units.SHORTEST_LEASE_S`."""
+    return check_duration(_duration(value), shortest=SHORTEST_LEASE_S, text=value)
 
 
 def _seconds0(value: Any) -> float:
@@ -196,7 +230,7 @@ def _name(value: Any) -> str:
     return value.strip()
 
 
-def _choice(kind: type[Action] | type[Priority] | type[OnIdle]) -> Callable[[Any], Any]:
+def _choice(kind: type[Action] | type[Priority] | type[OnIdle] | type[OnUnmanaged]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         if value not in kind.choices():
             raise ValueError(f"use one of {', '.join(kind.choices())}")
@@ -211,8 +245,27 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _users(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("give a list of user names such as [\"root\"]")
+    return tuple(v.strip() for v in value)
+
+
+def _interval(value: Any) -> float:
+    """A poll interval: a duration from 0.05 s to 1 minute."""
+    seconds = _duration(value)
+    if not 0.05 <= seconds <= 60:
+        raise ValueError("give an interval from 0.05s to 1m, such as \"0.5s\"")
+    return seconds
+
+
 def _show_duration(value: Any) -> str:
     return format_duration(value)
+
+
+def _show_seconds(value: Any) -> str:
+    """A short duration as people write it, fractions of a second kept (``0.25s``)."""
+    return f"{value:g}s" if value < 60 else format_duration(value)
 
 
 def _show_bytes(value: Any) -> str:
@@ -223,6 +276,10 @@ def _show_groups(value: Any) -> str:
     return ", ".join(value) if value else "nobody but admins"
 
 
+def _show_users(value: Any) -> str:
+    return ", ".join(value) if value else "nobody"
+
+
 def _show_bool(value: Any) -> str:
     return "true" if value else "false"
 
@@ -231,9 +288,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "": {
         "state_dir": _Key("state_dir", _path, str),
         "admin_group": _Key("admin_group", _name, str),
+        "longest_duration": _Key("longest_duration_s", _lease_duration, _show_duration),
+        "server": _Key("server", _path, str),
     },
     "defaults": {
-        "duration": _Key("default_duration_s", _duration, _show_duration, user_allowed=True),
+        "duration": _Key("default_duration_s", _lease_duration, _show_duration, user_allowed=True),
         "priority": _Key("default_priority", _choice(Priority), str, user_allowed=True),
         "on_expiry": _Key("on_expiry", _choice(Action), str, user_allowed=True),
     },
@@ -262,6 +321,17 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "history": {
         "keep": _Key("history_keep_s", _optional(_duration), _show_duration),
+    },
+    "enforce": {
+        "unmanaged": _Key("unmanaged", _choice(OnUnmanaged), str),
+        "unmanaged_grace": _Key("unmanaged_grace_s", _seconds0, _show_seconds),
+        "unmanaged_exempt": _Key("unmanaged_exempt", _users, _show_users),
+        "on_overuse": _Key("on_overuse", _choice(Action), str),
+        "grace": _Key("overuse_grace_s", _seconds0, _show_seconds),
+        "kill_wait": _Key("kill_wait_s", _seconds0, _show_seconds),
+        "interval": _Key("enforce_interval_s", _interval, _show_seconds),
+        "gate_devices": _Key("gate_devices", _bool, _show_bool),
+        "device_dir": _Key("device_dir", _path, str),
     },
 }
 
@@ -316,12 +386,19 @@ def _read(path: Path, *, user: bool = False) -> tuple[dict[str, Any], str] | Non
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        if user:  # e.g. XDG_CONFIG_HOME naming a file: there is no user file, and it holds no limits
+            return None
+        raise ConfigError(f"{path}: a directory on this path is a file, so it cannot be a configuration "
+                          "file; fix CHRONOS_CONFIG or unset it") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a configuration file") from None
     except PermissionError:
         raise ConfigError(f"{path}: cannot be read (permission denied); ask the administrator") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     tomllib = _toml()
     try:
         return tomllib.loads(text), text
@@ -455,6 +532,19 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             sources[spec.field] = str(path)
 
 
+def _check_named_system_file(env: Mapping[str, str], system: Path, user: Path) -> None:
+    """``CHRONOS_CONFIG`` names the administrator's file: for anyone but root it must be one only root can write
+    (a user's own file would make them admin, ``/dev/null`` would lift every limit). See docs/configuration.md."""
+    if not env.get("CHRONOS_CONFIG") or os.getuid() == 0:
+        return
+    why = untrusted(system)
+    if why is not None:
+        raise ConfigError(
+            f"CHRONOS_CONFIG={system} is not used: {why}, and the system configuration (admin group, limits) "
+            f"must be a file only root can change; unset CHRONOS_CONFIG (personal defaults go in {user})"
+        )
+
+
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """The effective configuration: defaults, then the system file, the user's file, ``CHRONOS_STATE_DIR``."""
     env = os.environ if environ is None else environ
@@ -462,6 +552,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     sources: dict[str, str] = {}
     system = system_config_path(env)
     user = user_config_path(env)
+    _check_named_system_file(env, system, user)
     found_system = _read(system)
     if found_system is not None:
         _apply(system, found_system[0], found_system[1], values, sources, user=False)
@@ -470,9 +561,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         _apply(user, found_user[0], found_user[1], values, sources, user=True)
     env_dir = env.get("CHRONOS_STATE_DIR")
     if env_dir:
+        if not env_dir.startswith("/") or "\0" in env_dir:
+            raise ConfigError(f"CHRONOS_STATE_DIR={env_dir[:80]!r} is not an absolute path: "
+                              "write e.g. CHRONOS_STATE_DIR=/var/tmp/chronos-mine, or unset it")
         values["state_dir"] = Path(env_dir)
         values["state_dir_explicit"] = True
         sources["state_dir"] = "env CHRONOS_STATE_DIR"
+    longest = values.get("longest_duration_s", LONGEST_DURATION_S)
+    if values.get("default_duration_s", 0.0) > longest:
+        raise ConfigError(f"{sources['default_duration_s']}: defaults.duration "
+                          f"({format_duration(values['default_duration_s'])}) is longer than longest_duration "
+                          f"({format_duration(longest)}): shorten it")
     return Config(
         **values,
         sources=sources,

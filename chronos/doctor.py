@@ -13,9 +13,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from chronos.doctor_ledger import ledger_problems
 from chronos.enforce import caps, mps
 from chronos.engine import Engine
 from chronos.errors import ChronosError
+from chronos.ops import EngineOps
 from chronos.state import check_dir
 from chronos.state_admin import audit_state_dir
 
@@ -73,7 +75,7 @@ def framework_versions() -> dict[str, str | None]:
     return out
 
 
-def _check_backend(report: Report, engine: Engine) -> None:
+def _check_backend(report: Report, engine: EngineOps) -> None:
     try:
         backend = engine.backend
         report.backend = backend.name
@@ -94,7 +96,7 @@ def _check_backend(report: Report, engine: Engine) -> None:
         report.problems.append(f"GPU backend: {exc}")
 
 
-def _check_state_dir(report: Report, engine: Engine) -> None:
+def _check_state_dir(report: Report, engine: EngineOps) -> None:
     path = Path(engine.config.state_dir)
     info: dict[str, Any] = {"path": str(path), "exists": False}
     report.state_dir = info
@@ -124,9 +126,11 @@ def _check_state_dir(report: Report, engine: Engine) -> None:
         else:  # pragma: no cover - check_dir refuses what os.access refuses
             report.problems.append(f"state directory {path} is not usable by this user")
     report.problems.extend(audit_state_dir(path))
+    if isinstance(engine, Engine):  # through the service, the ledger is the service's to watch
+        report.problems.extend(ledger_problems(engine))
 
 
-def _check_mps(report: Report, engine: Engine) -> None:
+def _check_mps(report: Report, engine: EngineOps) -> None:
     status = mps.mps_status()
     report.mps = {
         "active": status.active, "pipe_dir": status.pipe_dir, "control_pipe": status.control_pipe,
@@ -169,7 +173,7 @@ def _summarise(report: Report) -> None:
     )
 
 
-def diagnose(engine: Engine) -> Report:
+def diagnose(engine: EngineOps) -> Report:
     """Run every check on ``engine``'s machine; never raises for a machine-side problem."""
     report = Report()
     _check_backend(report, engine)

@@ -8,6 +8,7 @@ so the accounting stays true with no daemon.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -26,18 +27,29 @@ from chronos.accounting import DeviceStatus
 from chronos.config import Config
 from chronos.devices import Backend, Device, GpuProcess, backend_for, visible_indices
 from chronos.enforce import caps
-from chronos.errors import ChronosError, LeaseNotFoundError, NotAllowedError, UnavailableError
+from chronos.errors import (
+    ChronosError,
+    InvalidRequestError,
+    LeaseNotFoundError,
+    NamespaceError,
+    NotAllowedError,
+    StateError,
+    UnavailableError,
+)
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
-from chronos.model import Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.ledger import patience as ledger_patience  # noqa: TID251
+from chronos.limits import Limits
+from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
+from chronos.policy.report import Report
 from chronos.policy.retention import Retention
 from chronos.policy.runtime import Policies
-from chronos.request import RequestSpec, parse_lease_id, parse_request
+from chronos.request import RequestSpec, lease_duration, parse_lease_id, parse_request
 from chronos.settings import Settings
 from chronos.state import state_dir as checked_state_dir
-from chronos.units import MemorySpec, format_duration, parse_duration, parse_instant
+from chronos.units import MemorySpec, check_duration, format_duration, parse_instant
 
 __all__ = ["DeviceStatus", "Engine", "WaitUpdate"]
 
@@ -53,6 +65,8 @@ ALIVE_TTL_S = 1.0
 LEADER_REPLAN_S = 30.0
 
 ACTIVE, QUEUED = LeaseState.ACTIVE, LeaseState.QUEUED
+#: Audit events after which the device files' ACLs change (device gating): a grant, and every end.
+_GATED_EVENTS = frozenset({"granted", *(str(state) for state in ENDED_STATES)})
 
 
 class Engine:
@@ -100,7 +114,13 @@ class Engine:
     def ledger(self) -> Ledger:
         with self._lock:
             if self._ledger is None:
-                self._ledger = Ledger(checked_state_dir(self.config))
+                ledger = Ledger(checked_state_dir(self.config))
+                try:
+                    _check_host(ledger)
+                except ChronosError:
+                    ledger.close()
+                    raise
+                self._ledger = ledger
             return self._ledger
 
     @property
@@ -133,7 +153,27 @@ class Engine:
         return Lease(record, self)
 
     def _event(self, lease_id: str, event: str, who: User, detail: dict[str, Any] | None = None) -> None:
-        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=os.getpid(), detail=detail)
+        self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=procs.caller()[0], detail=detail)
+        if event in _GATED_EVENTS and self.config.gate_devices:
+            self.sync_gate(strict=event == "granted")
+
+    def sync_gate(self, *, strict: bool = True) -> list[str]:
+        """Device gating (``[enforce] gate_devices``, :mod:`chronos.enforce.gating`): the device files'
+        ACLs made equal to the active leases. Every grant and every end passes here (through the audit
+        log's one writer), inside its transaction, and the service's enforcer repeats it every pass.
+        A grant whose ACL cannot be written fails (``strict``); an end never does."""
+        if not self.config.gate_devices:
+            return []
+        from chronos.enforce.gating import DeviceGate
+
+        active = [lease for lease in self.ledger.live() if lease.state == ACTIVE]
+        try:
+            return DeviceGate(self.config.device_dir).sync(active)
+        except StateError as exc:
+            if strict:
+                raise
+            logging.getLogger("chronos.gating").warning("%s (the next enforcement pass tries again)", exc)
+            return []
 
     # -- reclaiming -----------------------------------------------------------------------
     def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
@@ -264,16 +304,18 @@ class Engine:
     ) -> Lease:
         """Grant a lease now, or (with ``wait``) queue for one; see ``chronos.reserve``."""
         spec = parse_request(memory, duration, device=device, gpus=gpus, prefer=prefer, priority=priority,
-                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle)
+                             wait=wait, label=label, idle_after=idle_after, on_idle=on_idle,
+                             longest=self.config.longest_duration_s)
         return self.submit(spec, user=user, bind=bind, on_wait=on_wait)
 
     def submit(self, spec: RequestSpec, *, user: str | None = None, bind: bool | int = True,
                on_wait: Callable[[WaitUpdate], None] | None = None) -> Lease:
         """Grant or queue a request already read by :func:`chronos.request.parse_request`."""
         duration_s = spec.duration_s if spec.duration_s is not None else self.config.default_duration_s
+        check_duration(duration_s, longest=self.config.longest_duration_s)
         caller = current_user()
         owner = self._owner(caller, user, "reserve")
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
         devices, gpu_procs = self._poll_devices()
         request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
@@ -295,7 +337,7 @@ class Engine:
                     return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices,
                                            own_rule)
                 if spec.wait_s is None:
-                    raise UnavailableError(decision.reason)
+                    raise UnavailableError(f"{decision.reason}; add --wait to queue until it fits")
                 waiter = procs.caller()
                 queued = LeaseRecord(
                     id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),
@@ -321,6 +363,16 @@ class Engine:
                 f"admins are root and members of group {self.config.admin_group!r}"
             )
         return owner
+
+    def _holder(self, bind: bool | int | None, caller: User) -> tuple[int, float] | None:
+        """The holder asked for: the caller's own process, or (for an admin) anyone's; a lease bound to
+        another user's process would count that user's memory twice, and end when they stop it."""
+        holder = procs.holder(bind)
+        if holder is not None and bind is not True and procs.uid_of(holder[0]) != caller.uid \
+                and not is_admin(caller, self.config.admin_group):
+            raise NotAllowedError(f"process {holder[0]} is not yours; a lease may be bound only to your own "
+                                  "processes (an admin may bind to anyone's)")
+        return holder
 
     def _request_for(self, spec: RequestSpec, devices: list[Device]) -> scheduler.Request:
         """The scheduler's request for ``spec``: the configured defaults filled in, this process's GPUs."""
@@ -546,8 +598,9 @@ class Engine:
         return self._handle(lease)
 
     def extend(self, lease_id: str, duration: str | int | float) -> Lease:
-        """Push an active lease's end back by ``duration``."""
-        seconds = parse_duration(duration)
+        """Push an active lease's end back by ``duration``; the lease's whole length stays within the
+        configuration's ``longest_duration``."""
+        seconds = lease_duration(duration, self.config.longest_duration_s)
         caller = current_user()
         devices, gpu_procs = self._poll_devices()
         with self.ledger.transaction():
@@ -560,6 +613,12 @@ class Engine:
                 raise UnavailableError(f"lease {lease.id} has ended ({lease.state}); reserve a new one")
             assert lease.expires_at is not None
             new_end = lease.expires_at + seconds
+            length = new_end - (lease.started_at or lease.created_at)
+            if length > self.config.longest_duration_s:
+                raise InvalidRequestError(
+                    f"cannot extend lease {lease.id} by {format_duration(seconds)}: it would last "
+                    f"{format_duration(length)} in all, and the longest lease here is "
+                    f"{format_duration(self.config.longest_duration_s)}")
             limits.check_extend(self.policies.limits_of(User(lease.uid, lease.owner)),
                                 new_end - (lease.started_at or lease.created_at))
             conflict = scheduler.extend_conflict(self._snapshot(now, devices, gpu_procs, live), lease.id, new_end)
@@ -574,7 +633,7 @@ class Engine:
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
         caller = current_user()
-        holder = procs.holder(pid) if pid is not None else None
+        holder = self._holder(pid, caller) if pid is not None else None
         with self.ledger.transaction():
             live = self._reclaim(time.time(), caller)
             lease = self._owned(lease_id, caller, "bind", live)
@@ -590,14 +649,15 @@ class Engine:
              device: int | str | Sequence[int] | None = None, gpus: int | None = None, label: str | None = None,
              user: str | None = None) -> Lease:
         """Book ``memory`` per GPU for ``duration`` from ``at`` (``tomorrow 09:00``, ``+2h``); see ``chronos.book``."""
-        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label)
+        spec = parse_request(memory, duration, device=device, gpus=gpus, label=label,
+                             longest=self.config.longest_duration_s)
         caller = current_user()
         return bookings.book(self, self._owner(caller, user, "book"), caller, spec, parse_instant(at))
 
     def claim(self, booking_id: str, *, bind: bool | int = True) -> Lease:
         """Claim a booking in its window: it becomes an active lease (bound as ``reserve`` binds)."""
         caller = current_user()
-        holder = procs.holder(bind)
+        holder = self._holder(bind, caller)
 
         def usage_check(booking: LeaseRecord) -> None:
             owner = User(booking.uid, booking.owner)
@@ -649,13 +709,40 @@ class Engine:
         active = [lease for lease in self._reclaim_if_due() if lease.state == ACTIVE]
         return accounting.device_status(devices, gpu_procs, self.membership(active))
 
-    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
-        """Store a lease's peak GPU memory and GPU time (the watchdog calls this)."""
-        self.ledger.record_usage(parse_lease_id(lease_id), peak_bytes, gpu_seconds)
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float, *, note: str | None = None) -> None:
+        """Store a lease's peak GPU memory and GPU time (the watchdog calls this); ``note`` says what kept
+        the watchdog from recording them before, and goes into the audit log (``unrecorded``) with them."""
+        key = parse_lease_id(lease_id)
+        with self.ledger.transaction():
+            self.ledger.record_usage(key, peak_bytes, gpu_seconds)
+            if note is not None:
+                self._event(key, "unrecorded", current_user(), {"reason": note, "peak_memory_bytes": peak_bytes})
+
+    def patience(self, seconds: float) -> AbstractContextManager[None]:
+        """Inside it, this thread's ledger writes wait at most ``seconds`` for another process's lock
+        (the watchdog's: enforcement never stalls behind a held lock)."""
+        return ledger_patience(seconds)
+
+    def record_enforcement(self, lease_id: str, detail: dict[str, Any]) -> None:
+        """Append what the service's enforcer did to a lease's processes to the audit log (``enforced``)."""
+        with self.ledger.transaction():
+            self._event(parse_lease_id(lease_id), "enforced", current_user(), detail)
 
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
         """The audit log, oldest first."""
         return self.ledger.events(since=since, lease_id=parse_lease_id(lease_id) if lease_id is not None else None)
+
+    def report(self, *, since: float, by: str = "user") -> Report:
+        """Usage over the audit log since ``since`` (:func:`chronos.policy.figures.gather_report`)."""
+        return figures.gather_report(self, since=since, by=by)
+
+    def metrics(self) -> str:
+        """The machine's figures in the Prometheus text format (:func:`chronos.policy.figures.collect_metrics`)."""
+        return figures.collect_metrics(self)
+
+    def limits_for(self, user: str | None = None) -> Limits:
+        """A user's effective limits (default: the caller's), each with the rule that set it."""
+        return self.policies.limits_of(lookup_user(user) if user is not None else current_user())
 
     # -- a lease in a process ---------------------------------------------------------------
     def _totals(self) -> dict[str, int]:
@@ -686,6 +773,35 @@ class Engine:
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _foreign(namespace: str, recorded: str) -> NamespaceError:
+    return NamespaceError(
+        f"this process is in a different pid namespace ({namespace}) from the ledger's ({recorded}), so it cannot "
+        "tell which lease holders are alive; use the Chronos service (chronos serve), or run Chronos outside the "
+        "container")
+
+
+def _check_host(ledger: Ledger) -> None:
+    """Holders are judged only where their pids mean what they meant: in the ledger's pid namespace (else
+    :class:`NamespaceError`), and in its boot (a ledger opened first after a reboot lets every holder go)."""
+    facts, namespace, boot = ledger.host_facts(), procs.pid_namespace(), procs.boot_id()
+    recorded = facts.get("pid_namespace")
+    if namespace is not None and recorded is not None and recorded != namespace:
+        raise _foreign(namespace, recorded)
+    if (namespace is None or recorded is not None) and (boot is None or facts.get("boot_id") == boot):
+        return
+    with ledger.transaction():
+        facts = ledger.host_facts()  # again, under the write lock
+        if namespace is not None and facts.get("pid_namespace") is None:
+            ledger.set_host_fact("pid_namespace", namespace)
+        elif namespace is not None and facts["pid_namespace"] != namespace:
+            raise _foreign(namespace, facts["pid_namespace"])
+        if boot is not None and facts.get("boot_id") != boot:
+            if facts.get("boot_id") is not None:
+                ledger.forget_holders()
+            ledger.set_host_fact("boot_id", boot)
+
+
+
 #: Live engines by what they were built from, so that an unpickled lease finds its engine again.
 _engines: weakref.WeakValueDictionary[tuple[Settings, int], Engine] = weakref.WeakValueDictionary()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_ERROR",
@@ -14,9 +16,11 @@ __all__ = [
     "InvalidRequestError",
     "LeaseNotFoundError",
     "LimitError",
+    "NamespaceError",
     "NotAllowedError",
     "StateError",
     "UnavailableError",
+    "as_chronos_error",
 ]
 
 EXIT_OK = 0
@@ -45,6 +49,11 @@ class UnavailableError(ChronosError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class NamespaceError(UnavailableError):
+    """This process reads pids in another pid namespace than the ledger's (a container sharing the state
+    directory): it cannot tell whose holders are alive, so it must not judge them (exit 3)."""
+
+
 class NotAllowedError(ChronosError, PermissionError):
     """The caller may not do this: another user's lease, admin-only options, a policy limit."""
 
@@ -71,3 +80,27 @@ class BackendError(ChronosError):
 
 class StateError(ChronosError):
     """The state directory or ledger is unsafe or unusable (symlinks, foreign owner, corruption)."""
+
+
+def as_chronos_error(exc: BaseException) -> ChronosError | None:
+    """The one-line Chronos error for a failure of the machine under a command (a full disk, a read-only
+    file system, a damaged or foreign ledger file), which front ends print instead of a traceback;
+    None for anything else (a bug, which should still be seen)."""
+    if isinstance(exc, ChronosError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            return StateError(f"no space left on the device{where}: free some space and try again")
+        if exc.errno == errno.EROFS:
+            return StateError(f"the file system is read-only{where}: ask the administrator, or set CHRONOS_STATE_DIR")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return NotAllowedError(f"permission denied{where}: ask the administrator, or run `chronos doctor`")
+        return StateError(f"{exc.strerror or exc}{where}")
+    if type(exc).__module__ == "sqlite3":  # only the ledger speaks SQL; what escaped it says the file is unusable
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if "full" in text:
+            return StateError(f"the ledger cannot be written ({text}): free some space and try again")
+        return StateError(f"the ledger cannot be used ({text}): run `chronos doctor`, and ask the administrator "
+                          "if it names the file as damaged")
+    return None

@@ -5,12 +5,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 
 from chronos.errors import InvalidRequestError
 
-__all__ = ["User", "current_user", "groups_of", "is_admin", "lookup_user"]
+__all__ = ["User", "acting_as", "current_user", "groups_of", "is_admin", "lookup_user"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,27 @@ def _name_of(uid: int) -> str:
         return str(uid)
 
 
+#: The user a service request is served for (set from the kernel's word, SO_PEERCRED), else None.
+_acting: ContextVar[User | None] = ContextVar("chronos_acting_user", default=None)
+
+
 def current_user() -> User:
+    """Who is asking: this process's real user, or, while the service serves a request, its caller."""
+    acting = _acting.get()
+    if acting is not None:
+        return acting
     uid = os.getuid()
     return User(uid, _name_of(uid))
+
+
+@contextmanager
+def acting_as(uid: int) -> Iterator[User]:
+    """Serve the code inside as the user ``uid`` (a uid the kernel vouched for, never a request's word)."""
+    token = _acting.set(User(uid, _name_of(uid)))
+    try:
+        yield _acting.get() or User(uid, _name_of(uid))
+    finally:
+        _acting.reset(token)
 
 
 def lookup_user(name: str) -> User:

@@ -12,18 +12,20 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from chronos import procs
 from chronos.errors import StateError
+from chronos.ledger_faults import ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
 
 DB_NAME = "chronos.db"
 BUSY_TIMEOUT_MS = 30_000
@@ -104,19 +106,36 @@ _V5_INDEXES = (
 )
 #: Bounded history: one owner's newest leases without a scan (advice, ``list --all --user``), and an audit
 #: log that stays append-only for every lease still on file, so retention may drop a pruned lease's events.
-_V6_HISTORY = (
+_V7_HISTORY = (
     "CREATE INDEX leases_owner ON leases(uid, seq)",
-    # Only ended leases in the index of end times: a new lease writes one index page fewer.
-    "DROP INDEX leases_ended",
-    "CREATE INDEX leases_ended ON leases(ended_at) WHERE ended_at IS NOT NULL",
     "DROP TRIGGER events_no_delete",
     """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
         WHEN EXISTS (SELECT 1 FROM leases WHERE seq = old.lease_seq)
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only while its lease is on file'); END""",
 )
+#: Only ended leases in the index of end times: a new lease writes one index page fewer per grant.
+_V8_ENDED = (
+    "DROP INDEX leases_ended",
+    "CREATE INDEX leases_ended ON leases(ended_at) WHERE ended_at IS NOT NULL",
+)
+
+def _start_ticks(conn: sqlite3.Connection) -> None:
+    """Holders' starts from clock-derived times (boot time + start tick, which a clock step moves) to the
+    start ticks themselves; the host table records the boot they count in."""
+    if procs.boot_id() is None:
+        return  # not Linux: starts stay psutil's times
+    conn.execute("UPDATE leases SET pid_start = ROUND((pid_start - ?) * ?) - ? WHERE pid_start IS NOT NULL",
+                 (procs.legacy_boot_time(), procs.clock_ticks(), procs.boottime_offset()))
+    conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES ('boot_id', ?)", (procs.boot_id(),))
+
+
+#: Facts the holders are read against: the boot their start ticks count in, the pid namespace of their pids.
+_V6_HOLDERS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    "CREATE TABLE host (key TEXT PRIMARY KEY, value TEXT NOT NULL)", _start_ticks)
 
 #: Migration i+1 takes a ledger from schema version i to i+1: statements run in one transaction.
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HISTORY)
+MIGRATIONS: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]] = (
+    _V1, _V2_BOOKINGS, _V3_IDLE, _V4_END_ACTION, _V5_INDEXES, _V6_HOLDERS, _V7_HISTORY, _V8_ENDED)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
@@ -135,8 +154,19 @@ class Ledger:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.path = prepare_file(Path(directory) / DB_NAME)
+        path = Path(directory) / DB_NAME
         self._lock = threading.RLock()
+        if not os.path.lexists(path):
+            _create(path)
+        self.path = prepare_file(path)
+        if os.stat(self.path).st_size == 0:
+            # A new ledger is built aside and linked into place whole, so an empty one was emptied.
+            raise StateError(f"ledger {self.path} is empty (0 bytes): it was truncated or made by hand, and "
+                             "Chronos will not start it afresh over leases it may have held; restore it from a "
+                             "backup, or remove it if no lease matters (see docs/trust-model.md)")
+        self._connect()
+
+    def _connect(self) -> None:
         self._commits = 0
         self._checkpoints: threading.Event | None = None
         #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
@@ -148,8 +178,8 @@ class Ledger:
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"ledger {self.path} is unusable: {exc}") from None
+        except sqlite3.Error as exc:
+            raise ledger_error(exc, self.path) from None
 
     def _setup(self) -> None:
         """WAL mode and the schema, retried while other processes do the same on a new file.
@@ -189,7 +219,10 @@ class Ledger:
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if version < SCHEMA_VERSION:
                     for statement in MIGRATIONS[version]:
-                        self._conn.execute(statement)
+                        if callable(statement):
+                            statement(self._conn)
+                        else:
+                            self._conn.execute(statement)
                     version += 1
                     self._conn.execute(f"PRAGMA user_version = {version}")
 
@@ -209,20 +242,42 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
     @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """This thread's patience (:func:`patience`) as SQLite's busy timeout, for one write."""
+        ms = patience_ms()
+        if ms is None:
+            yield
+            return
+        self._conn.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Ledger]:
-        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger."""
-        with self._lock:
+        """A short write transaction (BEGIN IMMEDIATE): reads inside it see a stable ledger.
+
+        Every SQLite error inside it (a full disk, a lock held past the wait, a read-only file)
+        rolls it back and is raised as one :class:`StateError` that says what happened.
+        """
+        with self._lock, self._waiting():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StateError(f"ledger {self.path} is busy or locked: {exc}") from None
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
             try:
                 yield self
                 self._conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 self._open_rows = None  # it holds this transaction's writes: read again
                 if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite may have rolled back already (a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise ledger_error(exc, self.path) from None
                 raise
             else:
                 self._commits += 1
@@ -242,7 +297,10 @@ class Ledger:
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one query, under the connection's lock."""
         with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
 
     def insert(self, lease: LeaseRecord, request: dict[str, Any] | None = None) -> str:
         cur = self._conn.execute(
@@ -296,10 +354,11 @@ class Ledger:
             del self._open_rows[seq]
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
+        """Store a lease's figures (inside a transaction): the peak only ever grows."""
         with self._lock:
             self._conn.execute(
-                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), gpu_seconds = ? "
-                "WHERE seq = ?",
+                "UPDATE leases SET peak_memory_bytes = MAX(COALESCE(peak_memory_bytes, 0), ?), "
+                "gpu_seconds = ? WHERE seq = ?",
                 (int(peak_bytes), float(gpu_seconds), int(lease_id)),
             )
             found = self._open_rows.get(int(lease_id)) if self._open_rows is not None else None
@@ -428,6 +487,19 @@ class Ledger:
         rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
 
+    # -- the host ---------------------------------------------------------------------------
+    def host_facts(self) -> dict[str, str]:
+        """What the ledger's holders are read against (``boot_id``, ``pid_namespace``)."""
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM host")}
+
+    def set_host_fact(self, key: str, value: str) -> None:
+        """Record one host fact (inside a transaction)."""
+        self._conn.execute("INSERT OR REPLACE INTO host (key, value) VALUES (?, ?)", (key, value))
+
+    def forget_holders(self) -> None:
+        """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
+        self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
+
     def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
         """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""
         owner = " AND uid = ?" if uid is not None else ""
@@ -499,6 +571,30 @@ def _checkpointer(path: Path, wanted: threading.Event) -> None:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error:
             conn = None  # SQLite's own checkpoint in a commit stays the backstop
+
+
+def _create(path: Path) -> None:
+    """A new ledger with its schema, built under a private name and linked into place (a lost race
+    leaves the other process's ledger), so no process ever meets a half-made ledger file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.new")
+    prepare_file(temp)
+    try:
+        fresh = Ledger.__new__(Ledger)
+        fresh.path, fresh._lock = temp, threading.RLock()
+        fresh._connect()
+        fresh.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create ledger {path}: {exc.strerror}") from None
+    finally:
+        for leftover in (temp, temp.with_name(temp.name + "-wal"), temp.with_name(temp.name + "-shm")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
 
 
 @lru_cache(maxsize=1024)

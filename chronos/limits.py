@@ -173,8 +173,8 @@ def check(config: Config | Limits, request: RequestInfo, user: str, groups: Iter
     if limit is not None and request.duration_s > limit:
         raise LimitError("max_duration",
                          f"{format_duration(request.duration_s)} is longer than the maximum of "
-                         f"{format_duration(limit)} per lease ({mine.rule('max_duration_s')}); "
-                         f"ask for less, or extend later")
+                         f"{format_duration(limit)} per lease ({mine.rule('max_duration_s')}), "
+                         f"extensions included; ask for {format_duration(limit)} or less")
     limit = mine.max_memory_per_lease_bytes
     if limit is not None and request.memory_bytes > limit:
         per = " per GPU" if request.gpus > 1 else ""

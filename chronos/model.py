@@ -18,10 +18,12 @@ __all__ = [
     "ENDED_STATES",
     "LIVE_STATES",
     "Action",
+    "FindingKind",
     "IdleNotice",
     "LeaseRecord",
     "LeaseState",
     "OnIdle",
+    "OnUnmanaged",
     "Priority",
     "WaitUpdate",
 ]
@@ -137,6 +139,35 @@ class OnIdle(_Spelled):
     @classmethod
     def _what(cls) -> str:
         return "idle action"
+
+
+class OnUnmanaged(_Spelled):
+    """What the service's enforcer does to a GPU process that holds no lease, mildest first.
+
+    ``report`` logs it once; ``warn`` logs it and tells the process (a line on its stderr when that is
+    a terminal or a pipe), again every ten minutes; ``terminate`` is SIGTERM, then SIGKILL after the wait.
+    """
+
+    REPORT = "report"
+    WARN = "warn"
+    TERMINATE = "terminate"
+
+    @classmethod
+    def _what(cls) -> str:
+        return "unmanaged action"
+
+
+class FindingKind(_Spelled):
+    """Why the service's enforcer acted on a process."""
+
+    OVER_CAP = "over_cap"  # a lease's processes used more than its memory on a device, past the grace period
+    PAST_EXPIRY = "past_expiry"  # a lease reached its end (or was ended with an action) while its processes ran
+    UNMANAGED = "unmanaged"  # a GPU process that holds no lease, or uses a device its lease does not name
+    NO_ACCESS = "no_access"  # with device gating: a process holds a GPU's device file its owner may no longer open
+
+    @classmethod
+    def _what(cls) -> str:
+        return "finding kind"
 
 
 @dataclass(frozen=True)

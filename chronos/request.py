@@ -9,23 +9,27 @@ Values arrive as the user typed them (strings) or as Python values; each mistake
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chronos.errors import InvalidRequestError, LeaseNotFoundError
 from chronos.model import OnIdle, Priority
-from chronos.units import MemorySpec, parse_duration, parse_memory
+from chronos.units import DURATION_CEILING_S, SHORTEST_LEASE_S, MemorySpec, parse_duration, parse_memory
 
 __all__ = [
     "FOREVER",
     "MAX_LABEL",
     "RequestSpec",
+    "lease_duration",
     "parse_devices",
     "parse_gpus",
+    "parse_label",
     "parse_lease_id",
     "parse_request",
     "parse_wait",
     "partition_id",
+    "swapped_extend",
 ]
 
 #: ``wait`` with no limit.
@@ -33,6 +37,8 @@ FOREVER = math.inf
 MAX_LABEL = 200
 _WAIT_YES = ("true", "yes", "forever")
 _WAIT_NO = ("", "false", "no")
+#: Character classes a label may not hold: controls, format marks (bidi overrides), line separators.
+_NOT_IN_LABEL = ("Cc", "Cf", "Zl", "Zp", "Cs")
 
 MemoryValue = str | int | float | MemorySpec
 DurationValue = str | int | float
@@ -77,11 +83,16 @@ def parse_devices(value: DevicesValue | None, option: str = "--gpu") -> tuple[in
     else:
         items = list(value)
     out: list[int] = []
+    if len(items) > 1024:
+        raise InvalidRequestError(f"invalid {option}: {len(items)} GPUs named; {hint}")
     for item in items:
-        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.isdigit())):
+        if isinstance(item, str) and len(item) > 6 and item.isascii() and item.isdigit():
+            raise InvalidRequestError(f"invalid {option} {item[:12]}...: no GPU has such an index; {hint}")
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.isascii()
+                                                                     and item.isdigit())):
             if isinstance(item, str) and item.lstrip("-").isdigit():
                 raise InvalidRequestError(f"invalid {option} {item}: GPU indices start at 0")
-            raise InvalidRequestError(f"invalid {option} {item!r}: {hint}")
+            raise InvalidRequestError(f"invalid {option} {_short(item)}: {hint}")
         index = int(item)
         if index < 0:
             raise InvalidRequestError(f"invalid {option} {index}: GPU indices start at 0")
@@ -89,6 +100,11 @@ def parse_devices(value: DevicesValue | None, option: str = "--gpu") -> tuple[in
     if not out:
         raise InvalidRequestError(f"no GPU named in {option}: {hint}")
     return tuple(out)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 42 else text[:40] + "...'"
 
 
 _PARTITION = "partition_"
@@ -103,7 +119,7 @@ def parse_lease_id(lease_id: str | int) -> str:
     elif text[:1] in ("L", "l"):
         text = text[1:]
     if not text.isascii() or not text.isdigit() or len(text) > 18:
-        raise LeaseNotFoundError(f"no lease {lease_id!r}: lease ids are numbers, see `chronos list`")
+        raise LeaseNotFoundError(f"no lease {_short(lease_id)}: lease ids are numbers, see `chronos list`")
     return str(int(text))
 
 
@@ -116,11 +132,31 @@ def parse_gpus(value: int | str | None) -> int | None:
     """How many devices at once (``--gpus N``)."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip()) if len(value.strip()) <= 6 else 10**6
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequestError(f"invalid --gpus {value!r}: give a whole number of GPUs, 1 or more")
+        raise InvalidRequestError(f"invalid --gpus {_short(value)}: give a whole number of GPUs, 1 or more")
     return value
+
+
+def parse_label(value: object) -> str | None:
+    """A lease's label: plain text of one line, at most :data:`MAX_LABEL` characters (None: no label).
+
+    A label is shown to every user of the machine, so a control character, a newline or a bidi
+    override (which could forge or hide rows of ``chronos list``) is refused here; renderers escape
+    whatever an older ledger holds (:func:`chronos.text.plain`).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"invalid label {_short(value)}: give text such as --label training")
+    if len(value) > MAX_LABEL:
+        raise InvalidRequestError(f"label is too long ({len(value)} characters): keep it to {MAX_LABEL}")
+    for position, char in enumerate(value):
+        if unicodedata.category(char) in _NOT_IN_LABEL:
+            raise InvalidRequestError(f"label has a control character (U+{ord(char):04X} at position {position + 1}): "
+                                      "a label is one line of plain text")
+    return value or None
 
 
 def parse_wait(value: WaitValue) -> float | None:
@@ -133,18 +169,46 @@ def parse_wait(value: WaitValue) -> float | None:
         return None
     if value is True or (isinstance(value, float) and value == FOREVER):
         return FOREVER
+    if isinstance(value, float) and math.isnan(value):
+        raise InvalidRequestError("cannot read nan for --wait: give a timeout such as --wait 10m, or --wait forever")
     if isinstance(value, str):
         text = value.strip().lower()
         if text in _WAIT_YES:
             return FOREVER
         if text in _WAIT_NO:
             return None
+    if not isinstance(value, (str, int, float)):
+        raise InvalidRequestError(f"invalid --wait {_short(value)}: give a timeout such as --wait 10m, "
+                                  "or --wait forever")
     try:
-        return parse_duration(value)
-    except InvalidRequestError:
+        return parse_duration(value, what="--wait")
+    except InvalidRequestError as exc:
+        if "too long" in str(exc):
+            raise InvalidRequestError(f"--wait {_short(value)} is longer than Chronos waits: give --wait forever "
+                                      "to wait with no limit") from None
         raise InvalidRequestError(
-            f"cannot read duration {value!r} for --wait: give a timeout such as --wait 10m, or --wait forever"
+            f"cannot read duration {_short(value)} for --wait: give a timeout such as --wait 10m, or --wait forever"
         ) from None
+
+
+def lease_duration(value: DurationValue, longest: float = DURATION_CEILING_S) -> float:
+    """A lease's length (or an extension's): at least a second, at most ``longest`` (the configuration's
+    ``longest_duration``)."""
+    return parse_duration(value, shortest=SHORTEST_LEASE_S, longest=longest)
+
+
+def swapped_extend(lease_id: object, duration: object) -> tuple[str, str] | None:
+    """For ``extend 1h 7`` (a duration where the id goes, an id where the duration goes), the two in their
+    right order, ``("7", "1h")``; None when the order may be right."""
+    first, second = str(lease_id).strip(), str(duration).strip()
+    if first.isdigit():
+        return None
+    try:
+        parse_duration(first)
+        parse_lease_id(second)
+    except (InvalidRequestError, LeaseNotFoundError):
+        return None
+    return second, first
 
 
 def parse_request(
@@ -159,25 +223,25 @@ def parse_request(
     label: str | None = None,
     idle_after: DurationValue | None = None,
     on_idle: OnIdle | str | None = None,
+    longest: float = DURATION_CEILING_S,
 ) -> RequestSpec:
-    """Every part of a request checked for form (not against this machine's GPUs)."""
+    """Every part of a request checked for form (not against this machine's GPUs). ``longest`` is the
+    longest lease the configuration allows (an engine passes its ``longest_duration``)."""
     devices = parse_devices(device)
     count = parse_gpus(gpus)
     if count is not None and devices is not None and len(devices) != count:
         raise InvalidRequestError(
             f"--gpus {count} and --gpu {','.join(map(str, devices))} disagree: give one of them"
         )
-    if label is not None and len(label) > MAX_LABEL:
-        raise InvalidRequestError(f"label is too long: keep it under {MAX_LABEL} characters")
     return RequestSpec(
         memory=parse_memory(memory),
-        duration_s=parse_duration(duration) if duration is not None else None,
+        duration_s=lease_duration(duration, longest) if duration is not None else None,
         devices=devices,
         gpus=count,
         prefer=parse_devices(prefer, "--prefer") or (),
         priority=Priority.parse(priority, "priority") if priority is not None else None,
         wait_s=parse_wait(wait),
-        label=label,
+        label=parse_label(label),
         idle_after_s=parse_duration(idle_after) if idle_after not in (None, "") else None,
         on_idle=OnIdle.parse(on_idle, "idle action") if on_idle not in (None, "") else None,
     )

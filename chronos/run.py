@@ -35,17 +35,20 @@ from chronos.enforce.watchdog import (
     DEFAULT_WARN_AT,
     ExpiryWarning,
     IdleWarning,
+    LedgerTroubleEvent,
     OveruseEvent,
     SignalEvent,
     UnkillableEvent,
     Watchdog,
     WatchdogEvent,
 )
-from chronos.engine import Engine
-from chronos.errors import InvalidRequestError
+from chronos.errors import ChronosError, InvalidRequestError
 from chronos.lease import Lease
 from chronos.model import Action
-from chronos.units import format_bytes, format_duration
+from chronos.ops import EngineOps
+from chronos.request import MAX_LABEL
+from chronos.text import plain
+from chronos.units import format_bytes, format_duration, parse_duration
 
 __all__ = ["FORWARDED_SIGNALS", "RunResult", "run", "shell_status"]
 
@@ -174,13 +177,26 @@ class _Forwarder:
 
 def _default_printer(stream: TextIO) -> Callable[[WatchdogEvent], None]:
     def show(event: WatchdogEvent) -> None:
-        if isinstance(event, (ExpiryWarning, IdleWarning, UnkillableEvent)) or (
+        if isinstance(event, (ExpiryWarning, IdleWarning, UnkillableEvent, LedgerTroubleEvent)) or (
             isinstance(event, OveruseEvent) and event.action == Action.WARN
         ):
             stream.write(f"chronos: {event.message}\n")
             stream.flush()
 
     return show
+
+
+#: The longest grace period or kill wait: past a day it would never act within a lease.
+_LONGEST_PAUSE_S = 86400.0
+
+
+def _pause(value: float | str, name: str) -> float:
+    """``--grace`` or ``--kill-wait``: zero, or a duration of at most a day (NaN, infinity refused)."""
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0:
+        return 0.0
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value < 0:
+        raise InvalidRequestError(f"{name} must be 0 seconds or more, got {value!r}")
+    return parse_duration(value, longest=_LONGEST_PAUSE_S, what=name)
 
 
 def run(
@@ -201,7 +217,7 @@ def run(
     label: str | None = None,
     env: Mapping[str, str] | None = None,
     on_event: Callable[[WatchdogEvent], None] | None = None,
-    engine: Engine | None = None,
+    engine: EngineOps | None = None,
     stderr: TextIO | None = sys.stderr,
     booking: str | int | None = None,
 ) -> RunResult:
@@ -219,9 +235,7 @@ def run(
         raise InvalidRequestError(NO_COMMAND)
     overuse = Action.parse(on_overuse, "--on-overuse")
     expiry = Action.parse(on_expiry, "--on-expiry") if on_expiry is not None else None
-    for value, name in ((grace, "--grace"), (kill_wait, "--kill-wait")):
-        if not (0 <= float(value) < float("inf")):
-            raise InvalidRequestError(f"{name} must be zero or more seconds, got {value!r}")
+    grace, kill_wait = (_pause(value, name) for value, name in ((grace, "--grace"), (kill_wait, "--kill-wait")))
     if engine is None:
         from chronos.api import default_engine
 
@@ -238,19 +252,24 @@ def run(
         else:
             lease = engine.reserve(
                 memory, duration, device=device, gpus=gpus, priority=priority,
-                label=label or os.path.basename(argv[0]), bind=True, wait=wait,
+                label=label or plain(os.path.basename(argv[0]))[:MAX_LABEL], bind=True, wait=wait,
             )
         try:
             return _run_leased(argv, lease, engine, forwarder, started, env, expiry, overuse,
                                grace, kill_wait, rate_hz, warn_at, on_event, stderr)
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 lease.release()
+            except ChronosError as exc:
+                if stderr is not None:  # bound to this process: the next operation ends it once this exits
+                    stderr.write(f"chronos: could not release lease {lease.id} ({exc}); it ends as soon as the "
+                                 "ledger can be written, since its holder (this process) has exited\n")
+                    stderr.flush()
     finally:
         forwarder.restore()
 
 
-def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwarder, started: float,
+def _run_leased(argv: list[str], lease: Lease, engine: EngineOps, forwarder: _Forwarder, started: float,
                 env: Mapping[str, str] | None, on_expiry: Action | None, on_overuse: Action, grace: float,
                 kill_wait: float, rate_hz: float, warn_at: Sequence[float],
                 on_event: Callable[[WatchdogEvent], None] | None, stderr: TextIO | None) -> RunResult:
@@ -279,6 +298,8 @@ def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwa
         child.send_signal(signal.SIGINT)
         returncode = child.wait()
     watchdog.stop()
+    if watchdog.trouble is not None:
+        _record_late(engine, lease, watchdog, stderr)
     acted = any(isinstance(e, SignalEvent) for e in watchdog.events)
     ended_by: str | None = watchdog.end_reason if acted else None
     result = RunResult(
@@ -299,3 +320,20 @@ def _run_leased(argv: list[str], lease: Lease, engine: Engine, forwarder: _Forwa
         )
         stderr.flush()
     return result
+
+
+def _record_late(engine: EngineOps, lease: Lease, watchdog: Watchdog, stderr: TextIO | None) -> None:
+    """The figures the watchdog could not store, stored now with the ledger's full wait, or said to be lost."""
+    peak = format_bytes(watchdog.peak_bytes)
+    if stderr is not None:
+        stderr.write(f"chronos: lease {lease.id}: recording its usage (peak {peak}) once the ledger can be "
+                     f"written ({watchdog.trouble})\n")
+        stderr.flush()
+    try:
+        engine.record_usage(lease.id, watchdog.peak_bytes, round(watchdog.gpu_seconds, 3), note=watchdog.trouble)
+    except ChronosError as exc:
+        if stderr is not None:
+            stderr.write(f"chronos: lease {lease.id}: its usage (peak {peak}) was not recorded: {exc}\n")
+    else:
+        if stderr is not None:
+            stderr.write(f"chronos: lease {lease.id}: usage recorded\n")

@@ -189,6 +189,13 @@ def validate(snapshot: Snapshot, request: Request) -> None:
         raise InvalidRequestError(f"gpus must be at least 1, got {request.gpus}")
     if not (request.duration_s > 0) or math.isinf(request.duration_s):
         raise InvalidRequestError(f"duration must be positive seconds, not {request.duration_s!r}")
+    for index in request.prefer:  # a preference for no GPU here would be ignored without a word
+        if index not in by_index:
+            known = ", ".join(str(i) for i in sorted(by_index)) or "none"
+            raise InvalidRequestError(f"--prefer {index}: there is no GPU {index} here; this machine has GPUs {known}")
+        if request.visible is not None and index not in request.visible:
+            raise InvalidRequestError(f"--prefer {index}: GPU {index} is not visible here "
+                                      f"(CUDA_VISIBLE_DEVICES allows {_list(request.visible)})")
     if request.devices is not None:
         if len(set(request.devices)) != len(request.devices):
             raise InvalidRequestError(f"GPU listed twice in {_list(request.devices)}")

@@ -16,9 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chronos.config import Config, load_config
-from chronos.errors import InvalidRequestError
+from chronos.errors import ChronosError, InvalidRequestError
+from chronos.request import parse_lease_id
+from chronos.units import SIZE_CEILING, parse_size
 
-__all__ = ["BACKENDS", "ENV_KEYS", "Settings", "current", "from_environ", "refresh"]
+__all__ = ["BACKENDS", "ENV_KEYS", "Settings", "current", "from_environ", "lease_id_from_env", "refresh"]
 
 #: Backend choices for ``CHRONOS_BACKEND``.
 BACKENDS = ("auto", "nvml", "simulated")
@@ -34,6 +36,7 @@ ENV_KEYS = (
     "CHRONOS_SIM_GPUS",
     "CHRONOS_SIM_TOPOLOGY",
     "CHRONOS_CONTEXT_RESERVE",
+    "CHRONOS_SERVER",
 )
 
 
@@ -47,6 +50,8 @@ class Settings:
     sim_topology: str | None = None
     #: Device memory kept out of the framework caps for the CUDA context (None: the default rule).
     context_reserve_bytes: int | None = None
+    #: The service's socket (``CHRONOS_SERVER``, else the system file's ``server``): None is embedded mode.
+    server: Path | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -70,18 +75,48 @@ def _reserve(raw: str | None) -> int | None:
     text = (raw or "").strip()
     if not text:
         return None
-    if not text.isdigit():
-        raise InvalidRequestError(
-            f"CHRONOS_CONTEXT_RESERVE={raw!r} is not a number of bytes: write e.g. 805306368, or unset it"
-        )
-    return int(text)
+    hint = "write a size such as 768M or a number of bytes such as 805306368, or unset it"
+    if text.isascii() and text.isdigit():
+        if len(text) > 16 or int(text) > SIZE_CEILING:
+            raise InvalidRequestError(f"CHRONOS_CONTEXT_RESERVE={text[:20]!r}... is larger than any GPU: {hint}")
+        return int(text)
+    try:
+        return parse_size(text)
+    except InvalidRequestError:
+        raise InvalidRequestError(f"CHRONOS_CONTEXT_RESERVE={text[:40]!r} is not a size: {hint}") from None
+
+
+def lease_id_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The lease this process runs inside (``CHRONOS_LEASE_ID``, set by ``chronos run`` and the kernel
+    provisioner), or None; a value that is no lease id is an error, never silently no lease."""
+    env = os.environ if environ is None else environ
+    raw = env.get("CHRONOS_LEASE_ID")
+    if not raw:
+        return None
+    try:
+        return parse_lease_id(raw)
+    except ChronosError:
+        raise InvalidRequestError(f"CHRONOS_LEASE_ID={raw[:40]!r} is not a lease id (Chronos sets it to a number "
+                                  "such as 12 for a process inside a lease): unset it") from None
+
+
+def _server(raw: str | None, config: Config) -> Path | None:
+    text = (raw or "").strip()
+    if text:
+        if not text.startswith("/"):
+            raise InvalidRequestError(f"CHRONOS_SERVER={raw!r} is not a socket path: write an absolute path such as "
+                                      "/run/chronos/chronos.sock, or unset it")
+        return Path(text)
+    return config.server
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> Settings:
     """A fresh snapshot of ``environ`` (default: this process's) and the files it names."""
     env = os.environ if environ is None else environ
+    config = load_config(env)
     return Settings(
-        config=load_config(env),
+        config=config,
+        server=_server(env.get("CHRONOS_SERVER"), config),
         backend=_backend(env.get("CHRONOS_BACKEND")),
         sim_gpus=env.get("CHRONOS_SIM_GPUS") or None,
         sim_topology=env.get("CHRONOS_SIM_TOPOLOGY") or None,

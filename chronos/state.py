@@ -8,16 +8,20 @@ DIR --group G`` (root:G, mode 3770, its files made by root: see :mod:`chronos.st
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import os
 import pwd
 import stat
+import struct
 from pathlib import Path
 
 from chronos.config import Config
 from chronos.errors import NotAllowedError, StateError
 
-__all__ = ["check_dir", "file_mode_for", "group_name", "init_hint", "is_group_dir", "prepare_file", "state_dir"]
+__all__ = ["check_dir", "file_mode_for", "group_name", "init_hint", "is_group_dir", "prepare_file", "state_dir",
+           "write_trouble"]
 
 _SHARED_DIR_MODE = 0o1777
 _PRIVATE_DIR_MODE = 0o700
@@ -51,6 +55,9 @@ def check_dir(path: Path, *, shared: bool) -> Path:
                 "ask its owner to run: chmod +t " + str(path)
             )
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        why = write_trouble(path)
+        if why is not None:
+            raise StateError(f"cannot use state directory {path}: {why}")
         if is_group_dir(info.st_mode):
             name = group_name(info.st_gid)
             raise NotAllowedError(
@@ -60,6 +67,43 @@ def check_dir(path: Path, *, shared: bool) -> Path:
         raise StateError(f"no permission to use state directory {path}; ask its owner to share it "
                          "(see docs/trust-model.md)")
     return path
+
+
+#: ``FS_IOC_GETFLAGS`` and its ``FS_IMMUTABLE_FL`` / ``FS_APPEND_FL`` bits (``chattr +i`` / ``+a``).
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IMMUTABLE_FL = 0x10
+_FS_APPEND_FL = 0x20
+
+
+def write_trouble(path: Path) -> str | None:
+    """Why ``path`` (or, when missing, its directory) cannot be written, in words; None when no
+    cause is seen: a read-only file system, an immutable or append-only file, a full file system."""
+    target = path if os.path.lexists(path) else path.parent
+    try:
+        fs = os.statvfs(target)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return f"{target} is on a read-only file system (remount it read-write, or set CHRONOS_STATE_DIR)"
+    flags = _inode_flags(target)
+    if flags & _FS_IMMUTABLE_FL:
+        return f"{target} is immutable (chattr +i); an admin can run: chattr -i {target}"
+    if flags & _FS_APPEND_FL:
+        return f"{target} is append-only (chattr +a); an admin can run: chattr -a {target}"
+    if fs.f_bavail == 0 or (os.geteuid() == 0 and fs.f_bfree == 0):
+        return f"the file system holding {target} is full: free space there"
+    return None
+
+
+def _inode_flags(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            buf = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0))
+            return int(struct.unpack("l", buf)[0])
+        finally:
+            os.close(fd)
+    return 0
 
 
 def is_group_dir(mode: int) -> bool:
@@ -126,7 +170,8 @@ def prepare_file(path: Path) -> Path:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise StateError(f"cannot create {path}: {exc.strerror}") from None
+        why = write_trouble(path)
+        raise StateError(f"cannot create {path}: {why or exc.strerror}") from None
     else:
         try:
             os.fchmod(fd, file_mode_for(directory))
@@ -148,6 +193,9 @@ def prepare_file(path: Path) -> Path:
             f"refusing it ({advice})"
         )
     if not os.access(path, os.R_OK | os.W_OK):
+        why = write_trouble(path)
+        if why is not None:
+            raise StateError(f"cannot write {path}: {why}")
         if is_group_dir(dir_info.st_mode):
             raise StateError(f"no permission to write {path}; ask an admin to run: {init_hint(directory)}")
         raise StateError(

@@ -61,11 +61,11 @@ def init_state_dir(directory: str | os.PathLike[str], group: str) -> InitResult:
     result = InitResult(path, group)
     try:
         _make_dir(path, gid, result)
-        ledger_new = not (path / _LEDGER).exists()
+        if not os.path.lexists(path / _LEDGER):
+            _write_schema(path)
+            result.created.append(path / _LEDGER)
         for file in state_files(path):
             _make_file(file, gid, result)
-        if ledger_new or os.stat(path / _LEDGER).st_size == 0:
-            _write_schema(path)
     except OSError as exc:
         raise StateError(f"cannot set up {exc.filename or path}: {exc.strerror}") from None
     return result
@@ -111,7 +111,7 @@ def _make_file(path: Path, gid: int, result: InitResult) -> None:
 
 
 def _write_schema(path: Path) -> None:
-    """Give a new (empty) ledger its schema now, so nobody ever meets an empty ledger file.
+    """Make the ledger with its schema now (the ledger builds it aside and links it into place).
 
     The last connection to close removes SQLite's -wal and -shm files: made again, by root, after.
     """
@@ -120,9 +120,6 @@ def _write_schema(path: Path) -> None:
         engine.ledger  # noqa: B018 - opening it creates the schema
     finally:
         engine.close()
-    gid = os.stat(path).st_gid
-    for file in state_files(path)[1:3]:
-        _make_file(file, gid, InitResult(path, ""))
 
 
 def _user(uid: int) -> str:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chronos import scheduler
-from chronos.engine import DeviceStatus, Engine
+from chronos.engine import DeviceStatus
 from chronos.identity import current_user
 from chronos.model import LeaseRecord, LeaseState
+from chronos.ops import EngineOps
 from chronos.policy import fairshare
 from chronos.units import MemorySpec, duration_text, format_bytes, format_duration, size_text
 
@@ -383,7 +384,7 @@ def suggest_from(snapshot: scheduler.Snapshot, history: Sequence[LeaseRecord], *
 
 
 # -- gathering from an engine ------------------------------------------------------------------------------
-def queue(engine: Engine) -> list[QueueEntry]:
+def queue(engine: EngineOps) -> list[QueueEntry]:
     """Every queued request in grant order with its estimated start and why it stands there."""
     snapshot, live = engine.snapshot()
     config = engine.config
@@ -391,22 +392,20 @@ def queue(engine: Engine) -> list[QueueEntry]:
                       config.fair_share_half_life_s if config.fair_share else None)
 
 
-def detailed(engine: Engine, *, user: str | None = None) -> DetailedStats:
+def detailed(engine: EngineOps, *, user: str | None = None) -> DetailedStats:
     """Device detail and GPU-hours (every user's, or only ``user``'s)."""
     import time
-
-    from chronos.policy.figures import gather_report
 
     devices = engine.devices()
     snapshot, _ = engine.snapshot()
     now = time.time()
     # Only the week the figures cover is read: the cost does not grow with the ledger's history.
     history = [lease.record for lease in engine.leases(ended_since=now - WEEK, user=user)]
-    idle_week = {row.key: row.idle_gpu_hours for row in gather_report(engine, since=now - WEEK, now=now).rows}
+    idle_week = {row.key: row.idle_gpu_hours for row in engine.report(since=now - WEEK).rows}
     return detailed_from(devices, snapshot, history, now, idle_week)
 
 
-def suggest(engine: Engine, user: str | None = None) -> Suggestion:
+def suggest(engine: EngineOps, user: str | None = None) -> Suggestion:
     """Advice for your next request (or ``user``'s) from the machine now and your past leases."""
     import time
 

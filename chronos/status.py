@@ -18,11 +18,11 @@ from typing import Any
 from chronos import stats
 from chronos.accounting import DeviceStatus
 from chronos.enforce.events import DEFAULT_WARN_AT
-from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.identity import current_user
 from chronos.lease import Lease
 from chronos.model import LeaseState
+from chronos.ops import EngineOps
 from chronos.request import RequestSpec
 
 __all__ = [
@@ -132,7 +132,7 @@ class Forecast:
         return data
 
 
-def forecast(engine: Engine, spec: RequestSpec, *, user: str | None = None) -> Forecast:
+def forecast(engine: EngineOps, spec: RequestSpec, *, user: str | None = None) -> Forecast:
     """Whether ``spec`` would be granted now, else when it would start; a refusal becomes ``error``."""
     try:
         decision = engine.forecast(spec, user=user)
@@ -170,7 +170,7 @@ class MachineStatus:
         }
 
 
-def machine_status(engine: Engine, *, user: str | None = None, requests: Mapping[str, RequestSpec] | None = None,
+def machine_status(engine: EngineOps, *, user: str | None = None, requests: Mapping[str, RequestSpec] | None = None,
                    warn_at: Mapping[str, tuple[float, ...]] | None = None,
                    ended_within: float = ENDED_WITHIN_S) -> MachineStatus:
     """The GPUs, ``user``'s leases (default: the caller's) live and recently ended, the queue, and a

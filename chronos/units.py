@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from chronos.errors import InvalidRequestError
 
 __all__ = [
+    "DURATION_CEILING_S",
+    "LONGEST_DURATION_S",
+    "SHORTEST_LEASE_S",
+    "SIZE_CEILING",
     "MemorySpec",
+    "check_duration",
     "duration_text",
     "format_bytes",
     "format_clock",
@@ -36,10 +41,30 @@ _UNITS = {
     "g": 1 << 30,
     "t": 1 << 40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*%\s*$")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE)
+# ASCII only: a fullwidth or other script's digit is never read as a number of bytes or seconds.
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*%\s*$", re.ASCII)
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE | re.ASCII)
 _DURATION_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+#: The longest duration anything reads, whatever the configuration says (about 100 years): every end
+#: time stays a date the clock can show, and stored values stay far inside SQLite's and time_t's range.
+DURATION_CEILING_S = 100 * 365 * 86400.0
+#: The default of the configuration's ``longest_duration``: the longest lease, extension or booking.
+LONGEST_DURATION_S = 366 * 86400.0
+#: The shortest lease: anything shorter would end before its owner could see it.
+SHORTEST_LEASE_S = 1.0
+#: The largest size anything reads (1 PiB, far past any GPU): the machine's own GPUs bound a request
+#: further, with the largest one named in the message.
+SIZE_CEILING = 1 << 50
+#: Longer text is never a size or a duration: it is cut in messages, so a mistake stays one short line.
+_MAX_TEXT = 40
+
+
+def _shown(value: object) -> str:
+    """``value`` as a message quotes it: repr, control characters escaped, at most about 40 characters."""
+    text = repr(value)
+    return text if len(text) <= _MAX_TEXT + 2 else text[:_MAX_TEXT] + "...'"
 
 
 @dataclass(frozen=True)
@@ -64,35 +89,59 @@ class MemorySpec:
 
 
 def parse_memory(value: str | int | float | MemorySpec) -> MemorySpec:
-    """Parse ``8G``, ``512M``, ``8GiB``, ``50%`` or ``0.5``; an int is bytes, a float in (0, 1] a fraction."""
+    """Parse ``8G``, ``512M``, ``8GiB``, ``50%`` or ``0.5``; an int is bytes, a float in (0, 1] a fraction.
+
+    A bare number in text is always a fraction of each GPU (``0.5`` half of it, ``1`` all of it), as the
+    original Chronos read it; a bare number above 1 is refused with both readings a person may have meant.
+    """
     if isinstance(value, MemorySpec):
         return value
     if isinstance(value, bool):
         raise InvalidRequestError(f"invalid memory {value!r}: give a size such as 8G or a fraction such as 50%")
     if isinstance(value, int):
         if value <= 0:
-            raise InvalidRequestError(f"memory must be positive, got {value}")
-        return MemorySpec(nbytes=value)
+            raise InvalidRequestError(f"memory must be more than 0 bytes, got {value}")
+        return MemorySpec(nbytes=_bounded_size(value, str(value)))
     if isinstance(value, float):
         return _fraction(value, str(value))
-    text = str(value).strip()
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"invalid memory {_shown(value)}: give a size such as 8G or a fraction such as 50%")
+    text = value.strip()
     match = _PERCENT_RE.match(text)
     if match:
         return _fraction(float(match.group(1)) / 100.0, text)
-    if re.fullmatch(r"\d*\.\d+|\d+\.\d*|0|1", text) and float(text) <= 1.0:
-        return _fraction(float(text), text)
+    if re.fullmatch(r"\d*\.\d+|\d+\.?\d*", text, re.ASCII):
+        if float(text) <= 1.0:
+            return _fraction(float(text), text)
+        if float(text) * _UNITS["g"] > SIZE_CEILING:
+            _bounded_size(SIZE_CEILING + 1, text)
+        count = f"; for {text} whole GPUs write 1 --gpus {text}" if text.isdigit() else ""
+        raise InvalidRequestError(
+            f"memory {text!r} is a bare number, which is a fraction of each GPU (0.5 is half, 1 all of it): "
+            f"for {text} GiB write {text}G{count}"
+        )
     match = _SIZE_RE.match(text)
     if not match:
         raise InvalidRequestError(
-            f"cannot read memory {text!r}: use a size such as 8G, 512M, 8GiB, or a fraction such as 50% or 0.5"
+            f"cannot read memory {_shown(text)}: use a size such as 8G, 512M, 8GiB, or a fraction such as 50% or 0.5"
         )
     number, unit = match.groups()
-    if not unit:
-        raise InvalidRequestError(f"memory {text!r} has no unit: write {text}G for GiB or {text}M for MiB")
-    nbytes = int(float(number) * _UNITS[unit.lower()])
-    if nbytes <= 0:
-        raise InvalidRequestError(f"memory must be positive, got {text!r}")
-    return MemorySpec(nbytes=nbytes)
+    if not unit and not text.lower().endswith("b"):
+        raise InvalidRequestError(f"memory {text!r} has no unit: write {number}G for GiB or {number}M for MiB")
+    amount = float(number) * _UNITS[unit.lower()]
+    if not amount <= SIZE_CEILING:
+        _bounded_size(SIZE_CEILING + 1, text)
+    if int(amount) <= 0:
+        raise InvalidRequestError(f"memory {_shown(text)} is 0 bytes: give a size such as 512M or 8G")
+    return MemorySpec(nbytes=_bounded_size(int(amount), text))
+
+
+def _bounded_size(nbytes: int, text: str) -> int:
+    """``nbytes`` if it is at most :data:`SIZE_CEILING`, else the refusal."""
+    if nbytes > SIZE_CEILING:
+        raise InvalidRequestError(f"memory {_shown(text)} is far larger than any GPU: Chronos reads sizes up to "
+                                  f"{SIZE_CEILING >> 40}T; give the memory per GPU, such as 40G")
+    return nbytes
 
 
 def parse_size(value: str | int) -> int:
@@ -105,29 +154,50 @@ def parse_size(value: str | int) -> int:
 
 def _fraction(value: float, text: str) -> MemorySpec:
     if not math.isfinite(value) or value <= 0 or value > 1:
-        raise InvalidRequestError(f"memory fraction {text!r} must be above 0 and at most 1 (100%)")
+        raise InvalidRequestError(f"memory fraction {_shown(text)} must be above 0 and at most 1 (100%)")
     return MemorySpec(fraction=value)
 
 
-def parse_duration(value: str | int | float) -> float:
-    """Parse ``2h``, ``90m``, ``1h30m``, ``45s``, ``1d`` or plain seconds into seconds (> 0)."""
-    if isinstance(value, bool):
-        raise InvalidRequestError(f"invalid duration {value!r}")
+def parse_duration(value: str | int | float, *, shortest: float = 0.0, longest: float = DURATION_CEILING_S,
+                   what: str = "duration") -> float:
+    """Parse ``2h``, ``90m``, ``1h30m``, ``45s``, ``1d`` or plain seconds into seconds (> 0).
+
+    A value must be finite, above 0 and at least ``shortest``, and at most ``longest`` (the
+    configuration's ``longest_duration`` where a lease's length is read); ``what`` names it in messages.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidRequestError(f"invalid {what} {_shown(value)}: use 2h, 90m, 1h30m, 45s, 1d or seconds")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = float(value) if not abs(value) > 1e300 else math.inf if value > 0 else -math.inf
     else:
-        text = str(value).strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text, re.ASCII):
             seconds = float(text)
         else:
             parts = _DURATION_PART_RE.findall(text)
             if not parts or "".join(n + u for n, u in parts) != text:
                 raise InvalidRequestError(
-                    f"cannot read duration {value!r}: use 2h, 90m, 1h30m, 45s, 1d or seconds"
+                    f"cannot read {what} {_shown(value)}: use 2h, 90m, 1h30m, 45s, 1d or seconds"
                 )
             seconds = sum(float(n) * _DURATION_SECONDS[u] for n, u in parts)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise InvalidRequestError(f"duration must be positive, got {value!r}")
+    if math.isnan(seconds):
+        raise InvalidRequestError(f"cannot read {what} {_shown(value)}: use 2h, 90m, 1h30m, 45s, 1d or seconds")
+    if seconds <= 0:
+        raise InvalidRequestError(f"{what} must be more than 0, got {_shown(value)}")
+    return check_duration(seconds, shortest=shortest, longest=longest, what=what, text=value)
+
+
+def check_duration(seconds: float, *, shortest: float = 0.0, longest: float = DURATION_CEILING_S,
+                   what: str = "duration", text: object = None) -> float:
+    """``seconds`` if it lies within [``shortest``, ``longest``], else the one-line refusal saying the bound."""
+    shown = _shown(text) if text is not None else duration_text(seconds) if math.isfinite(seconds) else "infinite"
+    if not seconds <= longest:
+        raise InvalidRequestError(f"{what} {shown} is too long: at most {duration_text(longest)} here")
+    if seconds < shortest:
+        if what != "duration":
+            raise InvalidRequestError(f"{what} {shown} is too short: at least {duration_text(shortest)}")
+        raise InvalidRequestError(f"{what} {shown} is too short: a lease lasts at least {duration_text(shortest)}, "
+                                  "or it would end before it could be used")
     return seconds
 
 
@@ -141,7 +211,9 @@ def format_bytes(nbytes: int | float) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """``4320`` -> ``1h 12m``; seconds shown only under ten minutes."""
+    """``4320`` -> ``1h 12m``; seconds shown only under ten minutes (``-`` for no number)."""
+    if not math.isfinite(seconds):
+        return "forever" if seconds > 0 else "-"
     seconds = max(0, round(seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -166,6 +238,8 @@ def size_text(nbytes: int) -> str:
 
 def duration_text(seconds: float) -> str:
     """The shortest exact spelling ``parse_duration`` reads back: ``2h``, ``1h30m``, ``90s``."""
+    if not math.isfinite(seconds):
+        return "forever"
     if seconds != int(seconds):
         return f"{seconds:g}s"
     rest = int(seconds)
@@ -181,10 +255,26 @@ def format_clock(epoch: float | None, *, seconds: bool = False, now: float | Non
     """A wall-clock time in the local zone: ``14:32`` today, ``Nov 29 14:32`` another day; ``-`` for None."""
     if epoch is None or not math.isfinite(epoch):
         return "-"
-    then = time.localtime(epoch)
+    then = _localtime(epoch)
+    if then is None:
+        return _FAR_FUTURE if epoch > 0 else "-"
     today = time.localtime(now if now is not None else time.time())
     clock = "%H:%M:%S" if seconds else "%H:%M"
     return time.strftime(clock if then[:3] == today[:3] else f"%b %d {clock}", then)
+
+
+#: What a time past the clock's range (a ledger written before durations were bounded) shows as.
+_FAR_FUTURE = "far future"
+
+
+def _localtime(epoch: float) -> time.struct_time | None:
+    """``time.localtime``, or None past what this platform's clock can show (year 10000 and later)."""
+    if not -1e12 < epoch < 253402300800:  # 9999-12-31 UTC, or some negative year strftime cannot write
+        return None
+    try:
+        return time.localtime(epoch)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 # -- instants: a time of day or a date, in the local zone -------------------------------------------------
@@ -343,6 +433,8 @@ def format_instant(epoch: float, *, seconds: bool = False) -> str:
     """
     if not math.isfinite(epoch):
         return "-"
-    then = time.localtime(epoch)
+    then = _localtime(epoch)
+    if then is None:
+        return _FAR_FUTURE if epoch > 0 else "-"
     clock = "%H:%M:%S" if seconds else "%H:%M"
     return time.strftime(f"%a %Y-%m-%d {clock} %Z", then) + f" (UTC{_offset_text(epoch)})"

@@ -9,40 +9,32 @@ UsageError that says what to type instead; notebooks never see a traceback from 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display as _display
 
-from chronos import api, text
-from chronos.accounting import LEASE_ENV
+from chronos import api, settings, text
 from chronos.enforce.activation import Activation
 from chronos.enforce.watchdog import WatchdogEvent
 from chronos.engine import WaitUpdate
-from chronos.errors import ChronosError
+from chronos.errors import ChronosError, as_chronos_error
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
-from chronos.request import RequestSpec, parse_request
+from chronos.request import RequestSpec, swapped_extend
 from chronos.units import format_bytes, format_clock, format_duration
+from chronos_jupyter.magic_words import RESERVE_USAGE, request_of, reserve_parser, split_words
 from chronos_jupyter.notices import KERNEL_RELEASE, KERNEL_RELEASE_CONFIRM, KernelNotices, for_kernel
 from chronos_jupyter.widgets import LeaseWidget
 
 __all__ = ["HELP", "CellFailed", "ChronosMagics"]
 
 display = cast(Callable[[object], None], _display)  # IPython's display() carries no annotations
-
-RESERVE_USAGE = (
-    "%chronos reserve MEMORY [DURATION] [--gpu I[,I]] [--gpus N] [--prefer I[,I]] "
-    "[--priority low|normal|high] [--wait [TIMEOUT]] [--label TEXT]"
-)
 
 HELP = f"""\
 Chronos: time-limited, memory-capped GPU leases.
@@ -52,7 +44,7 @@ Chronos: time-limited, memory-capped GPU leases.
   %chronos claim BOOKING       claim a booking of yours in its window, as this kernel's lease
   %chronos status [LEASE]      show this kernel's lease (or LEASE), live
   %chronos list                the leases on this machine, and its GPUs
-  %chronos extend DURATION [LEASE]
+  %chronos extend [LEASE] DURATION
                                add time, e.g. %chronos extend 30m
   %chronos release [LEASE]     end this kernel's lease (or LEASE) now
   %chronos release --stop-kernel
@@ -64,7 +56,8 @@ Chronos: time-limited, memory-capped GPU leases.
   %%chronos MEMORY [DURATION] [options]
         first line of a cell: run that cell under its own lease, released when it ends
 
-MEMORY: 8G, 512M, 8GiB, 50% or 0.5 of a GPU.  DURATION: 2h, 90m, 1h30m, 45s (default 1h).
+MEMORY: 8G, 512M, 8GiB, 50%, or a bare fraction of each GPU (0.5; 1 is all of it).
+DURATION: 2h, 90m, 1h30m, 45s (default 1h).
 The widget's Release and Extend buttons answer between cells (the kernel is busy during one)."""
 
 #: What the in-kernel watchdog does when the kernel's processes use more than the cap.
@@ -82,53 +75,6 @@ class CellFailed(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [self.text]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one UsageError line with the usage to type."""
-
-    def __init__(self, usage: str, **kwargs: Any) -> None:
-        super().__init__(prog="%chronos", usage=usage, add_help=False, allow_abbrev=False, **kwargs)
-        self.hint = usage
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; type: {self.hint}")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise UsageError((message or "").strip() or f"type: {self.hint}")
-
-
-def _reserve_parser(usage: str = RESERVE_USAGE) -> _Parser:
-    parser = _Parser(usage)
-    parser.add_argument("memory", nargs="?")
-    parser.add_argument("duration", nargs="?")
-    parser.add_argument("--gpu", dest="device")
-    parser.add_argument("--gpus")
-    parser.add_argument("--prefer")
-    parser.add_argument("--priority")
-    parser.add_argument("--wait", nargs="?", const="forever", default=None)
-    parser.add_argument("--label")
-    return parser
-
-
-def _split(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot read {line!r} ({exc}); type %chronos help") from None
-
-
-def _request(args: argparse.Namespace, usage: str, label: str | None = None) -> RequestSpec:
-    """The parsed words as a request, read by the core's one request parser."""
-    if args.memory is None:
-        raise UsageError(f"say how much GPU memory and for how long, e.g. {usage.split(' MEMORY')[0]} 8G 2h")
-    if args.gpus is not None and args.device is not None:
-        raise UsageError("give either --gpu I[,I] (which GPUs) or --gpus N (how many), not both")
-    try:
-        return parse_request(args.memory, args.duration, device=args.device, gpus=args.gpus, prefer=args.prefer,
-                             priority=args.priority, wait=args.wait, label=args.label or label)
-    except ChronosError as exc:
-        raise UsageError(f"{exc}; type: {usage}") from None
 
 
 def _queue_reporter() -> Callable[[WaitUpdate], None]:
@@ -155,11 +101,14 @@ def _print_notes(notes: list[str]) -> None:
 
 @contextmanager
 def _core_errors() -> Iterator[None]:
-    """Turn an error from the core into IPython's one-line UsageError."""
+    """Turn an error from the core (or the machine under it) into IPython's one-line UsageError."""
     try:
         yield
-    except ChronosError as exc:
-        raise UsageError(str(exc)) from None
+    except Exception as exc:  # a Chronos error, or a full disk or damaged ledger under it
+        known = as_chronos_error(exc)
+        if known is None:
+            raise
+        raise UsageError(text.plain(known)) from None
 
 
 @magics_class
@@ -173,7 +122,11 @@ class ChronosMagics(Magics):
         self._activation: Activation | None = None
         self._widgets: list[LeaseWidget] = []
         # A kernel launched by the Chronos provisioner already runs inside this lease.
-        self.kernel_lease_id: str | None = os.environ.get(LEASE_ENV) or None
+        self._env_error: str | None = None
+        try:
+            self.kernel_lease_id: str | None = settings.lease_id_from_env()
+        except ChronosError as exc:  # said at every %chronos, never taken for "no lease"
+            self.kernel_lease_id, self._env_error = None, str(exc)
         self.notices: KernelNotices | None = None
         if self.kernel_lease_id:
             self.notices = for_kernel(shell, self.kernel_lease_id, self._kernel_notice, self._kernel_lease_over)
@@ -193,9 +146,11 @@ class ChronosMagics(Magics):
     @line_cell_magic
     def chronos(self, line: str, cell: str | None = None) -> Any:
         """GPU leases: %chronos help lists the commands; %%chronos 4G 10m runs a cell under a lease."""
+        if self._env_error is not None:
+            raise UsageError(self._env_error)
         if cell is not None:
             return self._cell(line, cell)
-        words = _split(line)
+        words = split_words(line)
         if not words:
             print(HELP)
             return None
@@ -293,7 +248,7 @@ class ChronosMagics(Magics):
         print(HELP)
 
     def _cmd_reserve(self, rest: list[str]) -> None:
-        spec = _request(_reserve_parser().parse_args(rest), RESERVE_USAGE)
+        spec = request_of(reserve_parser().parse_args(rest), RESERVE_USAGE)
         held = self.current()
         if held is not None and held.state.live:
             if held.id == self.kernel_lease_id:
@@ -354,12 +309,9 @@ class ChronosMagics(Magics):
         if not leases:
             print("No active or queued leases.")
         else:
-            rows = [[lease.id, lease.owner, ",".join(map(str, lease.devices)) or "-",
-                     format_bytes(lease.memory_bytes),
-                     str(lease.state) + (f", idle since {format_clock(lease.idle_since)}" if lease.idle_since else ""),
-                     format_duration(lease.remaining) if lease.state.live else "-", lease.label or ""]
-                    for lease in leases]
-            print(text.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "LABEL"], rows))
+            queue = {e.lease_id: (e.position, e.estimated_start) for e in api.queue()} \
+                if any(lease.state == LeaseState.QUEUED for lease in leases) else {}
+            print(text.table(text.LEASE_COLUMNS, text.lease_rows([lease.record for lease in leases], queue)))
         print()
         self._print_devices()
 
@@ -396,9 +348,13 @@ class ChronosMagics(Magics):
 
     def _cmd_extend(self, rest: list[str]) -> None:
         if not rest or len(rest) > 2:
-            raise UsageError("say how much longer, e.g. %chronos extend 30m (or: %chronos extend 30m LEASE)")
-        lease = self._target(rest[1] if len(rest) > 1 else None, "extend")
-        lease.extend(rest[0])
+            raise UsageError("say how much longer, e.g. %chronos extend 30m (or: %chronos extend LEASE 30m)")
+        swapped = swapped_extend(*rest) if len(rest) == 2 else None
+        if swapped is not None:
+            raise UsageError(f"{rest[0]!r} is a duration, not a lease id: the lease comes first, "
+                             f"%chronos extend {swapped[0]} {swapped[1]}")
+        lease = self._target(rest[0] if len(rest) > 1 else None, "extend")
+        lease.extend(rest[-1])
         if self.widget is not None and self.widget.lease_id == lease.id:
             self.widget.update()
         print(f"chronos: lease {lease.id} now ends at {_clock(lease.expires_at)} "
@@ -437,7 +393,7 @@ class ChronosMagics(Magics):
     # -- the cell magic ------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
         usage = RESERVE_USAGE.replace("%chronos reserve", "%%chronos")
-        spec = _request(_reserve_parser(usage).parse_args(_split(line)), usage, label="cell")
+        spec = request_of(reserve_parser(usage).parse_args(split_words(line)), usage, label="cell")
         with _core_errors():
             lease = self._reserve(spec)
         activation: Activation | None = None

@@ -36,6 +36,7 @@ from chronos.enforce.watchdog import (
     ExpiryWarning,
     IdleWarning,
     LeaseEndedEvent,
+    LedgerTroubleEvent,
     OveruseEvent,
     UnkillableEvent,
     Watchdog,
@@ -45,7 +46,7 @@ from chronos.errors import ChronosError, InvalidRequestError, UnavailableError
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, parse_request
-from chronos.units import format_bytes, format_clock, format_duration, parse_duration
+from chronos.units import check_duration, format_bytes, format_clock, format_duration, parse_duration
 from chronos_jupyter.kernel_errors import (
     KernelLeaseEnded,
     KernelLeaseError,
@@ -145,6 +146,9 @@ class ChronosProvisioner(ProvisionerSettings):
                 "set \"memory\" (e.g. \"8G\") in the kernelspec's metadata.kernel_provisioner.config, "
                 "or c.ChronosProvisioner.memory"))
         try:
+            if self.warn_before not in (0, "0"):  # 0: only the last minute's warning
+                parse_duration(self.warn_before, what="warn_before")
+            check_duration(self.check_interval, shortest=0.05, longest=60.0, what="check_interval")
             return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
                                  priority=self.priority, wait=self.queue_wait, label=self._label(),
                                  idle_after=self.idle_after or None, on_idle=self.on_idle)
@@ -479,7 +483,7 @@ class ChronosProvisioner(ProvisionerSettings):
                 if km is not None:
                     with contextlib.suppress(Exception):
                         km.stop_restarter()  # the kernel must stay down
-        elif isinstance(event, (ExpiryWarning, IdleWarning, OveruseEvent, UnkillableEvent)):
+        elif isinstance(event, (ExpiryWarning, IdleWarning, OveruseEvent, UnkillableEvent, LedgerTroubleEvent)):
             self.log.warning("Chronos: kernel %s: %s", self.kernel_id, event.message)
         else:
             self.log.info("Chronos: kernel %s: %s", self.kernel_id, event.message)

@@ -21,7 +21,7 @@ class ProvisionerSettings(LocalProvisioner):
 
     memory = Union(
         [Unicode(), Int(), Float()], default_value="", config=True,
-        help="GPU memory per device for each kernel's lease: 8G, 512M, 50%%. Required.",
+        help="GPU memory per device for each kernel's lease: 8G, 512M, 50%, or a bare fraction (0.5). Required.",
     )
     duration = Union(
         [Unicode(), Int(), Float()], default_value="1h", config=True,
@@ -71,7 +71,8 @@ class ProvisionerSettings(LocalProvisioner):
         help="Warn in the notebook (IPython kernels) and the log this long before the lease ends, and a minute before.",
     )
     check_interval = Float(
-        1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease."
+        1.0, config=True, help="Seconds between the watchdog's checks of the kernel's GPU memory and lease "
+        "(0.05 to 60)."
     )
 
     def __init__(self, **kwargs: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import chronos
 from chronos.model import LeaseState
 from chronos.status import used_total
+from chronos.text import plain
 from chronos.units import format_bytes, format_clock, format_duration
 
 __all__ = [
@@ -144,7 +145,7 @@ def lease_view(lease: chronos.Lease, used_bytes: int | None = None, now: float |
         lease_id=lease.id,
         devices=tuple(lease.devices),
         state=lease.state,
-        label=lease.label,
+        label=plain(lease.label) if lease.label else None,  # escaped once for every renderer
         priority=lease.priority,
         remaining_s=remaining,
         duration_s=lease.duration_s,

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # pytest-jupyter's in-process Jupyter Server (tests/test_server_extension.py). A plugin named here
 # applies to the whole session, so its two autouse fixtures are narrowed below to the tests that
-# use its server.
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+# use its server. A GPU machine runs only the ``gpu`` tests, without the Jupyter extras installed.
+try:
+    import pytest_jupyter  # noqa: F401
+except ImportError:
+    pytest_plugins: list[str] = []
+else:
+    pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 def _has_gpu() -> bool:
@@ -111,3 +116,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
         [sys.executable, "-m", "chronos", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, input=input,
     )
+
+
+# The running service (``service``) and the two modes (``both_modes``), for every test module.
+from tests.service_fixture import both_modes, service  # noqa: E402, F401

@@ -66,20 +66,21 @@ WHY_NOT = "needs root, useradd and Debian's /usr/bin/python3 to act as other OS 
 
 
 class OsUsers:
-    """Creates ``chrhub-*`` users and groups and removes every one it made."""
+    """Creates ``chrhub-*`` users and groups (or another ``prefix``'s) and removes every one it made."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = HUB_PREFIX) -> None:
+        self.prefix = prefix
         self.users: list[str] = []
         self.groups: list[str] = []
 
     def group(self, name: str) -> str:
-        full = f"{HUB_PREFIX}-{name}"
+        full = f"{self.prefix}-{name}"
         subprocess.run(["groupadd", "-f", full], check=True)
         self.groups.append(full)
         return full
 
     def user(self, name: str, groups: Sequence[str] = (), *, home: bool = False) -> str:
-        full = f"{HUB_PREFIX}-{name}"
+        full = f"{self.prefix}-{name}"
         try:
             pwd.getpwnam(full)
         except KeyError:

@@ -19,7 +19,7 @@ ONE_JOB = {
     "chronos/scheduler.py": "the planner",
     "chronos/engine.py": "the composition root: every lease operation, each policy a hook into chronos.policy",
     "chronos/config.py": "the configuration schema: every key, its parser, its file and line",
-    "chronos/ledger.py": "the only module that speaks SQL: schema, migrations, transactions, every query",
+    "chronos/ledger.py": "the one module that speaks SQL: the schema, its migrations and every query",
     "chronos/devices/simulated.py": "the simulated GPU backend: memory and SM use shared through one file",
     "chronos_jupyter/provisioner.py": "jupyter_client's provisioner hooks: a kernel's life inside its lease",
 }

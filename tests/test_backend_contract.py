@@ -183,6 +183,9 @@ def _busy(records: list[ProcessUtilization]) -> dict[tuple[int, int], int | None
 
 def test_utilization_names_the_processes_that_keep_a_device_busy(machine: Machine) -> None:
     backend = machine.backend
+    # The first poll may not know yet (NVML keeps no samples from before its first query): then it
+    # says "cannot say" (None) for the processes holding memory, never "idle".
+    assert _busy(backend.utilization()) in ({}, {(0, ME): None})
     assert _busy(backend.utilization()) == {}  # 8 GiB held on GPU 0, no SM time
     machine.busy(0, 60)
     uuids = [d.uuid for d in backend.devices()]
@@ -704,3 +707,15 @@ def test_the_real_binding_is_initialised_once_per_process() -> None:
     """, gpus=2)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_a_first_poll_without_samples_cannot_say_and_a_later_one_means_idle() -> None:
+    # On an H200 the first nvmlDeviceGetProcessUtilization after nvmlInit had no sample for a process
+    # computing all along: the first empty answer must not read as "idle".
+    fake = FakeNvml(_gpus(1), topology=pynvml.NVML_TOPOLOGY_SYSTEM)
+    fake.gpus[0].processes.append(FakeProcess(ME, GiB))
+    backend = nvml.NvmlBackend(lib=fake)
+    assert [(r.pid, r.sm_percent) for r in backend.utilization([0])] == [(ME, None)]
+    assert backend.utilization([0]) == []  # still no sample on a later poll: no SM time used
+    fake.gpus[0].processes[:] = [FakeProcess(ME, GiB, sm=30)]
+    assert [(r.pid, r.sm_percent) for r in backend.utilization([0])] == [(ME, 30)]

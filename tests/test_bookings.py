@@ -128,7 +128,7 @@ def test_booking_limits_and_their_overrides(one_gpu: None) -> None:
 
 
 def test_bookings_list_json_and_a_valid_icalendar(one_gpu: None) -> None:
-    a = chronos.book("8G", "2h", "+1h", label="lab; demo, day\nTwo")
+    a = chronos.book("8G", "2h", "+1h", label="lab; demo, day\\Two")  # a newline is refused at input
     b = chronos.book("4G", "30m", "+4h")
     chronos.release(b.id)
     table = run_cli("bookings")
@@ -146,7 +146,8 @@ def test_bookings_list_json_and_a_valid_icalendar(one_gpu: None) -> None:
     first = events[0]
     assert first.decoded("DTSTART").timestamp() == int(a.starts_at)
     assert first.decoded("DTEND").timestamp() == int(a.starts_at) + 7200
-    assert str(first["SUMMARY"]).endswith("(lab; demo, day\nTwo)")
+    assert str(first["SUMMARY"]).endswith("(lab; demo, day\\Two)")
+    assert "\n" in str(events[1]["DESCRIPTION"])  # the cancelled one's reason, on a line of its own
     assert len({str(e["UID"]) for e in events}) == 2 and all("DTSTAMP" in e for e in events)
 
 

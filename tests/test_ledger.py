@@ -47,11 +47,23 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         Ledger(tmp_path)
 
 
-def test_empty_file_is_migrated(tmp_path: Path) -> None:
-    (tmp_path / DB_NAME).touch()
+def test_an_emptied_ledger_is_refused_not_started_afresh(chronos_env: Path) -> None:
+    assert run_cli("reserve", "1G", "1h").returncode == 0
+    (chronos_env / DB_NAME).write_bytes(b"")  # truncated under its leases
+    out = run_cli("list")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"chronos: error: ledger {chronos_env / DB_NAME} is empty (0 bytes): it was truncated or made by hand, and "
+        "Chronos will not start it afresh over leases it may have held; restore it from a backup, or remove it if "
+        "no lease matters (see docs/trust-model.md)"]
+    assert (chronos_env / DB_NAME).stat().st_size == 0
+
+
+def test_a_new_ledger_is_never_seen_half_made(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     assert ledger.schema_version == SCHEMA_VERSION
     ledger.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(DB_NAME)) == []
 
 
 def test_corrupt_file_is_a_clear_error(chronos_env: Path) -> None:

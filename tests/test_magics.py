@@ -176,7 +176,7 @@ def test_status_without_a_lease_shows_the_gpus(shell: InteractiveShell) -> None:
 
 def test_release_and_extend_by_id(shell: InteractiveShell) -> None:
     other = chronos.reserve("1G", "10m", bind=False)
-    result, _ = run(shell, f"%chronos extend 5m {other.id}")
+    result, _ = run(shell, f"%chronos extend {other.id} 5m")
     assert result.success, result.error_in_exec
     assert chronos.get_lease(other.id).remaining > 14 * 60
     result, _ = run(shell, f"%chronos release {other.id}")

@@ -51,6 +51,7 @@ def test_the_wheel_holds_the_built_extension_and_the_server_config(wheel: Path) 
     assert data + f"{DATA}/schemas/{NAME}/plugin.json" in names
     assert data + f"{DATA}/install.json" in names
     assert data + "etc/jupyter/jupyter_server_config.d/chronos_jupyter.json" in names
+    assert "chronos/service/units/chronos.service" in names  # what `chronos admin install-service` writes
     # The committed build is what ships.
     shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith(data + DATA + "/static/")}
     built = {p.name for p in (ROOT / "chronos_jupyter" / "labextension" / "static").iterdir()}

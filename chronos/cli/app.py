@@ -23,13 +23,15 @@ COMMAND_MODULES = [
     "chronos.cli.cmd_book",
     "chronos.cli.cmd_report",
     "chronos.cli.cmd_admin",
+    "chronos.cli.cmd_serve",
 ]
 
 EXIT_CODES_HELP = """exit codes:
   0  success
   1  anything else (a bug, an unusable state directory, a GPU driver error)
   2  bad input: unknown GPU, unparsable size or duration, a request that could never fit here
-  3  cannot be satisfied now: not enough free memory, queue timeout, extension refused
+  3  cannot be satisfied now: not enough free memory, queue timeout, extension refused,
+     or this process is in another pid namespace than the ledger's (use the Chronos service)
   4  not allowed: another user's lease, admin-only options, a policy limit
   5  no such lease
 """
@@ -71,7 +73,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from chronos.errors import ChronosError
+    from chronos.errors import as_chronos_error
 
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -89,13 +91,16 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ChronosError as exc:
-        from chronos.cli import render
-
-        render.error(str(exc))
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("chronos: interrupted\n")
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:
+        known = as_chronos_error(exc)
+        if known is None:
+            raise
+        from chronos.cli import render
+
+        render.error(str(known))
+        return known.exit_code

@@ -1,4 +1,5 @@
-"""``chronos admin init-state-dir DIR --group G``: the hardened state directory, made by root."""
+"""``chronos admin``: set-up that needs root: the hardened state directory (``init-state-dir DIR --group G``)
+and the systemd unit of the service (``install-service``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "admin", help="set up the machine (root): the shared state directory",
+        "admin", help="set up the machine (root): the shared state directory, the service's systemd unit",
         description="Administration that needs root.",
     )
     sub = p.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
@@ -22,6 +23,16 @@ def register(subparsers: Any) -> None:
     init.add_argument("directory", metavar="DIR", help="the state directory, e.g. /var/lib/chronos")
     init.add_argument("--group", required=True, help="the group of GPU users, e.g. gpu-users")
     init.set_defaults(func=init_state_dir)
+    unit = sub.add_parser(
+        "install-service", help="write the Chronos service's systemd unit (chronos serve, restarted on failure)",
+        description="Write chronos.service, which runs `chronos serve` as root with this Python, into DIR "
+                    "(default /etc/systemd/system), and print the systemctl commands that start it.",
+    )
+    unit.add_argument("--dir", default=None, metavar="DIR",
+                      help="where to write the unit (default /etc/systemd/system)")
+    unit.add_argument("--python", default=None, metavar="PATH",
+                      help="the interpreter ExecStart runs (default: this one)")
+    unit.set_defaults(func=install_service)
 
 
 def init_state_dir(args: argparse.Namespace) -> int:
@@ -32,4 +43,17 @@ def init_state_dir(args: argparse.Namespace) -> int:
     fixed = ", ".join(p.name for p in result.fixed)
     print(f"state directory {result.directory} is ready for group {result.group} "
           f"(created: {made}{'; owner and mode put right: ' + fixed if fixed else ''})")
+    return 0
+
+
+def install_service(args: argparse.Namespace) -> int:
+    from chronos.service.install import DEFAULT_UNIT_DIR
+    from chronos.service.install import install_service as install
+
+    result = install(args.dir or DEFAULT_UNIT_DIR, args.python)
+    for path in result.paths:
+        print(f"{'replaced' if path in result.replaced else 'wrote'} {path}")
+    print("now run:")
+    for command in result.commands:
+        print(f"  {command}")
     return 0

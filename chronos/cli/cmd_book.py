@@ -7,6 +7,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from chronos.text import plain
+
 if TYPE_CHECKING:
     from chronos.lease import Lease
 
@@ -91,7 +93,7 @@ def list_bookings(args: argparse.Namespace) -> int:
     for lease in found:
         start = format_instant(lease.starts_at) if lease.starts_at is not None else "-"
         rows.append([lease.id, lease.owner, ",".join(map(str, lease.devices)), render.gib(lease.memory_bytes),
-                     start, format_duration(lease.duration_s), str(lease.state), lease.label or ""])
+                     start, format_duration(lease.duration_s), str(lease.state), plain(lease.label or "")])
     render.table(["ID", "OWNER", "GPU", "MEMORY", "STARTS", "FOR", "STATE", "LABEL"], rows)
     return 0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from chronos.model import LeaseState
+from chronos.model import LeaseRecord, LeaseState
+from chronos.text import LEASE_COLUMNS, idle_text, lease_rows, plain
 
 if TYPE_CHECKING:
     from chronos.lease import Lease
@@ -39,26 +40,14 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=show)
 
 
-def _state(lease: Lease) -> str:
+def _state(lease: Lease | LeaseRecord) -> str:
     from chronos.cli import render
 
     colours = {LeaseState.ACTIVE: "green", LeaseState.QUEUED: "yellow", LeaseState.REVOKED: "red",
                LeaseState.BOOKED: "blue"}
     text = render.color(str(lease.state), colours.get(lease.state, "dim"))
     if lease.state == LeaseState.ACTIVE and lease.idle_since is not None:
-        text += ", " + render.color(idle_text(lease), "yellow")
-    return text
-
-
-def idle_text(lease: Lease) -> str:
-    """``idle since 14:02``, and what the idle policy will do when it has warned."""
-    from chronos.units import format_clock
-
-    text = f"idle since {format_clock(lease.idle_since)}"
-    notice = lease.idle_warning
-    if notice is not None and notice.action_at is not None:
-        verb = "released" if notice.action == "release" else "terminated"
-        text += f" ({verb} at {format_clock(notice.action_at)})"
+        text += ", " + render.color(idle_text(lease.record if not isinstance(lease, LeaseRecord) else lease), "yellow")
     return text
 
 
@@ -87,23 +76,9 @@ def list_leases(args: argparse.Namespace) -> int:
     if not found:
         print("no leases" if args.all else "no active leases (see `chronos list --all` for history)")
         return 0
-    rows = []
-    for lease in found:
-        gpus = ",".join(str(i) for i in lease.devices) or "any"
-        if lease.state == LeaseState.ACTIVE:
-            timing, ends = render.left(lease.expires_at), render.when(lease.expires_at)
-        elif lease.state == LeaseState.QUEUED:
-            entry = queue.get(lease.id)
-            timing = f"#{entry.position} in queue" if entry else "waiting"
-            ends = f"starts ~{render.when(entry.estimated_start)}" if entry and entry.estimated_start else "-"
-        elif lease.state == LeaseState.BOOKED:
-            timing, ends = f"starts {render.when(lease.starts_at)}", render.when(lease.record.ends_at)
-        else:
-            timing, ends = "-", render.when(lease.ended_at)
-        memory = render.gib(lease.memory_bytes) if lease.memory_bytes else "-"
-        holder = str(lease.pid) if lease.pid else "-"
-        rows.append([lease.id, lease.owner, gpus, memory, _state(lease), timing, ends, holder, lease.label or ""])
-    render.table(["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "ENDS", "PID", "LABEL"], rows)
+    places = {key: (entry.position, entry.estimated_start) for key, entry in queue.items()}
+    rows = lease_rows([lease.record for lease in found], places, lambda record, _text: _state(record))
+    render.table(LEASE_COLUMNS, rows)
     if args.all and len(found) == args.limit:
         more = f" --user {args.user}" if args.user else ""
         print(f"(the {len(found)} newest shown; older ones: chronos list --all{more} --before {found[-1].id})")
@@ -119,13 +94,13 @@ def show(args: argparse.Namespace) -> int:
         render.dump_json(lease.to_dict())
         return 0
     rows = [
-        ("id", lease.id), ("owner", f"{lease.owner} (uid {lease.uid})"), ("state", _state(lease)),
+        ("id", lease.id), ("owner", f"{plain(lease.owner)} (uid {lease.uid})"), ("state", _state(lease)),
         ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(lease.devices, lease.device_uuids, strict=True)) or "-"),
         ("memory", f"{render.gib(lease.memory_bytes)} per GPU"), ("priority", lease.priority),
         ("created", render.when(lease.created_at)),
         ("ends", f"{render.when(lease.expires_at)} ({render.left(lease.expires_at)})"),
         ("holder", str(lease.pid) if lease.pid else "none (lives until released or expired)"),
-        ("label", lease.label or "-"),
+        ("label", plain(lease.label or "-")),
     ]
     if lease.starts_at is not None:
         from chronos.units import format_instant
@@ -133,9 +108,9 @@ def show(args: argparse.Namespace) -> int:
         window = f"from {format_instant(lease.starts_at)} to {format_instant(lease.starts_at + lease.duration_s)}"
         rows.insert(7, ("booked", window))
     if lease.state == LeaseState.ACTIVE and lease.idle_since is not None:
-        rows.append(("idle", idle_text(lease)))
+        rows.append(("idle", idle_text(lease.record)))
     if lease.end_reason:
-        rows.append(("ended", f"{render.when(lease.ended_at)}: {lease.end_reason}"))
+        rows.append(("ended", f"{render.when(lease.ended_at)}: {plain(lease.end_reason)}"))
     if lease.peak_memory_bytes is not None:
         rows.append(("peak memory", render.gib(lease.peak_memory_bytes)))
     for key, value in rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from chronos.text import plain
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -45,7 +47,7 @@ def show(args: argparse.Namespace) -> int:
         rows.append([
             str(e.position), e.lease_id, e.owner, e.priority,
             e.memory + (" each" if e.gpus > 1 else ""), e.wanted, format_duration(e.duration_s),
-            format_duration(max(0.0, now - e.queued_at)), start, e.label or "", e.why,
+            format_duration(max(0.0, now - e.queued_at)), start, plain(e.label or ""), e.why,
         ])
     render.table(["POS", "ID", "OWNER", "PRIORITY", "MEMORY", "WANTS", "FOR", "WAITING", "EST. START", "LABEL",
                   "WHY HERE"], rows)

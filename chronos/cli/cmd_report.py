@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from chronos.policy.report import BY
+from chronos.text import plain
 
 
 def register(subparsers: Any) -> None:
@@ -49,7 +50,7 @@ def report(args: argparse.Namespace) -> int:
     rows = []
     for row in [*found.rows, found.total]:
         mean = format_duration(row.wait_s / row.waits) if row.waits and row.wait_s else "-"
-        rows.append([row.key, str(row.leases), f"{row.gpu_hours_reserved:.2f}",
+        rows.append([plain(row.key), str(row.leases), f"{row.gpu_hours_reserved:.2f}",
                      "-" if row.gpu_hours_used is None else f"{row.gpu_hours_used:.2f}",
                      f"{row.idle_gpu_hours:.2f}", "-" if row.peak_percent is None else f"{row.peak_percent:.0f}%",
                      f"{row.gib_hours_reserved:.1f}", str(row.waits), mean, str(row.refusals), str(row.no_shows)])

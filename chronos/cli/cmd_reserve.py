@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "reserve", help="reserve GPU memory for a time",
-        description="Reserve MEMORY (8G, 512M, 8GiB, 50%%, 0.5) on GPUs for DURATION (2h, 90m, 1h30m, 45s, 1d, "
-        "seconds; default 1h). The lease lives until released or expired unless --pid binds it to a process.",
+        description="Reserve MEMORY per GPU (8G, 512M, 8GiB, 50%, or a bare number as a fraction of each GPU: 0.5 "
+        "is half, 1 all of it) for DURATION (2h, 90m, 1h30m, 45s, 1d, seconds; default 1h). The lease lives "
+        "until released or expired unless --pid binds it to a process.",
     )
     p.add_argument("memory", metavar="MEMORY")
     p.add_argument("duration", metavar="DURATION", nargs="?")

@@ -41,12 +41,12 @@ def stats(args: argparse.Namespace) -> int:
     render.table(["GPU", "NAME", "TOTAL", "USED", "RESERVED", "UNMANAGED", "AVAILABLE", "LEASES", "UTIL"], rows)
     idle = [lease for lease in api.leases() if lease.state == "active" and lease.idle_since is not None]
     if idle:
-        from chronos.cli.cmd_list import idle_text
+        from chronos.text import idle_text
 
         print("\nidle leases (no GPU time used):")
         render.table(["ID", "OWNER", "GPU", "MEMORY", "IDLE"],
                      [[lease.id, lease.owner, ",".join(map(str, lease.devices)), render.gib(lease.memory_bytes),
-                       idle_text(lease)] for lease in idle])
+                       idle_text(lease.record)] for lease in idle])
     strays = [u for d in devices for u in d.unmanaged_processes]
     if strays:
         print("\nunmanaged GPU processes (memory no lease accounts for):")

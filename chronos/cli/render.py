@@ -32,11 +32,12 @@ def color(value: str, name: str, stream: TextIO | None = None) -> str:
 
 
 def error(message: str) -> None:
-    sys.stderr.write(f"{color('chronos: error:', 'red', sys.stderr)} {message}\n")
+    """One line on stderr, whatever the message holds (a name or label a user typed is escaped)."""
+    sys.stderr.write(f"{color('chronos: error:', 'red', sys.stderr)} {text.plain(message)}\n")
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(f"{color('chronos:', 'yellow', sys.stderr)} {message}\n")
+    sys.stderr.write(f"{color('chronos:', 'yellow', sys.stderr)} {text.plain(message)}\n")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO | None = None) -> None:

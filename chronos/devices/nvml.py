@@ -338,16 +338,22 @@ class NvmlBackend:
 
     def utilization(self, indices: list[int] | None = None) -> list[ProcessUtilization]:
         """Each process's highest SM sample since this backend's previous poll of the device (the last
-        :data:`UTILIZATION_LOOKBACK_S` seconds at first); where NVML cannot sample a device, its
-        processes with ``sm_percent`` None."""
+        :data:`UTILIZATION_LOOKBACK_S` seconds at first); where NVML cannot sample a device (or, on the
+        first poll, has no sample yet), its processes with ``sm_percent`` None."""
         self._nv.init()
         wanted = range(len(self._handles)) if indices is None else indices
         out: list[ProcessUtilization] = []
         for i in wanted:
             if not 0 <= i < len(self._handles):
                 raise InvalidRequestError(f"no GPU {i}: this machine has {len(self._handles)}")
+            first = i not in self._seen_us
             since = self._seen_us.get(i) or int((time.time() - UTILIZATION_LOOKBACK_S) * 1e6)
             samples = self._nv.process_samples(self._handles[i], since)
+            # Right after nvmlInit the driver has no samples yet, even for a process computing all along
+            # (seen on an H200): a first empty answer is "cannot say", never "idle".
+            if samples is not None and first and not samples:
+                self._seen_us[i] = since  # the next poll asks again from here and is believed
+                samples = None
             if samples is None:
                 out.extend(ProcessUtilization(i, self._uuids[i], p.pid, None) for p in self.processes([i]))
                 continue

@@ -104,14 +104,17 @@ def parse_sim_gpus(value: str | None) -> list[int]:
         count = 1
         match = _COUNT_RE.match(item)
         if match:
-            count = int(match.group(1))
+            digits = match.group(1)
+            count = int(digits) if len(digits) <= 6 else _MAX_DEVICES + 1
             item = match.group(2).strip()
             if count < 1:
                 raise _bad_gpus(text, f"a count of {count}")
+            if len(sizes) + count > _MAX_DEVICES:
+                raise _bad_gpus(text, f"more than {_MAX_DEVICES} devices")
         try:
             spec = parse_memory(item)
         except InvalidRequestError:
-            raise _bad_gpus(text, f"the size {item!r}") from None
+            raise _bad_gpus(text, f"the size {item[:40]!r}") from None
         if spec.nbytes is None:
             raise _bad_gpus(text, f"the fraction {item!r} (a device needs a size)")
         sizes.extend([spec.nbytes] * count)
@@ -122,7 +125,7 @@ def parse_sim_gpus(value: str | None) -> list[int]:
 
 def _bad_gpus(text: str, what: str) -> InvalidRequestError:
     return InvalidRequestError(
-        f"CHRONOS_SIM_GPUS={text!r} has {what}: write device sizes such as 80G,40G or 4x80G"
+        f"CHRONOS_SIM_GPUS={text[:60]!r} has {what}: write device sizes such as 80G,40G or 4x80G"
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "HolderExitedEvent",
     "IdleWarning",
     "LeaseEndedEvent",
+    "LedgerTroubleEvent",
     "OveruseEvent",
     "SignalEvent",
     "UnkillableEvent",
@@ -94,3 +95,11 @@ class HolderExitedEvent(WatchdogEvent):
     """The watched process (the root of the tree) is gone; the watchdog stops."""
 
     pid: int
+
+
+@dataclass(frozen=True)
+class LedgerTroubleEvent(WatchdogEvent):
+    """The ledger could not be read or written (a full disk, a lock held by another process): the
+    watchdog goes on enforcing from what it knows and retries; ``recovered`` once it can again."""
+
+    recovered: bool

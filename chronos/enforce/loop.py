@@ -3,7 +3,7 @@
 The watchdog is one such loop; a subclass gives :meth:`PollLoop.poll` (one look, returning the
 events it produced) and may extend :meth:`PollLoop._finish`. Events go to ``on_event``: from the
 thread in :meth:`start`, on the event loop in :meth:`run_async`. A callback that raises is
-reported on stderr and never stops the loop.
+reported on stderr and never stops the loop; nor does a poll that raises.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class PollLoop(Generic[E]):
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failures: set[str] = set()
 
     def poll(self) -> list[E]:
         raise NotImplementedError
@@ -66,7 +67,7 @@ class PollLoop(Generic[E]):
         next_at = time.monotonic()
         try:
             while not self._stop.is_set() and not self._done.is_set():
-                self._dispatch(self.poll())
+                self._dispatch(self._poll_once())
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay < 0:  # fell behind (a slow poll): do not burst to catch up
@@ -83,7 +84,7 @@ class PollLoop(Generic[E]):
         next_at = loop.time()
         try:
             while not self._stop.is_set() and not self._done.is_set():
-                self._dispatch(await asyncio.to_thread(self.poll))
+                self._dispatch(await asyncio.to_thread(self._poll_once))
                 next_at += interval
                 delay = next_at - loop.time()
                 if delay < 0:
@@ -95,6 +96,17 @@ class PollLoop(Generic[E]):
     def start_task(self) -> asyncio.Task[None]:
         """Schedule :meth:`run_async` on the running loop; cancel the task or call :meth:`stop`."""
         return asyncio.get_running_loop().create_task(self.run_async(), name=self.name)
+
+    def _poll_once(self) -> Iterable[E]:
+        """One poll; a poll that fails is reported on stderr (once per kind of failure) and the loop goes on."""
+        try:
+            return self.poll()
+        except Exception as exc:  # enforcement never stops silently, nor stops at all for one bad poll
+            text = f"{type(exc).__name__}: {exc}"
+            if text not in self._failures:
+                self._failures.add(text)
+                print(f"chronos: {self.name}: a poll failed ({text}); polling goes on", file=sys.stderr)
+            return ()
 
     def _dispatch(self, events: Iterable[E]) -> None:
         if self.on_event is None:

@@ -16,23 +16,25 @@ memory (device-seconds of held memory).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Protocol
 
 from chronos import procs
 from chronos.accounting import Membership, usage
 from chronos.devices.base import Backend, GpuProcess
+from chronos.enforce import actions
+from chronos.enforce.actions import UNKILLABLE_AFTER_S
 from chronos.enforce.events import (
     DEFAULT_WARN_AT,
     ExpiryWarning,
     HolderExitedEvent,
     IdleWarning,
     LeaseEndedEvent,
+    LedgerTroubleEvent,
     OveruseEvent,
     SignalEvent,
     UnkillableEvent,
@@ -53,6 +55,7 @@ __all__ = [
     "HolderExitedEvent",
     "IdleWarning",
     "LeaseEndedEvent",
+    "LedgerTroubleEvent",
     "OveruseEvent",
     "SignalEvent",
     "UnkillableEvent",
@@ -64,8 +67,9 @@ __all__ = [
 DEFAULT_RATE_HZ = 4.0
 DEFAULT_GRACE_S = 2.0
 DEFAULT_KILL_WAIT_S = 30.0
-#: After SIGKILL, a process still there this long later is reported as unkillable.
-UNKILLABLE_AFTER_S = 5.0
+#: How long one of the watchdog's ledger writes waits for another process's lock (the last one: longer).
+LEDGER_PATIENCE_S, FINAL_PATIENCE_S = 0.2, 3.0
+_log = logging.getLogger("chronos.watchdog")
 
 
 class WatchdogHost(Protocol):
@@ -84,20 +88,11 @@ class WatchdogHost(Protocol):
     def membership(self, leases: Sequence[LeaseRecord],
                    roots: dict[str, tuple[int, float | None]] | None = None) -> Membership: ...
 
-    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None: ...
+    def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float, *,
+                     note: str | None = None) -> None: ...
 
 
 # --------------------------------------------------------------------------- the watchdog
-
-
-@dataclass
-class _Enforcement:
-    cause: str  # "overuse", "expiry" or "release"
-    action: Action
-    stage: str  # "interrupt", "terminate", "kill", "done"
-    since: float
-    targets: list[tuple[int, float]] = field(default_factory=list)
-    reported_unkillable: bool = False
 
 
 def _seconds(value: float, what: str) -> float:
@@ -173,9 +168,11 @@ class Watchdog(PollLoop[WatchdogEvent]):
         self._last_refresh = time.monotonic()
         self._last_record = time.monotonic()
         self._recorded: tuple[int, float] | None = None
+        self._trouble: str | None = None  # what the ledger last failed at, until a record succeeds
+        self._pending: list[WatchdogEvent] = []
         self._over_since: dict[int, float] = {}
         self._warned_over: set[int] = set()
-        self._enforcing: _Enforcement | None = None
+        self._enforcing: actions.Enforcement | None = None
         self._warned_marks: set[float] = set()
         self._baseline: dict[int, int] | None = None
         self._idle_warned: float | None = self.lease.idle_warning.at if self.lease.idle_warning else None
@@ -209,6 +206,8 @@ class Watchdog(PollLoop[WatchdogEvent]):
         return self._log(out)
 
     def _log(self, events: list[WatchdogEvent]) -> list[WatchdogEvent]:
+        if self._pending:
+            events[:0], self._pending = self._pending, []
         self.events.extend(events)
         if len(self.events) > 1000:
             del self.events[:-1000]
@@ -220,15 +219,22 @@ class Watchdog(PollLoop[WatchdogEvent]):
         others = [r for r in self.engine.active_records() if r.id != self.lease.id]
         return [*others, self.lease]
 
+    def _patient(self, seconds: float = LEDGER_PATIENCE_S) -> contextlib.AbstractContextManager[None]:
+        """The host's short wait for the ledger's lock (a host with no file lock offers none)."""
+        patience = getattr(self.engine, "patience", lambda _s: contextlib.nullcontext())
+        return patience(seconds)
+
     def _refresh(self) -> None:
         old_end = self.lease.expires_at
         try:
-            self.lease = self.engine.get(self.lease.id).record
-            self.membership.update(self._leases())
+            with self._patient():
+                self.lease = self.engine.get(self.lease.id).record
+                self.membership.update(self._leases())
         except LeaseNotFoundError:
             self.lease = _ended(self.lease, "lease no longer in the ledger")
-        except ChronosError:
-            return  # a busy or unreadable ledger: keep the last copy, try again next time
+        except ChronosError as exc:
+            self._troubled(f"cannot read the ledger: {exc}")
+            return  # keep the last copy: enforcement goes on from it, and the next refresh tries again
         if self.lease.expires_at != old_end:
             self._init_marks()
 
@@ -342,38 +348,21 @@ class Watchdog(PollLoop[WatchdogEvent]):
 
     # -- acting --------------------------------------------------------------------------
     def _begin(self, out: list[WatchdogEvent], cause: str, action: Action, wall: float, now: float) -> None:
-        members = self.membership.members(self.lease.id)
-        if not members:
-            self._enforcing = _Enforcement(cause, action, "done", now)
-            return
-        if action == Action.INTERRUPT:
-            targets = members[:1]  # the main program, as Ctrl-C would reach it
-            self._enforcing = _Enforcement(cause, action, "interrupt", now, targets)
-            self._send(out, signal.SIGINT, targets, cause, wall)
-        elif action == Action.TERMINATE:
-            self._enforcing = _Enforcement(cause, action, "terminate", now, members)
-            self._send(out, signal.SIGTERM, members, cause, wall)
-        else:
-            self._enforcing = _Enforcement(cause, action, "kill", now, members)
-            self._send(out, signal.SIGKILL, members, cause, wall)
+        self._enforcing, step = actions.begin(cause, action, self.membership.members(self.lease.id), now)
+        self._report(out, step, cause, wall)
 
-    def _send(self, out: list[WatchdogEvent], sig: signal.Signals, targets: list[tuple[int, float]],
-              cause: str, wall: float) -> None:
-        sent = []
-        for pid, started in targets:
-            if procs.is_alive(pid, started):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-                    sent.append(pid)
-        if sent:
-            text = f"sent {sig.name} to {', '.join(map(str, sent))} ({cause})"
-            out.append(SignalEvent(self.lease.id, wall, text, sig.name, tuple(sent), cause))
+    def _report(self, out: list[WatchdogEvent], step: actions.Step, cause: str, wall: float) -> None:
+        if step.signal_name is not None:
+            text = f"sent {step.signal_name} to {', '.join(map(str, step.pids))} ({cause})"
+            out.append(SignalEvent(self.lease.id, wall, text, step.signal_name, step.pids, cause))
+        if step.unkillable:
+            text = (f"process {', '.join(map(str, step.unkillable))} survived SIGKILL for "
+                    f"{UNKILLABLE_AFTER_S:.0f}s (stuck in the kernel or driver)")
+            out.append(UnkillableEvent(self.lease.id, wall, text, step.unkillable))
+            self._done.set()
 
     def _alive_targets(self) -> list[tuple[int, float]]:
-        enforcing = self._enforcing
-        if enforcing is None:
-            return []
-        return [(p, s) for p, s in enforcing.targets if procs.is_alive(p, s)]
+        return self._enforcing.alive() if self._enforcing is not None else []
 
     def _escalate(self, out: list[WatchdogEvent], wall: float, now: float) -> None:
         enf = self._enforcing
@@ -381,7 +370,6 @@ class Watchdog(PollLoop[WatchdogEvent]):
         if enf.stage == "done":
             self._done.set()
             return
-        alive = self._alive_targets()
         if enf.stage == "interrupt":
             if enf.cause != "overuse":
                 self._done.set()  # the lease is over: SIGINT once, then the processes end themselves
@@ -392,39 +380,55 @@ class Watchdog(PollLoop[WatchdogEvent]):
                 self._warned_over.clear()  # still over: interrupt again at the next check
                 self._enforcing = None
             return
-        if not alive:
-            enf.stage = "done"
+        step = actions.escalate(enf, now, self.kill_wait_s, lambda: self.membership.members(self.lease.id))
+        if enf.stage == "done":
             self._done.set()
             return
-        if enf.stage == "terminate" and now - enf.since >= self.kill_wait_s:
-            # new processes may have appeared since SIGTERM: kill every member as it is now
-            current = dict(self.membership.members(self.lease.id))
-            current.update(dict(alive))
-            enf.targets = list(current.items())
-            enf.stage = "kill"
-            enf.since = now
-            self._send(out, signal.SIGKILL, enf.targets, enf.cause, wall)
-        elif enf.stage == "kill" and now - enf.since >= UNKILLABLE_AFTER_S and not enf.reported_unkillable:
-            enf.reported_unkillable = True
-            pids = tuple(p for p, _ in alive)
-            text = (f"process {', '.join(map(str, pids))} survived SIGKILL for {UNKILLABLE_AFTER_S:.0f}s "
-                    "(stuck in the kernel or driver)")
-            out.append(UnkillableEvent(self.lease.id, wall, text, pids))
-            self._done.set()
+        self._report(out, step, enf.cause, wall)
 
     # -- usage records -------------------------------------------------------------------
-    def _record(self) -> None:
+    def _record(self, patience_s: float = LEDGER_PATIENCE_S) -> None:
         figures = (self.peak_bytes, round(self.gpu_seconds, 3))
-        if figures == self._recorded:
+        if figures == self._recorded and self._trouble is None:
             return
+        note = self._trouble
         try:
-            self.engine.record_usage(self.lease.id, figures[0], figures[1])
-            self._recorded = figures
-        except ChronosError:
-            pass  # the next record (or the final one) tries again
+            with self._patient(patience_s):
+                self.engine.record_usage(self.lease.id, figures[0], figures[1], note=note)
+        except ChronosError as exc:
+            self._troubled(f"cannot record the lease's usage (peak {format_bytes(figures[0])}): {exc}")
+            return  # the next record (or the final one) tries again
+        self._recorded = figures
+        if note is not None:
+            self._trouble = None
+            text = f"lease {self.lease.id}: the ledger works again; usage recorded (earlier: {note})"
+            self._say(text)
+            self._pending.append(LedgerTroubleEvent(self.lease.id, time.time(), text, True))
+
+    def _troubled(self, what: str) -> None:
+        """Say once per spell that the ledger failed (a log line and an event); it goes in the audit log later."""
+        if self._trouble is not None:
+            return
+        self._trouble = what
+        text = f"lease {self.lease.id}: {what}; enforcement goes on, and the ledger is tried again"
+        self._say(text)
+        self._pending.append(LedgerTroubleEvent(self.lease.id, time.time(), text, False))
+
+    def _say(self, text: str) -> None:
+        """The log (stderr when nothing else is set up) hears of ledger trouble when no host takes the events."""
+        if self.on_event is None:
+            _log.warning("chronos: %s", text)
+
+    @property
+    def trouble(self) -> str | None:
+        """What the ledger last failed at, while the failure lasts (None: every figure is recorded)."""
+        return self._trouble
 
     def _finish(self) -> None:
-        self._record()
+        self._record(FINAL_PATIENCE_S)
+        if self._trouble is not None:  # the host may wait longer for the ledger (``chronos run`` does)
+            self._say(f"lease {self.lease.id}: its usage (peak {format_bytes(self.peak_bytes)}) is not yet "
+                      f"recorded in the ledger: {self._trouble}")
         super()._finish()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from chronos.model import LeaseState
+from chronos.text import plain
 from chronos.units import format_bytes, format_duration
 
 __all__ = ["calendar", "escape", "fold"]
@@ -41,8 +42,15 @@ def fold(line: str) -> str:
     return "\r\n ".join(p.decode("utf-8") for p in parts)
 
 
+#: The last instant a DATE-TIME can write (an end stored before durations were bounded may lie past it).
+_LAST = "99991231T235959Z"
+
+
 def _utc(epoch: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch))
+    try:
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch)) if epoch < 253402300800 else _LAST
+    except (OverflowError, OSError, ValueError):
+        return _LAST
 
 
 def calendar(bookings: Iterable[Any], *, now: float, host: str | None = None) -> str:
@@ -54,11 +62,12 @@ def calendar(bookings: Iterable[Any], *, now: float, host: str | None = None) ->
         if b.starts_at is None:
             continue
         gpus = ",".join(str(i) for i in b.devices)
-        summary = f"{b.owner}: {format_bytes(b.memory_bytes)} on GPU {gpus}" + (f" ({b.label})" if b.label else "")
+        summary = f"{plain(b.owner)}: {format_bytes(b.memory_bytes)} on GPU {gpus}" + (
+            f" ({plain(b.label)})" if b.label else "")
         cancelled = b.state in (LeaseState.WITHDRAWN, LeaseState.NO_SHOW)
         description = (f"Chronos booking {b.id} for {b.owner}: {format_bytes(b.memory_bytes)} per GPU on GPU "
                        f"{gpus} for {format_duration(b.duration_s)}; state {b.state}."
-                       + (f"\n{b.end_reason}" if b.end_reason else ""))
+                       + (f"\n{plain(b.end_reason)}" if b.end_reason else ""))
         lines += [
             "BEGIN:VEVENT",
             f"UID:chronos-booking-{b.id}-{int(b.created_at)}@{domain}",

@@ -27,6 +27,7 @@ from typing import Any
 
 from chronos.errors import InvalidRequestError
 from chronos.model import LeaseRecord
+from chronos.text import plain
 
 __all__ = ["BY", "END_EVENTS", "Report", "ReportRow", "build"]
 
@@ -95,7 +96,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
-    return str(value)
+    return plain(value)  # a label a user chose reaches whoever reads the CSV as text
 
 
 @dataclass

@@ -159,6 +159,11 @@ class Policies:
         self._sample = idle.attribute(samples, ruled, self._membership, time.time())
         self.samples += 1
 
+    @property
+    def last_sample(self) -> idle.Sample | None:
+        """The latest utilisation sample (which leases it judged and which were busy), if any."""
+        return self._sample
+
     def idle_decisions(self, live: Sequence[LeaseRecord]) -> list[idle.IdleDecision]:
         sample = self._sample
         if sample is None or time.time() - sample.at > STALE_S:

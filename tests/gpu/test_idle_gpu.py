@@ -96,7 +96,16 @@ def test_a_lease_whose_pytorch_process_stops_computing_is_warned_then_released(t
     lease = chronos.reserve("4G", "10m", bind=False)
     proc = _start(lease.env(dict(os.environ)))
     try:
-        policies = default_engine().policies
+        engine = default_engine()
+        policies = engine.policies
+        # Samples taken while the child was still importing PyTorch saw a lease with no process: idle,
+        # rightly. The first sample that starts after "ready" sees it compute and must end that spell.
+        after_ready = policies.samples + 2
+        # A read (get_lease) is what takes samples: ask it first, then count them.
+        wait_for(lambda: chronos.get_lease(lease.id).idle_since is None and policies.samples >= after_ready,
+                 timeout=30, what=lambda: f"a sample that sees the lease's process {proc.pid} computing "
+                 f"(samples {policies.samples}, engine {default_engine() is engine}, last {policies.last_sample}, "
+                 f"NVML now {default_engine().backend.utilization([0])})")
         target = policies.samples + 8
 
         def sampled_busy() -> bool:

@@ -1,0 +1,172 @@
+"""Leases through the service against embedded mode, measured in the same run.
+
+  round trip   reserve + release from one process (``chronos.reserve(bind=False)`` then
+               ``Lease.release()``), median and p99, embedded against the service
+  throughput   N client processes reserving and releasing at once for ``--seconds``: grants per
+               second (each grant also released), embedded against the service; the audit log is
+               replayed afterwards and any instant that over-commits a GPU is counted
+
+Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
+on a temporary socket, with simulated GPUs ``8x80G``.
+
+    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+WORKER = """
+import os, sys, time
+import chronos
+start_file, seconds = sys.argv[1], float(sys.argv[2])
+chronos.leases()  # connect (or open the ledger) before the clock starts
+print("ready", flush=True)
+while not os.path.exists(start_file):
+    time.sleep(0.001)
+end = time.time() + seconds
+grants = 0
+while time.time() < end:
+    chronos.reserve("1G", "10m", bind=False).release()
+    grants += 1
+print(grants, flush=True)
+"""
+
+
+def _env(state: Path, server: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
+    env.update({"CHRONOS_STATE_DIR": str(state), "CHRONOS_BACKEND": "simulated", "CHRONOS_SIM_GPUS": "8x80G",
+                "CHRONOS_CONFIG": str(state / "none.toml"), "CHRONOS_USER_CONFIG": str(state / "none.toml"),
+                "PYTHONPATH": str(ROOT)})
+    if server is not None:
+        env["CHRONOS_SERVER"] = str(server)
+    return env
+
+
+class _Mode:
+    """A fresh state directory, and (for the service) a running ``chronos serve`` on it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix=f"chronos-bench-{name}-"))
+        self.state = self.dir / "state"
+        self.state.mkdir(mode=0o700)
+        self.server: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        if name == "service":
+            self.server = self.dir / "chronos.sock"
+            self.ledger_dir = self.dir / "service-state"
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "chronos", "serve", "--socket", str(self.server), "--state-dir",
+                 str(self.ledger_dir)], env=_env(self.state, None), stderr=subprocess.DEVNULL)
+            deadline = time.time() + 30
+            while not self.server.exists():
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise SystemExit("the service did not start")
+                time.sleep(0.02)
+        else:
+            self.ledger_dir = self.state
+        self.env = _env(self.state, self.server)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+
+
+def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
+    code = ("import sys, time, chronos\n"
+            "chronos.leases()\n"
+            "times = []\n"
+            f"for _ in range({rounds}):\n"
+            "    t = time.perf_counter(); chronos.reserve('1G', '10m', bind=False).release()\n"
+            "    times.append(time.perf_counter() - t)\n"
+            "print(' '.join(map(str, times)))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=mode.env, capture_output=True, text=True, check=True)
+    times = sorted(float(x) for x in out.stdout.split())
+    return statistics.median(times), times[int(len(times) * 0.99)]
+
+
+def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int]:
+    start_file = mode.dir / f"go-{procs}"
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(start_file), str(seconds)], env=mode.env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    for worker in workers:
+        assert worker.stdout is not None
+        if worker.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a {mode.name} worker failed to start")
+    began = time.time()
+    start_file.touch()
+    grants = sum(int(worker.communicate()[0].split()[-1]) for worker in workers)
+    elapsed = max(time.time() - began, seconds)
+    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB)
+
+
+def overcommits(db: Path, total: int) -> int:
+    """Replay the audit log: how many grants pushed a GPU past its memory."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    used: Counter[int] = Counter()
+    sizes: dict[int, tuple[list[int], int]] = {}
+    bad = 0
+    for seq, event, detail in conn.execute("SELECT lease_seq, event, detail FROM events ORDER BY id"):
+        info = json.loads(detail)
+        if event == "granted":
+            sizes[seq] = (info["devices"], info["memory_bytes"])
+            for index in info["devices"]:
+                used[index] += info["memory_bytes"]
+                bad += used[index] > total
+        elif event in ("released", "expired", "revoked", "withdrawn") and seq in sizes:
+            devices, memory = sizes.pop(seq)
+            for index in devices:
+                used[index] -= memory
+    conn.close()
+    return bad
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--procs", default="8,16")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    print(f"# {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G")
+    results: dict[str, dict[str, float]] = {}
+    for name in ("embedded", "service"):
+        mode = _Mode(name)
+        try:
+            median, p99 = round_trips(mode, args.rounds)
+            results.setdefault("round trip median ms", {})[name] = median * 1000
+            results.setdefault("round trip p99 ms", {})[name] = p99 * 1000
+        finally:
+            mode.close()
+        for procs in (int(p) for p in args.procs.split(",")):
+            mode = _Mode(name)
+            try:
+                rate, bad = throughput(mode, procs, args.seconds)
+            finally:
+                mode.close()
+            results.setdefault(f"{procs} processes grants/s", {})[name] = rate
+            results.setdefault(f"{procs} processes over-commits", {})[name] = bad
+    for figure, by in results.items():
+        ratio = by["service"] / by["embedded"] if by["embedded"] else float("nan")
+        print(f"{figure:32} embedded {by['embedded']:10.2f}   service {by['service']:10.2f}   "
+              f"service/embedded {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""``chronos serve``: the one process that owns the ledger, answering clients on a Unix socket.
+
+One selector thread does all socket I/O (accepting, reading lines, writing answers), so a client
+that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
+nothing else. Complete requests go to a small pool of workers; a queued reservation waits on a
+thread of its own (at most :data:`MAX_WAITERS`). SQLite serialises the writes. A connection serves
+one request at a time. Identity comes from SO_PEERCRED, never from the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chronos import settings as settings_module
+from chronos.devices import backend_for
+from chronos.engine import Engine
+from chronos.errors import ChronosError
+from chronos.model import WaitUpdate
+from chronos.service import codec
+from chronos.service.handlers import WAITING_OPS, Call, Peer, handle, undo_grant
+from chronos.service.holders import HolderWatch
+from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_to_wire, read_message
+from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
+
+__all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
+
+DEFAULT_STATE_DIR = Path("/var/lib/chronos")
+MAX_CONNECTIONS = 1024
+MAX_PER_USER = 128
+MAX_WAITERS = 256
+WORKERS = 8
+#: A request must arrive whole this soon after its first byte.
+PARTIAL_TIMEOUT_S = 10.0
+#: A connection with nothing to do is closed after this long (the client reconnects by itself).
+IDLE_TIMEOUT_S = 600.0
+#: An answer not taken by its client within this long closes the connection.
+WRITE_TIMEOUT_S = 30.0
+
+log = logging.getLogger("chronos.service")
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was served (a queued wait withdraws)."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    peer: Peer
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    busy: bool = False
+    closed: bool = False
+    last: float = field(default_factory=time.monotonic)
+    partial_since: float | None = None
+    write_since: float | None = None
+    #: A lease granted by the request whose answer is in the outbox (undone if it is never delivered).
+    undo: str | None = None
+
+
+class Server:
+    """The service on ``socket_path`` over the ledger in ``state_dir`` (an :class:`Engine` of its own)."""
+
+    def __init__(self, socket_path: str | Path, state_dir: str | Path = DEFAULT_STATE_DIR,
+                 engine: Engine | None = None) -> None:
+        self.socket_path = Path(socket_path)
+        self.state_dir = Path(state_dir)
+        if engine is None:
+            # Simulated GPUs keep their usage file where the environment says, so that the processes
+            # claiming simulated memory and the service see the same GPUs; NVML ignores the directory.
+            base = settings_module.current()
+            engine = Engine(backend=backend_for(base), settings=base.with_state_dir(private_dir(self.state_dir)))
+        self.engine = engine
+        self.watch = HolderWatch(self.engine)
+        self.stop_event = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
+        self._waiters = threading.BoundedSemaphore(MAX_WAITERS)
+        self._done: queue.SimpleQueue[tuple[_Conn, bytes, str | None, bool]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._conns: set[_Conn] = set()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- life -----------------------------------------------------------------------------
+    def start(self) -> Server:
+        """Open the ledger, bind the socket (every user may connect), start the threads."""
+        raise_fd_limit(MAX_CONNECTIONS + 256)
+        self.engine.leases()  # open (and migrate) the ledger now, and reclaim what ended while we were down
+        self._listener = listen(self.socket_path)
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        for name, target in (("chronos-io", self._loop), ("chronos-holders", lambda: self.watch.run(self.stop_event))):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._start_enforcer()
+        log.info("serving %s (ledger %s, holders watched with %s)", self.socket_path, self.engine.ledger.path,
+                 "pidfds" if self.watch.pidfds else "polling")
+        return self
+
+    def _start_enforcer(self) -> None:
+        """The one enforcement loop for every lease, where this installation has it."""
+        try:
+            from chronos.service import enforcer  # type: ignore[attr-defined, unused-ignore]
+        except ImportError:
+            log.warning("no enforcement loop in this installation: leases are enforced by their own watchdogs")
+            return
+        loop = enforcer.Enforcer(self.engine)
+        thread = threading.Thread(target=loop.run, args=(self.stop_event,), name="chronos-enforcer", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def serve_forever(self) -> None:
+        """Run until :meth:`stop` (a signal handler calls it)."""
+        self.stop_event.wait()
+        self.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._poke()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self._poke()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    os.unlink(self.socket_path)
+            except OSError:
+                pass
+        for conn in list(self._conns):
+            conn.sock.close()
+        self._conns.clear()
+        self.watch.close()
+        self.engine.close()
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # -- the I/O thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                events = self._selector.select(timeout=1.0)
+                for key, mask in events:
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._io(key.data, mask)
+                self._deliver()
+                self._expire()
+            except Exception:  # the loop must not die: log, and serve on
+                log.exception("service I/O loop error")
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(64):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: leave the rest in the backlog
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            peer = peer_of(sock)
+            mine = sum(1 for c in self._conns if c.peer.uid == peer.uid)
+            if len(self._conns) >= MAX_CONNECTIONS or mine >= MAX_PER_USER:
+                refuse(sock, f"too many connections (at most {MAX_PER_USER} a user, {MAX_CONNECTIONS} in all); "
+                              "close some and try again")
+                continue
+            conn = _Conn(sock, peer)
+            self._conns.add(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _io(self, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if mask & selectors.EVENT_READ and not conn.closed:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)
+                return
+            conn.inbox += data
+            conn.last = time.monotonic()
+            if conn.partial_since is None:
+                conn.partial_since = conn.last
+            self._next_request(conn)
+
+    def _next_request(self, conn: _Conn) -> None:
+        if conn.busy or conn.closed:
+            if len(conn.inbox) > MAX_MESSAGE_BYTES:  # requests sent ahead without reading answers
+                self._drop(conn)
+            return
+        end = conn.inbox.find(b"\n")
+        if end < 0:
+            if len(conn.inbox) > MAX_MESSAGE_BYTES:
+                self._answer_now(conn, None, ProtocolError(f"message too long: at most {MAX_MESSAGE_BYTES} bytes"),
+                                 close=True)
+            elif not conn.inbox:
+                conn.partial_since = None
+            return
+        line = bytes(conn.inbox[:end])
+        del conn.inbox[:end + 1]
+        conn.partial_since = time.monotonic() if conn.inbox else None
+        try:
+            message = read_message(line)
+            request_id = message.get("id")
+            if message.get("v") != VERSION:
+                raise ProtocolError(f"protocol version {message.get('v')!r} is not served here: this service speaks "
+                                    f"version {VERSION} (send \"v\": {VERSION})")
+            op, args = message.get("op"), message.get("args", {})
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ProtocolError("a request is {\"v\": 1, \"id\": N, \"op\": NAME, \"args\": {...}}")
+        except ProtocolError as exc:
+            self._answer_now(conn, None, exc)
+            return
+        if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
+            request_id = None
+        conn.busy = True
+        if op in WAITING_OPS and _waits(args):
+            if not self._waiters.acquire(blocking=False):
+                conn.busy = False
+                self._answer_now(conn, request_id, ChronosError(f"too many queued requests waiting (at most "
+                                                                 f"{MAX_WAITERS}); try again later"))
+                return
+            threading.Thread(target=self._serve, args=(conn, request_id, op, args, self._waiters.release),
+                             name="chronos-waiter", daemon=True).start()
+        else:
+            self._pool.submit(self._serve, conn, request_id, op, args, None)
+
+    def _answer_now(self, conn: _Conn, request_id: Any, exc: ChronosError, *, close: bool = False) -> None:
+        self._queue_out(conn, dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)}))
+        if close:
+            conn.inbox.clear()
+            conn.closed = True
+            self._flush(conn)
+
+    def _queue_out(self, conn: _Conn, data: bytes) -> None:
+        conn.outbox += data
+        if conn.write_since is None:
+            conn.write_since = time.monotonic()
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.outbox:
+            try:
+                sent = conn.sock.send(conn.outbox)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop(conn)
+                return
+            del conn.outbox[:sent]
+        if conn.outbox:
+            self._watch(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            return
+        conn.write_since = None
+        conn.undo = None  # delivered
+        if conn.closed:
+            self._drop(conn)
+        else:
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        try:
+            self._selector.modify(conn.sock, events, conn)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, conn: _Conn) -> None:
+        """Forget a connection; a grant it never received is undone."""
+        conn.closed = True
+        if conn.busy:
+            return  # its worker finishes, sees it closed, and undoes what it did
+        if conn in self._conns:
+            self._conns.discard(conn)
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.sock.close()
+        if conn.undo is not None:
+            lease_id, conn.undo = conn.undo, None
+            self._pool.submit(self._undo, conn.peer, lease_id)
+
+    def _undo(self, peer: Peer, lease_id: str) -> None:
+        try:
+            undo_grant(self.engine, peer, lease_id)
+            log.info("released lease %s: its client went away before it learned of the grant", lease_id)
+        except ChronosError as exc:
+            log.warning("could not undo the grant of lease %s: %s", lease_id, exc)
+        self.watch.wake()
+
+    def _deliver(self) -> None:
+        while True:
+            try:
+                conn, data, granted, final = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if final:
+                conn.busy = False
+                conn.last = time.monotonic()
+            if conn.closed and conn not in self._conns:
+                continue
+            if conn.closed:
+                if final:
+                    conn.undo = granted
+                    self._drop(conn)
+                continue
+            if final:
+                conn.undo = granted
+            self._queue_out(conn, data)
+            if final and not conn.closed:
+                self._next_request(conn)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns):
+            if conn.write_since is not None and now - conn.write_since > WRITE_TIMEOUT_S:
+                self._drop(conn)
+            elif conn.partial_since is not None and not conn.busy and now - conn.partial_since > PARTIAL_TIMEOUT_S:
+                self._answer_now(conn, None, ProtocolError(f"incomplete request: a request is one line, sent within "
+                                                           f"{PARTIAL_TIMEOUT_S:g}s"), close=True)
+            elif not conn.busy and not conn.outbox and now - conn.last > IDLE_TIMEOUT_S:
+                self._drop(conn)
+
+    # -- the workers ----------------------------------------------------------------------
+    def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
+               done: Callable[[], None] | None) -> None:
+        last: list[WaitUpdate] = []
+
+        def progress(update: WaitUpdate) -> None:
+            if conn.closed:
+                raise ClientGone("the client went away")
+            if not last or last[0] != update:
+                last[:] = [update]
+                self._done.put((conn, dump({"v": VERSION, "id": request_id, "wait": codec.encode(update)}), None,
+                                False))
+                self._poke()
+
+        call = Call(self.engine, conn.peer, args, progress)
+        granted = None
+        try:
+            result = handle(call, op)
+            granted = call.granted
+            reply: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": True, "result": result}
+            data = _dump_result(reply)
+        except ChronosError as exc:
+            data = dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)})
+        except ClientGone:
+            data = b""
+        except Exception as exc:  # a bug must not take the service down: one line to the client, the trace to the log
+            log.exception("operation %s failed", op)
+            data = dump({"v": VERSION, "id": request_id, "ok": False,
+                         "error": error_to_wire(ChronosError(f"the service failed on {op}: {exc}"))})
+        finally:
+            if done is not None:
+                done()
+        if call.holder is not None:
+            self.watch.wake(call.holder)
+        self._done.put((conn, data, granted, True))
+        self._poke()
+
+
+def _dump_result(reply: dict[str, Any]) -> bytes:
+    data = dump(reply)
+    if len(data) > MAX_MESSAGE_BYTES * 16:
+        raise ChronosError("the answer is too long to send: ask for less (a limit, a user)")
+    return data
+
+
+def _waits(args: dict[str, Any]) -> bool:
+    request = args.get("request")
+    return isinstance(request, dict) and request.get("wait") not in (None, False, "", "no", "false")
+
+
+def serve(socket_path: str | Path, state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
+    """Serve in the foreground until SIGTERM or SIGINT (systemd runs it so)."""
+    import signal
+
+    server = Server(socket_path, state_dir).start()
+
+    def stop(signum: int, frame: object) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    log.info("stopped")
+
