@@ -454,7 +454,10 @@ class Engine:
                     if granted is not None:
                         return granted
                     reason, position = decision.reason, decision.position
-                    if on_wait is not None and not bell.usable and time.monotonic() >= next_estimate:
+                    # Its own estimate when it joins the queue (and on every poll where nobody leads); after
+                    # that the leader's plan says where it stands.
+                    if on_wait is not None and (not bell.usable or next_estimate == 0.0) \
+                            and time.monotonic() >= next_estimate:
                         estimated = scheduler.estimate_start(snapshot, request)  # outside the write lock
                         # Planning costs ~0.1 ms per queued request: on a long queue, re-plan less often.
                         next_estimate = time.monotonic() + max(ESTIMATE_EVERY_S, 0.05 * len(snapshot.queue))
