@@ -62,10 +62,11 @@ def boottime_offset() -> int:
     if _offset is None:
         _offset = 0
         try:
-            with open("/proc/self/timens_offsets", encoding="ascii") as f:
+            # Bytes, no codec: this runs wherever a start is read, in a kernel's teardown too.
+            with open("/proc/self/timens_offsets", "rb") as f:
                 for line in f:
                     name, seconds, nanos = line.split()
-                    if name == "boottime":
+                    if name == b"boottime":
                         _offset = round((int(seconds) + int(nanos) / 1e9) * _ticks)
         except (OSError, ValueError):
             pass
@@ -77,8 +78,8 @@ def boot_id() -> str | None:
     global _boot
     if _boot is None:
         try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                _boot = (f.read().strip() or None,)
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _boot = (f.read().strip().decode("latin-1") or None,)
         except OSError:
             _boot = (None,)
     return _boot[0]

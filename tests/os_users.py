@@ -10,6 +10,7 @@ it can read: Debian's ``/usr/bin/python3`` with a virtual environment outside /r
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -103,22 +104,35 @@ class OsUsers:
         self.groups.clear()
 
 
+#: The virtual environment other OS users run Chronos with (its dependencies only; the code comes from a
+#: readable copy on PYTHONPATH): one path and one package list, so no test rebuilds another's.
+USER_VENV = Path("/var/tmp/chronos-test-venv")
+USER_VENV_PACKAGES = ("psutil", "nvidia-ml-py")
+
+
+def user_python() -> Path:
+    """Debian's Python in :data:`USER_VENV`, with Chronos's dependencies, runnable by every user."""
+    return system_venv(USER_VENV, USER_VENV_PACKAGES, " ".join(USER_VENV_PACKAGES))
+
+
 def system_venv(path: Path, packages: Sequence[str], marker: str) -> Path:
     """A virtual environment of Debian's Python at ``path`` with ``packages``; rebuilt when ``marker`` changes.
 
     Built once and kept (``path`` is outside /root so every user can run it); the pip cache makes a
-    rebuild cheap.
+    rebuild cheap. A lock beside it keeps test runs in parallel from building it over each other.
     """
     python = path / "bin" / "python"
     stamp = path / ".chronos-test-venv"
-    if not (stamp.exists() and stamp.read_text() == marker and python.exists()):
-        shutil.rmtree(path, ignore_errors=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(path)], check=True, timeout=300)
-        if packages:
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
-                           check=True, timeout=600)
-        stamp.write_text(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and stamp.read_text() == marker and python.exists()):
+            shutil.rmtree(path, ignore_errors=True)
+            subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(path)], check=True, timeout=300)
+            if packages:
+                subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                               check=True, timeout=600)
+            stamp.write_text(marker)
     for directory in [path, *path.parents]:
         if directory == Path("/"):
             break

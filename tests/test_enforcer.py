@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from chronos.engine import Engine
 from chronos.errors import StateError
 from chronos.model import Action, FindingKind, OnUnmanaged
 from chronos.service.enforcer import Enforcer, Finding
-from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, system_venv
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, user_python
 from tests.waiting import wait_for
 
 GIB = 1 << 30
@@ -60,8 +61,7 @@ def other() -> Iterator[dict[str, Any]]:
     users = OsUsers("chrenf")
     try:
         name = users.user("other")
-        python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"],
-                             "psutil nvidia-ml-py")
+        python = user_python()
         src = readable_copy(Path("/var/tmp") / f"chrenf-src-{os.getpid()}")
         yield {"name": name, "uid": pwd.getpwnam(name).pw_uid, "python": python, "src": src}
         shutil.rmtree(src, ignore_errors=True)
@@ -253,6 +253,40 @@ def test_expiry_ends_the_holders_tree(shared_state: Path, spawn: Spawn) -> None:
     assert found and found[0].lease_id == lease.id and found[0].signal == "SIGTERM"
     assert set(found[0].pids) == {holder.pid, kid}
     assert engine.get(lease.id).state == "expired"
+
+
+def test_an_extension_moves_the_end_the_enforcer_acts_at(shared_state: Path, spawn: Spawn) -> None:
+    engine = _engine(on_expiry=Action.TERMINATE)
+    holder = spawn("root", 0, GIB)
+    _ready(holder)
+    lease = engine.reserve("2G", 1, device=0, bind=holder.pid)
+    enforcer = Enforcer(engine)
+    assert enforcer.poll() == []  # the lease as it was: ending in a second
+    engine.extend(lease.id, "1h")  # extended between two passes...
+    wait_for(lambda: time.time() > (lease.expires_at or 0) + 0.1, what="the old end to pass")
+    assert enforcer.poll() == []  # ...so the next pass judges by the new end
+    assert holder.poll() is None and engine.get(lease.id).state == "active"
+
+
+def test_a_lease_ended_asking_for_an_action_gets_it_and_a_plain_release_does_not(shared_state: Path,
+                                                                                 spawn: Spawn) -> None:
+    engine = _engine()
+    asked, plain = spawn("root", 0, GIB), spawn("root", 1, GIB)
+    _ready(asked)
+    _ready(plain)
+    first = engine.reserve("2G", "1h", device=0, bind=asked.pid)
+    second = engine.reserve("2G", "1h", device=1, bind=plain.pid)
+    with Loop(Enforcer(engine)) as enforcer:
+        wait_for(lambda: enforcer.polls >= 2, what="the enforcer to see both leases")
+        with engine.ledger.transaction():  # what the idle policy's terminate asks of a lease it ends
+            engine.ledger.update(first.id, end_action=Action.TERMINATE)
+        engine.release(first.id)
+        engine.release(second.id)
+        assert asked.wait(20) == -signal.SIGTERM
+        _polls_without(enforcer, 5, lambda: plain.poll() is not None)
+    found = _found(enforcer, FindingKind.PAST_EXPIRY, asked.pid)
+    assert found and found[0].lease_id == first.id and "was released asking for terminate" in found[0].message
+    assert not [f for f in enforcer.findings if f.lease_id == second.id]
 
 
 class FlakyLedger(Engine):

@@ -14,7 +14,7 @@ import pytest
 
 from chronos.cli.app import build_parser
 from chronos.service.install import serve_argv, unit_text
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def _settings(text: str) -> dict[str, list[str]]:
@@ -75,3 +75,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "chronos.service").exists()
+
+
+def test_the_admin_guide_shows_what_the_command_does(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "admin-guide.md").read_text()
+    section = text[text.index("## The Chronos service under systemd\n"):]
+    block = section[section.index("```console\n") + len("```console\n"):section.index("```\n", 20)]
+    command, *shown = block.strip("\n").splitlines()
+    assert command == "$ sudo chronos admin install-service"
+    done = run_cli("admin", "install-service", "--dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [line.replace("/etc/systemd/system", str(tmp_path)) for line in shown]

@@ -224,6 +224,8 @@ def _run_in_kernel(kernel_id: str, code: str) -> str:
     client = BlockingKernelClient(connection_file=str(Path(os.environ["JUPYTER_RUNTIME_DIR"]) /
                                                       f"kernel-{kernel_id}.json"))
     client.load_connection_file()
+    # A busy machine can miss one heartbeat (1 s by default), which this client would read as a dead kernel.
+    client.hb_channel.time_to_dead = 20.0
     client.start_channels()
     try:
         client.wait_for_ready(timeout=60)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.os_users import user_python
 
 OTHER = "chronos-other"
-VENV = Path("/var/tmp/chronos-test-venv")
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
@@ -33,14 +33,7 @@ def _ensure_user() -> None:
 
 def _ensure_venv() -> Path:
     """A virtual environment the second user can read, with Chronos's dependencies."""
-    python = VENV / "bin" / "python"
-    marker = VENV / ".chronos-deps"
-    if not marker.exists():
-        shutil.rmtree(VENV, ignore_errors=True)
-        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "psutil", "nvidia-ml-py"], check=True)
-        marker.write_text("ok\n")
-    return python
+    return user_python()
 
 
 @pytest.fixture(scope="module")

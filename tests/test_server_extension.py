@@ -147,7 +147,7 @@ async def test_extend_moves_the_end_and_bad_input_is_one_line(jp_fetch: Fetch, g
 
     cases = [
         ({"duration": "soon"}, 400, "cannot read duration 'soon': use 2h, 90m, 1h30m, 45s, 1d or seconds"),
-        ({"duration": -5}, 400, "duration must be positive, got -5"),
+        ({"duration": -5}, 400, "duration must be more than 0, got -5"),
         ({"duration": True}, 400, 'say how long to extend by, e.g. {"duration": "30m"}'),
         ({}, 400, 'say how long to extend by, e.g. {"duration": "30m"}'),
         (["30m"], 400, 'say how long to extend by, e.g. {"duration": "30m"}'),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import chronos
-from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, system_venv
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, user_python
 from tests.service_fixture import Service, running_service
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)
@@ -53,7 +53,7 @@ def shared_service(people: dict[str, str], tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def as_user(people: dict[str, str], shared_service: Service) -> Iterator[Run]:
-    python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"], "psutil nvidia-ml-py")
+    python = user_python()
     src = readable_copy(Path("/var/tmp") / f"chronos-src-svc-{os.getpid()}")
 
     def run(who: str, *argv: str, env: dict[str, str] | None = None,

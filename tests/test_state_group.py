@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, system_venv
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, user_python
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)
 
@@ -39,7 +39,7 @@ def people() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def as_user(people: dict[str, str]) -> Iterator[Run]:
-    python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"], "psutil nvidia-ml-py")
+    python = user_python()
     src = readable_copy(Path("/var/tmp") / f"chronos-src-group-{os.getpid()}")
 
     def run(who: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, system_venv
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, user_python
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)
 
@@ -50,7 +50,7 @@ def place() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def as_user(people: dict[str, str], place: Path) -> Iterator[Run]:
-    python = system_venv(Path("/var/tmp/chronos-test-venv"), ["psutil", "nvidia-ml-py"], "psutil nvidia-ml-py")
+    python = user_python()
     src = readable_copy(place / "src")
     system = place / "etc" / "config.toml"
     system.write_text(f'admin_group = "{people["admins"]}"\n\n[limits]\nmax_memory_per_lease = "8G"\n')

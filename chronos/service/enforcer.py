@@ -51,6 +51,8 @@ log = logging.getLogger("chronos.enforcer")
 WARN_AGAIN_S = 600.0
 #: Audit-log writes kept for retry while the ledger fails (the oldest are dropped past this, said in the log).
 PENDING_LIMIT = 1000
+#: The same failure is logged at most this often (the count of passes it hit is in the next line).
+SAY_AGAIN_S = 60.0
 #: tty majors (``/dev/tty*``, ``/dev/console``, ``/dev/pts/*``): a warning is written only to a terminal or a pipe.
 _TTY_MAJORS = frozenset({4, 5, *range(136, 144)})
 
@@ -117,6 +119,7 @@ class Enforcer:
         self._told: dict[Target, float] = {}
         self._pending: deque[tuple[str, dict[str, Any]]] = deque()
         self._exempt = _uids(self.config.unmanaged_exempt)
+        self._said: dict[str, tuple[float, int]] = {}
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event, interval: float | None = None) -> None:
@@ -151,10 +154,11 @@ class Enforcer:
         gpu = self._processes()
         current = records if records is not None else \
             [lease for lease in self._active.values() if not _past(lease, now)]
-        current_ids = {lease.id for lease in current}
+        by_id = {lease.id: lease for lease in current}
         for lease in list(self._active.values()):
-            if lease.id not in current_ids or _past(lease, now):
-                self._lease_ended(out, lease, now, mono)
+            fresh = by_id.get(lease.id)  # an extension since the last pass moves the end
+            if fresh is None or _past(fresh, now):
+                self._lease_ended(out, fresh or lease, now, mono)
         self._active = {lease.id: lease for lease in current}
         self.membership.update(current)
         if gpu is not None:
@@ -172,17 +176,16 @@ class Enforcer:
         try:
             return self.engine.active_records()  # ends expired leases and dead holders' (a ledger write)
         except Exception as exc:
-            self.errors += 1
-            log.error("enforcer: cannot read the ledger (%s); acting on the %d leases last read", exc,
-                      len(self._active))
+            self._error("ledger", f"enforcer: cannot read the ledger ({exc}); acting on the {len(self._active)} "
+                                  "leases last read")
             return None
 
     def _processes(self) -> list[GpuProcess] | None:
         try:
             return self.engine.backend.processes()  # one read covering every GPU
         except Exception as exc:
-            self.errors += 1
-            log.error("enforcer: cannot read the GPUs' processes (%s); this pass checks expiry only", exc)
+            self._error("backend", f"enforcer: cannot read the GPUs' processes ({exc}); this pass checks expiry "
+                                   "only")
             return None
 
     # -- leases that ended ----------------------------------------------------------------
@@ -305,15 +308,13 @@ class Enforcer:
             for change in self.engine.sync_gate(strict=True):
                 log.info("device gating: %s", change)
         except Exception as exc:
-            self.errors += 1
-            log.error("%s", exc)
+            self._error("gate", str(exc))
         allowed = {(lease.uid, index) for lease in current for index in lease.devices}
         targeted = {t for episode in self._episodes.values() for t in episode.enforcement.targets}
         try:
             holders = self.gate.holders(lambda uid, index: (uid, index) in allowed)
         except Exception as exc:
-            self.errors += 1
-            log.error("device gating: cannot look for processes holding the device files (%s)", exc)
+            self._error("holders", f"device gating: cannot look for processes holding the device files ({exc})")
             return
         for holder in holders:
             target = (holder.pid, holder.started)
@@ -380,9 +381,8 @@ class Enforcer:
             try:
                 self.engine.record_enforcement(lease_id, detail)
             except Exception as exc:
-                self.errors += 1
-                log.error("enforcer: cannot write to the audit log (%s); %d entries kept, retried next pass", exc,
-                          len(self._pending))
+                self._error("audit", f"enforcer: cannot write to the audit log ({exc}); {len(self._pending)} "
+                                     "entries kept, retried next pass")
                 return
             self._pending.popleft()
 
@@ -390,6 +390,18 @@ class Enforcer:
     def pending(self) -> int:
         """Audit-log entries waiting for the ledger to accept them."""
         return len(self._pending)
+
+    def _error(self, what: str, text: str) -> None:
+        """Count a failure and log it: at once the first time, then at most every :data:`SAY_AGAIN_S`
+        with how many passes it hit meanwhile, so a lasting fault is in the log without flooding it."""
+        self.errors += 1
+        now = time.monotonic()
+        last, missed = self._said.get(what, (-SAY_AGAIN_S, 0))
+        if now - last >= SAY_AGAIN_S:
+            log.error("%s%s", text, f" ({missed} more times since the last report)" if missed else "")
+            self._said[what] = (now, 0)
+        else:
+            self._said[what] = (last, missed + 1)
 
     def _tell(self, pids: Sequence[int], text: str) -> None:
         for pid in pids:

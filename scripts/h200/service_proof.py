@@ -142,6 +142,9 @@ def main() -> int:
     from chronos.engine import Engine
     from chronos.model import Action, FindingKind, OnUnmanaged
 
+    # The second user's interpreter: on the GPU machine the one with PyTorch (this one); here Debian's,
+    # since a Python under /root cannot be run by another user.
+    user_python = "/usr/bin/python3" if args.dry_run and Path("/usr/bin/python3").exists() else sys.executable
     user, made = second_user()
     os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
     gpu0 = device_dir / "nvidia0"
@@ -156,7 +159,7 @@ def main() -> int:
 
     def gpu_proc(owner: str, mib: int, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """A process holding ``mib`` on GPU 0: cuMemAlloc on a GPU, a claim for its pid when simulated."""
-        argv = ["sleep", "120"] if args.dry_run else [sys.executable, str(alloc), str(mib), "--hold", "120"]
+        argv = ["sleep", "120"] if args.dry_run else [user_python, str(alloc), str(mib), "--hold", "120"]
         if owner == "root":
             full = {**os.environ, **(env or {})}
             proc = subprocess.Popen(argv, env=full, stdout=subprocess.PIPE, text=True)
@@ -173,8 +176,8 @@ def main() -> int:
 
     def cuda_context(owner: str) -> tuple[bool, str]:
         """Can ``owner`` create a CUDA context on GPU 0 (dry run: open the stand-in read-write)?"""
-        argv = [sys.executable, "-c", f"open({str(gpu0)!r}, 'r+b'); print('ok')"] if args.dry_run else \
-            [sys.executable, "-c", TORCH_CHECK]
+        argv = [user_python, "-c", f"open({str(gpu0)!r}, 'r+b'); print('ok')"] if args.dry_run else \
+            [user_python, "-c", TORCH_CHECK]
         proc = as_user(owner, argv, home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=120)
         last = (err.strip().splitlines() or [""])[-1]
@@ -202,18 +205,24 @@ def main() -> int:
         found = [f.message for f in enforcer.findings if f.kind == FindingKind.UNMANAGED]
         failed |= not check(f"unmanaged: {user}'s GPU process with no lease is ended", code == -signal.SIGTERM,
                             returncode=code, findings=found)
-        # 3. device gating
+        # 3. device gating. First the baseline: with the file as the driver made it the user can, so a
+        # refusal below is the gating's and not, say, an interpreter this user may not run.
+        allowed, said = cuda_context(user)
+        failed |= not check(f"gating: before, with {gpu0} as it was, {user} can create a CUDA context", allowed,
+                            said=said, mode=oct(os.stat(gpu0).st_mode & 0o777))
         os.chmod(gpu0, 0o660)
         allowed, said = cuda_context(user)
         mode_after = oct(os.stat(gpu0).st_mode & 0o777)
         failed |= not check(f"gating: without a lease {user} cannot create a CUDA context", not allowed,
                             said=said, mode_after=mode_after)
+        failed |= not check("gating: the driver left the mode as it was set", mode_after == "0o660",
+                            mode_after=mode_after)
         engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, kill_wait_s=5.0,
                                        on_expiry=Action.TERMINATE))
         lease = engine.reserve("8G", "10m", device=0, user=user, bind=False)
         allowed, said = cuda_context(user)
         failed |= not check(f"gating: with a lease on GPU 0 {user} can", allowed, said=said)
-        holder = as_user(user, [sys.executable, "-c", HOLD_FILE, str(gpu0)], home, stdout=subprocess.PIPE) \
+        holder = as_user(user, [user_python, "-c", HOLD_FILE, str(gpu0)], home, stdout=subprocess.PIPE) \
             if args.dry_run else gpu_proc(user, 256)
         if args.dry_run:
             assert holder.stdout is not None
