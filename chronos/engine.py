@@ -189,7 +189,10 @@ class Engine:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
         if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
             return self._end(lease, LeaseState.EXPIRED, "reached its end time", who, at=lease.expires_at)
-        if lease.state.live and lease.pid is not None and not self._alive(lease.pid, lease.pid_start):
+        # A queued request's waiter seen alive lately is trusted (hundreds may wait); a holder is always looked
+        # at, since its death gives memory back at once.
+        if lease.state.live and lease.pid is not None \
+                and not self._alive(lease.pid, lease.pid_start, fresh=lease.state == ACTIVE):
             if lease.state == QUEUED:
                 return self._end(lease, LeaseState.WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
             return self._end(lease, LeaseState.REVOKED, f"holder process {lease.pid} exited", who, at=now)
@@ -201,9 +204,9 @@ class Engine:
         return replace(lease, state=state, ended_at=at, end_reason=reason)
 
     def _alive(self, pid: int, started: float | None, *, fresh: bool = False) -> bool:
-        """Whether a holder still runs. Inside a write a live answer is trusted for :data:`ALIVE_TTL_S`, so a
-        write does not read ``/proc`` for every live lease each time (a dead holder's memory is then taken back
-        that much later at most); a read (``fresh``) always looks, so what people see is never stale."""
+        """Whether a holder or waiter still runs. Unless ``fresh``, a live answer is trusted for
+        :data:`ALIVE_TTL_S`, so a write does not read ``/proc`` for every queued request each time (a dead
+        waiter's request then leaves the queue that much later at most)."""
         key = (pid, started)
         mono = time.monotonic()
         seen = self._seen_alive.get(key)
