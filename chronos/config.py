@@ -568,10 +568,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         values["state_dir_explicit"] = True
         sources["state_dir"] = "env CHRONOS_STATE_DIR"
     longest = values.get("longest_duration_s", LONGEST_DURATION_S)
-    if values.get("default_duration_s", 0.0) > longest:
-        raise ConfigError(f"{sources['default_duration_s']}: defaults.duration "
-                          f"({format_duration(values['default_duration_s'])}) is longer than longest_duration "
-                          f"({format_duration(longest)}): shorten it")
+    for field_name in ("default_duration_s", "max_duration_s"):  # either would be silently cut to longest
+        if (values.get(field_name) or 0.0) > longest:
+            raise ConfigError(f"{sources[field_name]}: {SETTING_NAMES[field_name]} "
+                              f"({format_duration(values[field_name])}) is longer than longest_duration "
+                              f"({format_duration(longest)}): shorten it, or raise longest_duration")
     return Config(
         **values,
         sources=sources,

@@ -9,11 +9,13 @@ one view of the ledger). docs/trust-model.md says what each fault does.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 
 from chronos.engine import Engine
 from chronos.errors import ChronosError
+from chronos.state import write_trouble
 from chronos.units import format_duration
 
 __all__ = ["LOCK_WAIT_S", "SKEW_S", "ledger_problems"]
@@ -27,11 +29,17 @@ SKEW_S = 60.0
 def ledger_problems(engine: Engine) -> list[str]:
     """One line per fault seen; nothing when the ledger does not exist yet (the doctor creates nothing)."""
     db = Path(engine.config.state_dir) / "chronos.db"
-    if not db.is_file():
+    try:
+        if not stat.S_ISREG(os.stat(db).st_mode):
+            return []
+    except OSError:  # missing, or behind a directory this user may not enter (reported with the directory)
         return []
     problems = _deleted_files(db)
     try:
         ledger = engine.ledger
+    except ChronosError as exc:  # whose ledger this user may use is the state directory check's to say
+        return [*problems, str(exc)] if write_trouble(db) is not None else problems
+    try:
         with engine.patience(LOCK_WAIT_S), ledger.transaction():
             pass
         ahead = engine.events(since=time.time() + SKEW_S)

@@ -340,7 +340,7 @@ class Engine:
                     return self._grant_new(owner, caller, request, decision, holder, spec.label, now, devices,
                                            own_rule)
                 if spec.wait_s is None:
-                    raise UnavailableError(f"{decision.reason}; add --wait to queue until it fits")
+                    raise UnavailableError(decision.reason, could_wait=True)
                 waiter = procs.caller()
                 queued = LeaseRecord(
                     id="", owner=owner.name, uid=owner.uid, devices=spec.devices or (), device_uuids=(),

@@ -11,6 +11,7 @@ __all__ = [
     "EXIT_NO_SUCH_LEASE",
     "EXIT_OK",
     "EXIT_UNAVAILABLE",
+    "WAIT_HINT",
     "BackendError",
     "ChronosError",
     "InvalidRequestError",
@@ -21,6 +22,7 @@ __all__ = [
     "StateError",
     "UnavailableError",
     "as_chronos_error",
+    "with_hint",
 ]
 
 EXIT_OK = 0
@@ -44,9 +46,22 @@ class InvalidRequestError(ChronosError, ValueError):
 
 
 class UnavailableError(ChronosError):
-    """The request is valid but cannot be satisfied now (not enough free memory, queue timeout)."""
+    """The request is valid but cannot be satisfied now (not enough free memory, queue timeout).
+
+    ``could_wait`` marks a request that would have been queued with ``--wait``: the CLI and the magics
+    then say so (:data:`WAIT_HINT`); a kernel start, whose waiting the kernelspec decides, does not.
+    """
 
     exit_code = EXIT_UNAVAILABLE
+    could_wait: bool = False
+
+    def __init__(self, message: str, *, could_wait: bool = False) -> None:
+        super().__init__(message)
+        self.could_wait = could_wait
+
+
+#: What a front end whose request takes ``--wait`` adds to a refusal that could have waited.
+WAIT_HINT = "add --wait to queue until it fits"
 
 
 class NamespaceError(UnavailableError):
@@ -104,3 +119,10 @@ def as_chronos_error(exc: BaseException) -> ChronosError | None:
         return StateError(f"the ledger cannot be used ({text}): run `chronos doctor`, and ask the administrator "
                           "if it names the file as damaged")
     return None
+
+
+def with_hint(exc: ChronosError) -> str:
+    """``exc``'s message as a front end that takes ``--wait`` says it (the CLI, the magics)."""
+    if isinstance(exc, UnavailableError) and exc.could_wait:
+        return f"{exc}; {WAIT_HINT}"
+    return str(exc)

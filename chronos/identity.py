@@ -55,12 +55,14 @@ def acting_as(uid: int) -> Iterator[User]:
 
 def lookup_user(name: str) -> User:
     """A user by name or numeric uid; unknown names are bad input."""
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise InvalidRequestError(f"no such user {str(name)[:40]!r} on this machine: give a user name such as ann")
     try:
         entry = pwd.getpwnam(name)
-    except KeyError:
-        if name.isdigit():
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        if name.isascii() and name.isdigit() and int(name) < 2**32:
             return User(int(name), _name_of(int(name)))
-        raise InvalidRequestError(f"no such user {name!r} on this machine") from None
+        raise InvalidRequestError(f"no such user {name[:40]!r} on this machine") from None
     return User(entry.pw_uid, entry.pw_name)
 
 

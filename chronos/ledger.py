@@ -21,7 +21,7 @@ from typing import Any
 
 from chronos import procs
 from chronos.errors import StateError
-from chronos.ledger_faults import ledger_error, patience, patience_ms
+from chronos.ledger_faults import check_wal_files, ledger_error, patience, patience_ms
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
 from chronos.state import prepare_file
 
@@ -172,12 +172,14 @@ class Ledger:
         #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
         self._open_rows: dict[int, LeaseRecord] | None = None
         self._open_version = -1
+        self._wal_files: tuple[int, int] | None = None
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._setup()
+            self._wal_files = check_wal_files(self.path, None)  # this connection's -wal and -shm
         except sqlite3.Error as exc:
             raise ledger_error(exc, self.path) from None
 
@@ -267,6 +269,7 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise ledger_error(exc, self.path) from None
             try:
+                self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
                 self._conn.execute("COMMIT")
             except BaseException as exc:

@@ -7,6 +7,7 @@ watchdog's writes wait less for another process's lock than a command's do (:fun
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 from chronos.errors import StateError
 from chronos.state import write_trouble
 
-__all__ = ["ledger_error", "patience", "patience_ms"]
+__all__ = ["check_wal_files", "ledger_error", "patience", "patience_ms"]
 
 _patience = threading.local()
 
@@ -57,3 +58,18 @@ def ledger_error(exc: Exception, path: Path) -> StateError:
 def patience_ms() -> int | None:
     """This thread's wait for the lock in milliseconds, inside :func:`patience` (None: the ledger's own)."""
     return getattr(_patience, "ms", None)
+
+
+def check_wal_files(path: Path, seen: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The inodes of the ledger's ``-wal`` and ``-shm`` files, checked against those this connection saw
+    before (inside a write: while any connection is open SQLite keeps both). Removed or replaced under
+    it, they are another set of files from the one newer processes use: writing on would split the ledger."""
+    try:
+        now = (os.stat(f"{path}-wal").st_ino, os.stat(f"{path}-shm").st_ino)
+    except FileNotFoundError:
+        now = None
+    if seen is not None and now != seen:
+        raise StateError(f"ledger {path}: its -wal or -shm file was removed or replaced while this process had "
+                         "the ledger open, so its writes would no longer reach other processes; restart this "
+                         "process (see docs/trust-model.md)")
+    return now if seen is None else seen

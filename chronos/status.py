@@ -24,6 +24,7 @@ from chronos.lease import Lease
 from chronos.model import LeaseState
 from chronos.ops import EngineOps
 from chronos.request import RequestSpec
+from chronos.text import plain
 
 __all__ = [
     "ENDED_WITHIN_S",
@@ -77,6 +78,11 @@ def used_total(per_device: Mapping[int, int | None]) -> int | None:
     return sum(known) if known or not per_device else None
 
 
+def _shown(label: str | None) -> str | None:
+    """A label as the panel shows it to anyone: escaped (:func:`chronos.text.plain`), as every table does."""
+    return plain(label) if label else label
+
+
 @dataclass(frozen=True)
 class LeaseStatus:
     """A lease with its memory in use now and the marks (seconds before its end) at which it is warned of."""
@@ -94,8 +100,8 @@ class LeaseStatus:
 
     def to_dict(self) -> dict[str, Any]:
         data = self.lease.to_dict()
-        data.update(used_bytes=self.used_bytes, cap_bytes=self.cap_bytes, warn_at=list(self.warn_at),
-                    position=self.position, estimated_start=self.estimated_start)
+        data.update(label=_shown(data.get("label")), used_bytes=self.used_bytes, cap_bytes=self.cap_bytes,
+                    warn_at=list(self.warn_at), position=self.position, estimated_start=self.estimated_start)
         return data
 
 
@@ -165,7 +171,7 @@ class MachineStatus:
             "gpus": [gpu.to_dict() for gpu in self.gpus],
             "leases": [lease.to_dict() for lease in self.leases],
             "ended": [lease.to_dict() for lease in self.ended],
-            "queue": [entry.to_dict() for entry in self.queue],
+            "queue": [{**entry.to_dict(), "label": _shown(entry.label)} for entry in self.queue],
             "forecasts": {name: item.to_dict() for name, item in self.forecasts.items()},
         }
 

@@ -10,14 +10,42 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from chronos.model import LeaseRecord, LeaseState
 from chronos.units import format_bytes, format_clock, format_duration
 
-__all__ = ["LEASE_COLUMNS", "idle_text", "lease_rows", "left", "plain", "table", "visible_len"]
+__all__ = ["LEASE_COLUMNS", "USAGE_COLUMNS", "idle_text", "lease_rows", "left", "plain", "table", "usage_rows",
+           "visible_len"]
 
 #: The columns of a list of leases, in ``chronos list`` and ``%chronos list`` alike.
 LEASE_COLUMNS = ("ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT", "ENDS", "PID", "LABEL")
+#: The columns of GPU-hours per user, in ``chronos stats --detailed`` and ``%chronos stats`` alike.
+USAGE_COLUMNS = ("USER", "LAST DAY", "LAST WEEK", "IDLE WEEK", "LEASES DAY/WEEK", "ACTIVE", "QUEUED", "PEAK/CAP")
+
+
+class Usage(Protocol):
+    """One user's figures (``chronos.stats.UserUsage``), read only."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def gpu_hours_day(self) -> float: ...
+    @property
+    def gpu_hours_week(self) -> float: ...
+    @property
+    def idle_gpu_hours_week(self) -> float: ...
+    @property
+    def leases_day(self) -> int: ...
+    @property
+    def leases_week(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def peak_to_cap_percent(self) -> float | None: ...
+
 
 _ANSI = re.compile(r"\033\[[0-9;]*m")
 #: Colour codes this package writes (render.color): the only escape sequences a table lets through.
@@ -121,3 +149,10 @@ def lease_rows(leases: Sequence[LeaseRecord], queue: Mapping[str, tuple[int, flo
                      state_style(lease, state) if state_style else state, timing, ends,
                      str(lease.pid) if lease.pid else "-", plain(lease.label or "")])
     return rows
+
+
+def usage_rows(users: Sequence[Usage]) -> list[list[str]]:
+    """The rows under :data:`USAGE_COLUMNS`."""
+    return [[plain(u.user), f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.idle_gpu_hours_week:.2f}",
+             f"{u.leases_day}/{u.leases_week}", str(u.active), str(u.queued),
+             f"{u.peak_to_cap_percent:.0f}%" if u.peak_to_cap_percent is not None else "-"] for u in users]

@@ -23,7 +23,7 @@ from chronos import api, settings, text
 from chronos.enforce.activation import Activation
 from chronos.enforce.watchdog import WatchdogEvent
 from chronos.engine import WaitUpdate
-from chronos.errors import ChronosError, as_chronos_error
+from chronos.errors import ChronosError, as_chronos_error, with_hint
 from chronos.lease import Lease
 from chronos.model import Action, LeaseState
 from chronos.request import RequestSpec, swapped_extend
@@ -42,7 +42,7 @@ Chronos: time-limited, memory-capped GPU leases.
   {RESERVE_USAGE}
         take a lease for this kernel, e.g. %chronos reserve 8G 2h
   %chronos claim BOOKING       claim a booking of yours in its window, as this kernel's lease
-  %chronos status [LEASE]      show this kernel's lease (or LEASE), live
+  %chronos status [LEASE]      show this kernel's lease (or LEASE), live (also: %chronos show LEASE)
   %chronos list                the leases on this machine, and its GPUs
   %chronos extend [LEASE] DURATION
                                add time, e.g. %chronos extend 30m
@@ -63,7 +63,7 @@ The widget's Release and Extend buttons answer between cells (the kernel is busy
 #: What the in-kernel watchdog does when the kernel's processes use more than the cap.
 IN_KERNEL_OVERUSE = Action.INTERRUPT
 
-_COMMANDS = ("reserve", "claim", "status", "list", "release", "extend", "stats", "suggest", "help")
+_COMMANDS = ("reserve", "claim", "status", "show", "list", "release", "extend", "stats", "suggest", "help")
 
 
 class CellFailed(Exception):
@@ -108,7 +108,7 @@ def _core_errors() -> Iterator[None]:
         known = as_chronos_error(exc)
         if known is None:
             raise
-        raise UsageError(text.plain(known)) from None
+        raise UsageError(text.plain(with_hint(known))) from None
 
 
 @magics_class
@@ -302,6 +302,10 @@ class ChronosMagics(Magics):
         else:
             self._show(lease)
 
+    def _cmd_show(self, rest: list[str]) -> None:
+        """``chronos show ID``'s verb: the same as ``status``."""
+        self._cmd_status(rest)
+
     def _cmd_list(self, rest: list[str]) -> None:
         if rest:
             raise UsageError("%chronos list takes no arguments")
@@ -364,11 +368,8 @@ class ChronosMagics(Magics):
         if rest:
             raise UsageError("%chronos stats takes no arguments")
         figures = api.detailed_stats()
-        users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", str(u.leases_week), str(u.active),
-                  str(u.queued), "-" if u.peak_to_cap_percent is None else f"{u.peak_to_cap_percent:.0f}%"]
-                 for u in figures.users]
-        print(text.table(["USER", "LAST DAY", "LAST WEEK", "LEASES (WEEK)", "ACTIVE", "QUEUED", "PEAK/CAP"], users)
-              if users else "No leases in the last week.")
+        users = text.usage_rows(figures.users)
+        print(text.table(text.USAGE_COLUMNS, users) if users else "No leases in the last week.")
         print()
         rows = [[str(d.index), format_bytes(d.memory_reserved_bytes), format_bytes(d.memory_used_in_leases_bytes),
                  format_bytes(d.memory_available_bytes), str(d.active_leases), str(d.queued)]

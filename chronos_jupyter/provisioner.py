@@ -149,7 +149,8 @@ class ChronosProvisioner(ProvisionerSettings):
             if self.warn_before not in (0, "0"):  # 0: only the last minute's warning
                 parse_duration(self.warn_before, what="warn_before")
             check_duration(self.check_interval, shortest=0.05, longest=60.0, what="check_interval")
-            return parse_request(self.memory, self.duration, device=self.device or None, gpus=self.gpus,
+            device = self.device if self.device not in (None, "", []) else None  # GPU 0 is a choice, not "any"
+            return parse_request(self.memory, self.duration, device=device, gpus=self.gpus,
                                  priority=self.priority, wait=self.queue_wait, label=self._label(),
                                  idle_after=self.idle_after or None, on_idle=self.on_idle)
         except InvalidRequestError as exc:

@@ -187,6 +187,12 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     # other reserve options
     (["reserve", "1G", "1h", "--priority", "urgent"], B, "invalid choice"),
     (["reserve", "1G", "1h", "--user", "no-such-user-here"], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", "①"], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", HUGE], B, "no such user"),
+    (["reserve", "1G", "1h", "--user", "a\x1b[2Jb"], B, "no such user"),
+    (["reserve", "1G", "1h", "--pid", HUGE[:30]], B, "no running process"),
+    (["reserve", "1G", "1h", "--pid", "-1"], B, "process id"),
+    (["list", "--user", "①"], B, "no such user"),
     (["reserve", "1G", "1h", "--pid", "x"], B, "invalid int"),
     (["reserve", "50G", "1h", "--gpu", "0", "--gpus", "1", "--wait", "0"], B, "--wait"),
     (["reserve", "79G", "1h", "--gpu", "0"], U, "add --wait"),
@@ -333,6 +339,11 @@ ENV_CASES: list[tuple[dict[str, str], int, str]] = [
     ({BAD_SIM: "nan"}, B, "CHRONOS_SIM_GPUS"),
     ({BAD_SIM: "①x80G"}, B, "CHRONOS_SIM_GPUS"),
     ({"CHRONOS_BACKEND": "cuda"}, B, "CHRONOS_BACKEND"),
+    ({"CHRONOS_SIM_TOPOLOGY": "garbage"}, B, "CHRONOS_SIM_TOPOLOGY"),
+    ({"CHRONOS_SIM_TOPOLOGY": "0-9"}, B, "only 2 simulated GPUs"),
+    ({"CHRONOS_SIM_TOPOLOGY": "①-1"}, B, "CHRONOS_SIM_TOPOLOGY"),
+    ({"CHRONOS_SIM_TOPOLOGY": "0-" + HUGE}, B, "CHRONOS_SIM_TOPOLOGY"),
+    ({"CHRONOS_SIM_TOPOLOGY": "0-1," * 3000}, B, "CHRONOS_SIM_TOPOLOGY"),
     ({"CHRONOS_CONTEXT_RESERVE": "lots"}, B, "not a size"),
     ({"CHRONOS_CONTEXT_RESERVE": HUGE}, B, "larger than any GPU"),
     ({"CHRONOS_CONTEXT_RESERVE": "-5"}, B, "not a size"),
@@ -381,6 +392,8 @@ CONFIG_CASES: list[tuple[str, str]] = [
     ('[defaults]\nduration = "0.1s"\n', "too short"),
     ('[defaults]\nduration = "30d"\nlongest_duration = "7d"\n', "unknown setting"),
     ('longest_duration = "7d"\n[defaults]\nduration = "30d"\n', "longer than longest_duration"),
+    ('longest_duration = "7d"\n[limits]\nmax_duration = "8d"\n', "limits.max_duration (8d) is longer than"),
+    ('[limits]\nmax_duration = "400d"\n', "raise longest_duration"),
     ('longest_duration = "999999999999d"\n', "too long"),
     ('longest_duration = "nan"\n', "cannot read duration"),
     ("longest_duration = -1\n", "more than 0"),
@@ -482,6 +495,21 @@ API_CASES: list[tuple[str, Callable[[], object], type[BaseException]]] = [
     ("book at inf", lambda: chronos.book("1G", "1h", "+inf"), ValueError),
     ("book huge", lambda: chronos.book("1G", "999999999999999d", "+1h"), ValueError),
     ("forecast nan", lambda: chronos.forecast("1G", math.nan), ValueError),
+    ("bind 'x'", lambda: chronos.reserve("1G", "1h", bind="x"), ValueError),  # type: ignore[arg-type]
+    ("bind 10**30", lambda: chronos.reserve("1G", "1h", bind=10**30), ValueError),
+    ("user int", lambda: chronos.reserve("1G", "1h", bind=False, user=5), ValueError),  # type: ignore[arg-type]
+    ("user ①", lambda: chronos.reserve("1G", "1h", bind=False, user="①"), ValueError),
+    ("user NUL", lambda: chronos.reserve("1G", "1h", bind=False, user="a\0b"), ValueError),
+    ("user 10**30", lambda: chronos.reserve("1G", "1h", bind=False, user=str(10**30)), ValueError),
+    ("leases user", lambda: chronos.leases(user="no-such-user-here"), ValueError),
+    ("report by", lambda: chronos.report(by="bogus"), ValueError),
+    ("report since nan", lambda: chronos.report(since=math.nan), ValueError),
+    ("idle_after nan", lambda: chronos.reserve("1G", "1h", bind=False, idle_after="nan"), ValueError),
+    ("on_idle", lambda: chronos.reserve("1G", "1h", bind=False, on_idle="bogus"), ValueError),
+    ("claim None", lambda: chronos.claim(None), LookupError),  # type: ignore[arg-type]
+    ("Partitioner nan", lambda: chronos.Partitioner().create(0, math.nan, 60), ValueError),
+    ("Partitioner inf", lambda: chronos.Partitioner().create(0, 0.5, math.inf), ValueError),
+    ("Partitioner GPU", lambda: chronos.Partitioner().create(10**30, 0.5, 60), ValueError),
 ]
 
 
@@ -617,6 +645,7 @@ def test_an_end_time_past_the_clocks_range_renders_everywhere(monkeypatch: pytes
         shell.run_line_magic("unload_ext", "chronos_jupyter")
     mine = [item for item in chronos.machine_status().to_dict()["leases"] if item["id"] == lease.id]
     assert mine and mine[0]["expires_at"] == 8.64e19  # JSON carries the stored value as it is
+    assert mine[0]["label"].startswith("x\\n9") and "\x1b" not in mine[0]["label"]  # the panel shows it escaped
 
 
 # -- the docs say what the CLI says --------------------------------------------------------------------
@@ -801,3 +830,82 @@ def test_provisioner_mistakes(kernel_dirs: Path, config: dict[str, Any], fragmen
     assert first == "kernelspec 'bad-setting' has a bad Chronos setting"
     assert fragment in " ".join(detail.split()) and "Traceback" not in detail  # the dialog wraps its details
     assert chronos.leases(all=True) == []
+
+
+# -- the CLI and the magics speak alike --------------------------------------------------------------------
+
+
+def test_the_cli_and_the_magics_show_leases_alike(ip: InteractiveShell) -> None:
+    """The same columns and cells for the same leases, in ``chronos list`` and ``%chronos list``, and the
+    same GPU-hours columns in ``chronos stats --detailed --all`` and ``%chronos stats``."""
+    _code, out, _err = cli("list")
+    with capture_output() as captured:
+        assert ip.run_cell("%chronos list", store_history=False).success
+    cli_rows = out.strip().splitlines()
+    magic_rows = captured.stdout.strip().splitlines()[:len(cli_rows)]
+    assert cli_rows[0].split() == magic_rows[0].split() == ["ID", "OWNER", "GPU", "MEMORY", "STATE", "LEFT",
+                                                             "ENDS", "PID", "LABEL"]
+    assert [r.split()[:5] for r in cli_rows] == [r.split()[:5] for r in magic_rows]
+    _code, out, _err = cli("stats", "--detailed", "--all")
+    with capture_output() as captured:
+        assert ip.run_cell("%chronos stats", store_history=False).success
+    header = next(line for line in captured.stdout.splitlines() if line.startswith("USER"))
+    assert header in out
+
+
+@pytest.mark.parametrize("verb", ["show", "status"])
+def test_show_is_a_verb_of_both(ip: InteractiveShell, verb: str) -> None:
+    with capture_output():
+        assert ip.run_cell(f"%chronos {verb} 1", store_history=False).success
+    assert cli("show", "1")[0] == 0
+
+
+def test_only_a_front_end_that_takes_wait_suggests_it(kernel_dirs: Path) -> None:
+    """The CLI and the magics say ``add --wait``; the API marks the error; a kernel start, whose waiting
+    its kernelspec decides, is not told to add an option it cannot give."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from chronos_jupyter.kernelspec import install_kernel
+    from chronos_jupyter.provisioner import KernelLeaseUnavailable
+
+    chronos.reserve("8G", "1h", device=0, bind=False)
+    with pytest.raises(errors.UnavailableError) as info:
+        chronos.reserve("79G", "1h", device=0, bind=False)
+    assert info.value.could_wait and "--wait" not in str(info.value)
+    assert "add --wait to queue until it fits" in one_line(cli("reserve", "79G", "1h", "--gpu", "0")[2])
+    install_kernel("too-big", "79G", "1h", device=0, prefix=kernel_dirs)
+
+    async def start() -> None:
+        await AsyncKernelManager(kernel_name="too-big").start_kernel()
+
+    with pytest.raises(KernelLeaseUnavailable) as refused:
+        asyncio.run(start())
+    assert "not enough free memory" in " ".join(str(refused.value).split())
+    assert "--wait" not in str(refused.value)
+
+
+# -- the same through the service ---------------------------------------------------------------------------
+
+SERVICE_CASES: list[tuple[list[str], int, str]] = [
+    (["extend", "1", "999999999999999d"], B, "too long"),
+    (["reserve", "1G", "400d"], B, "at most 366d"),
+    (["reserve", "1G", "0.5s"], B, "too short"),
+    (["reserve", "2", "1h"], B, "write 2G"),
+    (["reserve", "1G", "1h", "--label", "a\nb"], B, "control character"),
+    (["reserve", "1G", "1h", "--prefer", "7"], B, "no GPU 7"),
+    (["reserve", "1G", "1h", "--wait", "nan"], B, "--wait"),
+    (["show", "①"], F, "no lease"),
+    (["reserve", "79G", "1h", "--gpu", "0"], U, "add --wait to queue until it fits"),
+]
+
+
+def test_bad_inputs_through_the_service(service: Any) -> None:
+    """In service mode the client and the service read every value with the same parsers and bounds, and a
+    refusal that could wait still says so."""
+    chronos.reserve("8G", "1h", device=0, bind=False)
+    for argv, code, fragment in SERVICE_CASES:
+        got, out, err = cli(*argv)
+        assert got == code, (argv, out, err)
+        assert fragment in one_line(err), argv

@@ -147,7 +147,8 @@ def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     finally:
         reset_default_engine()
         subprocess.run(["chattr", "-R", "-i", str(mount)], capture_output=True)
-        subprocess.run(["umount", str(mount)], capture_output=True)
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a connection not yet collected
         mount.rmdir()
 
 
@@ -183,6 +184,7 @@ def test_a_full_disk_is_said_and_a_release_waits_for_space(small_fs: Path) -> No
                               f"succeeds): {full}"
     listed = run_cli("list")
     assert listed.returncode == 1 and _one_line(listed) == f"chronos: error: {full}"
+    assert full in _doctor_problems()
     filler.unlink()
     shown = json.loads(run_cli("show", lease, "--json").stdout)
     assert shown["state"] == "active"  # held, as it said, until the release succeeds
@@ -248,12 +250,18 @@ SKEWED = textwrap.dedent("""
     raise SystemExit(main(sys.argv[1:]))
 """)
 
-# Opens the ledger (mapping its -shm), says so, and keeps it open until stdin closes.
+# Opens the ledger (mapping its -shm), says so, and on a line from stdin tries to write; keeps it open until EOF.
 KEEPS_OPEN = textwrap.dedent("""
     import sys
     import chronos
     chronos.leases()
     print("open", flush=True)
+    sys.stdin.readline()
+    try:
+        chronos.reserve("1G", "1h", bind=False)
+        print("wrote", flush=True)
+    except chronos.StateError as exc:
+        print(exc, flush=True)
     sys.stdin.readline()
 """)
 
@@ -291,6 +299,13 @@ def test_doctor_reports_a_held_lock_a_skewed_clock_and_removed_wal_files(chronos
         assert problems == [f"{db}{suffix} was removed while processes {keeper.pid} still use it: they and new "
                             "processes no longer see each other's writes; stop those processes (see "
                             "docs/trust-model.md)" for suffix in ("-shm", "-wal")]
+        # The process that still has the removed files open refuses to write on into them.
+        keeper.stdin.write("\n")
+        keeper.stdin.flush()
+        assert keeper.stdout.readline().strip() == (
+            f"ledger {db}: its -wal or -shm file was removed or replaced while this process had the ledger open, so "
+            "its writes would no longer reach other processes; restart this process (see docs/trust-model.md)")
+        assert run_cli("reserve", "1G", "1h").returncode == 0  # a new process uses the new files
     finally:
         keeper.stdin.close()
         keeper.wait(30)

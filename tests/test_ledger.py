@@ -111,3 +111,26 @@ def test_default_directory_is_created_shared(tmp_path: Path) -> None:
     ledger = Ledger(private)
     assert (private / DB_NAME).stat().st_mode & 0o777 == 0o600
     ledger.close()
+
+
+def test_processes_that_find_no_ledger_at_once_agree_on_one(tmp_path: Path) -> None:
+    """Twelve processes start on a directory with no ledger: one ledger is linked into place, none is refused."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "fresh"
+    env = {**os.environ, "CHRONOS_STATE_DIR": str(state)}
+    go = tmp_path / "go"
+    code = ("import pathlib, sys, time\n"
+            "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.001)\n"
+            "from chronos.cli import main\n"
+            "raise SystemExit(main(['reserve', '1G', '1h']))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(go)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(12)]
+    go.touch()
+    results = [(p.wait(120), p.communicate()) for p in procs]
+    assert all(code == 0 for code, _ in results), [err for _, (_, err) in results]
+    engine = chronos.Engine(state_dir=state)
+    assert sorted(int(lease.id) for lease in engine.leases()) == list(range(1, 13))
+    engine.close()
+    assert [p.name for p in state.iterdir() if p.name.startswith(".")] == []

@@ -193,7 +193,7 @@ def test_stats_reports_the_ledger(shell: InteractiveShell) -> None:
     lines = captured.stdout.splitlines()
     assert lines[0].split()[0] == "USER"
     user_row = lines[1].split()
-    assert user_row[3:6] == ["2", "1", "0"]  # leases this week, active, queued
+    assert user_row[4:7] == ["2/2", "1", "0"]  # leases today/this week, active, queued: as chronos stats shows them
     gpu_rows = {line.split()[0]: line for line in lines if line[:1].isdigit()}
     assert "2 GiB" in gpu_rows["1"] and gpu_rows["0"].split()[1:3] == ["0", "GiB"]
 

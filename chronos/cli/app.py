@@ -73,7 +73,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from chronos.errors import as_chronos_error
+    from chronos.errors import as_chronos_error, with_hint
 
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
@@ -102,5 +102,5 @@ def run(argv: list[str] | None = None) -> int:
             raise
         from chronos.cli import render
 
-        render.error(str(known))
+        render.error(with_hint(known))
         return known.exit_code

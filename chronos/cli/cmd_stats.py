@@ -82,12 +82,11 @@ def detailed(args: argparse.Namespace) -> int:
                   "AVAILABLE", "UTIL", "LEASES", "QUEUED", "UUID"], rows)
     print(f"\nqueue: {found.queue_length} request(s) waiting")
     print(f"\nGPU-hours held ({'every user' if args.all else 'you'}; a 2-GPU lease for 1h counts 2):")
-    users = [[u.user, f"{u.gpu_hours_day:.2f}", f"{u.gpu_hours_week:.2f}", f"{u.idle_gpu_hours_week:.2f}",
-              f"{u.leases_day}/{u.leases_week}", str(u.active), str(u.queued),
-              f"{u.peak_to_cap_percent:.0f}%" if u.peak_to_cap_percent is not None else "-"] for u in found.users]
+    from chronos.text import USAGE_COLUMNS, usage_rows
+
+    users = usage_rows(found.users)
     if users:
-        render.table(["USER", "LAST DAY", "LAST WEEK", "IDLE WEEK", "LEASES DAY/WEEK", "ACTIVE", "QUEUED",
-                      "PEAK/CAP"], users)
+        render.table(USAGE_COLUMNS, users)
     else:
         print("no leases in the last week")
     return 0

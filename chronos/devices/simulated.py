@@ -147,8 +147,8 @@ def parse_topology(value: str | None, count: int) -> list[list[int]]:
         members: list[int] = []
         for part in group.split("-"):
             part = part.strip()
-            if not part.isdigit():
-                raise _bad_topology(text, f"the group {raw.strip()!r}")
+            if not (part.isascii() and part.isdigit()) or len(part) > 6:
+                raise _bad_topology(text, f"the group {raw.strip()[:20]!r}")
             index = int(part)
             if index >= count:
                 raise _bad_topology(text, f"device {index}, but there are only {count} simulated GPUs")
@@ -165,7 +165,7 @@ def parse_topology(value: str | None, count: int) -> list[list[int]]:
 
 def _bad_topology(text: str, what: str) -> InvalidRequestError:
     return InvalidRequestError(
-        f"CHRONOS_SIM_TOPOLOGY={text!r} has {what}: write groups such as 0-1,2-3 or nvlink:0-1,pcie:2-3"
+        f"CHRONOS_SIM_TOPOLOGY={text[:60]!r} has {what}: write groups such as 0-1,2-3 or nvlink:0-1,pcie:2-3"
     )
 
 

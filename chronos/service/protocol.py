@@ -61,6 +61,8 @@ def error_to_wire(exc: ChronosError) -> dict[str, Any]:
     wire: dict[str, Any] = {"code": code, "message": str(exc), "exit": exc.exit_code}
     if isinstance(exc, LimitError):
         wire["rule"] = exc.rule
+    if isinstance(exc, UnavailableError) and exc.could_wait:
+        wire["could_wait"] = True  # the client's front end then suggests --wait
     return wire
 
 
@@ -72,6 +74,8 @@ def error_from_wire(wire: Any) -> ChronosError:
     cls = ERROR_CODES.get(str(wire.get("code")), ChronosError)
     if cls is LimitError:
         return LimitError(str(wire.get("rule") or "limit"), message)
+    if cls is UnavailableError:
+        return UnavailableError(message, could_wait=wire.get("could_wait") is True)
     return cls(message)
 
 
