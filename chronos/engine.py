@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ ESTIMATE_EVERY_S = 5.0
 #: How often the queue's leader checks every holder and the GPUs' memory even when the ledger did not change,
 #: and how often it re-plans with nothing changed (estimates drift as time passes).
 LEADER_FULL_S = 1.0
+#: How long a holder seen alive is taken to be alive without reading /proc again.
+ALIVE_TTL_S = 1.0
 LEADER_REPLAN_S = 30.0
 
 ACTIVE, QUEUED = LeaseState.ACTIVE, LeaseState.QUEUED
@@ -93,6 +96,9 @@ class Engine:
         self.retention = Retention()
         #: What the queue's leader last saw, when this process leads (:meth:`_lead`).
         self._leading = _Leading()
+        #: Holders seen alive (pid, start) -> when; queued leases' requests by id.
+        self._seen_alive: dict[tuple[int, float | None], float] = {}
+        self._requests: dict[str, scheduler.Request] = {}
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -183,7 +189,10 @@ class Engine:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
         if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
             return self._end(lease, LeaseState.EXPIRED, "reached its end time", who, at=lease.expires_at)
-        if lease.state.live and lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start):
+        # A queued request's waiter seen alive lately is trusted (hundreds may wait); a holder is always looked
+        # at, since its death gives memory back at once.
+        if lease.state.live and lease.pid is not None \
+                and not self._alive(lease.pid, lease.pid_start, fresh=lease.state == ACTIVE):
             if lease.state == QUEUED:
                 return self._end(lease, LeaseState.WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
             return self._end(lease, LeaseState.REVOKED, f"holder process {lease.pid} exited", who, at=now)
@@ -194,6 +203,24 @@ class Engine:
         self._event(lease.id, str(state), who, {"reason": reason, "ended_at": at})
         return replace(lease, state=state, ended_at=at, end_reason=reason)
 
+    def _alive(self, pid: int, started: float | None, *, fresh: bool = False) -> bool:
+        """Whether a holder or waiter still runs. Unless ``fresh``, a live answer is trusted for
+        :data:`ALIVE_TTL_S`, so a write does not read ``/proc`` for every queued request each time (a dead
+        waiter's request then leaves the queue that much later at most)."""
+        key = (pid, started)
+        mono = time.monotonic()
+        seen = self._seen_alive.get(key)
+        if not fresh and seen is not None and mono - seen < ALIVE_TTL_S:
+            return True
+        alive = procs.is_alive(pid, started)
+        if alive:
+            if len(self._seen_alive) > 8192:
+                self._seen_alive.clear()
+            self._seen_alive[key] = mono
+        else:
+            self._seen_alive.pop(key, None)
+        return alive
+
     def _reclaim_if_due(self) -> list[LeaseRecord]:
         """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
@@ -202,7 +229,7 @@ class Engine:
         self.policies.sample(live)
         due = any(
             (lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now)
-            or (lease.pid is not None and not procs.is_alive(lease.pid, lease.pid_start))
+            or (lease.pid is not None and not self._alive(lease.pid, lease.pid_start, fresh=True))
             for lease in live
         ) or self.policies.due(live, now)
         if due:
@@ -220,9 +247,11 @@ class Engine:
     def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess],
                   live: list[LeaseRecord]) -> scheduler.Snapshot:
         active = [lease for lease in live if lease.state == ACTIVE]
-        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, self.membership(active))
+        # With no process on any GPU there is nothing to judge: every used byte is outside the leases.
+        judge = self.membership(active) if gpu_procs else accounting.Membership(ledger=self.ledger_id)
+        unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, judge)
         queued = [lease for lease in live if lease.state == QUEUED]
-        specs = self.ledger.queued_requests() if queued else {}
+        requests = self._queued_requests(queued)
         shares = self.policies.use(now) if queued and self.config.fair_share else {}
         try:
             dist: tuple[tuple[int, ...], ...] | None = tuple(tuple(row) for row in self.backend.distances())
@@ -232,13 +261,25 @@ class Engine:
             now=now,
             devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
                           for d in devices),
-            active=tuple(scheduler.Holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
+            active=tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
                          for lease in active),
-            queue=tuple(replace(_stored(specs.get(lease.id), lease), share=shares.get(lease.owner, 0.0))
-                        for lease in queued),
+            queue=tuple(replace(request, share=shares.get(lease.owner, 0.0)) if shares else request
+                        for lease, request in zip(queued, requests, strict=True)),
             distances=dist,
             bookings=self.policies.snapshot_bookings(now),
         )
+
+    def _queued_requests(self, queued: list[LeaseRecord]) -> list[scheduler.Request]:
+        """The stored request of each queued lease; read once per lease (it never changes while queued)."""
+        cache = self._requests
+        if any(lease.id not in cache for lease in queued):
+            specs = self.ledger.queued_requests()
+            if len(cache) > 2 * len(queued) + 64:
+                cache.clear()
+            for lease in queued:
+                if lease.id not in cache:
+                    cache[lease.id] = _stored(specs.get(lease.id), lease)
+        return [cache[lease.id] for lease in queued]
 
     def snapshot(self) -> tuple[scheduler.Snapshot, list[Lease]]:
         """The scheduler's view of the machine now, and the live leases it was built from (read-only)."""
@@ -416,7 +457,10 @@ class Engine:
                     if granted is not None:
                         return granted
                     reason, position = decision.reason, decision.position
-                    if on_wait is not None and not bell.usable and time.monotonic() >= next_estimate:
+                    # Its own estimate when it joins the queue (and on every poll where nobody leads); after
+                    # that the leader's plan says where it stands.
+                    if on_wait is not None and (not bell.usable or next_estimate == 0.0) \
+                            and time.monotonic() >= next_estimate:
                         estimated = scheduler.estimate_start(snapshot, request)  # outside the write lock
                         # Planning costs ~0.1 ms per queued request: on a long queue, re-plan less often.
                         next_estimate = time.monotonic() + max(ESTIMATE_EVERY_S, 0.05 * len(snapshot.queue))
@@ -794,6 +838,12 @@ class _Leading:
     key: tuple[tuple[str, str], ...] = ()
     free: dict[int, int] = field(default_factory=dict)
     told: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=8192)
+def _holding(lease_id: str, devices: tuple[int, ...], memory_bytes: int, expires_at: float) -> scheduler.Holding:
+    """An active lease as the planner holds it; the same leases recur in every write's snapshot."""
+    return scheduler.Holding(lease_id, devices, memory_bytes, expires_at)
 
 
 def _free(snapshot: scheduler.Snapshot) -> dict[int, int]:

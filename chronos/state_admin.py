@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chronos import waiting
 from chronos.devices.simulated import LOCK_FILE, STATE_FILE
 from chronos.engine import Engine
 from chronos.errors import InvalidRequestError, NotAllowedError, StateError
@@ -31,9 +32,9 @@ _LEDGER = "chronos.db"
 
 def state_files(directory: Path) -> list[Path]:
     """Every file Chronos keeps in a state directory: the ledger, SQLite's WAL and shared memory,
-    and the simulated GPUs' usage file and its lock."""
-    return [directory / name for name in
-            (_LEDGER, _LEDGER + "-wal", _LEDGER + "-shm", STATE_FILE, LOCK_FILE)]
+    the queue leader's lock, and the simulated GPUs' usage file and its lock."""
+    return [*(directory / name for name in (_LEDGER, _LEDGER + "-wal", _LEDGER + "-shm")),
+            waiting.lock_path(directory / _LEDGER), *(directory / name for name in (STATE_FILE, LOCK_FILE))]
 
 
 @dataclass(frozen=True)

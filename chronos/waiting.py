@@ -34,7 +34,7 @@ from typing import Any
 
 from chronos.state import file_mode_for
 
-__all__ = ["CHECK_S", "HEARTBEAT_S", "LEADER_POLL_S", "POLL_S", "Doorbell", "Leadership", "ring"]
+__all__ = ["CHECK_S", "HEARTBEAT_S", "LEADER_POLL_S", "POLL_S", "Doorbell", "Leadership", "lock_path", "ring"]
 
 #: How often a waiter with no doorbell re-checks (the old way; also where no leader can be).
 POLL_S = 0.2
@@ -47,6 +47,11 @@ HEARTBEAT_S = 0.5
 STALE_S = 3.0
 
 _LINUX = sys.platform.startswith("linux")
+
+
+def lock_path(ledger_path: Path) -> Path:
+    """The leader's lock file beside the ledger (``chronos.db.lock``)."""
+    return Path(f"{ledger_path}.lock")
 
 
 def _name(ledger: str, lease_id: str) -> bytes:
@@ -121,7 +126,7 @@ class Leadership:
     """The leader's lock beside the ledger, and, while this process holds it, the thread that leads."""
 
     def __init__(self, ledger_path: Path, lead: Callable[[], None]) -> None:
-        self.path = Path(f"{ledger_path}.lock")
+        self.path = lock_path(ledger_path)
         self._lead = lead
         self._fd: int | None = None
         self._stop = threading.Event()
