@@ -597,9 +597,12 @@ class Engine:
             # the next reservation reclaims the rest.
             now = time.time()
             lease = self._reclaim_one(self._owned(lease_id, caller, "release"), now, caller)
+            withdrawn = lease.state == QUEUED
             if lease.state.live:
                 state = LeaseState.RELEASED if lease.state == ACTIVE else LeaseState.WITHDRAWN
                 lease = self._end(lease, state, f"released by {caller.name}", caller, at=time.time())
+        if withdrawn:  # its waiter (another thread, or process) learns now, not at its next look
+            waiting.ring(self.ledger_id, lease.id, {"ended": True})
         self.retention.after(self.ledger, self.config.history_keep_s)
         return self._handle(lease)
 

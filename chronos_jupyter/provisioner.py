@@ -61,7 +61,7 @@ from chronos_jupyter.notices import kernel_args
 from chronos_jupyter.provisioner_settings import ProvisionerSettings
 from chronos_jupyter.server_hooks import client_gone
 from chronos_jupyter.teardown import end_kernel, end_processes, install_stop_signals, kernel_processes, track, untrack
-from chronos_jupyter.threads import Cancelled, in_daemon_thread, in_thread
+from chronos_jupyter.threads import Cancelled, in_background, in_daemon_thread, in_thread
 
 EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
 
@@ -165,9 +165,12 @@ class ChronosProvisioner(ProvisionerSettings):
         server_pid = os.getpid()
         gone = client_gone.get()  # set when the HTTP client starting this kernel goes away
         said: list[tuple[int | None, str | None]] = []
+        queued: list[str] = []
 
         def reserve(cancel: threading.Event) -> Lease:
             def on_wait(update: chronos.WaitUpdate) -> None:
+                if not queued:
+                    queued.append(update.lease_id)
                 if cancel.is_set() or (gone is not None and gone.is_set()):
                     raise Cancelled(update.lease_id)
                 when = format_clock(update.estimated_start, seconds=True) if update.estimated_start else None
@@ -176,13 +179,25 @@ class ChronosProvisioner(ProvisionerSettings):
                     self._queue_note = _queue_text(update.lease_id, update.position, when)
                     self.log.info("Chronos: kernel %s waits in the queue: %s", self.kernel_id, self._queue_note)
 
-            return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
+            try:
+                return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
+            except ChronosError:
+                if queued and (cancel.is_set() or (gone is not None and gone.is_set())):
+                    raise Cancelled(queued[0]) from None  # withdrawn by withdraw() below
+                raise
+
+        def withdraw() -> None:  # the start was given up: the queued request goes now, not at its next look
+            if queued:
+                default_engine().release(queued[0])
+
+        if gone is not None:
+            gone.then(lambda: in_background(withdraw))
 
         if request.wait_s is not None:
             self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
         began = time.monotonic()
         try:
-            lease = await in_daemon_thread(reserve)
+            lease = await in_daemon_thread(reserve, interrupt=withdraw, discard=lambda late: late.release())
         except Cancelled as stopped:
             self.log.warning("Chronos: the client starting kernel %s went away; its queued request %s was "
                              "withdrawn", self.kernel_id, stopped)

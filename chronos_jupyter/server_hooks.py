@@ -21,11 +21,34 @@ from typing import Any
 
 from tornado import web
 
-__all__ = ["client_gone", "hook_handlers", "install"]
+__all__ = ["ClientGone", "client_gone", "hook_handlers", "install"]
+
+class ClientGone(threading.Event):
+    """Set when the HTTP client starting a kernel closed its request; what was asked to run then, runs then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self._then: list[Callable[[], None]] = []
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (which must not block: it runs on the server's event loop) when the client goes."""
+        with self._guard:
+            if not self.is_set():
+                self._then.append(fn)
+                return
+        fn()
+
+    def set(self) -> None:
+        with self._guard:
+            super().set()
+            then, self._then = self._then, []
+        for fn in then:
+            fn()
+
 
 #: Set when the HTTP request that is starting a kernel in this context was closed by its client.
-client_gone: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("chronos_client_gone",
-                                                                                    default=None)
+client_gone: contextvars.ContextVar[ClientGone | None] = contextvars.ContextVar("chronos_client_gone", default=None)
 
 
 def install(serverapp: Any) -> None:
@@ -51,7 +74,7 @@ def hook_handlers(*classes: type[Any]) -> None:
 
 def _with_event(post: Callable[..., Any]) -> Callable[..., Any]:
     async def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        gone = threading.Event()
+        gone = ClientGone()
         self._chronos_client_gone = gone
         token = client_gone.set(gone)
         try:

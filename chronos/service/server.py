@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from chronos import settings as settings_module
+from chronos import waiting
 from chronos.devices import backend_for
 from chronos.engine import Engine
 from chronos.errors import ChronosError
@@ -53,8 +54,9 @@ PARTIAL_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 600.0
 #: An answer not taken by its client within this long closes the connection.
 WRITE_TIMEOUT_S = 30.0
-#: A queued request's progress line is sent when it changes, and at least this often (the client's
-#: ``on_wait`` runs on each, so a client can give up; a silent socket that long means the service is gone).
+#: A queued request's progress line is sent when it changes, and, while it is unchanged, no more often
+#: than this. The waiter looks at least every :data:`chronos.waiting.CHECK_S` (jittered), so a line
+#: comes at least that often (the client's ``on_wait`` runs on each, so a client can give up).
 WAIT_HEARTBEAT_S = 1.0
 
 log = logging.getLogger("chronos.service")
@@ -77,6 +79,8 @@ class _Conn:
     write_since: float | None = None
     #: A lease granted by the request whose answer is in the outbox (undone if it is never delivered).
     undo: str | None = None
+    #: The queued request its worker waits on, so that the waiter is woken when the client goes.
+    waiting: str | None = None
 
 
 class Server:
@@ -324,6 +328,8 @@ class Server:
                 self._selector.unregister(conn.sock)  # a closed socket reads as ready: stop watching it
             except (KeyError, ValueError):
                 pass
+            if conn.waiting is not None:  # a queued wait: woken now, it sees the client gone and withdraws
+                waiting.ring(self.engine.ledger_id, conn.waiting, {"check": True})
             return
         if conn in self._conns:
             self._conns.discard(conn)
@@ -384,8 +390,10 @@ class Server:
     def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
                done: Callable[[], None] | None) -> None:
         last: list[tuple[WaitUpdate, float]] = []
+        conn.waiting = None
 
         def progress(update: WaitUpdate) -> None:
+            conn.waiting = update.lease_id
             if conn.closed:
                 raise ClientGone("the client went away")
             now = time.monotonic()
