@@ -188,3 +188,35 @@ def test_the_grafana_dashboard_queries_only_series_chronos_exports() -> None:
     assert names
     # Prometheus's parser names a counter's family without its _total suffix
     assert {n.removesuffix("_total") for n in names} <= exported, names
+
+
+def test_one_engine_shared_by_many_threads_samples_and_writes_its_metrics_safely(chronos_env: Path) -> None:
+    """The service runs every operation of one engine in several threads: the utilisation samples and the
+    metrics textfile are taken by one thread at a time, and no operation fails for it."""
+    from chronos.api import default_engine
+
+    target = chronos_env / "chronos.prom"
+    configure(f'[metrics]\ntextfile = "{target}"\ninterval = "1s"\n'
+              '[limits]\nidle_after = "1s"\nidle_warning = "1s"\non_idle = "warn"\n')
+    engine = default_engine()
+    failures: list[BaseException] = []
+    stop = time.monotonic() + 3.0
+
+    def work() -> None:
+        try:
+            while time.monotonic() < stop:
+                lease = engine.reserve("4G", "1h", bind=False)
+                engine.leases()
+                engine.release(lease.id)
+        except BaseException as exc:  # handed to the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == [] and not any(t.is_alive() for t in threads)
+    assert engine.policies.samples > 0 and _families(target.read_text())
+    assert sorted(p.name for p in chronos_env.iterdir() if p.name.startswith(".chronos.prom")) == []
+    assert not [x for x in engine.leases() if x.state == "active"]

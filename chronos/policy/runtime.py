@@ -93,7 +93,10 @@ class Policies:
         self._booked: tuple[float, list[LeaseRecord]] | None = None
         self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
         self._next_tick = 0.0
-        self._ticking = False
+        # The service runs operations in several threads: one samples (or writes the metrics) at a
+        # time, and the others go on without waiting for it.
+        self._sampling = threading.Lock()
+        self._ticking = threading.Lock()
         self._global: dict[str, Limits] = {}
         self._write = threading.local()  # the bookings read inside this thread's current write
         #: Called by :meth:`tick` with nothing, at most every ``[metrics] interval``: writes the textfile.
@@ -140,8 +143,16 @@ class Policies:
 
     def sample(self, live: Sequence[LeaseRecord]) -> None:
         """Sample SM use for the active leases under an idle rule, at most every few seconds (outside locks)."""
+        if time.monotonic() < self._next_sample or not self._sampling.acquire(blocking=False):
+            return
+        try:
+            self._sample_now(live)
+        finally:
+            self._sampling.release()
+
+    def _sample_now(self, live: Sequence[LeaseRecord]) -> None:
         now = time.monotonic()
-        if now < self._next_sample:
+        if now < self._next_sample:  # another thread sampled meanwhile
             return
         active = [lease for lease in live if lease.state == LeaseState.ACTIVE]
         ruled = [lease for lease in active if self.rules(lease)]
@@ -274,19 +285,20 @@ class Policies:
 
     def tick(self) -> None:
         """After a read: the metrics textfile, at most every ``[metrics] interval``."""
-        if self.on_tick is None or self.config.metrics_textfile is None or self._ticking:
+        if self.on_tick is None or self.config.metrics_textfile is None or time.monotonic() < self._next_tick:
             return
-        now = time.monotonic()
-        if now < self._next_tick:
+        if not self._ticking.acquire(blocking=False):  # another thread writes it (or this one, re-entered)
             return
-        self._next_tick = now + self.config.metrics_interval_s
-        self._ticking = True
         try:
+            now = time.monotonic()
+            if now < self._next_tick:
+                return
+            self._next_tick = now + self.config.metrics_interval_s
             self.on_tick()
         except (ChronosError, OSError):
             pass  # a textfile this process may not write is someone else's to keep
         finally:
-            self._ticking = False
+            self._ticking.release()
 
     # -- fair share ------------------------------------------------------------------------
     def use(self, now: float) -> dict[str, float]:
