@@ -21,6 +21,7 @@ bring the ledger back to its bound.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sqlite3
@@ -143,7 +144,7 @@ def main() -> None:
             for i in range(args.runs):
                 order = ("empty", "full") if i % 2 == 0 else ("full", "empty")
                 for key in order:
-                    samples[key] += _timed(lambda c=call, k=key: c(engines[k]), 1)
+                    samples[key] += _timed(functools.partial(call, engines[key]), 1)
             e, f = statistics.median(samples["empty"]), statistics.median(samples["full"])
             print(f"{name:18} {e * 1e3:10.2f} ms {f * 1e3:10.2f} ms {f / e:6.2f}x")
         print("peak memory of the command as its own process (MiB): empty / full")

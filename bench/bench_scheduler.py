@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from chronos import scheduler
 from chronos.devices.base import LINK_NUMA, LINK_NVLINK, LINK_PCIE_SWITCH, LINK_SAME
+from chronos.model import Priority
 from chronos.units import MemorySpec
 
 GIB = 1 << 30
@@ -70,7 +71,7 @@ def make_snapshot(leases: int, queued: int, ndev: int, seed: int, now: float) ->
             duration_s=rng.uniform(600, 4 * 3600),
             gpus=gpus,
             devices=named,
-            priority=rng.choice(("low", "normal", "normal", "normal", "high")),
+            priority=Priority(rng.choice(("low", "normal", "normal", "normal", "high"))),
             seq=i + 1,
             lease_id=str(10_000 + i),
         ))
@@ -103,8 +104,8 @@ def main() -> None:
         # A fresh snapshot (new objects, new ``now``) for every run.
         return make_snapshot(args.leases, args.queued, args.devices, 7, now + next(counter) * 1e-3)
 
-    big = scheduler.Request(memory=MemorySpec(nbytes=30 * GIB), duration_s=3600, priority="normal")
-    small = scheduler.Request(memory=MemorySpec(nbytes=8 * GIB), duration_s=600, priority="normal")
+    big = scheduler.Request(memory=MemorySpec(nbytes=30 * GIB), duration_s=3600, priority=Priority.NORMAL)
+    small = scheduler.Request(memory=MemorySpec(nbytes=8 * GIB), duration_s=600, priority=Priority.NORMAL)
 
     def baseline(s: scheduler.Snapshot) -> object:
         free = {d.index: d.total_bytes - d.unmanaged_bytes for d in s.devices}
@@ -119,7 +120,7 @@ def main() -> None:
         # Only as many queued requests as backfill checks exactly, all able to start within 8 hours.
         return make_snapshot(args.leases, depth, args.devices, 7, now + next(counter) * 1e-3)
 
-    long_small = scheduler.Request(memory=MemorySpec(nbytes=4 * GIB), duration_s=8 * 3600, priority="normal")
+    long_small = scheduler.Request(memory=MemorySpec(nbytes=4 * GIB), duration_s=8 * 3600, priority=Priority.NORMAL)
 
     def waiter(s: scheduler.Snapshot) -> object:
         return scheduler.decide(s, scheduler.queue_order(s)[-1])

@@ -170,7 +170,7 @@ def cpu_cost(counts: list[int], seconds: float) -> dict[str, Any]:
 def poll_costs(samples: int = 200) -> dict[str, Any]:
     """What one poll is made of: the backend's process query and the ledger re-read."""
     import chronos
-    from chronos.engine import default_engine
+    from chronos.api import default_engine
 
     engine = default_engine()
     lease = chronos.reserve("1G", "10m", device=0, bind=False)

@@ -157,3 +157,40 @@ def test_queue_when_empty() -> None:
     result = run_cli("queue")
     assert result.returncode == 0 and result.stdout.strip() == "no queued requests"
     assert run_cli("queue", "--json").stdout.strip() == "[]"
+
+
+@pytest.mark.usefixtures("both_modes")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_waiting_command_stopped_by_a_signal_withdraws_its_request_itself(signum: int) -> None:
+    """`kill`, a closed terminal or a stopping service manager: the request leaves the queue at once, by
+    the waiting process's own hand (not later, when someone notices the process gone)."""
+    chronos.reserve("80G", "1h", gpus=2, bind=False)
+    waiter = subprocess.Popen([sys.executable, "-m", "chronos", "reserve", "8G", "1h", "--wait", "forever"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    request = wait_for(lambda: next((x for x in chronos.leases() if x.state == "queued"), None), timeout=30,
+                       what="the request in the queue")
+    waiter.send_signal(signum)
+    _out, err = waiter.communicate(timeout=30)
+    name = signal.Signals(signum).name
+    assert (waiter.returncode, err.splitlines()[-1]) == (128 + signum, f"chronos: stopped by {name}"), err
+    assert "Traceback" not in err, err
+    ended = chronos.get_lease(request.id)
+    assert ended.state == "withdrawn" and ended.end_reason == "withdrawn by the waiting process", ended
+
+
+def test_a_waiting_command_under_nohup_keeps_waiting_through_a_hangup() -> None:
+    chronos.reserve("80G", "1h", gpus=2, bind=False)
+    ignore_hup = "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); from chronos.cli.app import run; " \
+                 "sys.exit(run(['reserve', '8G', '1h', '--wait', 'forever']))"
+    waiter = subprocess.Popen([sys.executable, "-c", ignore_hup], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        request = wait_for(lambda: next((x for x in chronos.leases() if x.state == "queued"), None), timeout=30,
+                           what="the request in the queue")
+        waiter.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiter.wait(timeout=1.5)
+        assert chronos.get_lease(request.id).state == "queued"
+    finally:
+        waiter.kill()
+        waiter.communicate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 __all__ = ["COMMAND_MODULES", "EXIT_CODES_HELP", "build_parser", "run"]
@@ -34,7 +35,40 @@ EXIT_CODES_HELP = """exit codes:
      or this process is in another pid namespace than the ledger's (use the Chronos service)
   4  not allowed: another user's lease, admin-only options, a policy limit
   5  no such lease
+  130, 143, 129  stopped by Ctrl-C, SIGTERM or SIGHUP (a queued request is withdrawn first)
 """
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is, so that it unwinds as on Ctrl-C: a queued request is
+    withdrawn and a half-done write rolled back, rather than left for the next command to clear up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """Turn SIGTERM and SIGHUP into :class:`_Stopped` while a command runs; returns what puts them back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
+        return lambda: None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    before = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+            before[signum] = signal.signal(signum, stop)
+
+    def restore() -> None:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,11 +123,17 @@ def run(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    restore = _stop_on_signals()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("chronos: interrupted\n")
         return 130
+    except _Stopped as stopped:
+        import signal
+
+        sys.stderr.write(f"chronos: stopped by {signal.Signals(stopped.signum).name}\n")
+        return 128 + stopped.signum
     except BrokenPipeError:
         return 1
     except Exception as exc:
@@ -104,3 +144,5 @@ def run(argv: list[str] | None = None) -> int:
 
         render.error(with_hint(known))
         return known.exit_code
+    finally:
+        restore()

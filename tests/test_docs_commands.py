@@ -1,0 +1,138 @@
+"""The README's commands, run as written, and every benchmark command docs/benchmarks.md shows, run with
+its own flags on a tiny scale (the figures themselves are measured by hand): no command in the docs is
+one that nothing runs.
+
+The other guides' commands are run by the tests of what they set up: tests/hub_setup.py and
+tests/test_hub.py (docs/admin-guide.md's JupyterHub), tests/test_service_docs.py (its service set-up),
+tests/test_wheel.py (its extension commands), tests/test_policy_docs.py (the lab-policy sections),
+tests/test_bad_inputs.py (docs/configuration.md's bounds, docs/user-guide.md's messages).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+
+#: Each benchmark flag's value on the tiny scale (a flag the docs use and this does not know fails the test:
+#: give it a tiny value here).
+TINY: dict[str, str] = {
+    "--rounds": "20", "--seconds": "0.3", "--cold-runs": "2", "--procs": "2", "--active": "20",
+    "--writers": "3", "--waiters": "4", "--idle": "0.5", "--grants": "2", "--ended": "2000", "--runs": "2",
+    "--leases": "4", "--n": "1", "--repeats": "1", "--queued": "20", "--devices": "2", "--trials": "2",
+    "--cpu-seconds": "0.5", "--rate": "4",
+}
+#: Where a flag means something else in one script.
+TINY_IN = {"bench_enforce.py": {"--rounds": "1"}}
+#: Flags that take no value, and flags whose value is a choice, kept as written.
+SWITCHES = {"--json"}
+KEPT = {"--backend"}
+#: A benchmark command line in the docs: environment assignments, then ``python`` or ``python3 bench/...``.
+COMMAND = re.compile(r"^((?:[A-Z_]+=\S+ )*)python3? (bench/\S+\.py)\b(.*)$")
+
+
+def _blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), re.S)
+
+
+def _clock_free(text: str) -> str:
+    """Output with what changes from run to run (clock times, time left, the owner) made alike."""
+    text = re.sub(r"\b\d{1,2}:\d{2}\b", "HH:MM", text)
+    text = re.sub(r"\b(\d+h )?\d+m left\b|\b\d+h left\b", "LEFT", text)
+    return " ".join(text.split())
+
+
+def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
+    [console] = _blocks(README, "console")
+    (tmp_path / "train.py").write_text("print('training')\n")
+    lines = console.splitlines()
+    ran = 0
+    for index, line in enumerate(lines):
+        if not line.startswith("$ "):
+            continue
+        command = line[2:].split("  #")[0].strip()
+        shown = []
+        for after in lines[index + 1:]:
+            if after.startswith("$ "):
+                break
+            shown.append(after)
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        assert done.returncode == 0, (command, done.stderr)
+        ran += 1
+        got = done.stdout.splitlines()
+        if command.startswith("chronos list"):  # the owner column is whoever runs it
+            user = got[1].split()[1]
+            got = [got[0], got[1].replace(user, "alice", 1), *got[2:]]
+        if shown:
+            assert [_clock_free(x) for x in got] == [_clock_free(x) for x in shown], (command, done.stdout)
+    assert ran == 4
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path: Path) -> None:
+    python = next(block for block in _blocks(README, "python") if "import chronos" in block)
+    done = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lease_id, devices, remaining = done.stdout.split(" ", 2)
+    assert lease_id == "1" and devices.startswith("(") and remaining.strip()
+
+
+def benchmark_commands() -> list[str]:
+    found = [line.split("#")[0].strip() for block in _blocks(BENCHMARKS, "")
+             for line in block.splitlines() if COMMAND.match(line)]
+    return list(dict.fromkeys(found))
+
+
+def tiny(command: str) -> tuple[dict[str, str], list[str]]:
+    """``command``'s environment and its own flags, each flag with its tiny value."""
+    match = COMMAND.match(command)
+    assert match, command
+    env = dict(word.split("=", 1) for word in shlex.split(match[1]))
+    script = match[2]
+    out = [sys.executable, str(ROOT / script)]
+    values = {**TINY, **TINY_IN.get(Path(script).name, {})}
+    rest = iter(shlex.split(match[3]))
+    for word in rest:
+        assert word.startswith("--"), (command, word)
+        if word in SWITCHES:
+            out.append(word)
+            continue
+        if word in KEPT:
+            out += [word, next(rest)]
+            continue
+        assert word in values, f"docs/benchmarks.md uses {word} ({command}): give it a tiny value in TINY"
+        next(rest)
+        out += [word, values[word]]
+    return env, out
+
+
+def _params() -> list[object]:
+    """The commands, those for a real GPU (NVML, not the simulated backend) marked ``gpu``."""
+    return [pytest.param(c, marks=pytest.mark.gpu) if "nvml" in c else c
+            for c in benchmark_commands()]
+
+
+def test_the_benchmark_section_shows_the_commands_this_test_expects() -> None:
+    scripts = {Path(tiny(c)[1][1]).name for c in benchmark_commands()}
+    assert {f"bench_{name}.py" for name in ("core", "service", "waiters", "history", "enforce", "scheduler",
+                                            "watchdog", "kernel_start")} <= scripts, scripts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", _params())
+def test_each_benchmark_command_in_the_docs_runs(command: str, tmp_path: Path) -> None:
+    env, argv = tiny(command)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env={**os.environ, **env, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+    assert done.stdout.strip(), command  # it printed its figures
