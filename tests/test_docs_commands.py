@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,30 @@ def test_each_benchmark_command_in_the_docs_runs(command: str, tmp_path: Path) -
                           env={**os.environ, **env, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
     assert done.stdout.strip(), command  # it printed its figures
+
+
+@pytest.mark.slow
+def test_the_readme_install_command_runs_on_a_fresh_environment(tmp_path: Path) -> None:
+    """``pip install . && chronos reserve 8G 2h`` in a new virtual environment with a new home: the
+    embedded default (simulated GPUs where there is no driver, the SQLite ledger, no server)."""
+    [install] = [line for block in _blocks(README, "bash") for line in block.splitlines()
+                 if line.startswith("pip install . ")]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    home = tmp_path / "home"
+    home.mkdir()
+    # the machine's shared default state directory stays untouched: this one is the test's own
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home), "NO_COLOR": "1",
+           "CHRONOS_STATE_DIR": str(tmp_path / "state"),
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "TMPDIR": str(tmp_path)}
+    if "PIP_INDEX_URL" in os.environ:
+        env["PIP_INDEX_URL"] = os.environ["PIP_INDEX_URL"]
+    # in a copy of the checkout, as a fresh clone is: the build leaves nothing behind in this one
+    source = tmp_path / "chronos"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                                 "node_modules", ".mypy_cache", ".ruff_cache"))
+    done = subprocess.run(["bash", "-c", install], capture_output=True, text=True, cwd=source, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^granted lease 1: 8 GiB on GPU \d+ for 2h", done.stdout, re.M), done.stdout[-2000:]
+    listed = subprocess.run(["chronos", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and '"state": "active"' in listed.stdout, listed.stdout + listed.stderr
