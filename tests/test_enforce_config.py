@@ -28,6 +28,7 @@ def test_the_documented_settings_file_loads_as_written(tmp_path: Path) -> None:
     assert config.unmanaged == OnUnmanaged.REPORT and config.unmanaged_grace_s == 60.0
     assert config.unmanaged_exempt == ("root",) and config.kill_wait_s == 30.0
     assert config.enforce_interval_s == 0.5 and config.gate_devices is False and str(config.device_dir) == "/dev"
+    assert config.history_keep_s == 180 * 86400  # the [history] table of the same file
 
 
 def test_the_defaults() -> None:
