@@ -298,11 +298,17 @@ def test_nobody_charges_their_processes_to_another_users_lease() -> None:
     runuser = shutil.which("runuser") or "/usr/sbin/runuser"
     intruder = subprocess.Popen([runuser, "-u", "nobody", "--", "/bin/sleep", "60"], env=env)
     try:
-        pid = wait_for(lambda: next(iter(_tree(intruder.pid) - {intruder.pid}), None)
-                       if Path(f"/proc/{intruder.pid}").exists() else None,
-                       what="the intruder's sleep to start")
-        if int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) != 65534:
-            pid = intruder.pid  # runuser exec'd the command in place
+        def as_nobody() -> int | None:  # runuser's child once it runs as nobody, or runuser itself if it exec'd
+            for candidate in sorted(_tree(intruder.pid) | {intruder.pid}):
+                try:
+                    status = Path(f"/proc/{candidate}/status").read_text()
+                except OSError:
+                    continue
+                if status.split("Uid:")[1].split()[0] == "65534":
+                    return candidate
+            return None
+
+        pid = wait_for(as_nobody, what="the intruder's sleep to run as nobody")
         simulated.allocate(0, 8 * GIB, pid=pid)
         assert chronos.api.default_engine().membership([lease.record]).lease_of(pid) is None
         assert lease.usage() == {0: 0}
