@@ -732,6 +732,12 @@ class Engine:
         (the watchdog's: enforcement never stalls behind a held lock)."""
         return ledger_patience(seconds)
 
+    def batch(self) -> AbstractContextManager[Ledger]:
+        """Group commit for the service, the ledger's only writer: the operations this thread runs inside it
+        share one ledger transaction (:meth:`chronos.ledger.Ledger.batch`). Each is decided, in turn, on
+        what the ones before it left, and a refused one undoes only itself; all commit together, or none."""
+        return self.ledger.batch()
+
     def record_enforcement(self, lease_id: str, detail: dict[str, Any]) -> None:
         """Append what the service's enforcer did to a lease's processes to the audit log (``enforced``)."""
         with self.ledger.transaction():

@@ -4,7 +4,9 @@ One selector thread does all socket I/O (accepting, reading lines, writing answe
 that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
 nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on
 a small pool of workers; a queued reservation waits on a thread of its own (at most
-:data:`MAX_WAITERS`). SQLite serialises the writes. A connection serves one request at a time.
+:data:`MAX_WAITERS`). The short writes read in one turn of the loop run together in one ledger
+transaction (group commit: one commit for many clients), each decided in turn and answered as if it
+had run alone, and answered only once committed. A connection serves one request at a time.
 Identity comes from SO_PEERCRED, never from the request.
 """
 
@@ -31,7 +33,7 @@ from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.model import WaitUpdate
 from chronos.service import codec
-from chronos.service.handlers import WAITING_OPS, Call, Peer, handle, undo_grant
+from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, handle, undo_grant
 from chronos.service.holders import HolderWatch
 from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_to_wire, read_message
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
@@ -48,6 +50,8 @@ WORKERS = 4
 #: (two thread switches, which on a busy machine cost more than the operation). Everything that
 #: reads many leases, the GPUs' processes or the audit log goes to the workers.
 INLINE_OPS = frozenset({"hello", "reserve", "release", "extend", "get", "bind", "claim"})
+#: The inline writes: those read in one turn of the I/O loop share one ledger transaction (group commit).
+GROUPED_OPS = INLINE_OPS & WRITE_OPS
 #: A request must arrive whole this soon after its first byte.
 PARTIAL_TIMEOUT_S = 10.0
 #: A connection with nothing to do is closed after this long (the client reconnects by itself).
@@ -108,6 +112,10 @@ class Server:
         self._conns: set[_Conn] = set()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        #: The I/O thread's id: what it finishes itself is delivered by its own loop, with no wake-up.
+        self._io_thread: int | None = None
+        #: Writes read in this turn of the I/O loop, run together in one ledger transaction.
+        self._writes: list[tuple[_Conn, Any, str, dict[str, Any]]] = []
 
     # -- life -----------------------------------------------------------------------------
     def start(self) -> Server:
@@ -175,6 +183,7 @@ class Server:
 
     # -- the I/O thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        self._io_thread = threading.get_ident()
         while not self.stop_event.is_set():
             try:
                 events = self._selector.select(timeout=1.0)
@@ -185,7 +194,7 @@ class Server:
                         self._drain_wake()
                     else:
                         self._io(key.data, mask)
-                self._deliver()
+                self._settle()
                 self._expire()
             except Exception:  # the loop must not die: log, and serve on
                 log.exception("service I/O loop error")
@@ -276,6 +285,8 @@ class Server:
                 return
             threading.Thread(target=self._serve, args=(conn, request_id, op, args, self._waiters.release),
                              name="chronos-waiter", daemon=True).start()
+        elif op in GROUPED_OPS:  # in this turn's group commit (:meth:`_run_writes`)
+            self._writes.append((conn, request_id, op, args))
         elif op in INLINE_OPS:
             self._serve(conn, request_id, op, args, None)
         else:
@@ -350,7 +361,41 @@ class Server:
             log.warning("could not undo the grant of lease %s: %s", lease_id, exc)
         self.watch.wake()
 
-    def _deliver(self) -> None:
+    def _settle(self) -> None:
+        """The turn's writes, run as one group; answers delivered; each answered connection's next request
+        taken (and its writes run as the next group) until nothing is left for this turn."""
+        while True:
+            self._run_writes()
+            if not self._deliver():
+                return
+
+    def _run_writes(self) -> None:
+        """Group commit: the writes read this turn, in the order they came, in one ledger transaction.
+
+        Each is decided on what the ones before it left and answered as if it had run alone; a refused
+        one undoes only itself. Answers go out only after the commit; if the commit fails, every one of
+        them gets that error, and nothing of the group was written."""
+        writes, self._writes = self._writes, []
+        if len(writes) == 1:
+            self._serve(*writes[0], None)
+        if len(writes) <= 1:
+            return
+        outcomes: list[tuple[_Conn, bytes, str | None, tuple[int, float | None] | None]] = []
+        try:
+            with self.engine.batch():
+                for conn, request_id, op, args in writes:
+                    outcomes.append((conn, *self._outcome(conn, request_id, op, args, None)))
+        except Exception as exc:  # nothing of the group was written: each request is told why
+            failure = exc if isinstance(exc, ChronosError) else ChronosError(f"the service failed to write: {exc}")
+            if not isinstance(exc, ChronosError):
+                log.exception("group commit failed")
+            outcomes = [(conn, dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(failure)}),
+                         None, None) for conn, request_id, _op, _args in writes]
+        for conn, data, granted, holder in outcomes:
+            self._finish(conn, data, granted, holder)
+
+    def _deliver(self) -> bool:
+        """Answers to their connections; whether any connection's next request was taken."""
         ready: list[_Conn] = []
         while True:
             try:
@@ -374,6 +419,7 @@ class Server:
                 ready.append(conn)
         for conn in ready:  # one request of each connection per turn: a pipelining client waits its turn
             self._next_request(conn)
+        return bool(ready)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -389,6 +435,11 @@ class Server:
     # -- the workers ----------------------------------------------------------------------
     def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
                done: Callable[[], None] | None) -> None:
+        self._finish(conn, *self._outcome(conn, request_id, op, args, done))
+
+    def _outcome(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
+                 done: Callable[[], None] | None) -> tuple[bytes, str | None, tuple[int, float | None] | None]:
+        """One request served: its answer line, the lease it granted, the holder it named."""
         last: list[tuple[WaitUpdate, float]] = []
         conn.waiting = None
 
@@ -421,10 +472,15 @@ class Server:
         finally:
             if done is not None:
                 done()
-        if call.holder is not None:
-            self.watch.wake(call.holder)
+        return data, granted, call.holder
+
+    def _finish(self, conn: _Conn, data: bytes, granted: str | None, holder: tuple[int, float | None] | None) -> None:
+        """A served request's answer handed to the I/O thread (woken, unless it is the one that served it)."""
+        if holder is not None:
+            self.watch.wake(holder)
         self._done.put((conn, data, granted, True))
-        self._poke()
+        if threading.get_ident() != self._io_thread:  # the I/O thread delivers after this turn anyway
+            self._poke()
 
 
 def _plain_id(value: Any) -> int | str | None:
