@@ -29,8 +29,13 @@ class CodecError(InvalidRequestError):
     """A value on the wire that does not fit the type it must have."""
 
 
+_PLAIN = frozenset({type(None), bool, int, str})
+
+
 def encode(value: Any) -> Any:
     """``value`` as plain JSON data."""
+    if type(value) in _PLAIN:  # most of a record's fields, checked first
+        return value
     if value is None or isinstance(value, (bool, int, str)):
         return value.value if isinstance(value, enum.Enum) else value
     if isinstance(value, float):
