@@ -104,6 +104,22 @@ def test_a_refusal_undone_inside_a_batch_leaves_its_neighbours_written(chronos_e
     engine.close()
 
 
+def test_a_batch_reclaims_a_dead_holders_lease_for_the_writes_after_it(chronos_env: Path) -> None:
+    engine = Engine()
+    holder = subprocess.Popen(["sleep", "60"])
+    held = engine.submit(_spec("50G"), bind=holder.pid)
+    holder.kill()
+    holder.wait()
+    with engine.batch():
+        lease = engine.submit(_spec("50G"), bind=False)  # fits only once the dead holder's lease has ended
+        with pytest.raises(UnavailableError):
+            engine.submit(_spec("50G"), bind=False)
+    assert engine.get(held.id).state == "revoked"
+    assert [found.id for found in engine.leases()] == [lease.id]
+    assert _overcommits(engine.ledger.path, TOTAL) == 0
+    engine.close()
+
+
 def _send(path: Path, op: str, args: dict[str, Any]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(path))
