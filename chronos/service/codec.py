@@ -47,7 +47,8 @@ def encode(value: Any) -> Any:
     if isinstance(value, Lease):
         return encode(value.record)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {name: encode(getattr(value, name)) for name in _field_names(type(value))}
+        fields = ((name, getattr(value, name)) for name in _field_names(type(value)))
+        return {name: field if type(field) in _PLAIN else encode(field) for name, field in fields}
     if isinstance(value, dict):
         return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
