@@ -4,7 +4,9 @@
                ``Lease.release()``), median and p99, embedded against the service
   throughput   N client processes reserving and releasing at once for ``--seconds``: grants per
                second (each grant also released), embedded against the service; the audit log is
-               replayed afterwards and any instant that over-commits a GPU is counted
+               replayed afterwards and any instant that over-commits a GPU is counted; and the CPU
+               time per grant of every client process and of the service over the window (what a
+               loaded machine's swings touch least)
 
 Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
 on a temporary socket, with simulated GPUs ``8x80G``.
@@ -42,11 +44,12 @@ print("ready", flush=True)
 while not os.path.exists(start_file):
     time.sleep(0.001)
 end = time.time() + seconds
+cpu = time.process_time()
 grants = 0
 while time.time() < end:
     chronos.reserve("1G", "10m", bind=False).release()
     grants += 1
-print(grants, flush=True)
+print(grants, time.process_time() - cpu, flush=True)
 """
 
 
@@ -105,7 +108,14 @@ def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.99)]
 
 
-def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int]:
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int, float]:
+    """Grants per second, over-commits, and CPU milliseconds per grant (every client, plus the service)."""
     start_file = mode.dir / f"go-{procs}"
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(start_file), str(seconds)], env=mode.env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(procs)]
@@ -113,11 +123,18 @@ def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int]:
         assert worker.stdout is not None
         if worker.stdout.readline().strip() != "ready":
             raise SystemExit(f"a {mode.name} worker failed to start")
+    service_cpu = _cpu_s(mode.process.pid) if mode.process is not None else 0.0
     began = time.time()
     start_file.touch()
-    grants = sum(int(worker.communicate()[0].split()[-1]) for worker in workers)
+    results = [worker.communicate()[0].split()[-2:] for worker in workers]
     elapsed = max(time.time() - began, seconds)
-    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB)
+    if mode.process is not None:
+        service_cpu = _cpu_s(mode.process.pid) - service_cpu
+    grants = sum(int(count) for count, _cpu in results)
+    cpu = service_cpu + sum(float(used) for _count, used in results)
+    print(f"# {mode.name}, {procs} processes: {grants} grants, CPU {cpu:.2f} s of which the service's "
+          f"{service_cpu:.2f} s", flush=True)
+    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB), cpu * 1000 / max(grants, 1)
 
 
 def overcommits(db: Path, total: int) -> int:
@@ -171,10 +188,11 @@ def main() -> None:
             for name in ("embedded", "service"):
                 mode = _Mode(name)
                 try:
-                    rate, bad = throughput(mode, procs, args.seconds)
+                    rate, bad, cpu = throughput(mode, procs, args.seconds)
                 finally:
                     mode.close()
                 add(f"{procs} processes grants/s", name, rate)
+                add(f"{procs} processes CPU ms/grant", name, cpu)
                 add(f"{procs} processes over-commits", name, bad)
     for figure, by in samples.items():
         total = "over-commits" in figure
