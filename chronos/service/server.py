@@ -362,12 +362,12 @@ class Server:
         self.watch.wake()
 
     def _settle(self) -> None:
-        """The turn's writes, run as one group; answers delivered; each answered connection's next request
-        taken (and its writes run as the next group) until nothing is left for this turn."""
-        while True:
-            self._run_writes()
-            if not self._deliver():
-                return
+        """The turn's writes, run as one group, and the answers delivered. A connection's next request taken
+        then (one per connection per turn) is answered, or joins the group, in the next turn: the loop is
+        woken for it."""
+        self._run_writes()
+        if self._deliver() and (self._writes or not self._done.empty()):
+            self._poke()
 
     def _run_writes(self) -> None:
         """Group commit: the writes read this turn, in the order they came, in one ledger transaction.
