@@ -11,7 +11,7 @@
 Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
 on a temporary socket, with simulated GPUs ``8x80G``.
 
-    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3]
+    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3] [--baseline TREE]
 
 The modes alternate, ``--repeats`` times per figure, and each figure is the median of its runs
 (over-commits: the sum), so that a change in the machine's load between runs hits both alike.
@@ -53,32 +53,33 @@ print(grants, time.process_time() - cpu, flush=True)
 """
 
 
-def _env(state: Path, server: Path | None) -> dict[str, str]:
+def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
     env.update({"CHRONOS_STATE_DIR": str(state), "CHRONOS_BACKEND": "simulated", "CHRONOS_SIM_GPUS": "8x80G",
                 "CHRONOS_CONFIG": str(state / "none.toml"), "CHRONOS_USER_CONFIG": str(state / "none.toml"),
-                "PYTHONPATH": str(ROOT)})
+                "PYTHONPATH": str(tree)})
     if server is not None:
         env["CHRONOS_SERVER"] = str(server)
     return env
 
 
 class _Mode:
-    """A fresh state directory, and (for the service) a running ``chronos serve`` on it."""
+    """A fresh state directory, and (for the service) a running ``chronos serve`` on it; ``tree`` is the
+    source tree whose Chronos the service and its clients run (``--baseline``: an earlier checkout)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tree: Path = ROOT) -> None:
         self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix=f"chronos-bench-{name}-"))
         self.state = self.dir / "state"
         self.state.mkdir(mode=0o700)
         self.server: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        if name == "service":
+        if name != "embedded":
             self.server = self.dir / "chronos.sock"
             self.ledger_dir = self.dir / "service-state"
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "chronos", "serve", "--socket", str(self.server), "--state-dir",
-                 str(self.ledger_dir)], env=_env(self.state, None), stderr=subprocess.DEVNULL)
+                 str(self.ledger_dir)], env=_env(self.state, None, tree), stderr=subprocess.DEVNULL)
             deadline = time.time() + 30
             while not self.server.exists():
                 if time.time() > deadline or self.process.poll() is not None:
@@ -86,7 +87,7 @@ class _Mode:
                 time.sleep(0.02)
         else:
             self.ledger_dir = self.state
-        self.env = _env(self.state, self.server)
+        self.env = _env(self.state, self.server, tree)
 
     def close(self) -> None:
         if self.process is not None:
@@ -165,7 +166,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternate the modes this many times per figure (the machine's load drifts)")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run the service (and its clients) from this source tree, an earlier commit's "
+                             "files (`git archive COMMIT chronos | tar -x -C TREE`), alternated with the others")
     args = parser.parse_args()
+    trees = {"embedded": ROOT, "service": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     print(f"# Python {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G, "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     samples: dict[str, dict[str, list[float]]] = {}
@@ -173,7 +178,7 @@ def main() -> None:
     def add(figure: str, name: str, value: float) -> None:
         samples.setdefault(figure, {}).setdefault(name, []).append(value)
 
-    modes = {name: _Mode(name) for name in ("embedded", "service")}
+    modes = {name: _Mode(name, tree) for name, tree in trees.items()}
     try:
         for _ in range(args.repeats):
             for name, mode in modes.items():
@@ -185,8 +190,8 @@ def main() -> None:
             mode.close()
     for procs in (int(p) for p in args.procs.split(",")):
         for _ in range(args.repeats):
-            for name in ("embedded", "service"):
-                mode = _Mode(name)
+            for name, tree in trees.items():
+                mode = _Mode(name, tree)
                 try:
                     rate, bad, cpu = throughput(mode, procs, args.seconds)
                 finally:
@@ -196,11 +201,12 @@ def main() -> None:
                 add(f"{procs} processes over-commits", name, bad)
     for figure, by in samples.items():
         total = "over-commits" in figure
-        emb, svc = (sum(by[n]) if total else statistics.median(by[n]) for n in ("embedded", "service"))
-        ratio = f"service/embedded {svc / emb:.2f}x" if emb else ""
-        print(f"{figure:30} embedded {emb:9.2f}   service {svc:9.2f}   {ratio}   "
-              f"(runs: embedded {', '.join(f'{v:.2f}' for v in by['embedded'])}; "
-              f"service {', '.join(f'{v:.2f}' for v in by['service'])})")
+        value = {n: sum(v) if total else statistics.median(v) for n, v in by.items()}
+        emb = value["embedded"]
+        line = "   ".join(f"{n} {v:9.2f}" + (f" ({v / emb:.2f}x)" if emb and n != "embedded" else "")
+                          for n, v in value.items())
+        runs = "; ".join(f"{n} {', '.join(f'{v:.2f}' for v in by[n])}" for n in by)
+        print(f"{figure:28} {line}   (x: against embedded; runs: {runs})")
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 
