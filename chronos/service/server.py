@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ from chronos.devices import backend_for
 from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.model import WaitUpdate
-from chronos.service import codec
-from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, handle, undo_grant
+from chronos.service import answers, codec
+from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_grant
 from chronos.service.holders import HolderWatch
-from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_to_wire, read_message
+from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, read_message
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
 
 __all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
@@ -64,10 +65,6 @@ WRITE_TIMEOUT_S = 30.0
 WAIT_HEARTBEAT_S = 1.0
 
 log = logging.getLogger("chronos.service")
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its request was served (a queued wait withdraws)."""
 
 
 @dataclass(eq=False)
@@ -273,11 +270,11 @@ class Server:
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise ProtocolError("a request is {\"v\": 1, \"id\": N, \"op\": NAME, \"args\": {...}}")
         except ProtocolError as exc:
-            self._answer_now(conn, _plain_id(request_id), exc)
+            self._answer_now(conn, answers.plain_id(request_id), exc)
             return
-        request_id = _plain_id(request_id)
+        request_id = answers.plain_id(request_id)
         conn.busy = True
-        if op in WAITING_OPS and _waits(args):
+        if op in WAITING_OPS and answers.waits(args):
             if not self._waiters.acquire(blocking=False):
                 conn.busy = False
                 self._answer_now(conn, request_id, ChronosError(f"too many queued requests waiting (at most "
@@ -293,7 +290,7 @@ class Server:
             self._pool.submit(self._serve, conn, request_id, op, args, None)
 
     def _answer_now(self, conn: _Conn, request_id: Any, exc: ChronosError, *, close: bool = False) -> None:
-        self._queue_out(conn, dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)}))
+        self._queue_out(conn, answers.error_line(request_id, exc))
         if close:
             conn.inbox.clear()
             conn.closed = True
@@ -380,19 +377,11 @@ class Server:
             self._serve(*writes[0], None)
         if len(writes) <= 1:
             return
-        outcomes: list[tuple[_Conn, bytes, str | None, tuple[int, float | None] | None]] = []
-        try:
-            with self.engine.batch():
-                for conn, request_id, op, args in writes:
-                    outcomes.append((conn, *self._outcome(conn, request_id, op, args, None)))
-        except Exception as exc:  # nothing of the group was written: each request is told why
-            failure = exc if isinstance(exc, ChronosError) else ChronosError(f"the service failed to write: {exc}")
-            if not isinstance(exc, ChronosError):
-                log.exception("group commit failed")
-            outcomes = [(conn, dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(failure)}),
-                         None, None) for conn, request_id, _op, _args in writes]
-        for conn, data, granted, holder in outcomes:
-            self._finish(conn, data, granted, holder)
+        outcomes = answers.run_group(self.engine, [
+            (request_id, partial(self._outcome, conn, request_id, op, args, None))
+            for conn, request_id, op, args in writes])
+        for (conn, *_request), outcome in zip(writes, outcomes, strict=True):
+            self._finish(conn, *outcome)
 
     def _deliver(self) -> bool:
         """Answers to their connections; whether any connection's next request was taken."""
@@ -438,15 +427,15 @@ class Server:
         self._finish(conn, *self._outcome(conn, request_id, op, args, done))
 
     def _outcome(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
-                 done: Callable[[], None] | None) -> tuple[bytes, str | None, tuple[int, float | None] | None]:
-        """One request served: its answer line, the lease it granted, the holder it named."""
+                 done: Callable[[], None] | None) -> answers.Outcome:
+        """One request served; a queued one's progress lines go out as it waits (while its client is there)."""
         last: list[tuple[WaitUpdate, float]] = []
         conn.waiting = None
 
         def progress(update: WaitUpdate) -> None:
             conn.waiting = update.lease_id
             if conn.closed:
-                raise ClientGone("the client went away")
+                raise answers.ClientGone("the client went away")
             now = time.monotonic()
             if not last or last[0][0] != update or now - last[0][1] >= WAIT_HEARTBEAT_S:
                 last[:] = [(update, now)]
@@ -454,25 +443,11 @@ class Server:
                                 False))
                 self._poke()
 
-        call = Call(self.engine, conn.peer, args, progress)
-        granted = None
         try:
-            result = handle(call, op)
-            granted = call.granted
-            reply: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": True, "result": result}
-            data = _dump_result(reply)
-        except ChronosError as exc:
-            data = dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)})
-        except ClientGone:
-            data = b""
-        except Exception as exc:  # a bug must not take the service down: one line to the client, the trace to the log
-            log.exception("operation %s failed", op)
-            data = dump({"v": VERSION, "id": request_id, "ok": False,
-                         "error": error_to_wire(ChronosError(f"the service failed on {op}: {exc}"))})
+            return answers.answer(Call(self.engine, conn.peer, args, progress), op, request_id)
         finally:
             if done is not None:
                 done()
-        return data, granted, call.holder
 
     def _finish(self, conn: _Conn, data: bytes, granted: str | None, holder: tuple[int, float | None] | None) -> None:
         """A served request's answer handed to the I/O thread (woken, unless it is the one that served it)."""
@@ -481,25 +456,6 @@ class Server:
         self._done.put((conn, data, granted, True))
         if threading.get_ident() != self._io_thread:  # the I/O thread delivers after this turn anyway
             self._poke()
-
-
-def _plain_id(value: Any) -> int | str | None:
-    """A request's ``id`` as it may be echoed: a number or a short string, else nothing."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return None
-    return value if not isinstance(value, str) or len(value) <= 200 else None
-
-
-def _dump_result(reply: dict[str, Any]) -> bytes:
-    data = dump(reply)
-    if len(data) > MAX_MESSAGE_BYTES * 16:
-        raise ChronosError("the answer is too long to send: ask for less (a limit, a user)")
-    return data
-
-
-def _waits(args: dict[str, Any]) -> bool:
-    request = args.get("request")
-    return isinstance(request, dict) and request.get("wait") not in (None, False, "", "no", "false")
 
 
 def serve(socket_path: str | Path, state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
