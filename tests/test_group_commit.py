@@ -4,11 +4,15 @@ itself, the audit log reads as if each had run alone, and the group commits whol
 
 from __future__ import annotations
 
+import fcntl
 import json
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -240,3 +244,41 @@ def test_a_release_in_a_group_starts_a_queued_request(service: Service, tmp_path
             pass
     assert answer["ok"] and answer["result"]["state"] == "active", answer
     assert _overcommits(db, TOTAL) == 0
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes this socket sent that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def test_a_pipelining_client_gets_one_request_a_turn_and_holds_nobody_up(service: Service) -> None:
+    """A client that sends many requests ahead is served one of them per turn of the loop: a client that
+    connects after the service has read them all is answered long before the last of them."""
+    count = 1000  # their lines fit in one read of the service's
+    line = json.dumps({"v": 1, "id": 1, "op": "release", "args": {"lease_id": "9999"}}).encode() + b"\n"
+    seen = {"answers": 0, "when_other_answered": -1}
+    blocker = sqlite3.connect(service.state_dir / "chronos.db", isolation_level=None, timeout=30)
+    blocker.execute("BEGIN IMMEDIATE")  # the first of them waits for the lock, the rest wait in the service
+    try:
+        greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        greedy.connect(str(service.socket))
+        greedy.sendall(line * count)
+        wait_for(lambda: _unread(greedy) == 0, what="the service to read the pipelined requests")
+        other = _send(service.socket, "hello", {})
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    def drain() -> None:
+        with greedy, greedy.makefile("rb") as reader:
+            for _ in range(count):
+                assert json.loads(reader.readline())["error"]["code"] == "no_such_lease"
+                seen["answers"] += 1
+
+    reading = threading.Thread(target=drain)
+    reading.start()
+    assert _answer(other)["ok"]
+    seen["when_other_answered"] = seen["answers"]
+    reading.join(timeout=120)
+    assert seen["answers"] == count
+    assert seen["when_other_answered"] < count // 2, seen
