@@ -4,12 +4,14 @@
                ``Lease.release()``), median and p99, embedded against the service
   throughput   N client processes reserving and releasing at once for ``--seconds``: grants per
                second (each grant also released), embedded against the service; the audit log is
-               replayed afterwards and any instant that over-commits a GPU is counted
+               replayed afterwards and any instant that over-commits a GPU is counted; and the CPU
+               time per grant of every client process and of the service over the window (what a
+               loaded machine's swings touch least)
 
 Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
 on a temporary socket, with simulated GPUs ``8x80G``.
 
-    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3]
+    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3] [--baseline TREE]
 
 The modes alternate, ``--repeats`` times per figure, and each figure is the median of its runs
 (over-commits: the sum), so that a change in the machine's load between runs hits both alike.
@@ -42,40 +44,42 @@ print("ready", flush=True)
 while not os.path.exists(start_file):
     time.sleep(0.001)
 end = time.time() + seconds
+cpu = time.process_time()
 grants = 0
 while time.time() < end:
     chronos.reserve("1G", "10m", bind=False).release()
     grants += 1
-print(grants, flush=True)
+print(grants, time.process_time() - cpu, flush=True)
 """
 
 
-def _env(state: Path, server: Path | None) -> dict[str, str]:
+def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
     env.update({"CHRONOS_STATE_DIR": str(state), "CHRONOS_BACKEND": "simulated", "CHRONOS_SIM_GPUS": "8x80G",
                 "CHRONOS_CONFIG": str(state / "none.toml"), "CHRONOS_USER_CONFIG": str(state / "none.toml"),
-                "PYTHONPATH": str(ROOT)})
+                "PYTHONPATH": str(tree)})
     if server is not None:
         env["CHRONOS_SERVER"] = str(server)
     return env
 
 
 class _Mode:
-    """A fresh state directory, and (for the service) a running ``chronos serve`` on it."""
+    """A fresh state directory, and (for the service) a running ``chronos serve`` on it; ``tree`` is the
+    source tree whose Chronos the service and its clients run (``--baseline``: an earlier checkout)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tree: Path = ROOT) -> None:
         self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix=f"chronos-bench-{name}-"))
         self.state = self.dir / "state"
         self.state.mkdir(mode=0o700)
         self.server: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        if name == "service":
+        if name != "embedded":
             self.server = self.dir / "chronos.sock"
             self.ledger_dir = self.dir / "service-state"
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "chronos", "serve", "--socket", str(self.server), "--state-dir",
-                 str(self.ledger_dir)], env=_env(self.state, None), stderr=subprocess.DEVNULL)
+                 str(self.ledger_dir)], env=_env(self.state, None, tree), stderr=subprocess.DEVNULL)
             deadline = time.time() + 30
             while not self.server.exists():
                 if time.time() > deadline or self.process.poll() is not None:
@@ -83,7 +87,7 @@ class _Mode:
                 time.sleep(0.02)
         else:
             self.ledger_dir = self.state
-        self.env = _env(self.state, self.server)
+        self.env = _env(self.state, self.server, tree)
 
     def close(self) -> None:
         if self.process is not None:
@@ -105,7 +109,14 @@ def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.99)]
 
 
-def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int]:
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int, float]:
+    """Grants per second, over-commits, and CPU milliseconds per grant (every client, plus the service)."""
     start_file = mode.dir / f"go-{procs}"
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(start_file), str(seconds)], env=mode.env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(procs)]
@@ -113,11 +124,18 @@ def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int]:
         assert worker.stdout is not None
         if worker.stdout.readline().strip() != "ready":
             raise SystemExit(f"a {mode.name} worker failed to start")
+    service_cpu = _cpu_s(mode.process.pid) if mode.process is not None else 0.0
     began = time.time()
     start_file.touch()
-    grants = sum(int(worker.communicate()[0].split()[-1]) for worker in workers)
+    results = [worker.communicate()[0].split()[-2:] for worker in workers]
     elapsed = max(time.time() - began, seconds)
-    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB)
+    if mode.process is not None:
+        service_cpu = _cpu_s(mode.process.pid) - service_cpu
+    grants = sum(int(count) for count, _cpu in results)
+    cpu = service_cpu + sum(float(used) for _count, used in results)
+    print(f"# {mode.name}, {procs} processes: {grants} grants, CPU {cpu:.2f} s of which the service's "
+          f"{service_cpu:.2f} s", flush=True)
+    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB), cpu * 1000 / max(grants, 1)
 
 
 def overcommits(db: Path, total: int) -> int:
@@ -148,7 +166,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternate the modes this many times per figure (the machine's load drifts)")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run the service (and its clients) from this source tree, an earlier commit's "
+                             "files (`git archive COMMIT chronos | tar -x -C TREE`), alternated with the others")
     args = parser.parse_args()
+    trees = {"embedded": ROOT, "service": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     print(f"# Python {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G, "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     samples: dict[str, dict[str, list[float]]] = {}
@@ -156,7 +178,7 @@ def main() -> None:
     def add(figure: str, name: str, value: float) -> None:
         samples.setdefault(figure, {}).setdefault(name, []).append(value)
 
-    modes = {name: _Mode(name) for name in ("embedded", "service")}
+    modes = {name: _Mode(name, tree) for name, tree in trees.items()}
     try:
         for _ in range(args.repeats):
             for name, mode in modes.items():
@@ -168,21 +190,23 @@ def main() -> None:
             mode.close()
     for procs in (int(p) for p in args.procs.split(",")):
         for _ in range(args.repeats):
-            for name in ("embedded", "service"):
-                mode = _Mode(name)
+            for name, tree in trees.items():
+                mode = _Mode(name, tree)
                 try:
-                    rate, bad = throughput(mode, procs, args.seconds)
+                    rate, bad, cpu = throughput(mode, procs, args.seconds)
                 finally:
                     mode.close()
                 add(f"{procs} processes grants/s", name, rate)
+                add(f"{procs} processes CPU ms/grant", name, cpu)
                 add(f"{procs} processes over-commits", name, bad)
     for figure, by in samples.items():
         total = "over-commits" in figure
-        emb, svc = (sum(by[n]) if total else statistics.median(by[n]) for n in ("embedded", "service"))
-        ratio = f"service/embedded {svc / emb:.2f}x" if emb else ""
-        print(f"{figure:30} embedded {emb:9.2f}   service {svc:9.2f}   {ratio}   "
-              f"(runs: embedded {', '.join(f'{v:.2f}' for v in by['embedded'])}; "
-              f"service {', '.join(f'{v:.2f}' for v in by['service'])})")
+        value = {n: sum(v) if total else statistics.median(v) for n, v in by.items()}
+        emb = value["embedded"]
+        line = "   ".join(f"{n} {v:9.2f}" + (f" ({v / emb:.2f}x)" if emb and n != "embedded" else "")
+                          for n, v in value.items())
+        runs = "; ".join(f"{n} {', '.join(f'{v:.2f}' for v in by[n])}" for n in by)
+        print(f"{figure:28} {line}   (x: against embedded; runs: {runs})")
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 

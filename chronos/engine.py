@@ -14,8 +14,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -99,6 +99,8 @@ class Engine:
         #: Holders seen alive (pid, start) -> when; queued leases' requests by id.
         self._seen_alive: dict[tuple[int, float | None], float] = {}
         self._requests: dict[str, scheduler.Request] = {}
+        #: The group commit under way (:meth:`batch`), and what it read once for all its operations.
+        self._group: _Group | None = None
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -206,7 +208,16 @@ class Engine:
     def _alive(self, pid: int, started: float | None, *, fresh: bool = False) -> bool:
         """Whether a holder or waiter still runs. Unless ``fresh``, a live answer is trusted for
         :data:`ALIVE_TTL_S`, so a write does not read ``/proc`` for every queued request each time (a dead
-        waiter's request then leaves the queue that much later at most)."""
+        waiter's request then leaves the queue that much later at most). In a group commit each holder is
+        looked at once for the whole group."""
+        group = self._in_group()
+        if group is None:
+            return self._alive_now(pid, started, fresh)
+        if (pid, started, fresh) not in group.alive:
+            group.alive[pid, started, fresh] = self._alive_now(pid, started, fresh)
+        return group.alive[pid, started, fresh]
+
+    def _alive_now(self, pid: int, started: float | None, fresh: bool) -> bool:
         key = (pid, started)
         mono = time.monotonic()
         seen = self._seen_alive.get(key)
@@ -241,6 +252,14 @@ class Engine:
 
     # -- snapshot -------------------------------------------------------------------------
     def _poll_devices(self) -> tuple[list[Device], list[GpuProcess]]:
+        group = self._in_group()
+        if group is not None:
+            if group.polled is None:
+                group.polled = self._read_devices()
+            return list(group.polled[0]), list(group.polled[1])
+        return self._read_devices()
+
+    def _read_devices(self) -> tuple[list[Device], list[GpuProcess]]:
         backend = self.backend
         return backend.devices(), backend.processes()
 
@@ -732,6 +751,28 @@ class Engine:
         (the watchdog's: enforcement never stalls behind a held lock)."""
         return ledger_patience(seconds)
 
+    def batch(self) -> AbstractContextManager[Ledger]:
+        """Group commit for the service, the ledger's only writer: the operations this thread runs inside it
+        share one ledger transaction (:meth:`chronos.ledger.Ledger.batch`). Each is decided, in turn, on
+        what the ones before it left, and a refused one undoes only itself; all commit together, or none.
+        The GPUs are read once for the group, and each holder's liveness once (a few milliseconds: what
+        one write alone sees of them is no fresher by the time it commits)."""
+        return self._batch()
+
+    @contextmanager
+    def _batch(self) -> Iterator[Ledger]:
+        with self.ledger.batch() as ledger:
+            self._group = _Group(threading.get_ident())
+            try:
+                yield ledger
+            finally:
+                self._group = None
+
+    def _in_group(self) -> _Group | None:
+        """The group commit this thread runs, if any (other threads read the GPUs and /proc as ever)."""
+        group = self._group
+        return group if group is not None and group.thread == threading.get_ident() else None
+
     def record_enforcement(self, lease_id: str, detail: dict[str, Any]) -> None:
         """Append what the service's enforcer did to a lease's processes to the audit log (``enforced``)."""
         with self.ledger.transaction():
@@ -827,6 +868,15 @@ def _uuids(devices: list[Device], indices: tuple[int, ...]) -> tuple[str, ...]:
 def _grant_detail(lease: LeaseRecord) -> dict[str, Any]:
     return {"devices": list(lease.devices), "memory_bytes": lease.memory_bytes, "expires_at": lease.expires_at,
             "priority": str(lease.priority), "holder": lease.pid}
+
+
+@dataclass
+class _Group:
+    """A group commit's thread, and what it read once: the GPUs, and holders' liveness."""
+
+    thread: int
+    polled: tuple[list[Device], list[GpuProcess]] | None = None
+    alive: dict[tuple[int, float | None, bool], bool] = field(default_factory=dict)
 
 
 @dataclass

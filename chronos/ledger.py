@@ -168,6 +168,9 @@ class Ledger:
 
     def _connect(self) -> None:
         self._commits = 0
+        #: The thread running a :meth:`batch` (its transactions are savepoints), and whether the batch failed.
+        self._batch_owner: int | None = None
+        self._batch_broken = False
         self._checkpoints: threading.Event | None = None
         #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
         self._open_rows: dict[int, LeaseRecord] | None = None
@@ -263,6 +266,10 @@ class Ledger:
         Every SQLite error inside it (a full disk, a lock held past the wait, a read-only file)
         rolls it back and is raised as one :class:`StateError` that says what happened.
         """
+        if self._batch_owner == threading.get_ident():
+            with self._savepoint():
+                yield self
+            return
         with self._lock, self._waiting():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -286,6 +293,52 @@ class Ledger:
                 self._commits += 1
                 if self._commits % CHECKPOINT_EVERY == 0:
                     self._checkpoint_soon()
+
+    @contextmanager
+    def batch(self) -> Iterator[Ledger]:
+        """Group commit: one write transaction for several operations, run by this thread one after another.
+
+        Each :meth:`transaction` this thread opens inside it is a SAVEPOINT: it sees what the ones before
+        it wrote, and a failure undoes it alone. They all commit together at the end, or none does (a
+        failed commit, or a write that made SQLite give up the whole transaction, raises StateError here).
+        """
+        with self.transaction():
+            self._batch_owner, self._batch_broken = threading.get_ident(), False
+            try:
+                yield self
+            finally:
+                self._batch_owner = None
+            if self._batch_broken or not self._conn.in_transaction:
+                raise StateError(f"ledger {self.path}: a write failed and took its whole transaction with it; "
+                                 "nothing of this group of requests was written")
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        """One operation inside :meth:`batch`, undone alone if it fails."""
+        if self._batch_broken or not self._conn.in_transaction:
+            self._batch_broken = True
+            raise StateError(f"ledger {self.path}: an earlier write of this group failed and ended its transaction")
+        try:
+            self._conn.execute("SAVEPOINT operation")
+        except sqlite3.Error as exc:
+            self._batch_broken = True
+            raise ledger_error(exc, self.path) from None
+        try:
+            yield
+            self._conn.execute("RELEASE operation")
+        except BaseException as exc:
+            self._open_rows = None  # it may hold the undone writes: read again
+            try:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK TO operation")
+                    self._conn.execute("RELEASE operation")
+                else:
+                    self._batch_broken = True  # SQLite rolled back everything (a full disk)
+            except sqlite3.Error:
+                self._batch_broken = True
+            if isinstance(exc, sqlite3.Error):
+                raise ledger_error(exc, self.path) from None
+            raise
 
     def _checkpoint_soon(self) -> None:
         """Wake this process's checkpoint thread (started on first use): a PASSIVE checkpoint on its own

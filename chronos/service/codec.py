@@ -13,6 +13,7 @@ import enum
 import math
 import types
 import typing
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,13 @@ class CodecError(InvalidRequestError):
     """A value on the wire that does not fit the type it must have."""
 
 
+_PLAIN = frozenset({type(None), bool, int, str})
+
+
 def encode(value: Any) -> Any:
     """``value`` as plain JSON data."""
+    if type(value) in _PLAIN:  # most of a record's fields, checked first
+        return value
     if value is None or isinstance(value, (bool, int, str)):
         return value.value if isinstance(value, enum.Enum) else value
     if isinstance(value, float):
@@ -41,7 +47,8 @@ def encode(value: Any) -> Any:
     if isinstance(value, Lease):
         return encode(value.record)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = ((name, getattr(value, name)) for name in _field_names(type(value)))
+        return {name: field if type(field) in _PLAIN else encode(field) for name, field in fields}
     if isinstance(value, dict):
         return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -52,55 +59,126 @@ def encode(value: Any) -> Any:
 
 
 @lru_cache(maxsize=256)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@lru_cache(maxsize=256)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_Decoder = Callable[[Any, "LeaseOps | None"], Any]
+
+
 def decode(kind: Any, data: Any, engine: LeaseOps | None = None) -> Any:
-    """``data`` (plain JSON) read back as a ``kind``; ``engine`` is what a decoded Lease acts through."""
+    """``data`` (plain JSON) read back as a ``kind``; ``engine`` is what a decoded Lease acts through.
+
+    Each type's reader is worked out once from its hints and kept (every answer of the service is
+    read on the client's critical path)."""
+    try:
+        reader = _decoder(kind)
+    except TypeError:  # an unhashable type form: worked out afresh
+        reader = _decoder.__wrapped__(kind)
+    return reader(data, engine)
+
+
+@lru_cache(maxsize=512)
+def _decoder(kind: Any) -> _Decoder:
+    """The reader of ``kind``, by its form (the same rules, in the same order, as written out below)."""
     if kind is Any:
-        return data
+        return lambda data, engine: data
     if kind is Lease:
+        return _lease_decoder()
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return _union_decoder(kind)
+    if kind is type(None):
+        return _none
+    if origin in (tuple, list, set, frozenset):
+        return _sequence_decoder(kind, origin)
+    if origin is dict:
+        return _dict_decoder(kind)
+    if isinstance(kind, type):
+        if issubclass(kind, enum.Enum):
+            return _enum_decoder(kind)
+        if dataclasses.is_dataclass(kind):
+            return _dataclass_decoder(kind)
+        return _plain_decoder(kind)
+
+    def unreadable(data: Any, engine: LeaseOps | None) -> Any:
+        raise CodecError(f"cannot read a {kind!r}")
+
+    return unreadable
+
+
+def _lease_decoder() -> _Decoder:
+    def read(data: Any, engine: LeaseOps | None) -> Any:
         if engine is None:
             raise CodecError("a lease needs an engine to act through")
         return Lease(decode(LeaseRecord, data), engine)
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(kind)
-        if data is None and type(None) in arms:
+
+    return read
+
+
+def _union_decoder(kind: Any) -> _Decoder:
+    arms = typing.get_args(kind)
+    optional = type(None) in arms
+    readers = [_decoder(arm) for arm in arms if arm is not type(None)]
+
+    def read(data: Any, engine: LeaseOps | None) -> Any:
+        if data is None and optional:
             return None
         errors = []
-        for arm in arms:
-            if arm is type(None):
-                continue
+        for reader in readers:
             try:
-                return decode(arm, data, engine)
+                return reader(data, engine)
             except CodecError as exc:
                 errors.append(str(exc))
         raise CodecError(f"{data!r} fits none of {kind}: {'; '.join(errors)}")
-    if kind is type(None):
-        if data is not None:
-            raise CodecError(f"expected nothing, got {data!r}")
-        return None
-    if origin in (tuple, list, set, frozenset):
+
+    return read
+
+
+def _none(data: Any, engine: LeaseOps | None) -> Any:
+    if data is not None:
+        raise CodecError(f"expected nothing, got {data!r}")
+    return None
+
+
+def _sequence_decoder(kind: Any, origin: Any) -> _Decoder:
+    args = typing.get_args(kind)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        readers = [_decoder(a) for a in args]
+
+        def read_fixed(data: Any, engine: LeaseOps | None) -> Any:
+            if not isinstance(data, list):
+                raise CodecError(f"expected an array, got {type(data).__name__}")
+            if len(readers) != len(data):
+                raise CodecError(f"expected {len(readers)} items, got {len(data)}")
+            return tuple(r(d, engine) for r, d in zip(readers, data, strict=True))
+
+        return read_fixed
+    item = _decoder(args[0] if args else Any)
+
+    def read(data: Any, engine: LeaseOps | None) -> Any:
         if not isinstance(data, list):
             raise CodecError(f"expected an array, got {type(data).__name__}")
-        args = typing.get_args(kind)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(data):
-                raise CodecError(f"expected {len(args)} items, got {len(data)}")
-            return tuple(decode(a, d, engine) for a, d in zip(args, data, strict=True))
-        item = args[0] if args else Any
-        items = [decode(item, d, engine) for d in data]
-        return origin(items)
-    if origin is dict:
+        return origin([item(d, engine) for d in data])
+
+    return read
+
+
+def _dict_decoder(kind: Any) -> _Decoder:
+    key, value = typing.get_args(kind) or (str, Any)
+    reader = _decoder(value)
+
+    def read(data: Any, engine: LeaseOps | None) -> Any:
         if not isinstance(data, dict):
             raise CodecError(f"expected an object, got {type(data).__name__}")
-        key, value = typing.get_args(kind) or (str, Any)
-        return {_key(key, k): decode(value, v, engine) for k, v in data.items()}
-    if isinstance(kind, type):
-        return _decode_type(kind, data, engine)
-    raise CodecError(f"cannot read a {kind!r}")
+        return {_key(key, k): reader(v, engine) for k, v in data.items()}
+
+    return read
 
 
 def _key(kind: Any, text: str) -> Any:
@@ -113,37 +191,53 @@ def _key(kind: Any, text: str) -> Any:
     return str(text)
 
 
-def _decode_type(kind: type, data: Any, engine: LeaseOps | None) -> Any:
-    if issubclass(kind, enum.Enum):
+def _enum_decoder(kind: type[enum.Enum]) -> _Decoder:
+    def read(data: Any, engine: LeaseOps | None) -> Any:
         try:
             return kind(data)
         except ValueError:
             raise CodecError(f"{data!r} is not a {kind.__name__}") from None
-    if dataclasses.is_dataclass(kind):
+
+    return read
+
+
+def _dataclass_decoder(kind: type) -> _Decoder:
+    made: list[list[tuple[str, _Decoder]]] = []  # worked out on first use: a record may hold its own kind
+
+    def read(data: Any, engine: LeaseOps | None) -> Any:
         if not isinstance(data, dict):
             raise CodecError(f"expected a {kind.__name__} object, got {type(data).__name__}")
-        hints = _hints(kind)
-        values = {f.name: decode(hints[f.name], data[f.name], engine)
-                  for f in dataclasses.fields(kind) if f.init and f.name in data}
+        if not made:
+            hints = _hints(kind)
+            made.append([(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(kind) if f.init])
+        values = {name: reader(data[name], engine) for name, reader in made[0] if name in data}
         try:
             return kind(**values)
         except TypeError as exc:
             raise CodecError(f"incomplete {kind.__name__}: {exc}") from None
-    if kind is float:
-        if data in ("inf", "-inf"):
-            return float(data)
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return float(data)
-    elif kind is int:
-        if isinstance(data, int) and not isinstance(data, bool):
-            return data
-    elif kind is Path:
-        if isinstance(data, str):
-            return Path(data)
-    elif kind in (str, bool):
-        if isinstance(data, kind):
-            return data
-    elif kind is dict or kind is list:
-        if isinstance(data, kind):
-            return data
-    raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+
+    return read
+
+
+def _plain_decoder(kind: type) -> _Decoder:
+    def read(data: Any, engine: LeaseOps | None) -> Any:
+        if kind is float:
+            if data in ("inf", "-inf"):
+                return float(data)
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                return float(data)
+        elif kind is int:
+            if isinstance(data, int) and not isinstance(data, bool):
+                return data
+        elif kind is Path:
+            if isinstance(data, str):
+                return Path(data)
+        elif kind in (str, bool):
+            if isinstance(data, kind):
+                return data
+        elif kind is dict or kind is list:
+            if isinstance(data, kind):
+                return data
+        raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+
+    return read

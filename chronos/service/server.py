@@ -4,7 +4,9 @@ One selector thread does all socket I/O (accepting, reading lines, writing answe
 that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
 nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on
 a small pool of workers; a queued reservation waits on a thread of its own (at most
-:data:`MAX_WAITERS`). SQLite serialises the writes. A connection serves one request at a time.
+:data:`MAX_WAITERS`). The short writes read in one turn of the loop run together in one ledger
+transaction (group commit: one commit for many clients), each decided in turn and answered as if it
+had run alone, and answered only once committed. A connection serves one request at a time.
 Identity comes from SO_PEERCRED, never from the request.
 """
 
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,10 @@ from chronos.devices import backend_for
 from chronos.engine import Engine
 from chronos.errors import ChronosError
 from chronos.model import WaitUpdate
-from chronos.service import codec
-from chronos.service.handlers import WAITING_OPS, Call, Peer, handle, undo_grant
+from chronos.service import answers, codec
+from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_grant
 from chronos.service.holders import HolderWatch
-from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_to_wire, read_message
+from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, read_message
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
 
 __all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
@@ -48,6 +51,8 @@ WORKERS = 4
 #: (two thread switches, which on a busy machine cost more than the operation). Everything that
 #: reads many leases, the GPUs' processes or the audit log goes to the workers.
 INLINE_OPS = frozenset({"hello", "reserve", "release", "extend", "get", "bind", "claim"})
+#: The inline writes: those read in one turn of the I/O loop share one ledger transaction (group commit).
+GROUPED_OPS = INLINE_OPS & WRITE_OPS
 #: A request must arrive whole this soon after its first byte.
 PARTIAL_TIMEOUT_S = 10.0
 #: A connection with nothing to do is closed after this long (the client reconnects by itself).
@@ -60,10 +65,6 @@ WRITE_TIMEOUT_S = 30.0
 WAIT_HEARTBEAT_S = 1.0
 
 log = logging.getLogger("chronos.service")
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its request was served (a queued wait withdraws)."""
 
 
 @dataclass(eq=False)
@@ -108,6 +109,10 @@ class Server:
         self._conns: set[_Conn] = set()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        #: The I/O thread's id: what it finishes itself is delivered by its own loop, with no wake-up.
+        self._io_thread: int | None = None
+        #: Writes read in this turn of the I/O loop, run together in one ledger transaction.
+        self._writes: list[tuple[_Conn, Any, str, dict[str, Any]]] = []
 
     # -- life -----------------------------------------------------------------------------
     def start(self) -> Server:
@@ -175,6 +180,7 @@ class Server:
 
     # -- the I/O thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        self._io_thread = threading.get_ident()
         while not self.stop_event.is_set():
             try:
                 events = self._selector.select(timeout=1.0)
@@ -185,7 +191,7 @@ class Server:
                         self._drain_wake()
                     else:
                         self._io(key.data, mask)
-                self._deliver()
+                self._settle()
                 self._expire()
             except Exception:  # the loop must not die: log, and serve on
                 log.exception("service I/O loop error")
@@ -264,11 +270,11 @@ class Server:
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise ProtocolError("a request is {\"v\": 1, \"id\": N, \"op\": NAME, \"args\": {...}}")
         except ProtocolError as exc:
-            self._answer_now(conn, _plain_id(request_id), exc)
+            self._answer_now(conn, answers.plain_id(request_id), exc)
             return
-        request_id = _plain_id(request_id)
+        request_id = answers.plain_id(request_id)
         conn.busy = True
-        if op in WAITING_OPS and _waits(args):
+        if op in WAITING_OPS and answers.waits(args):
             if not self._waiters.acquire(blocking=False):
                 conn.busy = False
                 self._answer_now(conn, request_id, ChronosError(f"too many queued requests waiting (at most "
@@ -276,13 +282,15 @@ class Server:
                 return
             threading.Thread(target=self._serve, args=(conn, request_id, op, args, self._waiters.release),
                              name="chronos-waiter", daemon=True).start()
+        elif op in GROUPED_OPS:  # in this turn's group commit (:meth:`_run_writes`)
+            self._writes.append((conn, request_id, op, args))
         elif op in INLINE_OPS:
             self._serve(conn, request_id, op, args, None)
         else:
             self._pool.submit(self._serve, conn, request_id, op, args, None)
 
     def _answer_now(self, conn: _Conn, request_id: Any, exc: ChronosError, *, close: bool = False) -> None:
-        self._queue_out(conn, dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)}))
+        self._queue_out(conn, answers.error_line(request_id, exc))
         if close:
             conn.inbox.clear()
             conn.closed = True
@@ -350,7 +358,33 @@ class Server:
             log.warning("could not undo the grant of lease %s: %s", lease_id, exc)
         self.watch.wake()
 
-    def _deliver(self) -> None:
+    def _settle(self) -> None:
+        """The turn's writes, run as one group, and the answers delivered. A connection's next request taken
+        then (one per connection per turn) is answered, or joins the group, in the next turn: the loop is
+        woken for it."""
+        self._run_writes()
+        if self._deliver() and (self._writes or not self._done.empty()):
+            self._poke()
+
+    def _run_writes(self) -> None:
+        """Group commit: the writes read this turn, in the order they came, in one ledger transaction.
+
+        Each is decided on what the ones before it left and answered as if it had run alone; a refused
+        one undoes only itself. Answers go out only after the commit; if the commit fails, every one of
+        them gets that error, and nothing of the group was written."""
+        writes, self._writes = self._writes, []
+        if len(writes) == 1:
+            self._serve(*writes[0], None)
+        if len(writes) <= 1:
+            return
+        outcomes = answers.run_group(self.engine, [
+            (request_id, partial(self._outcome, conn, request_id, op, args, None))
+            for conn, request_id, op, args in writes])
+        for (conn, *_request), outcome in zip(writes, outcomes, strict=True):
+            self._finish(conn, *outcome)
+
+    def _deliver(self) -> bool:
+        """Answers to their connections; whether any connection's next request was taken."""
         ready: list[_Conn] = []
         while True:
             try:
@@ -374,6 +408,7 @@ class Server:
                 ready.append(conn)
         for conn in ready:  # one request of each connection per turn: a pipelining client waits its turn
             self._next_request(conn)
+        return bool(ready)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -389,13 +424,18 @@ class Server:
     # -- the workers ----------------------------------------------------------------------
     def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
                done: Callable[[], None] | None) -> None:
+        self._finish(conn, *self._outcome(conn, request_id, op, args, done))
+
+    def _outcome(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
+                 done: Callable[[], None] | None) -> answers.Outcome:
+        """One request served; a queued one's progress lines go out as it waits (while its client is there)."""
         last: list[tuple[WaitUpdate, float]] = []
         conn.waiting = None
 
         def progress(update: WaitUpdate) -> None:
             conn.waiting = update.lease_id
             if conn.closed:
-                raise ClientGone("the client went away")
+                raise answers.ClientGone("the client went away")
             now = time.monotonic()
             if not last or last[0][0] != update or now - last[0][1] >= WAIT_HEARTBEAT_S:
                 last[:] = [(update, now)]
@@ -403,47 +443,19 @@ class Server:
                                 False))
                 self._poke()
 
-        call = Call(self.engine, conn.peer, args, progress)
-        granted = None
         try:
-            result = handle(call, op)
-            granted = call.granted
-            reply: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": True, "result": result}
-            data = _dump_result(reply)
-        except ChronosError as exc:
-            data = dump({"v": VERSION, "id": request_id, "ok": False, "error": error_to_wire(exc)})
-        except ClientGone:
-            data = b""
-        except Exception as exc:  # a bug must not take the service down: one line to the client, the trace to the log
-            log.exception("operation %s failed", op)
-            data = dump({"v": VERSION, "id": request_id, "ok": False,
-                         "error": error_to_wire(ChronosError(f"the service failed on {op}: {exc}"))})
+            return answers.answer(Call(self.engine, conn.peer, args, progress), op, request_id)
         finally:
             if done is not None:
                 done()
-        if call.holder is not None:
-            self.watch.wake(call.holder)
+
+    def _finish(self, conn: _Conn, data: bytes, granted: str | None, holder: tuple[int, float | None] | None) -> None:
+        """A served request's answer handed to the I/O thread (woken, unless it is the one that served it)."""
+        if holder is not None:
+            self.watch.wake(holder)
         self._done.put((conn, data, granted, True))
-        self._poke()
-
-
-def _plain_id(value: Any) -> int | str | None:
-    """A request's ``id`` as it may be echoed: a number or a short string, else nothing."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return None
-    return value if not isinstance(value, str) or len(value) <= 200 else None
-
-
-def _dump_result(reply: dict[str, Any]) -> bytes:
-    data = dump(reply)
-    if len(data) > MAX_MESSAGE_BYTES * 16:
-        raise ChronosError("the answer is too long to send: ask for less (a limit, a user)")
-    return data
-
-
-def _waits(args: dict[str, Any]) -> bool:
-    request = args.get("request")
-    return isinstance(request, dict) and request.get("wait") not in (None, False, "", "no", "false")
+        if threading.get_ident() != self._io_thread:  # the I/O thread delivers after this turn anyway
+            self._poke()
 
 
 def serve(socket_path: str | Path, state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
