@@ -35,9 +35,11 @@ TINY: dict[str, str] = {
 }
 #: Where a flag means something else in one script.
 TINY_IN = {"bench_enforce.py": {"--rounds": "1"}}
-#: Flags that take no value, and flags whose value is a choice, kept as written.
+#: Flags that take no value, and flags whose value is a choice or a path, kept as written.
 SWITCHES = {"--json"}
-KEPT = {"--backend"}
+KEPT = {"--backend", "--baseline"}
+#: Scratch paths the docs write to, each given the test's own folder instead.
+SCRATCH = ("/tmp/chronos-before",)
 #: A benchmark command line in the docs: environment assignments, then ``python`` or ``python3 bench/...``.
 COMMAND = re.compile(r"^((?:[A-Z_]+=\S+ )*)python3? (bench/\S+\.py)\b(.*)$")
 
@@ -94,6 +96,21 @@ def benchmark_commands() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def preparations(command: str) -> list[str]:
+    """The shell lines that stand before ``command`` in its block (e.g. extracting an earlier tree)."""
+    for block in _blocks(BENCHMARKS, ""):
+        lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+        if command in lines:
+            return [line for line in lines[:lines.index(command)] if line and not COMMAND.match(line)]
+    return []
+
+
+def _scratch(text: str, folder: Path) -> str:
+    for path in SCRATCH:
+        text = text.replace(path, str(folder / Path(path).name))
+    return text
+
+
 def tiny(command: str) -> tuple[dict[str, str], list[str]]:
     """``command``'s environment and its own flags, each flag with its tiny value."""
     match = COMMAND.match(command)
@@ -132,7 +149,14 @@ def test_the_benchmark_section_shows_the_commands_this_test_expects() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", _params())
 def test_each_benchmark_command_in_the_docs_runs(command: str, tmp_path: Path) -> None:
-    env, argv = tiny(command)
+    for line in preparations(command):
+        commit = re.search(r"git archive (\w+)", line)
+        if commit and subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", commit[1]]).returncode != 0:
+            pytest.skip(f"this checkout lacks commit {commit[1]} (a shallow clone)")
+        ready = subprocess.run(["bash", "-c", _scratch(line, tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120)
+        assert ready.returncode == 0, (line, ready.stderr)
+    env, argv = tiny(_scratch(command, tmp_path))
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=240,
                           env={**os.environ, **env, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
