@@ -41,6 +41,7 @@ from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
+from chronos.live import LiveView
 from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.report import Report
@@ -99,6 +100,8 @@ class Engine:
         #: Holders seen alive (pid, start) -> when; queued leases' requests by id.
         self._seen_alive: dict[tuple[int, float | None], float] = {}
         self._requests: dict[str, scheduler.Request] = {}
+        #: The open leases' derived facts, kept between writes (:mod:`chronos.live`).
+        self._view = LiveView()
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -179,11 +182,30 @@ class Engine:
     def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
         """End leases past their time and leases or queued requests whose holder died (inside a write).
 
-        Returns the leases still live (active or queued), oldest first.
+        Returns the leases still live (active or queued), oldest first. Only the leases past their end and
+        those with a process to look at are visited (:class:`chronos.live.LiveView` keeps both).
         """
-        live, booked = self.ledger.open_leases()
-        live = [lease for lease in live if self._reclaim_one(lease, now, who) is lease]
+        view = self._synced()
+        due = {lease.id: lease for lease in view.expired(now)}
+        for lease in view.holders():
+            due.setdefault(lease.id, lease)
+        changed = False
+        for lease_id in sorted(due, key=int):
+            changed = self._reclaim_one(due[lease_id], now, who) is not due[lease_id] or changed
+        if changed:
+            view = self._synced()
+        live, booked = view.open_leases()
         return self.policies.reclaim(live, booked, now, who)
+
+    def _synced(self) -> LiveView:
+        """The view of the open leases brought up to date with the ledger (hold the ledger's lock while
+        reading it: a transaction does)."""
+        ledger = self.ledger
+        with ledger.locked():
+            token, rows, changed = ledger.open_changes(self._view.token)
+            if token != self._view.token:
+                self._view.sync(token, rows, changed)
+            return self._view
 
     def _reclaim_one(self, lease: LeaseRecord, now: float, who: User) -> LeaseRecord:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
@@ -224,14 +246,14 @@ class Engine:
     def _reclaim_if_due(self) -> list[LeaseRecord]:
         """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
-        live = self.ledger.live()
+        with self.ledger.locked():
+            view = self._synced()
+            live, _ = view.open_leases()
+            holders, expired = view.holders(), view.expired(now)
         self.policies.forget_write()
         self.policies.sample(live)
-        due = any(
-            (lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now)
-            or (lease.pid is not None and not self._alive(lease.pid, lease.pid_start, fresh=True))
-            for lease in live
-        ) or self.policies.due(live, now)
+        due = bool(expired) or any(not self._alive(lease.pid, lease.pid_start, fresh=True)
+                                   for lease in holders if lease.pid is not None) or self.policies.due(live, now)
         if due:
             with self.ledger.transaction():
                 live = self._reclaim(time.time(), current_user())
@@ -246,11 +268,20 @@ class Engine:
 
     def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess],
                   live: list[LeaseRecord]) -> scheduler.Snapshot:
-        active = [lease for lease in live if lease.state == ACTIVE]
+        with self.ledger.locked():
+            view = self._synced()
+            kept = view.gave(live)  # ``live`` is the view's own list, nothing changed since: reuse its sums
+            held: tuple[tuple[int, int], ...] | None = None
+            if kept:
+                holdings, held, queued = view.holdings(), view.held(), view.queued()
+        if not kept:
+            holdings = tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
+                             for lease in live if lease.state == ACTIVE)
+            queued = [lease for lease in live if lease.state == QUEUED]
         # With no process on any GPU there is nothing to judge: every used byte is outside the leases.
-        judge = self.membership(active) if gpu_procs else accounting.Membership(ledger=self.ledger_id)
+        judge = self.membership([lease for lease in live if lease.state == ACTIVE]) if gpu_procs \
+            else accounting.Membership(ledger=self.ledger_id)
         unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, judge)
-        queued = [lease for lease in live if lease.state == QUEUED]
         requests = self._queued_requests(queued)
         shares = self.policies.use(now) if queued and self.config.fair_share else {}
         try:
@@ -261,8 +292,8 @@ class Engine:
             now=now,
             devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
                           for d in devices),
-            active=tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
-                         for lease in active),
+            active=holdings,
+            held=held,
             queue=tuple(replace(request, share=shares.get(lease.owner, 0.0)) if shares else request
                         for lease, request in zip(queued, requests, strict=True)),
             distances=dist,

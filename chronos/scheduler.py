@@ -135,6 +135,8 @@ class Snapshot:
     queue: tuple[Request, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
     bookings: tuple[Booked, ...] = ()
+    #: Bytes ``active`` holds per device index, when the caller keeps that sum (else it is summed here).
+    held: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,9 @@ def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
 
 # -- the free-memory profile -----------------------------------------------------------------------
 def _free_now(snapshot: Snapshot) -> dict[int, int]:
+    if snapshot.held is not None:
+        held = dict(snapshot.held)
+        return {d.index: d.total_bytes - d.unmanaged_bytes - held.get(d.index, 0) for d in snapshot.devices}
     free = {d.index: d.total_bytes - d.unmanaged_bytes for d in snapshot.devices}
     for holding in snapshot.active:
         nbytes = holding.memory_bytes
