@@ -30,8 +30,11 @@ class LiveView:
         self._booked: dict[int, LeaseRecord] = {}
         self._holdings: dict[int, Holding] = {}
         self._held: dict[int, int] = {}  # device index -> bytes held by active leases
-        self._holders: dict[int, LeaseRecord] = {}  # live leases with a holder or waiter process
+        self._holders: dict[int, LeaseRecord] = {}  # active leases with a holder process
+        self._waiters: dict[int, LeaseRecord] = {}  # queued requests with a waiting process
         self._queued: dict[int, LeaseRecord] = {}
+        #: Changes whenever a queued request is added, changed or leaves (what the planner's queue is built from).
+        self.queued_version = 0
         self._ends: list[tuple[float, int]] = []  # (expires_at, seq) of active leases; stale entries skipped
         self._lists: tuple[list[LeaseRecord], list[LeaseRecord]] | None = None
         self._active_tuple: tuple[Holding, ...] | None = None
@@ -42,7 +45,9 @@ class LiveView:
         """Bring the view to ``token``: apply the leases ``changed`` since the last token, or (None) rebuild
         it from ``rows``, the ledger's open leases by id."""
         if changed is None:
+            version = self.queued_version
             self.__init__()  # type: ignore[misc]
+            self.queued_version = version + 1
             for seq, record in rows.items():
                 self._add(seq, record)
             heapq.heapify(self._ends)
@@ -74,8 +79,11 @@ class LiveView:
         _put(self._booked, seq, record if state == BOOKED else None)
         live = record if state in (ACTIVE, QUEUED) else None
         _put(self._live, seq, live)
-        _put(self._holders, seq, live if live is not None and live.pid is not None else None)
-        _put(self._queued, seq, live if state == QUEUED else None)
+        _put(self._holders, seq, live if state == ACTIVE and live is not None and live.pid is not None else None)
+        _put(self._waiters, seq, live if state == QUEUED and live is not None and live.pid is not None else None)
+        if seq in self._queued or state == QUEUED:
+            self.queued_version += 1
+            _put(self._queued, seq, live if state == QUEUED else None)
         if live is None or state != ACTIVE:
             return
         holding = Holding(live.id, live.devices, live.memory_bytes, live.expires_at or live.created_at)
@@ -118,8 +126,12 @@ class LiveView:
         return self._ends[0][0] if self._ends else None
 
     def holders(self) -> list[LeaseRecord]:
-        """Live leases with a holder (active) or waiter (queued) process to look at, oldest first."""
+        """Active leases with a holder process to look at, oldest first."""
         return list(self._holders.values())
+
+    def waiters(self) -> list[LeaseRecord]:
+        """Queued requests with a waiting process to look at, oldest first."""
+        return list(self._waiters.values())
 
     def queued(self) -> list[LeaseRecord]:
         """Queued requests, oldest first."""

@@ -40,7 +40,8 @@ def _check_view(engine: Engine) -> int:
                 held[index] = held.get(index, 0) + r.memory_bytes
         assert dict(view.held()) == {i: n for i, n in held.items() if n}
         assert [r.id for r in view.queued()] == [r.id for r in truth if r.state == QUEUED]
-        assert [r.id for r in view.holders()] == [r.id for r in truth if r.pid is not None]
+        assert [r.id for r in view.holders()] == [r.id for r in active if r.pid is not None]
+        assert [r.id for r in view.waiters()] == [r.id for r in truth if r.pid is not None and r.state == QUEUED]
         assert sorted(r.id for r in view.expired(now)) == \
             sorted(r.id for r in active if r.expires_at is not None and r.expires_at <= now)
         devices, procs = engine._poll_devices()
