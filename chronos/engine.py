@@ -41,6 +41,7 @@ from chronos.lease import Lease
 from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
+from chronos.live import LiveView
 from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
 from chronos.policy import bookings, figures, idle
 from chronos.policy.report import Report
@@ -101,6 +102,10 @@ class Engine:
         self._requests: dict[str, scheduler.Request] = {}
         #: The group commit under way (:meth:`batch`), and what it read once for all its operations.
         self._group: _Group | None = None
+        #: The open leases' derived facts, kept between writes (:mod:`chronos.live`).
+        self._view = LiveView()
+        self._waiters_due = 0.0  # when the queued requests' waiters are next looked at in a write
+        self._queue: tuple[int, tuple[scheduler.Request, ...]] | None = None
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -178,14 +183,39 @@ class Engine:
             return []
 
     # -- reclaiming -----------------------------------------------------------------------
-    def _reclaim(self, now: float, who: User) -> list[LeaseRecord]:
+    def _reclaim(self, now: float, who: User, *, waiters: bool = False) -> list[LeaseRecord]:
         """End leases past their time and leases or queued requests whose holder died (inside a write).
 
-        Returns the leases still live (active or queued), oldest first.
+        Returns the leases still live (active or queued), oldest first. Only the leases past their end and
+        those with a process to look at are visited (:class:`chronos.live.LiveView` keeps both): every
+        holder each time, the queued requests' waiters once per :data:`ALIVE_TTL_S` (or with ``waiters``).
         """
-        live, booked = self.ledger.open_leases()
-        live = [lease for lease in live if self._reclaim_one(lease, now, who) is lease]
+        view = self._synced()
+        due = {lease.id: lease for lease in view.expired(now)}
+        for lease in view.holders():
+            due.setdefault(lease.id, lease)
+        mono = time.monotonic()
+        if waiters or mono >= self._waiters_due:
+            self._waiters_due = mono + ALIVE_TTL_S
+            for lease in view.waiters():
+                due.setdefault(lease.id, lease)
+        changed = False
+        for lease_id in sorted(due, key=int):
+            changed = self._reclaim_one(due[lease_id], now, who) is not due[lease_id] or changed
+        if changed:
+            view = self._synced()
+        live, booked = view.open_leases()
         return self.policies.reclaim(live, booked, now, who)
+
+    def _synced(self) -> LiveView:
+        """The view of the open leases brought up to date with the ledger (hold the ledger's lock while
+        reading it: a transaction does)."""
+        ledger = self.ledger
+        with ledger.locked():
+            token, rows, changed = ledger.open_changes(self._view.token)
+            if token != self._view.token:
+                self._view.sync(token, rows, changed)
+            return self._view
 
     def _reclaim_one(self, lease: LeaseRecord, now: float, who: User) -> LeaseRecord:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
@@ -235,17 +265,17 @@ class Engine:
     def _reclaim_if_due(self) -> list[LeaseRecord]:
         """Reads reclaim too, but take the write lock only when something is due; returns the live leases."""
         now = time.time()
-        live = self.ledger.live()
+        with self.ledger.locked():
+            view = self._synced()
+            live, _ = view.open_leases()
+            holders, waiters, expired = view.holders(), view.waiters(), view.expired(now)
         self.policies.forget_write()
         self.policies.sample(live)
-        due = any(
-            (lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now)
-            or (lease.pid is not None and not self._alive(lease.pid, lease.pid_start, fresh=True))
-            for lease in live
-        ) or self.policies.due(live, now)
-        if due:
+        gone = any(not self._alive(lease.pid, lease.pid_start, fresh=True) for lease in holders if lease.pid) \
+            or any(not self._alive(lease.pid, lease.pid_start) for lease in waiters if lease.pid)
+        if expired or gone or self.policies.due(live, now):
             with self.ledger.transaction():
-                live = self._reclaim(time.time(), current_user())
+                live = self._reclaim(time.time(), current_user(), waiters=True)
         self.policies.tick()
         self.retention.after(self.ledger, self.config.history_keep_s)
         return live
@@ -265,13 +295,29 @@ class Engine:
 
     def _snapshot(self, now: float, devices: list[Device], gpu_procs: list[GpuProcess],
                   live: list[LeaseRecord]) -> scheduler.Snapshot:
-        active = [lease for lease in live if lease.state == ACTIVE]
+        with self.ledger.locked():
+            view = self._synced()
+            kept = view.gave(live)  # ``live`` is the view's own list, nothing changed since: reuse its sums
+            held: tuple[tuple[int, int], ...] | None = None
+            if kept:
+                holdings, held, queued, version = view.holdings(), view.held(), view.queued(), view.queued_version
+        if not kept:
+            holdings = tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
+                             for lease in live if lease.state == ACTIVE)
+            queued = [lease for lease in live if lease.state == QUEUED]
         # With no process on any GPU there is nothing to judge: every used byte is outside the leases.
-        judge = self.membership(active) if gpu_procs else accounting.Membership(ledger=self.ledger_id)
+        judge = self.membership([lease for lease in live if lease.state == ACTIVE]) if gpu_procs \
+            else accounting.Membership(ledger=self.ledger_id)
         unmanaged = accounting.unmanaged_bytes(devices, gpu_procs, judge)
-        queued = [lease for lease in live if lease.state == QUEUED]
-        requests = self._queued_requests(queued)
         shares = self.policies.use(now) if queued and self.config.fair_share else {}
+        last = self._queue  # read once: another thread may replace it
+        if kept and not shares and last is not None and last[0] == version:
+            queue = last[1]  # the same tuple as the last write's: the planner keeps its order for it
+        else:
+            requests = self._queued_requests(queued)
+            queue = tuple(replace(request, share=shares.get(lease.owner, 0.0)) if shares else request
+                          for lease, request in zip(queued, requests, strict=True))
+            self._queue = (version, queue) if kept and not shares else None
         try:
             dist: tuple[tuple[int, ...], ...] | None = tuple(tuple(row) for row in self.backend.distances())
         except Exception:  # topology is a preference, never a reason to fail
@@ -280,10 +326,9 @@ class Engine:
             now=now,
             devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
                           for d in devices),
-            active=tuple(_holding(lease.id, lease.devices, lease.memory_bytes, lease.expires_at or now)
-                         for lease in active),
-            queue=tuple(replace(request, share=shares.get(lease.owner, 0.0)) if shares else request
-                        for lease, request in zip(queued, requests, strict=True)),
+            active=holdings,
+            held=held,
+            queue=queue,
             distances=dist,
             bookings=self.policies.snapshot_bookings(now),
         )
@@ -350,7 +395,7 @@ class Engine:
                 if claimed is not None:
                     return self._handle(claimed)
                 snapshot = self._snapshot(now, devices, gpu_procs, live)
-                request = replace(request, seq=max((r.seq for r in snapshot.queue), default=0) + 1,
+                request = replace(request, seq=scheduler.next_seq(snapshot),
                                   share=self.policies.share_of(owner.name, now))
                 decision = scheduler.decide(snapshot, request)
                 cause = decision.cause or cause
@@ -413,7 +458,7 @@ class Engine:
         live = self._reclaim_if_due()
         now = time.time()
         snapshot = self._snapshot(now, devices, gpu_procs, live)
-        request = replace(self._request_for(spec, devices), seq=max((r.seq for r in snapshot.queue), default=0) + 1,
+        request = replace(self._request_for(spec, devices), seq=scheduler.next_seq(snapshot),
                           share=self.policies.share_of(owner.name, now))
         decision = scheduler.decide(snapshot, request, estimate=True)
         self._check_limits(owner, request, snapshot, decision, live)
@@ -554,32 +599,47 @@ class Engine:
 
     def _lead(self) -> None:
         """One round of the queue's leader: notice a change cheaply, reclaim what is due, plan once, ring
-        the waiters that can start now and those whose place changed."""
+        the waiters that can start now and those whose place changed.
+
+        The queue is planned again at once when a request joined or left it or memory was freed; a change
+        that frees nothing (a lease granted, memory taken outside the leases, a lease's end moved) is
+        planned for within :data:`LEADER_FULL_S` (a backfill it makes possible waits that long at most), and
+        not at all when the inputs are back as last planned (a lease granted and released in between).
+        """
         state = self._leading
         mono, now = time.monotonic(), time.time()
         version = self.ledger.data_version()
         full = mono >= state.next_full
-        if version == state.version and not full and now < state.next_end:
+        if version == state.version and not full and now < state.next_end and mono < state.replan_at:
             return
         state.version = version
         if full:
             state.next_full = mono + LEADER_FULL_S
         live = self._reclaim_if_due()
-        queued = {r.id for r in live if r.state == QUEUED}
+        with self.ledger.locked():
+            view = self._synced()
+            queued_records, next_end = view.queued(), view.next_end()
+        queued = {r.id for r in queued_records}
         for gone in state.queued - queued:
             waiting.ring(self.ledger_id, gone, {"ended": True})
         state.queued = queued
-        state.next_end = min((r.expires_at for r in live if r.state == ACTIVE and r.expires_at), default=math.inf)
+        state.next_end = next_end if next_end is not None else math.inf
         if not queued:
             return
         devices, gpu_procs = self._poll_devices()
         snapshot = self._snapshot(time.time(), devices, gpu_procs, live)
-        key = tuple(sorted((r.id, str(r.state)) for r in live))
         free = _free(snapshot)
         grew = any(free.get(index, 0) > before for index, before in state.free.items()) or not state.free
-        if key == state.key and not grew and mono < state.next_plan:
-            return
-        state.key, state.free, state.next_plan = key, free, mono + LEADER_REPLAN_S
+        inputs = (frozenset((h.lease_id, h.expires_at) for h in snapshot.active), snapshot.bookings)
+        if queued == state.planned and not grew:
+            if inputs == state.inputs and free == state.free:
+                state.replan_at = math.inf  # as planned last: nothing new can start
+            elif state.replan_at == math.inf:
+                state.replan_at = mono + LEADER_FULL_S
+            if mono < state.replan_at and mono < state.next_plan:
+                return
+        state.planned, state.inputs, state.free = set(queued), inputs, free
+        state.next_plan, state.replan_at = mono + LEADER_REPLAN_S, math.inf
         for slot in scheduler.plan(snapshot):
             if slot.lease_id is None:
                 continue
@@ -888,8 +948,11 @@ class _Leading:
     next_end: float = math.inf
     next_plan: float = 0.0
     queued: set[str] = field(default_factory=set)
-    key: tuple[tuple[str, str], ...] = ()
+    #: What the last plan was made from: the queued ids, the active leases' ends and the bookings, free memory.
+    planned: set[str] = field(default_factory=set)
+    inputs: tuple[frozenset[tuple[str, float]], tuple[scheduler.Booked, ...]] = (frozenset(), ())
     free: dict[int, int] = field(default_factory=dict)
+    replan_at: float = math.inf
     told: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
@@ -902,6 +965,10 @@ def _holding(lease_id: str, devices: tuple[int, ...], memory_bytes: int, expires
 def _free(snapshot: scheduler.Snapshot) -> dict[int, int]:
     """Free memory per device now: what a grant could take."""
     held = {d.index: d.unmanaged_bytes for d in snapshot.devices}
+    if snapshot.held is not None:
+        for index, nbytes in snapshot.held:
+            held[index] = held.get(index, 0) + nbytes
+        return {d.index: d.total_bytes - held[d.index] for d in snapshot.devices}
     for holding in snapshot.active:
         for index in holding.devices:
             held[index] = held.get(index, 0) + holding.memory_bytes

@@ -12,11 +12,12 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from chronos import procs
@@ -175,6 +176,9 @@ class Ledger:
         #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
         self._open_rows: dict[int, LeaseRecord] | None = None
         self._open_version = -1
+        #: Which read of the open leases ``_open_rows`` began as, and the ids this connection changed since.
+        self._open_epoch = getattr(self, "_open_epoch", 0) + 1
+        self._open_log: list[int] = []
         self._wal_files: tuple[int, int] | None = None
         try:
             self._conn = sqlite3.connect(
@@ -375,6 +379,7 @@ class Ledger:
         assert cur.lastrowid is not None
         if self._open_rows is not None and lease.state in _OPEN:
             self._open_rows[cur.lastrowid] = replace(lease, id=str(cur.lastrowid))
+            self._changed(cur.lastrowid)
         return str(cur.lastrowid)
 
     _UPDATABLE = frozenset(
@@ -408,6 +413,14 @@ class Ledger:
             self._open_rows[seq] = record
         else:
             del self._open_rows[seq]
+        self._changed(seq)
+
+    def _changed(self, seq: int) -> None:
+        """Note a change to the kept open lease ``seq`` for :meth:`open_changes`; a long log starts a new epoch."""
+        if len(self._open_log) >= 4096:
+            self._open_log = []
+            self._open_epoch += 1
+        self._open_log.append(seq)
 
     def record_usage(self, lease_id: str, peak_bytes: int, gpu_seconds: float) -> None:
         """Store a lease's figures (inside a transaction): the peak only ever grows."""
@@ -446,13 +459,37 @@ class Ledger:
         data_version``), this connection's own writes applied as made: a write does not re-read every live
         lease, yet sees every other process's change."""
         with self._lock:
-            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            if self._open_rows is None or version != self._open_version:
-                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
-                                          [str(state) for state in _OPEN]).fetchall()
-                self._open_rows = {row[0]: _lease(row) for row in rows}  # new ids are the largest: order holds
-                self._open_version = version
-            return list(self._open_rows.values())
+            return list(self._open_now().values())
+
+    def _open_now(self) -> dict[int, LeaseRecord]:
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._open_rows is None or version != self._open_version:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
+                                      [str(state) for state in _OPEN]).fetchall()
+            self._open_rows = {row[0]: _lease(row) for row in rows}  # new ids are the largest: order holds
+            self._open_version = version
+            self._open_epoch += 1
+            self._open_log = []
+        return self._open_rows
+
+    def open_changes(self, since: tuple[int, int]
+                     ) -> tuple[tuple[int, int], Mapping[int, LeaseRecord], list[int] | None]:
+        """The open leases by id now, a token for them, and the ids changed since token ``since`` (None when
+        they were read afresh since: another connection committed, or a write rolled back). Call it with
+        :meth:`locked` held, and read the mapping only while it is held."""
+        with self._lock:
+            try:
+                rows = self._open_now()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
+            token = (self._open_epoch, len(self._open_log))
+            changed = self._open_log[since[1]:] if since[0] == self._open_epoch else None
+            return token, MappingProxyType(rows), changed
+
+    def locked(self) -> AbstractContextManager[Any]:
+        """This connection's lock (re-entrant; every transaction holds it): no other thread reads or writes
+        through the connection while it is held."""
+        return self._lock
 
     def live(self) -> list[LeaseRecord]:
         """Active and queued leases, oldest first."""
@@ -555,6 +592,7 @@ class Ledger:
     def forget_holders(self) -> None:
         """Mark every live lease's holder as gone (inside a transaction): the machine booted again since."""
         self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
+        self._open_rows = None
 
     def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
         """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""

@@ -40,6 +40,7 @@ __all__ = [
     "estimates",
     "extend_conflict",
     "forecast",
+    "next_seq",
     "place_booking",
     "plan",
     "queue_order",
@@ -135,6 +136,8 @@ class Snapshot:
     queue: tuple[Request, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
     bookings: tuple[Booked, ...] = ()
+    #: Bytes ``active`` holds per device index, when the caller keeps that sum (else it is summed here).
+    held: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -235,27 +238,83 @@ def _list(indices: tuple[int, ...]) -> str:
     return ",".join(str(i) for i in indices)
 
 
+def _grant_key(request: Request) -> tuple[int, float, int]:
+    return (-request.priority.rank, request.share, request.seq)
+
+
+class _Order:
+    """A queue in grant order, with what lets a decision skip a pass over it: each request's place, the
+    class keys (for the prefix a new request goes behind), and per gang size the smallest plain need in
+    every prefix (whether any plain request of a prefix could fit by some time, without a pass)."""
+
+    __slots__ = ("index", "keys", "last_seq", "order", "plain_min", "queue", "tangled")
+
+    def __init__(self, queue: tuple[Request, ...]) -> None:
+        self.queue = queue
+        self.order = sorted(queue, key=_grant_key)
+        self.keys = [(-r.priority.rank, r.share) for r in self.order]
+        self.index = {r.lease_id: i for i, r in enumerate(self.order) if r.lease_id is not None}
+        self.last_seq = max((r.seq for r in queue), default=0)
+        #: plain_min[gpus][k]: the smallest byte need of the plain requests (no named or visible devices, a
+        #: size in bytes) for ``gpus`` GPUs among the first k; tangled[k]: how many of the first k are not plain.
+        self.plain_min: dict[int, list[float]] = {}
+        self.tangled = [0]
+        for k, r in enumerate(self.order):
+            nbytes = r.memory.nbytes
+            plain = r.devices is None and r.visible is None and nbytes is not None
+            self.tangled.append(self.tangled[-1] + (not plain))
+            if plain and nbytes is not None:
+                mine = self.plain_min.setdefault(r.gpus, [_INF] * (k + 1))
+                mine.append(min(mine[-1], nbytes))
+            for column in self.plain_min.values():
+                if len(column) < k + 2:
+                    column.append(column[-1])
+
+
+_last_order: list[_Order] = []
+
+
+def _ordered(snapshot: Snapshot) -> _Order:
+    """The grant order of ``snapshot.queue``, kept for the last queue seen: a caller that hands the same
+    queue (the same tuple) to one decision after another pays for ordering it once."""
+    kept = _last_order[0] if _last_order else None
+    if kept is not None and kept.queue is snapshot.queue:
+        return kept
+    found = _Order(snapshot.queue)
+    _last_order[:] = [found]
+    return found
+
+
 def queue_order(snapshot: Snapshot) -> list[Request]:
     """Queued requests in grant order: higher class first; within a class the smaller ``share`` (fair
     share: less recent use) first, then first come first served."""
-    return sorted(snapshot.queue, key=lambda r: (-r.priority.rank, r.share, r.seq))
+    return list(_ordered(snapshot).order)
+
+
+def next_seq(snapshot: Snapshot) -> int:
+    """The arrival number a new request gets: after every queued one."""
+    return _ordered(snapshot).last_seq + 1
 
 
 def _ahead(snapshot: Snapshot, request: Request) -> list[Request]:
     """Queued requests that must not be delayed by ``request``, in grant order."""
-    order = queue_order(snapshot)
+    found = _ordered(snapshot)
+    order = found.order
     rank = request.priority.rank
     if request.lease_id is not None:
-        for i, queued in enumerate(order):
-            if queued.lease_id == request.lease_id:
-                return order[:i]
-        return [r for r in order if (-r.priority.rank, r.share, r.seq) < (-rank, request.share, request.seq)]
+        i = found.index.get(request.lease_id)
+        if i is not None:
+            return order[:i]
+        return [r for r in order if _grant_key(r) < (-rank, request.share, request.seq)]
     # A new request comes after every queued request of its class with no more recent use than its own.
-    return [r for r in order if (-r.priority.rank, r.share) <= (-rank, request.share)]
+    return order[:bisect_right(found.keys, (-rank, request.share))]
 
 
 # -- the free-memory profile -----------------------------------------------------------------------
 def _free_now(snapshot: Snapshot) -> dict[int, int]:
+    if snapshot.held is not None:
+        held = dict(snapshot.held)
+        return {d.index: d.total_bytes - d.unmanaged_bytes - held.get(d.index, 0) for d in snapshot.devices}
     free = {d.index: d.total_bytes - d.unmanaged_bytes for d in snapshot.devices}
     for holding in snapshot.active:
         nbytes = holding.memory_bytes
@@ -505,10 +564,16 @@ def _overlapping_prefix(snapshot: Snapshot, free_now: dict[int, int], ahead: lis
     Counting active leases only, free memory only grows with time, so a request that does not fit
     by ``horizon`` on that count starts at or after it in any plan. The slots of the requests up to
     the last one that might start earlier are exact only when planned in order, so that prefix is
-    the answer.
+    the answer. ``ahead`` is drawn from :func:`queue_order`'s order, in that order.
     """
     reach = _free_by(snapshot, free_now, horizon)
     ranked = sorted(reach.values(), reverse=True)
+    kept = _ordered(snapshot)
+    m = len(ahead)
+    # ``ahead`` is in grant order, drawn from the kept order: spanning its first m places, it is that prefix.
+    if ahead and ahead[0] is kept.order[0] and ahead[-1] is kept.order[m - 1] and not kept.tangled[m] and all(
+            gpus > len(ranked) or column[m] > ranked[gpus - 1] for gpus, column in kept.plain_min.items()):
+        return 0  # every one of them is plain, and none fits by the horizon: the pass below would find none
     last = 0
     for i, queued in enumerate(ahead, 1):
         nbytes = queued.memory.nbytes

@@ -122,3 +122,56 @@ def test_a_stopped_leader_does_not_hold_up_the_queue(one_gpu: None, chronos_env:
         assert procs[0].returncode == 0 and json.loads(out)["id"] == ids[0], err
     finally:
         _stop_all(procs)
+
+
+def _waiting(*args: str) -> subprocess.Popen[str]:
+    """``chronos reserve ARGS --wait 2m --json``, started once it is queued."""
+    before = len(chronos.leases())
+    proc = subprocess.Popen([sys.executable, "-m", "chronos", "reserve", *args, "--wait", "2m", "--json"],
+                            cwd=ROOT, env=dict(os.environ), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: len(chronos.leases()) > before or proc.poll() is not None, timeout=30, what="the waiter to queue")
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def test_unrelated_writes_between_plans_lose_no_wake_up(one_gpu: None, chronos_env: Path) -> None:
+    """Leases granted and released while the leader plans (free memory dips and comes back) leave the queue
+    as planned; the next real change still wakes the head at once."""
+    blocker = chronos.reserve("70G", "10m", bind=False)
+    procs = [_waiter(), _waiter()]
+    try:
+        ids = _queued_ids()
+        wait_for(lambda: _leader(chronos_env) in (procs[0].pid, procs[1].pid), what="a waiter to lead")
+        for _ in range(200):  # 5 GiB for a minute ends before the head's slot: granted, delays nobody
+            chronos.reserve("5G", "1m", bind=False).release()
+        assert _queued_ids() == ids
+        blocker.release()
+        _grant_in_turn(ids, procs)
+    finally:
+        _stop_all(procs)
+
+
+def test_a_change_that_frees_nothing_still_lets_a_backfill_start(chronos_env: Path) -> None:
+    """Two GPUs. A low-priority gang waits for GPU 0's lease to end; a low-priority request on GPU 1 fits
+    now but would run into the gang's slot, so it waits. GPU 0's lease is then swapped for a longer one
+    while the waiters are stopped: free memory is as the leader last planned, but the gang's slot moved
+    past the second request's end, so it can start, and the leader (planning within a second of a change
+    that frees nothing) rings it well before its half-minute re-plan."""
+    first = chronos.reserve("80G", "10m", device=0, bind=False)
+    gang = _waiting("50G", "1h", "--gpus", "2", "--priority", "low")
+    backfill = _waiting("50G", "30m", "--gpu", "1", "--priority", "low")
+    procs = [gang, backfill]
+    try:
+        gang_id, backfill_id = _queued_ids()
+        wait_for(lambda: _leader(chronos_env) in (gang.pid, backfill.pid), what="a waiter to lead")
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
+        first.release()
+        chronos.reserve("80G", "2h", device=0, bind=False)  # normal priority: it may delay low ones
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: chronos.get_lease(backfill_id).state == "active", timeout=10,
+                 what="the backfill to be granted")
+        assert chronos.get_lease(gang_id).state == "queued"
+    finally:
+        _stop_all(procs)

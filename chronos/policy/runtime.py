@@ -183,9 +183,12 @@ class Policies:
         return idle.evaluate(live, sample, rules)
 
     def _apply_idle(self, live: list[LeaseRecord], now: float, who: User) -> list[LeaseRecord]:
+        decisions = self.idle_decisions(live)
+        if not decisions:
+            return live  # the same list: the engine's kept view of it stays usable
         ledger = self.host.ledger
         by_id = {lease.id: lease for lease in live}
-        for decision in self.idle_decisions(live):
+        for decision in decisions:
             lease = by_id[decision.lease_id]
             if decision.kind == "active":
                 ledger.update(lease.id, idle_since=None, idle_warning=None)
