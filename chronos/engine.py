@@ -207,6 +207,25 @@ class Engine:
         live, booked = view.open_leases()
         return self.policies.reclaim(live, booked, now, who)
 
+    def _decide(self, snapshot: scheduler.Snapshot, request: scheduler.Request, live: list[LeaseRecord],
+                now: float, who: User, devices: list[Device], gpu_procs: list[GpuProcess]
+                ) -> tuple[scheduler.Decision, scheduler.Snapshot, list[LeaseRecord]]:
+        """Decide ``request`` (inside a write). One refused for the requests that wait ahead of it is decided
+        again once their waiters were looked at afresh: each is trusted alive for :data:`ALIVE_TTL_S`, and
+        a request whose waiter just exited must not hold anyone back."""
+        decision = scheduler.decide(snapshot, request)
+        if decision.granted or decision.cause not in ("queue", "depth") or not snapshot.queue:
+            return decision, snapshot, live
+        view = self._synced()
+        withdrawn = False
+        for waiter in list(view.waiters()):
+            withdrawn = self._reclaim_one(waiter, now, who, fresh=True) is not waiter or withdrawn
+        if not withdrawn:
+            return decision, snapshot, live
+        live = self._synced().open_leases()[0]
+        snapshot = self._snapshot(now, devices, gpu_procs, live)
+        return scheduler.decide(snapshot, request), snapshot, live
+
     def _synced(self) -> LiveView:
         """The view of the open leases brought up to date with the ledger (hold the ledger's lock while
         reading it: a transaction does)."""
@@ -217,14 +236,14 @@ class Engine:
                 self._view.sync(token, rows, changed)
             return self._view
 
-    def _reclaim_one(self, lease: LeaseRecord, now: float, who: User) -> LeaseRecord:
+    def _reclaim_one(self, lease: LeaseRecord, now: float, who: User, *, fresh: bool = False) -> LeaseRecord:
         """End ``lease`` if it is past its time or its holder died; returns it as it now stands."""
         if lease.state == ACTIVE and lease.expires_at is not None and lease.expires_at <= now:
             return self._end(lease, LeaseState.EXPIRED, "reached its end time", who, at=lease.expires_at)
         # A queued request's waiter seen alive lately is trusted (hundreds may wait); a holder is always looked
         # at, since its death gives memory back at once.
         if lease.state.live and lease.pid is not None \
-                and not self._alive(lease.pid, lease.pid_start, fresh=lease.state == ACTIVE):
+                and not self._alive(lease.pid, lease.pid_start, fresh=fresh or lease.state == ACTIVE):
             if lease.state == QUEUED:
                 return self._end(lease, LeaseState.WITHDRAWN, f"waiting process {lease.pid} exited", who, at=now)
             return self._end(lease, LeaseState.REVOKED, f"holder process {lease.pid} exited", who, at=now)
@@ -397,7 +416,7 @@ class Engine:
                 snapshot = self._snapshot(now, devices, gpu_procs, live)
                 request = replace(request, seq=scheduler.next_seq(snapshot),
                                   share=self.policies.share_of(owner.name, now))
-                decision = scheduler.decide(snapshot, request)
+                decision, snapshot, live = self._decide(snapshot, request, live, now, caller, devices, gpu_procs)
                 cause = decision.cause or cause
                 self._check_limits(owner, request, snapshot, decision, live)
                 if decision.granted:
@@ -581,7 +600,7 @@ class Engine:
                 raise UnavailableError(f"queued request {lease_id} ended: {lease.end_reason or lease.state}")
             snapshot = self._snapshot(now, devices, gpu_procs, live)
             request = _stored(self.ledger.request_of(lease.id), lease)
-            decision = scheduler.decide(snapshot, request)
+            decision, snapshot, live = self._decide(snapshot, request, live, now, caller, devices, gpu_procs)
             if not decision.granted:
                 return None, decision, snapshot, request
             assert decision.devices is not None

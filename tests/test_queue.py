@@ -194,3 +194,21 @@ def test_a_waiting_command_under_nohup_keeps_waiting_through_a_hangup() -> None:
     finally:
         waiter.kill()
         waiter.communicate()
+
+
+def test_a_waiter_that_just_died_holds_nobody_back(one_gpu: None) -> None:
+    """A queued request's waiter is trusted alive for a second between looks; a request refused because it
+    would delay that request is decided again with the waiter looked at afresh, so it is not refused for a
+    process that is gone."""
+    chronos.reserve("40G", "10m", bind=False)
+    waiter = subprocess.Popen([sys.executable, "-m", "chronos", "reserve", "60G", "1h", "--wait", "forever"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    queued_request = wait_for(lambda: next((x for x in chronos.leases() if x.state == "queued"), None), timeout=30,
+                              what="the waiter's request in the queue")
+    with pytest.raises(chronos.UnavailableError, match="would delay"):
+        chronos.reserve("30G", "1h", bind=False)  # fits now, but would hold the 60G request back
+    waiter.kill()
+    waiter.wait()
+    granted = chronos.reserve("30G", "1h", bind=False)  # at once: not a second later
+    assert granted.state == "active"
+    assert chronos.get_lease(queued_request.id).state == "withdrawn"
