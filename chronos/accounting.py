@@ -147,17 +147,20 @@ class Membership:
         cached = self._cache.get(pid)
         if cached is not None and _same(cached[0], started):
             return cached[1]
-        found = self._judge(pid)
-        if len(self._cache) > _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[pid] = (started, found)
+        found, sure = self._judge(pid)
+        if sure:
+            if len(self._cache) > _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[pid] = (started, found)
         return found
 
-    def _judge(self, pid: int) -> str | None:
+    def _judge(self, pid: int) -> tuple[str | None, bool]:
+        """The lease ``pid`` belongs to, and whether the answer may be kept: an environment read empty may
+        be a process caught inside ``execve`` (the kernel sets it up after the parent sees the exec done)."""
         for ancestor, started in _ancestors(pid):
             holder = self._holders.get(ancestor)
             if holder is not None and _same(holder[1], started):
-                return holder[0]
+                return holder[0], True
         uid: int | None = None
         environ: dict[str, str] = {}
         import psutil  # only when a process is judged: a CLI start that judges none does not pay for it
@@ -170,8 +173,8 @@ class Membership:
             pass
         named = self._by_id.get(environ.get(LEASE_ENV, ""))
         if named is not None and carries(environ, uid, named, self.ledger):
-            return named.id
-        return self._unbound.get(uid) if uid is not None else None
+            return named.id, True
+        return (self._unbound.get(uid) if uid is not None else None), bool(environ)
 
     def members(self, lease_id: str) -> list[tuple[int, float]]:
         """The lease's processes now, the root of its tree first: the tree as it is, plus every

@@ -274,13 +274,17 @@ def test_a_lease_of_another_ledger_with_the_same_id_is_not_this_leases(tmp_path:
     assert mine.id == theirs.id == "1"
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=theirs.env())
     try:
-        assert there.membership([theirs.record]).lease_of(child.pid) == "1"
+        # judged until its environment is readable: Popen returns once execve closed the child's
+        # descriptors, a moment before the kernel sets up the new environment
+        assert wait_for(lambda: there.membership([theirs.record]).lease_of(child.pid) == "1", timeout=10,
+                        what="the other ledger's process to count there")
         assert here.membership([mine.record]).lease_of(child.pid) is None
         dog = Watchdog(mine, grace_s=0, kill_wait_s=0)
         assert {pid for pid, _ in dog.membership.members(mine.id)} == {holder.pid}
         ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=mine.env())
         try:
-            assert here.membership([mine.record]).lease_of(ours.pid) == "1"  # its own ledger's process counts
+            assert wait_for(lambda: here.membership([mine.record]).lease_of(ours.pid) == "1", timeout=10,
+                            what="its own ledger's process to count")
         finally:
             ours.kill()
             ours.wait()
