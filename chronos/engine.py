@@ -600,7 +600,9 @@ class Engine:
                 raise UnavailableError(f"queued request {lease_id} ended: {lease.end_reason or lease.state}")
             snapshot = self._snapshot(now, devices, gpu_procs, live)
             request = _stored(self.ledger.request_of(lease.id), lease)
-            decision, snapshot, live = self._decide(snapshot, request, live, now, caller, devices, gpu_procs)
+            # Not decided again for a waiter ahead that died: the leader looks at every waiter each second,
+            # withdraws the dead one's request and rings this one again.
+            decision = scheduler.decide(snapshot, request)
             if not decision.granted:
                 return None, decision, snapshot, request
             assert decision.devices is not None
