@@ -47,7 +47,6 @@ limit must never silently leave the machine unlimited.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -480,7 +479,7 @@ def _apply_tables(path: Path, text: str, kind: str, tables: Any, values: dict[st
             dotted = f"limits.{kind}.{name}.{key}"
             spec = _OVERRIDES.get(key)
             if spec is None:
-                hint = difflib.get_close_matches(key, list(_OVERRIDES), n=1)
+                hint = _close_matches(key, list(_OVERRIDES), n=1)
                 tip = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(_OVERRIDES)}"
                 raise ConfigError(f"{_where(path, text, section, key)}: unknown setting {dotted!r}{tip}")
             try:
@@ -508,7 +507,7 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             raise ConfigError(f"{_where(path, text, '', top)}: {top} must be a table: write [{top}] on its own line")
         else:
             known = [k for k in _SCHEMA if k] + list(_SCHEMA[""])
-            hint = difflib.get_close_matches(top, known, n=1)
+            hint = _close_matches(top, known, n=1)
             for section, keys in _SCHEMA.items():
                 if top in keys and section:
                     hint = [f"[{section}] {top}"]
@@ -518,7 +517,7 @@ def _apply(path: Path, data: dict[str, Any], text: str, values: dict[str, Any], 
             keys = _SCHEMA[section]
             name = _dotted(section, key)
             if key not in keys:
-                hint = difflib.get_close_matches(key, list(keys), n=1)
+                hint = _close_matches(key, list(keys), n=1)
                 tip = f"; did you mean {hint[0]!r}?" if hint else f"; known in [{section}]: {', '.join(keys)}"
                 raise ConfigError(f"{_where(path, text, section, key)}: unknown setting {name!r}{tip}")
             spec = keys[key]
@@ -623,3 +622,10 @@ def describe(config: Config) -> list[Setting]:
                 out.append(Setting(f"limits.{kind}.{name}.{OVERRIDE_NAMES[field_name]}", plain, text,
                                    config.source(f"{kind}.{name}")))
     return out
+
+
+def _close_matches(word: str, choices: list[str], n: int) -> list[str]:
+    """difflib's suggestion for a misspelt key, imported only when a key is misspelt."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=n)

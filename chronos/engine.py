@@ -8,7 +8,6 @@ so the accounting stays true with no daemon.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
@@ -179,6 +178,8 @@ class Engine:
         except StateError as exc:
             if strict:
                 raise
+            import logging  # only here: every command start would pay for it
+
             logging.getLogger("chronos.gating").warning("%s (the next enforcement pass tries again)", exc)
             return []
 
@@ -528,12 +529,14 @@ class Engine:
         """Sleep on the lease's doorbell until the queue's leader says it can start (:mod:`chronos.waiting`);
         decide under the write lock only then, at the deadline, or where no leader can ring."""
         deadline = time.monotonic() + timeout
-        bell = waiting.Doorbell(self.ledger_id, lease_id)
-        lead = waiting.Leadership(self.ledger.path, self._lead)
+        bell: waiting.Doorbell | None = None
+        lead: waiting.Leadership | None = None
         position: int | None = None
         estimated: float | None = None
         reason, decide, next_estimate = "", True, 0.0
-        try:
+        try:  # from the first step: a signal while the doorbell is made still withdraws the request
+            bell = waiting.Doorbell(self.ledger_id, lease_id)
+            lead = waiting.Leadership(self.ledger.path, self._lead)
             while True:
                 if decide:
                     granted, decision, snapshot, request = self._try_grant(lease_id, caller, holder)
@@ -579,8 +582,9 @@ class Engine:
             self._withdraw(lease_id, caller)
             raise
         finally:
-            bell.close()
-            if lead.held:
+            if bell is not None:
+                bell.close()
+            if lead is not None and lead.held:
                 lead.give_up()
                 # The next few in line are asked to take over (the first to try wins): one of them may be
                 # leaving just now too.

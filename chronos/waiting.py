@@ -23,16 +23,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chronos.state import file_mode_for
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["CHECK_S", "HEARTBEAT_S", "LEADER_POLL_S", "POLL_S", "Doorbell", "Leadership", "lock_path", "ring"]
 
@@ -62,6 +64,8 @@ def ring(ledger: str, lease_id: str, message: dict[str, Any]) -> None:
     """Wake ``lease_id``'s waiter, if one sleeps (never blocks, never raises)."""
     if not _LINUX:
         return
+    import socket  # only where a queue is: every command start would pay ~4 ms for it
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
@@ -77,6 +81,8 @@ class Doorbell:
         self._sock: socket.socket | None = None
         if not _LINUX:
             return
+        import socket
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(_name(ledger, lease_id))
