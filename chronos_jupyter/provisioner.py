@@ -60,7 +60,15 @@ from chronos_jupyter.kernel_errors import (
 from chronos_jupyter.notices import kernel_args
 from chronos_jupyter.provisioner_settings import ProvisionerSettings
 from chronos_jupyter.server_hooks import client_gone
-from chronos_jupyter.teardown import end_kernel, end_processes, install_stop_signals, kernel_processes, track, untrack
+from chronos_jupyter.teardown import (
+    at_exit_unless_done,
+    end_kernel,
+    end_processes,
+    install_stop_signals,
+    kernel_processes,
+    track,
+    untrack,
+)
 from chronos_jupyter.threads import Cancelled, in_background, in_daemon_thread, in_thread
 
 EXPIRED, REVOKED = LeaseState.EXPIRED, LeaseState.REVOKED
@@ -192,24 +200,36 @@ class ChronosProvisioner(ProvisionerSettings):
 
         if gone is not None:
             gone.then(lambda: in_background(withdraw))
+        waited = at_exit_unless_done(withdraw)
+
+        def given_up() -> None:  # the start was cancelled: withdrawn now (and at exit, should this not finish)
+            withdraw()
+            waited()
+
+        def late(granted: Lease) -> None:  # granted just as the start was given up
+            granted.release()
+            waited()
 
         if request.wait_s is not None:
             self.log.info("Chronos: kernel %s waits in the queue for %s", self.kernel_id, self._describe())
         began = time.monotonic()
         try:
-            lease = await in_daemon_thread(reserve, interrupt=withdraw, discard=lambda late: late.release())
+            lease = await in_daemon_thread(reserve, interrupt=given_up, discard=late)
         except Cancelled as stopped:
+            waited()
             self.log.warning("Chronos: the client starting kernel %s went away; its queued request %s was "
                              "withdrawn", self.kernel_id, stopped)
             raise KernelLeaseUnavailable(dialog(f"the start of this kernel ({self._describe()}) was given up",
                                                 "its client went away; its queued request was withdrawn")) from None
         except ChronosError as exc:
+            waited()
             if isinstance(exc, UnavailableError):
                 raise KernelLeaseUnavailable(dialog(
                     f"no GPU capacity for this kernel ({self._describe()})",
                     f"{exc}{' (' + self._queue_note + ')' if self._queue_note else ''}",
                     "try again later, or choose a smaller kernel")) from None
             raise surface(exc, dialog("cannot start this kernel", str(exc))) from None
+        waited()
         if said:
             self._waited = f"{format_duration(time.monotonic() - began)} ({said[0][0] or '?'} in line at first)"
         self.log.info(

@@ -34,7 +34,8 @@ from chronos import procs
 from chronos.accounting import carries
 from chronos.api import default_engine
 
-__all__ = ["Teardown", "end_kernel", "end_processes", "install_stop_signals", "kernel_processes", "track", "untrack"]
+__all__ = ["Teardown", "at_exit_unless_done", "end_kernel", "end_processes", "install_stop_signals",
+           "kernel_processes", "track", "untrack"]
 
 _log = logging.getLogger("chronos.jupyter")
 
@@ -65,10 +66,39 @@ def untrack(provisioner: Teardown) -> None:
         _live.discard(provisioner)
 
 
+_pending: dict[int, Callable[[], None]] = {}
+
+
+def at_exit_unless_done(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` at interpreter exit unless the returned ``done`` is called first: a kernel start that
+    waits in the queue withdraws its request when the server exits under it (its waiting thread is a
+    daemon, which the exit does not wait for)."""
+    global _hooked
+    key = id(fn)
+    with _lock:
+        _pending[key] = fn
+        if not _hooked:
+            atexit.register(_at_exit)
+            _hooked = True
+
+    def done() -> None:
+        with _lock:
+            _pending.pop(key, None)
+
+    return done
+
+
 def _at_exit() -> None:
     with _lock:
         left = list(_live)
         _live.clear()
+        waiting = list(_pending.values())
+        _pending.clear()
+    for withdraw in waiting:
+        try:
+            withdraw()
+        except Exception:  # every request gets its turn; what stays is withdrawn once its waiter is seen gone
+            _log.exception("Chronos: could not withdraw a queued kernel start at exit")
     for provisioner in left:
         try:
             provisioner.end_at_exit()

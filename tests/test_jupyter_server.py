@@ -298,6 +298,32 @@ def test_a_client_that_gives_up_on_a_queued_start_withdraws_it(start_server: Cal
     assert [x for x in chronos.leases() if x.state in ("active", "queued")] == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_server_stopped_while_a_kernel_start_waits_withdraws_the_request(
+        start_server: Callable[..., Server], tmp_path: Path, signum: int) -> None:
+    """The server (a hub's stop button, a service manager) exits under a kernel start that waits in the
+    queue: the request is withdrawn by the server itself as it exits, not left for the next command to
+    find its waiter gone."""
+    install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
+    server = start_server()
+    blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"name": "gpu-wait"}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        [request] = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
+                             what="the kernel's request in the queue")
+        server.process.send_signal(signum)
+        assert server.process.wait(timeout=60) is not None
+    ended = chronos.get_lease(request.id)
+    assert ended.state == "withdrawn", server.log.read_text()
+    assert ended.end_reason is not None and ended.end_reason.startswith("released by"), \
+        (ended.end_reason, server.log.read_text())
+    assert "Traceback" not in server.log.read_text()
+    blocker.release()
+
+
 def test_a_kernel_that_waited_says_so_in_its_first_cell(start_server: Callable[..., Server], tmp_path: Path) -> None:
     install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
     server = start_server()
