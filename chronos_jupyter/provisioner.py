@@ -174,6 +174,7 @@ class ChronosProvisioner(ProvisionerSettings):
         gone = client_gone.get()  # set when the HTTP client starting this kernel goes away
         said: list[tuple[int | None, str | None]] = []
         queued: list[str] = []
+        granted = threading.Event()  # the lease came: a client going away now no longer ends it
 
         def reserve(cancel: threading.Event) -> Lease:
             def on_wait(update: chronos.WaitUpdate) -> None:
@@ -188,7 +189,9 @@ class ChronosProvisioner(ProvisionerSettings):
                     self.log.info("Chronos: kernel %s waits in the queue: %s", self.kernel_id, self._queue_note)
 
             try:
-                return default_engine().submit(request, bind=server_pid, on_wait=on_wait)
+                lease = default_engine().submit(request, bind=server_pid, on_wait=on_wait)
+                granted.set()
+                return lease
             except ChronosError:
                 if queued and (cancel.is_set() or (gone is not None and gone.is_set())):
                     raise Cancelled(queued[0]) from None  # withdrawn by withdraw() below
@@ -198,8 +201,12 @@ class ChronosProvisioner(ProvisionerSettings):
             if queued:
                 default_engine().release(queued[0])
 
+        def client_left() -> None:  # only a request still waiting goes; a granted kernel start carries on
+            if not granted.is_set():
+                withdraw()
+
         if gone is not None:
-            gone.then(lambda: in_background(withdraw))
+            gone.then(lambda: in_background(client_left))
         waited = at_exit_unless_done(withdraw)
 
         def given_up() -> None:  # the start was cancelled: withdrawn now (and at exit, should this not finish)
