@@ -23,6 +23,7 @@ from tornado import web
 
 __all__ = ["ClientGone", "client_gone", "hook_handlers", "install"]
 
+
 class ClientGone(threading.Event):
     """Set when the HTTP client starting a kernel closed its request; what was asked to run then, runs then."""
 
