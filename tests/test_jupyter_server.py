@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,22 +273,29 @@ def test_stopping_the_server_ends_every_kernel_its_processes_and_releases_the_le
     assert {chronos.get_lease(lease.id).state for lease in leases} == {"released"}, server.log.read_text()
 
 
+@contextmanager
+def waiting_kernel_start(server: Server, kernel: str) -> Iterator[chronos.Lease]:
+    """POST a kernel start on a raw connection held open while the block runs (the client waiting for the
+    answer) and yield the request it queued; leaving the block closes the connection."""
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"name": kernel}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        [request] = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
+                             what="the kernel's request in the queue")
+        yield request
+
+
 def test_a_client_that_gives_up_on_a_queued_start_withdraws_it(start_server: Callable[..., Server],
                                                                tmp_path: Path) -> None:
     install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
     server = start_server()
     blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
-    port = int(server.url.rsplit(":", 1)[1])
-    body = json.dumps({"name": "gpu-wait"}).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        queued = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
-                          what="the kernel's request in the queue")
+    with waiting_kernel_start(server, "gpu-wait") as request:
         wait_for(lambda: "waits in the queue: request" in server.log.read_text(), timeout=30,
                  what=lambda: f"the queue position in the log:\n{server.log.read_text()}")
     # the client is gone: the request leaves the queue, and no kernel is started for nobody
-    [request] = queued
     wait_for(lambda: chronos.get_lease(request.id).state == "withdrawn", timeout=30,
              what=lambda: f"the request to be withdrawn:\n{server.log.read_text()}")
     log = server.log.read_text()
@@ -307,13 +315,7 @@ def test_a_server_stopped_while_a_kernel_start_waits_withdraws_the_request(
     install_kernel("gpu-wait", "8G", "1h", wait=True, prefix=tmp_path / "prefix")
     server = start_server()
     blocker = chronos.reserve("80G", "1h", gpus=2, bind=False)
-    port = int(server.url.rsplit(":", 1)[1])
-    body = json.dumps({"name": "gpu-wait"}).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: token {server.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        [request] = wait_for(lambda: [x for x in chronos.leases() if x.state == "queued"], timeout=60,
-                             what="the kernel's request in the queue")
+    with waiting_kernel_start(server, "gpu-wait") as request:
         server.process.send_signal(signum)
         assert server.process.wait(timeout=60) is not None
     ended = chronos.get_lease(request.id)
