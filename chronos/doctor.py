@@ -143,6 +143,18 @@ def _check_mps(report: Report, engine: EngineOps) -> None:
         report.cgroup_memory_limits = None
 
 
+def _check_gating(report: Report, engine: EngineOps) -> None:
+    if not engine.config.gate_devices:
+        report.enforcement["device gating"] = "off"
+        return
+    from chronos.enforce.gating import DeviceGate
+
+    problems = DeviceGate(engine.config.device_dir).problems()
+    report.problems.extend(problems)
+    report.enforcement["device gating"] = (f"on, in {engine.config.device_dir}" if not problems
+                                           else "on, but cannot hold (see the problems)")
+
+
 def _summarise(report: Report) -> None:
     report.torch_env_fraction = caps.torch_env_fraction_supported()
     fw = report.frameworks
@@ -179,6 +191,7 @@ def diagnose(engine: EngineOps) -> Report:
     _check_backend(report, engine)
     _check_state_dir(report, engine)
     _check_mps(report, engine)
+    _check_gating(report, engine)
     report.frameworks = framework_versions()
     _summarise(report)
     return report

@@ -59,3 +59,26 @@ def test_framework_versions_come_from_metadata(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
     assert found["cupy"] == "14.2.0 (cupy-cuda13x)"
     assert "cupy" not in sys.modules  # found without importing it
+
+
+def test_doctor_says_when_device_gating_cannot_hold(tmp_path: Path) -> None:
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "nvidia0").write_bytes(b"")
+    (devices / "nvidia0").chmod(0o666)  # as NVIDIA's driver makes it by default
+    (devices / "nvidia1").write_bytes(b"")
+    (devices / "nvidia1").chmod(0o660)
+    config = tmp_path / "chronos.toml"
+    config.write_text(f'[enforce]\ngate_devices = true\ndevice_dir = "{devices}"\n')
+    result = run_cli("doctor", "--json", env={"CHRONOS_CONFIG": str(config)})
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["enforcement"]["device gating"] == "on, but cannot hold (see the problems)"
+    assert [p for p in report["problems"] if "gating" in p] == [
+        f"device gating: {devices / 'nvidia0'} is open to every user (mode o+rw), so gating cannot keep anyone "
+        "off it; make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule)"]
+    (devices / "nvidia0").chmod(0o660)
+    result = run_cli("doctor", "--json", env={"CHRONOS_CONFIG": str(config)})
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert report["enforcement"]["device gating"] == f"on, in {devices}" and report["problems"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import logging
 import os
 import pwd
 import shutil
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from chronos import settings
-from chronos.enforce.gating import ACL_XATTR, DeviceGate, may_open
+from chronos.enforce.gating import ACL_XATTR, DeviceGate, driver_restores_modes, may_open
 from chronos.engine import Engine
 from chronos.errors import StateError
 from chronos.model import FindingKind
@@ -206,3 +207,39 @@ def test_a_process_still_holding_the_device_after_the_end_is_ended(people: dict[
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_a_driver_that_puts_the_modes_back_is_a_problem(devices: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params"
+    params.write_text("ResmanDebugLevel: 4294967295\nModifyDeviceFiles: 1\nDeviceFileMode: 438\n")
+    gate = DeviceGate(devices, driver_params=params)
+    assert driver_restores_modes(params)
+    assert gate.problems() == [
+        f"device gating: the NVIDIA driver has ModifyDeviceFiles=1 ({params}), so every root program that starts "
+        "NVML or CUDA, this service included, makes the device files 0666 again; set NVreg_ModifyDeviceFiles=0 "
+        "(docs/enforcement.md, Device gating)"]
+    params.write_text("ModifyDeviceFiles: 0\nDeviceFileMode: 432\n")
+    assert not driver_restores_modes(params) and gate.problems() == []
+    assert not driver_restores_modes(tmp_path / "no-driver-loaded")
+
+
+def test_a_device_file_made_open_to_all_is_logged_at_the_next_pass_and_when_fixed(
+        people: dict[str, str], devices: Path, caplog: pytest.LogCaptureFixture) -> None:
+    enforcer = Enforcer(_engine(devices))
+    assert enforcer.gate is not None
+    enforcer.gate.driver_params = devices / "no-driver-loaded"  # judge the files alone on a GPU machine too
+    gpu1 = devices / "nvidia1"
+    with caplog.at_level(logging.INFO, logger="chronos"):
+        enforcer.poll()
+        assert not [r for r in caplog.records if "gating" in r.getMessage()]
+        errors = enforcer.errors
+        gpu1.chmod(0o666)  # a root program started CUDA under ModifyDeviceFiles=1, say
+        enforcer.poll()
+        enforcer.poll()  # said once, not at every pass
+        said = [r for r in caplog.records if "open to every user" in r.getMessage()]
+        assert [(r.levelname, str(gpu1) in r.getMessage()) for r in said] == [("ERROR", True)]
+        assert enforcer.errors == errors + 1
+        gpu1.chmod(0o660)
+        enforcer.poll()
+        fixed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device gating, fixed")]
+        assert len(fixed) == 1 and str(gpu1) in fixed[0]

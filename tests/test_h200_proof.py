@@ -2,7 +2,7 @@
 
 ``scripts/h200/service.sh --dry-run`` runs the same steps as on the GPU machine (over-cap, another
 user's unmanaged process, device gating with a second OS user) on simulated GPUs and stand-in device
-files, so the script the lead runs on a lent H200 is known to work up to the GPU itself.
+files, so the script run on a lent H200 is known to work up to the GPU itself.
 """
 
 from __future__ import annotations
@@ -30,5 +30,5 @@ def test_the_h200_service_proof_passes_its_dry_run(tmp_path: Path) -> None:
     assert report["dry_run"] is True
     names = [c["check"] for c in report["checks"]]
     assert all(c["ok"] for c in report["checks"]), report["checks"]
-    assert len(names) == 9 and names[-1] == "device files' modes and ACLs put back"
+    assert len(names) == 10 and names[-1] == "device files' modes and ACLs put back"
     assert any(n.startswith("over_cap") for n in names) and any(n.startswith("unmanaged") for n in names)

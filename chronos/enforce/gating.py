@@ -33,9 +33,11 @@ from chronos import procs
 from chronos.errors import StateError
 from chronos.model import LeaseRecord, LeaseState
 
-__all__ = ["ACL_XATTR", "DeviceGate", "Holder", "may_open"]
+__all__ = ["ACL_XATTR", "DRIVER_PARAMS", "DeviceGate", "Holder", "driver_restores_modes", "may_open"]
 
 ACL_XATTR = "system.posix_acl_access"
+#: The NVIDIA driver's module parameters, as the loaded module reports them.
+DRIVER_PARAMS = Path("/proc/driver/nvidia/params")
 _VERSION = 2
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 _UNDEFINED = 0xFFFFFFFF
@@ -116,6 +118,25 @@ def may_open(path: Path, uid: int, gids: set[int] | None = None, want: int = _RW
     return next(perm for tag, perm, _ in entries if tag == _OTHER) & want == want
 
 
+def driver_restores_modes(params: Path = DRIVER_PARAMS) -> bool:
+    """Does the loaded driver say ``ModifyDeviceFiles: 1``?
+
+    Then NVIDIA's libraries, whenever a root program starts NVML or CUDA (this service's own
+    enforcer included), make the device files match ``DeviceFileMode`` again: on an H200 with
+    driver 580 a ``0660`` /dev/nvidia0 was ``0666`` after every root ``nvmlInit`` or ``cuInit``
+    (docs/gpu-validation.md). Gating cannot hold there; it needs ``NVreg_ModifyDeviceFiles=0``.
+    """
+    try:
+        text = params.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "ModifyDeviceFiles":
+            return value.strip() == "1"
+    return False
+
+
 @dataclass(frozen=True)
 class Holder:
     """A process that has GPU ``index``'s device file open while its (effective) user may not open it."""
@@ -129,8 +150,9 @@ class Holder:
 class DeviceGate:
     """The ACLs on ``device_dir``'s ``nvidiaN`` files, kept equal to the active leases."""
 
-    def __init__(self, device_dir: str | Path) -> None:
+    def __init__(self, device_dir: str | Path, driver_params: Path = DRIVER_PARAMS) -> None:
         self.device_dir = Path(device_dir)
+        self.driver_params = driver_params
 
     def paths(self) -> dict[int, Path]:
         """Every GPU's device file in the directory, by index."""
@@ -186,6 +208,16 @@ class DeviceGate:
                 continue
             if mode & stat.S_IROTH and mode & stat.S_IWOTH:
                 out.append(path)
+        return out
+
+    def problems(self) -> list[str]:
+        """One line for each reason gating cannot keep a user off a GPU now (empty when it can)."""
+        out = [f"device gating: {path} is open to every user (mode o+rw), so gating cannot keep anyone off it; "
+               "make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule)" for path in self.open_to_all()]
+        if driver_restores_modes(self.driver_params):
+            out.append(f"device gating: the NVIDIA driver has ModifyDeviceFiles=1 ({self.driver_params}), so every "
+                       "root program that starts NVML or CUDA, this service included, makes the device files "
+                       "0666 again; set NVreg_ModifyDeviceFiles=0 (docs/enforcement.md, Device gating)")
         return out
 
     def holders(self, allowed: Callable[[int, int], bool] = lambda uid, index: False) -> list[Holder]:

@@ -120,6 +120,7 @@ class Enforcer:
         self._pending: deque[tuple[str, dict[str, Any]]] = deque()
         self._exempt = _uids(self.config.unmanaged_exempt)
         self._said: dict[str, tuple[float, int]] = {}
+        self._gate_problems: set[str] = set()
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event, interval: float | None = None) -> None:
@@ -128,10 +129,6 @@ class Enforcer:
         log.info("enforcing every %gs: over the cap %s after %gs, unmanaged processes %s after %gs%s",
                  every, self.config.on_overuse, self.config.overuse_grace_s, self.config.unmanaged,
                  self.config.unmanaged_grace_s, f", device files in {self.gate.device_dir} gated" if self.gate else "")
-        if self.gate is not None:
-            for path in self.gate.open_to_all():
-                log.warning("device gating: %s is open to every user (mode o+rw), so gating cannot keep anyone "
-                            "off it; make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule)", path)
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -304,6 +301,15 @@ class Enforcer:
     # -- device gating ----------------------------------------------------------------------
     def _gated(self, out: list[Finding], current: list[LeaseRecord], now: float, mono: float) -> None:
         assert self.gate is not None
+        # Every pass, since a root program may make a file 0666 again at any time (ModifyDeviceFiles=1):
+        # each problem is logged when it appears, and again when it is gone.
+        problems = set(self.gate.problems())
+        for line in sorted(problems - self._gate_problems):
+            self.errors += 1
+            log.error("%s", line)
+        for line in sorted(self._gate_problems - problems):
+            log.info("device gating, fixed since the last pass: %s", line)
+        self._gate_problems = problems
         try:
             for change in self.engine.sync_gate(strict=True):
                 log.info("device gating: %s", change)

@@ -10,7 +10,9 @@ With the real NVML backend:
    (``torch.cuda.init()`` and a tensor on the GPU); with a lease on GPU 0 (the ACL entry added) they
    must succeed; a context they still hold when the lease is released must be ended by the enforcer;
    after the end they must fail again. The device files' modes and ACLs are put back at the end,
-   whatever happened.
+   whatever happened. Where the driver has ``ModifyDeviceFiles=1`` (every root NVML or CUDA start
+   makes the file 0666 again; ``scripts/h200/gating_probe.py`` shows which), a keeper thread makes it
+   0660 again as ``ModifyDeviceFiles=0`` would leave it, and every reset it undid is recorded.
 
 ``--dry-run`` runs the same steps here, on simulated GPUs (memory claimed for each process's pid) and
 stand-in device files in a temporary directory; opening the stand-in read-write stands for the CUDA
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -174,6 +177,13 @@ def main() -> int:
                     break
         return proc
 
+    def device() -> dict[str, Any]:
+        """GPU 0's file as it is now: its mode and the uids of its named-user ACL entries."""
+        from chronos.enforce.gating import _read_acl
+
+        return {"mode": oct(os.stat(gpu0).st_mode & 0o777),
+                "acl_users": sorted(ident for tag, _, ident in _read_acl(gpu0) if tag == 0x02)}
+
     def cuda_context(owner: str) -> tuple[bool, str]:
         """Can ``owner`` create a CUDA context on GPU 0 (dry run: open the stand-in read-write)?"""
         argv = [user_python, "-c", f"open({str(gpu0)!r}, 'r+b'); print('ok')"] if args.dry_run else \
@@ -183,6 +193,13 @@ def main() -> int:
         last = (err.strip().splitlines() or [""])[-1]
         return proc.returncode == 0 and out.startswith("ok"), (out.strip() or last)[:300]
 
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logging.getLogger("chronos").addHandler(Keep())
     failed = False
     try:
         # 1. over the cap, a root process with a lease
@@ -210,34 +227,82 @@ def main() -> int:
         allowed, said = cuda_context(user)
         failed |= not check(f"gating: before, with {gpu0} as it was, {user} can create a CUDA context", allowed,
                             said=said, mode=oct(os.stat(gpu0).st_mode & 0o777))
+        # A lent machine's driver may have ModifyDeviceFiles=1 (a module parameter we cannot change there):
+        # then every root NVML or CUDA start, the enforcer's and the machine's own agents' included, makes
+        # the file 0666 again. The keeper stands for ModifyDeviceFiles=0: it makes the file 0660 again
+        # within 20 ms and records each time it had to; a check during which that happened runs again.
+        resets: list[str] = []
+        step = ["start"]
+        keeping = threading.Event()
+
+        def keep_0660() -> None:
+            while not keeping.wait(0.02):
+                mode = os.stat(gpu0).st_mode & 0o777
+                if mode != 0o660:
+                    os.chmod(gpu0, 0o660)
+                    resets.append(f"{time.strftime('%H:%M:%S')} {step[0]}: {oct(mode)}")
+
+        def gated_context(name: str) -> tuple[bool, str, int]:
+            """``cuda_context(user)`` with the file kept 0660 throughout: up to three tries, one that
+            saw a reset is not counted. Returns what it said and how many tries were spoiled."""
+            spoiled = 0
+            for _ in range(3):
+                step[0] = name
+                before = len(resets)
+                time.sleep(0.05)
+                allowed, said = cuda_context(user)
+                time.sleep(0.05)
+                if len(resets) == before:
+                    return allowed, said, spoiled
+                spoiled += 1
+            return allowed, said, spoiled
+
         os.chmod(gpu0, 0o660)
-        allowed, said = cuda_context(user)
-        mode_after = oct(os.stat(gpu0).st_mode & 0o777)
-        failed |= not check(f"gating: without a lease {user} cannot create a CUDA context", not allowed,
-                            said=said, mode_after=mode_after)
-        failed |= not check("gating: the driver left the mode as it was set", mode_after == "0o660",
-                            mode_after=mode_after)
-        engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, kill_wait_s=5.0,
-                                       on_expiry=Action.TERMINATE))
-        lease = engine.reserve("8G", "10m", device=0, user=user, bind=False)
-        allowed, said = cuda_context(user)
-        failed |= not check(f"gating: with a lease on GPU 0 {user} can", allowed, said=said)
-        holder = as_user(user, [user_python, "-c", HOLD_FILE, str(gpu0)], home, stdout=subprocess.PIPE) \
-            if args.dry_run else gpu_proc(user, 256)
-        if args.dry_run:
-            assert holder.stdout is not None
-            holder.stdout.readline()
-        with enforcing(engine) as enforcer:
-            until(lambda: enforcer.polls >= 4, 10)
-            alive_during = holder.poll() is None
-            engine.release(lease.id)
-            code = wait(holder, 30)
-        found = [f.message for f in enforcer.findings if f.kind == FindingKind.NO_ACCESS]
-        failed |= not check("gating: a context still held after the lease's end is ended",
-                            alive_during and code == -signal.SIGTERM, alive_during_lease=alive_during,
-                            returncode=code, findings=found)
-        allowed, said = cuda_context(user)
-        failed |= not check(f"gating: after the end {user} cannot again", not allowed, said=said)
+        keeper = threading.Thread(target=keep_0660, daemon=True)
+        keeper.start()
+        try:
+            allowed, said, spoiled = gated_context("without a lease")
+            failed |= not check(f"gating: without a lease {user} cannot create a CUDA context", not allowed,
+                                said=said, spoiled_tries=spoiled, device=device())
+            engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, kill_wait_s=5.0,
+                                           on_expiry=Action.TERMINATE))
+            step[0] = "the service's NVML start"
+            engine.backend.devices()
+            lease = engine.reserve("8G", "10m", device=0, user=user, bind=False)
+            allowed, said, spoiled = gated_context("with a lease")
+            failed |= not check(f"gating: with a lease on GPU 0 {user} can", allowed, said=said,
+                                spoiled_tries=spoiled, device=device())
+            step[0] = "a context held through the lease's end"
+            holder = as_user(user, [user_python, "-c", HOLD_FILE, str(gpu0)], home, stdout=subprocess.PIPE) \
+                if args.dry_run else gpu_proc(user, 256)
+            if args.dry_run:
+                assert holder.stdout is not None
+                holder.stdout.readline()
+            with enforcing(engine) as enforcer:
+                until(lambda: enforcer.polls >= 6, 10)
+                alive_during = holder.poll() is None
+                engine.release(lease.id)
+                code = wait(holder, 30)
+            found = [f.message for f in enforcer.findings if f.kind == FindingKind.NO_ACCESS]
+            after = device()
+            failed |= not check("gating: a context still held after the lease's end is ended",
+                                alive_during and code == -signal.SIGTERM, alive_during_lease=alive_during,
+                                returncode=code, findings=found, device=after)
+            uid = pwd.getpwnam(user).pw_uid
+            failed |= not check(f"gating: at the end {user}'s ACL entry is gone", uid not in after["acl_users"],
+                                device=after)
+            allowed, said, spoiled = gated_context("after the end")
+            failed |= not check(f"gating: after the end {user} cannot again", not allowed, said=said,
+                                spoiled_tries=spoiled, device=device())
+        finally:
+            keeping.set()
+            keeper.join(5)
+        if driver.get("ModifyDeviceFiles") == "1":
+            said_by_service = [line for line in logged if "ModifyDeviceFiles=1" in line]
+            failed |= not check("gating: the service logged that this driver puts the device modes back",
+                                bool(said_by_service), logged=said_by_service[:1])
+        checks.append({"check": "resets of GPU 0's mode undone by the keeper", "ok": True, "resets": resets})
+        print(f"resets undone by the keeper: {json.dumps(resets)}", flush=True)
     except Exception as exc:
         failed = True
         check("the proof ran to its end", False, error=f"{type(exc).__name__}: {exc}")
