@@ -5,7 +5,10 @@ request still fits: it delays nobody). Measured in one run:
 
   round trip   an unrelated ``reserve("1G", "10m")`` + ``release()`` in this process: median and p99
                with no waiter (before the waiters start and after they are gone), then with all of
-               them waiting; the goal is under 10% added
+               them waiting; the goal is under 10% added. The before/after figures move with the
+               machine's load between the phases, so while the waiters wait the round trip is also
+               timed alternately, in blocks, on this ledger and on a twin ledger (the same blocker,
+               no waiter) in the same process: a ratio that the load touches alike on both sides
   idle CPU     the CPU time every waiter process used over ``--idle`` seconds while nothing changed
                (from /proc), as a share of one core; the goal is under 5% in total
   grants       the blocker is released; then, each time a waiter is granted, this process releases
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _env(state: str) -> dict[str, str]:
@@ -45,6 +49,22 @@ def _round_trips(rounds: int) -> dict[str, float]:
         samples.append(time.perf_counter() - t0)
     samples.sort()
     return {"median_ms": statistics.median(samples) * 1e3, "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1e3}
+
+
+def _alternated(engines: dict[str, Any], rounds: int, block: int = 100) -> dict[str, dict[str, float]]:
+    """``rounds`` round trips on each engine, taken in alternating blocks of ``block``."""
+    samples: dict[str, list[float]] = {name: [] for name in engines}
+    while min(len(found) for found in samples.values()) < rounds:
+        for name, engine in engines.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                engine.reserve("1G", "10m", bind=False).release()
+                samples[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, found in samples.items():
+        found.sort()
+        out[name] = {"median_ms": statistics.median(found) * 1e3, "p99_ms": found[int(len(found) * 0.99) - 1] * 1e3}
+    return out
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -74,13 +94,18 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--grants", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="chronos-bench-waiters-") as state:
+    with tempfile.TemporaryDirectory(prefix="chronos-bench-waiters-") as state, \
+            tempfile.TemporaryDirectory(prefix="chronos-bench-twin-") as twin:
         env = _env(state)
         os.environ.update(env)
         import chronos
+        from chronos.engine import Engine
 
         db = os.path.join(state, "chronos.db")
         blocker = chronos.reserve("79G", "2h", bind=False)
+        here = Engine(state_dir=state)
+        twin_engine = Engine(state_dir=twin)
+        twin_engine.reserve("79G", "2h", bind=False)
         chronos.reserve("1G", "10m", bind=False).release()
         before = _round_trips(args.rounds)
         print(f"round trip, no waiter: median {before['median_ms']:.3f} ms, p99 {before['p99_ms']:.3f} ms")
@@ -104,6 +129,12 @@ def main() -> None:
         during = _round_trips(args.rounds)
         print(f"round trip, {args.waiters} waiting: median {during['median_ms']:.3f} ms, p99 {during['p99_ms']:.3f} ms"
               f" ({(during['median_ms'] / before['median_ms'] - 1) * 100:+.1f}% at the median; goal < +10%)")
+        ab = _alternated({"waiters": here, "twin": twin_engine}, args.rounds)
+        w, t = ab["waiters"], ab["twin"]
+        print(f"round trip alternated in blocks of 100, this ledger ({args.waiters} waiting) against a twin with "
+              f"none: median {w['median_ms']:.3f} against {t['median_ms']:.3f} ms "
+              f"({(w['median_ms'] / t['median_ms'] - 1) * 100:+.1f}%; goal < +10%), p99 {w['p99_ms']:.3f} against "
+              f"{t['p99_ms']:.3f} ms")
         # Grants: free the GPU, and each time a waiter gets it, give it back at once.
         conn = sqlite3.connect(db, timeout=30)
         order = [str(r[0]) for r in conn.execute("SELECT seq FROM leases WHERE state = 'queued' ORDER BY seq")]
@@ -143,6 +174,8 @@ def main() -> None:
         after = _round_trips(args.rounds)
         print(f"round trip, no waiter again: median {after['median_ms']:.3f} ms, p99 {after['p99_ms']:.3f} ms")
         print(f"lock errors among the waiters: {errors}")
+        here.close()
+        twin_engine.close()
 
 
 if __name__ == "__main__":
