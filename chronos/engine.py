@@ -162,6 +162,10 @@ class Engine:
         self.ledger.append_event(lease_id, event, uid=who.uid, user=who.name, pid=procs.caller()[0], detail=detail)
         if event in _GATED_EVENTS and self.config.gate_devices:
             self.sync_gate(strict=event == "granted")
+            self.ledger.on_undo(self._regate)  # a rollback takes the grant or the end back: so must the ACLs
+
+    def _regate(self) -> None:
+        self.sync_gate(strict=False)
 
     def sync_gate(self, *, strict: bool = True) -> list[str]:
         """Device gating (``[enforce] gate_devices``, :mod:`chronos.enforce.gating`): the device files'

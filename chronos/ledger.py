@@ -180,6 +180,8 @@ class Ledger:
         self._open_epoch = getattr(self, "_open_epoch", 0) + 1
         self._open_log: list[int] = []
         self._wal_files: tuple[int, int] | None = None
+        #: What this transaction did outside the ledger, to put right if it is rolled back (:meth:`on_undo`).
+        self._undo: list[Callable[[], None]] = []
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -279,6 +281,7 @@ class Ledger:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise ledger_error(exc, self.path) from None
+            self._undo = []
             try:
                 self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
@@ -290,13 +293,32 @@ class Ledger:
                         self._conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass  # SQLite may have rolled back already (a full disk)
+                self._run_undo(0)
                 if isinstance(exc, sqlite3.Error):
                     raise ledger_error(exc, self.path) from None
                 raise
             else:
+                self._undo = []
                 self._commits += 1
                 if self._commits % CHECKPOINT_EVERY == 0:
                     self._checkpoint_soon()
+
+    def on_undo(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` if the write transaction (or the batch's operation) in progress is rolled back:
+        for what a write changed outside the ledger, such as a device file's ACL, which must follow
+        the ledger back. Once per transaction for the same hook; nothing happens on commit."""
+        if hook not in self._undo:
+            self._undo.append(hook)
+
+    def _run_undo(self, mark: int) -> None:
+        hooks, self._undo[mark:] = self._undo[mark:], []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:  # the rollback stands; the hook's owner heals it later
+                import logging  # only here: every command start would pay for it
+
+                logging.getLogger("chronos.ledger").warning("after a rollback: %s", exc)
 
     @contextmanager
     def batch(self) -> Iterator[Ledger]:
@@ -327,6 +349,7 @@ class Ledger:
         except sqlite3.Error as exc:
             self._batch_broken = True
             raise ledger_error(exc, self.path) from None
+        mark = len(self._undo)
         try:
             yield
             self._conn.execute("RELEASE operation")
@@ -336,6 +359,7 @@ class Ledger:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK TO operation")
                     self._conn.execute("RELEASE operation")
+                    self._run_undo(mark)
                 else:
                     self._batch_broken = True  # SQLite rolled back everything (a full disk)
             except sqlite3.Error:

@@ -243,3 +243,24 @@ def test_a_device_file_made_open_to_all_is_logged_at_the_next_pass_and_when_fixe
         enforcer.poll()
         fixed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device gating, fixed")]
         assert len(fixed) == 1 and str(gpu1) in fixed[0]
+
+
+def test_a_grant_or_an_end_that_is_rolled_back_takes_its_acl_change_back(people: dict[str, str],
+                                                                         devices: Path) -> None:
+    engine = _engine(devices)
+    gpu0 = devices / "nvidia0"
+    with pytest.raises(RuntimeError), engine.batch():  # a group commit that fails after a grant
+        engine.reserve("4G", "1h", device=0, user=people["ann"], bind=False)
+        assert _open_as(people["ann"], gpu0) == "ok"  # given inside the transaction
+        raise RuntimeError("the group fails after the grant")
+    assert engine.active_records() == []
+    assert _open_as(people["ann"], gpu0) == "EACCES"  # at once, not at the enforcer's next pass
+    lease = engine.reserve("4G", "1h", device=0, user=people["ann"], bind=False)
+    with pytest.raises(RuntimeError), engine.batch():  # and one that fails after an end
+        engine.release(lease.id)
+        assert _open_as(people["ann"], gpu0) == "EACCES"
+        raise RuntimeError("the group fails after the release")
+    assert [r.id for r in engine.active_records()] == [lease.id]
+    assert _open_as(people["ann"], gpu0) == "ok"
+    engine.release(lease.id)
+    assert _open_as(people["ann"], gpu0) == "EACCES"
