@@ -134,6 +134,8 @@ class Config:
     enforce_interval_s: float = 0.5
     gate_devices: bool = False
     device_dir: Path = Path("/dev")
+    #: With gating on, the mode the enforcer keeps the ``nvidiaN`` files at (None: leave it alone).
+    device_mode: int | None = None
     #: ``[limits.users.NAME]`` and ``[limits.groups.NAME]``: (name, ((Config field or "high_priority", value), ...)),
     #: a value of None lifting the limit for them.
     user_limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -244,6 +246,22 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _device_mode(value: Any) -> int:
+    """A device file's mode for gating: read-write for the group (the group bits are the ACL's mask,
+    so less would take away what a lease's ACL entry gives) and nothing for others."""
+    hint = "give a mode such as \"0660\": read-write for the group, nothing for others"
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        raise ValueError(hint)
+    mode = int(value.strip(), 8)
+    if (mode >> 3) & 0o7 != 0o6 or mode & 0o7:
+        raise ValueError(hint)
+    return mode
+
+
+def _show_mode(value: Any) -> str:
+    return "none" if value is None else f"{value:04o}"
+
+
 def _users(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ValueError("give a list of user names such as [\"root\"]")
@@ -331,6 +349,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "interval": _Key("enforce_interval_s", _interval, _show_seconds),
         "gate_devices": _Key("gate_devices", _bool, _show_bool),
         "device_dir": _Key("device_dir", _path, str),
+        "device_mode": _Key("device_mode", _optional(_device_mode), _show_mode),
     },
 }
 

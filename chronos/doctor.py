@@ -149,7 +149,7 @@ def _check_gating(report: Report, engine: EngineOps) -> None:
         return
     from chronos.enforce.gating import DeviceGate
 
-    problems = DeviceGate(engine.config.device_dir).problems()
+    problems = DeviceGate(engine.config.device_dir).problems(mode_kept=engine.config.device_mode is not None)
     report.problems.extend(problems)
     report.enforcement["device gating"] = (f"on, in {engine.config.device_dir}" if not problems
                                            else "on, but cannot hold (see the problems)")

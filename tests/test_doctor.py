@@ -76,7 +76,7 @@ def test_doctor_says_when_device_gating_cannot_hold(tmp_path: Path) -> None:
     assert report["enforcement"]["device gating"] == "on, but cannot hold (see the problems)"
     assert [p for p in report["problems"] if "gating" in p] == [
         f"device gating: {devices / 'nvidia0'} is open to every user (mode o+rw), so gating cannot keep anyone "
-        "off it; make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule)"]
+        "off it; make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule, or [enforce] device_mode)"]
     (devices / "nvidia0").chmod(0o660)
     result = run_cli("doctor", "--json", env={"CHRONOS_CONFIG": str(config)})
     report = json.loads(result.stdout)

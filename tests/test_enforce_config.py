@@ -28,6 +28,7 @@ def test_the_documented_settings_file_loads_as_written(tmp_path: Path) -> None:
     assert config.unmanaged == OnUnmanaged.REPORT and config.unmanaged_grace_s == 60.0
     assert config.unmanaged_exempt == ("root",) and config.kill_wait_s == 30.0
     assert config.enforce_interval_s == 0.5 and config.gate_devices is False and str(config.device_dir) == "/dev"
+    assert config.device_mode is None
     assert config.history_keep_s == 180 * 86400  # the [history] table of the same file
 
 
@@ -43,6 +44,10 @@ def test_the_defaults() -> None:
     ('device_dir = "dev"', "bad value for enforce.device_dir ('dev'): give an absolute path"),
     ('unmanaged_exempt = "root"', "bad value for enforce.unmanaged_exempt ('root'): give a list of user names"),
     ('gate_device = true', "unknown setting 'enforce.gate_device'; did you mean 'gate_devices'?"),
+    ('device_mode = "0666"', "bad value for enforce.device_mode ('0666'): give a mode such as \"0660\": read-write "
+                             "for the group, nothing for others"),
+    ('device_mode = "0640"', "bad value for enforce.device_mode ('0640'): give a mode such as \"0660\""),
+    ('device_mode = 660', "bad value for enforce.device_mode (660): give a mode such as \"0660\""),
 ])
 def test_a_bad_value_is_one_line_naming_file_and_line(line: str, message: str, chronos_env: Path) -> None:
     path = chronos_env / "no-config.toml"
@@ -57,3 +62,11 @@ def test_a_user_cannot_set_enforcement_in_their_own_file(chronos_env: Path) -> N
     (chronos_env / "no-user-config.toml").write_text('[enforce]\nunmanaged = "report"\n')
     done = run_cli("config")
     assert done.returncode == 2 and "enforce.unmanaged may only be set by the administrator" in done.stderr
+
+
+@pytest.mark.parametrize("value, mode", [('"0660"', 0o660), ('"660"', 0o660), ('"0760"', 0o760), ('"none"', None)])
+def test_device_mode_is_octal_or_none(value: str, mode: int | None, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f"[enforce]\ngate_devices = true\ndevice_mode = {value}\n")
+    config = load_config({"CHRONOS_CONFIG": str(path), "CHRONOS_USER_CONFIG": str(tmp_path / "none.toml")})
+    assert config.device_mode == mode

@@ -216,8 +216,9 @@ def test_a_driver_that_puts_the_modes_back_is_a_problem(devices: Path, tmp_path:
     assert driver_restores_modes(params)
     assert gate.problems() == [
         f"device gating: the NVIDIA driver has ModifyDeviceFiles=1 ({params}), so every root program that starts "
-        "NVML or CUDA, this service included, makes the device files 0666 again; set NVreg_ModifyDeviceFiles=0 "
-        "(docs/enforcement.md, Device gating)"]
+        "NVML or CUDA, this service included, makes the device files 0666 again; set NVreg_ModifyDeviceFiles=0, "
+        "or [enforce] device_mode = \"0660\" (docs/enforcement.md, Device gating)"]
+    assert gate.problems(mode_kept=True) == []  # the enforcer puts the modes back every pass
     params.write_text("ModifyDeviceFiles: 0\nDeviceFileMode: 432\n")
     assert not driver_restores_modes(params) and gate.problems() == []
     assert not driver_restores_modes(tmp_path / "no-driver-loaded")
@@ -262,5 +263,27 @@ def test_a_grant_or_an_end_that_is_rolled_back_takes_its_acl_change_back(people:
         raise RuntimeError("the group fails after the release")
     assert [r.id for r in engine.active_records()] == [lease.id]
     assert _open_as(people["ann"], gpu0) == "ok"
+    engine.release(lease.id)
+    assert _open_as(people["ann"], gpu0) == "EACCES"
+
+
+def test_device_mode_puts_a_reset_mode_back_at_the_next_pass_and_keeps_the_acl(
+        people: dict[str, str], devices: Path, caplog: pytest.LogCaptureFixture) -> None:
+    engine = Engine(config=replace(settings.current().config, gate_devices=True, device_dir=devices,
+                                   device_mode=0o660, kill_wait_s=5.0))
+    enforcer = Enforcer(engine)
+    gpu0 = devices / "nvidia0"
+    lease = engine.reserve("4G", "1h", device=0, user=people["ann"], bind=False)
+    enforcer.poll()
+    gpu0.chmod(0o666)  # as a root program's CUDA start makes it under ModifyDeviceFiles=1
+    assert _open_as(people["bob"], gpu0) == "ok"
+    with caplog.at_level(logging.INFO, logger="chronos"):
+        enforcer.poll()
+    assert oct(gpu0.stat().st_mode & 0o777) == "0o660"
+    assert [r.getMessage() for r in caplog.records if "device_mode" in r.getMessage()] == [
+        f"device gating: {gpu0} was 0666, made 0660 again ([enforce] device_mode)"]
+    assert not [r for r in caplog.records if "open to every user" in r.getMessage()]  # healed before judged
+    assert _open_as(people["bob"], gpu0) == "EACCES"
+    assert _open_as(people["ann"], gpu0) == "ok"  # her lease's ACL entry survived the chmods
     engine.release(lease.id)
     assert _open_as(people["ann"], gpu0) == "EACCES"

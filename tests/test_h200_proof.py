@@ -30,5 +30,5 @@ def test_the_h200_service_proof_passes_its_dry_run(tmp_path: Path) -> None:
     assert report["dry_run"] is True
     names = [c["check"] for c in report["checks"]]
     assert all(c["ok"] for c in report["checks"]), report["checks"]
-    assert len(names) == 10 and names[-1] == "device files' modes and ACLs put back"
+    assert len(names) == 11 and names[-1] == "device files' modes and ACLs put back"
     assert any(n.startswith("over_cap") for n in names) and any(n.startswith("unmanaged") for n in names)

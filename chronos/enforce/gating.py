@@ -210,14 +210,33 @@ class DeviceGate:
                 out.append(path)
         return out
 
-    def problems(self) -> list[str]:
-        """One line for each reason gating cannot keep a user off a GPU now (empty when it can)."""
+    def keep_mode(self, mode: int) -> list[str]:
+        """Put each file's mode back to ``mode`` where something changed it (a root program's NVML or
+        CUDA start under ``ModifyDeviceFiles=1``); returns one line per file changed. The ACL's named
+        entries stay: a chmod only sets its mask from the group bits, which ``mode`` keeps rw."""
+        changed = []
+        for path in self.paths().values():
+            try:
+                now = stat.S_IMODE(os.stat(path).st_mode)
+                if now != mode:
+                    os.chmod(path, mode)
+                    changed.append(f"device gating: {path} was {now:04o}, made {mode:04o} again "
+                                   "([enforce] device_mode)")
+            except OSError as exc:
+                raise StateError(f"device gating: cannot set the mode of {path}: {exc.strerror}") from None
+        return changed
+
+    def problems(self, *, mode_kept: bool = False) -> list[str]:
+        """One line for each reason gating cannot keep a user off a GPU now (empty when it can).
+        ``mode_kept``: the enforcer puts the modes back every pass, so the driver's resets are healed."""
         out = [f"device gating: {path} is open to every user (mode o+rw), so gating cannot keep anyone off it; "
-               "make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule)" for path in self.open_to_all()]
-        if driver_restores_modes(self.driver_params):
+               "make it 0660 (NVreg_DeviceFileMode=0660 or a udev rule, or [enforce] device_mode)"
+               for path in self.open_to_all()]
+        if not mode_kept and driver_restores_modes(self.driver_params):
             out.append(f"device gating: the NVIDIA driver has ModifyDeviceFiles=1 ({self.driver_params}), so every "
                        "root program that starts NVML or CUDA, this service included, makes the device files "
-                       "0666 again; set NVreg_ModifyDeviceFiles=0 (docs/enforcement.md, Device gating)")
+                       "0666 again; set NVreg_ModifyDeviceFiles=0, or [enforce] device_mode = \"0660\" "
+                       "(docs/enforcement.md, Device gating)")
         return out
 
     def holders(self, allowed: Callable[[int, int], bool] = lambda uid, index: False) -> list[Holder]:

@@ -303,7 +303,14 @@ class Enforcer:
         assert self.gate is not None
         # Every pass, since a root program may make a file 0666 again at any time (ModifyDeviceFiles=1):
         # each problem is logged when it appears, and again when it is gone.
-        problems = set(self.gate.problems())
+        mode = self.config.device_mode
+        if mode is not None:
+            try:
+                for line in self.gate.keep_mode(mode):
+                    log.warning("%s", line)
+            except ChronosError as exc:
+                self._error("mode", str(exc))
+        problems = set(self.gate.problems(mode_kept=mode is not None))
         for line in sorted(problems - self._gate_problems):
             self.errors += 1
             log.error("%s", line)

@@ -10,9 +10,10 @@ With the real NVML backend:
    (``torch.cuda.init()`` and a tensor on the GPU); with a lease on GPU 0 (the ACL entry added) they
    must succeed; a context they still hold when the lease is released must be ended by the enforcer;
    after the end they must fail again. The device files' modes and ACLs are put back at the end,
-   whatever happened. Where the driver has ``ModifyDeviceFiles=1`` (every root NVML or CUDA start
-   makes the file 0666 again; ``scripts/h200/gating_probe.py`` shows which), a keeper thread makes it
-   0660 again as ``ModifyDeviceFiles=0`` would leave it, and every reset it undid is recorded.
+   whatever happened. The service runs with ``[enforce] device_mode = "0660"``: where the driver has
+   ``ModifyDeviceFiles=1`` (every root NVML or CUDA start makes the file 0666 again;
+   ``scripts/h200/gating_probe.py`` shows which), each enforcement pass puts the mode back, and
+   every time it did is recorded.
 
 ``--dry-run`` runs the same steps here, on simulated GPUs (memory claimed for each process's pid) and
 stand-in device files in a temporary directory; opening the stand-in read-write stands for the CUDA
@@ -227,62 +228,48 @@ def main() -> int:
         allowed, said = cuda_context(user)
         failed |= not check(f"gating: before, with {gpu0} as it was, {user} can create a CUDA context", allowed,
                             said=said, mode=oct(os.stat(gpu0).st_mode & 0o777))
-        # A lent machine's driver may have ModifyDeviceFiles=1 (a module parameter we cannot change there):
-        # then every root NVML or CUDA start, the enforcer's and the machine's own agents' included, makes
-        # the file 0666 again. The keeper stands for ModifyDeviceFiles=0: it makes the file 0660 again
-        # within 20 ms and records each time it had to; a check during which that happened runs again.
-        resets: list[str] = []
-        step = ["start"]
-        keeping = threading.Event()
+        # A lent machine's driver may have ModifyDeviceFiles=1 (a module parameter that cannot be changed
+        # there): then every root NVML or CUDA start, the service's and the machine's own agents' included,
+        # makes the file 0666 again. The service runs with [enforce] device_mode = "0660", so each pass
+        # puts it back; a check during which that happened (a line in the log) runs again, three tries.
+        def resets() -> list[str]:
+            return [line for line in logged if "([enforce] device_mode)" in line]
 
-        def keep_0660() -> None:
-            while not keeping.wait(0.02):
-                mode = os.stat(gpu0).st_mode & 0o777
-                if mode != 0o660:
-                    os.chmod(gpu0, 0o660)
-                    resets.append(f"{time.strftime('%H:%M:%S')} {step[0]}: {oct(mode)}")
-
-        def gated_context(name: str) -> tuple[bool, str, int]:
-            """``cuda_context(user)`` with the file kept 0660 throughout: up to three tries, one that
-            saw a reset is not counted. Returns what it said and how many tries were spoiled."""
+        def gated_context(polls: Callable[[], int]) -> tuple[bool, str, int]:
             spoiled = 0
             for _ in range(3):
-                step[0] = name
-                before = len(resets)
-                time.sleep(0.05)
+                before, first = len(resets()), polls()
                 allowed, said = cuda_context(user)
-                time.sleep(0.05)
-                if len(resets) == before:
+                until(lambda start=first: polls() >= start + 2, 5)  # a pass after the try has looked at the mode
+                if len(resets()) == before:
                     return allowed, said, spoiled
                 spoiled += 1
             return allowed, said, spoiled
 
-        os.chmod(gpu0, 0o660)
-        keeper = threading.Thread(target=keep_0660, daemon=True)
-        keeper.start()
-        try:
-            allowed, said, spoiled = gated_context("without a lease")
+        engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, device_mode=0o660,
+                                       kill_wait_s=5.0, on_expiry=Action.TERMINATE))
+        with enforcing(engine) as enforcer:
+            until(lambda: enforcer.polls >= 2, 10)
+            failed |= not check("gating: the service made GPU 0's file 0660 ([enforce] device_mode)",
+                                device()["mode"] == "0o660", device=device(), logged=resets()[:2])
+            polls = lambda: enforcer.polls  # noqa: E731
+            allowed, said, spoiled = gated_context(polls)
             failed |= not check(f"gating: without a lease {user} cannot create a CUDA context", not allowed,
                                 said=said, spoiled_tries=spoiled, device=device())
-            engine = Engine(config=replace(base, gate_devices=True, device_dir=device_dir, kill_wait_s=5.0,
-                                           on_expiry=Action.TERMINATE))
-            step[0] = "the service's NVML start"
-            engine.backend.devices()
             lease = engine.reserve("8G", "10m", device=0, user=user, bind=False)
-            allowed, said, spoiled = gated_context("with a lease")
+            allowed, said, spoiled = gated_context(polls)
             failed |= not check(f"gating: with a lease on GPU 0 {user} can", allowed, said=said,
                                 spoiled_tries=spoiled, device=device())
-            step[0] = "a context held through the lease's end"
             holder = as_user(user, [user_python, "-c", HOLD_FILE, str(gpu0)], home, stdout=subprocess.PIPE) \
                 if args.dry_run else gpu_proc(user, 256)
             if args.dry_run:
                 assert holder.stdout is not None
                 holder.stdout.readline()
-            with enforcing(engine) as enforcer:
-                until(lambda: enforcer.polls >= 6, 10)
-                alive_during = holder.poll() is None
-                engine.release(lease.id)
-                code = wait(holder, 30)
+            target = enforcer.polls + 4
+            until(lambda: enforcer.polls >= target, 10)
+            alive_during = holder.poll() is None
+            engine.release(lease.id)
+            code = wait(holder, 30)
             found = [f.message for f in enforcer.findings if f.kind == FindingKind.NO_ACCESS]
             after = device()
             failed |= not check("gating: a context still held after the lease's end is ended",
@@ -291,18 +278,15 @@ def main() -> int:
             uid = pwd.getpwnam(user).pw_uid
             failed |= not check(f"gating: at the end {user}'s ACL entry is gone", uid not in after["acl_users"],
                                 device=after)
-            allowed, said, spoiled = gated_context("after the end")
+            allowed, said, spoiled = gated_context(polls)
             failed |= not check(f"gating: after the end {user} cannot again", not allowed, said=said,
                                 spoiled_tries=spoiled, device=device())
-        finally:
-            keeping.set()
-            keeper.join(5)
         if driver.get("ModifyDeviceFiles") == "1":
             said_by_service = [line for line in logged if "ModifyDeviceFiles=1" in line]
-            failed |= not check("gating: the service logged that this driver puts the device modes back",
-                                bool(said_by_service), logged=said_by_service[:1])
-        checks.append({"check": "resets of GPU 0's mode undone by the keeper", "ok": True, "resets": resets})
-        print(f"resets undone by the keeper: {json.dumps(resets)}", flush=True)
+            failed |= not check("gating: with device_mode set the service does not call the driver's resets a "
+                                "problem", not said_by_service, logged=said_by_service[:1])
+        checks.append({"check": "modes put back by the service", "ok": True, "resets": resets()})
+        print(f"modes put back by the service: {json.dumps(resets())}", flush=True)
     except Exception as exc:
         failed = True
         check("the proof ran to its end", False, error=f"{type(exc).__name__}: {exc}")
