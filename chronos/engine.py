@@ -41,7 +41,7 @@ from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the l
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
 from chronos.live import LiveView
-from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate, evolve
 from chronos.policy import bookings, figures, idle
 from chronos.policy.report import Report
 from chronos.policy.retention import Retention
@@ -253,7 +253,7 @@ class Engine:
     def _end(self, lease: LeaseRecord, state: LeaseState, reason: str, who: User, *, at: float) -> LeaseRecord:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
         self._event(lease.id, str(state), who, {"reason": reason, "ended_at": at})
-        return replace(lease, state=state, ended_at=at, end_reason=reason)
+        return evolve(lease, state=state, ended_at=at, end_reason=reason)
 
     def _alive(self, pid: int, started: float | None, *, fresh: bool = False) -> bool:
         """Whether a holder or waiter still runs. Unless ``fresh``, a live answer is trusted for
@@ -415,7 +415,7 @@ class Engine:
                 if claimed is not None:
                     return self._handle(claimed)
                 snapshot = self._snapshot(now, devices, gpu_procs, live)
-                request = replace(request, seq=scheduler.next_seq(snapshot),
+                request = evolve(request, seq=scheduler.next_seq(snapshot),
                                   share=self.policies.share_of(owner.name, now))
                 decision, snapshot, live = self._decide(snapshot, request, live, now, caller, devices, gpu_procs)
                 cause = decision.cause or cause
@@ -520,7 +520,7 @@ class Engine:
             pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
         )
         stored = {**request.to_json(holder[0] if holder else False), **own_rule}
-        record = replace(record, id=self.ledger.insert(record, stored))
+        record = evolve(record, id=self.ledger.insert(record, stored))
         self._event(record.id, "granted", caller, _grant_detail(record))
         return self._handle(record)
 
@@ -741,7 +741,7 @@ class Engine:
             if lease.idle_since is not None:  # "still here": the idle spell is over
                 self._event(lease.id, "active", caller, {"idle_since": lease.idle_since, "by": "extend"})
             self._event(lease.id, "extended", caller, {"by_s": seconds, "expires_at": new_end})
-        return self._handle(replace(lease, expires_at=new_end, idle_since=None, idle_warning=None))
+        return self._handle(evolve(lease, expires_at=new_end, idle_since=None, idle_warning=None))
 
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
@@ -755,7 +755,7 @@ class Engine:
             pid_, start = holder if holder else (None, None)
             self.ledger.update(lease.id, pid=pid_, pid_start=start)
             self._event(lease.id, "bound", caller, {"pid": pid_})
-        return self._handle(replace(lease, pid=pid_, pid_start=start))
+        return self._handle(evolve(lease, pid=pid_, pid_start=start))
 
     # -- bookings (:mod:`chronos.policy.bookings`) ---------------------------------------------
     def book(self, memory: str | int | float | MemorySpec, duration: str | int | float | None, at: str | float, *,

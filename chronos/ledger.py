@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -23,7 +23,7 @@ from typing import Any
 from chronos import procs
 from chronos.errors import StateError
 from chronos.ledger_faults import check_wal_files, ledger_error, patience, patience_ms
-from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
+from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority, evolve
 from chronos.state import prepare_file
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
@@ -378,7 +378,7 @@ class Ledger:
         )
         assert cur.lastrowid is not None
         if self._open_rows is not None and lease.state in _OPEN:
-            self._open_rows[cur.lastrowid] = replace(lease, id=str(cur.lastrowid))
+            self._open_rows[cur.lastrowid] = evolve(lease, id=str(cur.lastrowid))
             self._changed(cur.lastrowid)
         return str(cur.lastrowid)
 
@@ -408,7 +408,7 @@ class Ledger:
             return
         typed: dict[str, Any] = {k: tuple(v) if k in ("devices", "device_uuids") else LeaseState(v) if k == "state"
                  else Action(v) if k == "end_action" and v is not None else v for k, v in fields.items()}
-        record = replace(found, **typed)
+        record = evolve(found, **typed)
         if record.state in _OPEN:
             self._open_rows[seq] = record
         else:
