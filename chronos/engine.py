@@ -685,7 +685,12 @@ class Engine:
 
     def _owned(self, lease_id: str, caller: User, action: str, live: list[LeaseRecord] | None = None) -> LeaseRecord:
         key = parse_lease_id(lease_id)
-        lease = next((item for item in live or () if item.id == key), None) or self.ledger.get(key)
+        lease = next((item for item in live or () if item.id == key), None)
+        if lease is None:  # an open lease as the view holds it (kept true to the ledger), else a read
+            with self.ledger.locked():
+                lease = self._synced().record(int(key))
+        if lease is None:
+            lease = self.ledger.get(key)
         if lease is None:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         if lease.uid != caller.uid and not is_admin(caller, self.config.admin_group):
