@@ -393,6 +393,7 @@ class SimulatedBackend:
         self._uuids = [device_uuid(i, n) for i, n in enumerate(self.sizes)]
         self._names = [f"Chronos Simulated GPU ({format_bytes(n)})" for n in self.sizes]
         self._state_dir = Path(state_dir)
+        self._state_file = self._state_dir / STATE_FILE  # read on every poll: joined once
         self._shared = shared
 
     @classmethod
@@ -446,7 +447,7 @@ class SimulatedBackend:
             _write_raw(path, _serialise(claims))
 
     def _live_claims(self) -> dict[int, list[_Claim]]:
-        return _live(_claims(_read_raw(self._state_dir / STATE_FILE)))
+        return _live(_claims(_read_raw(self._state_file)))
 
     # -- the Backend interface -----------------------------------------------------------
     def devices(self) -> list[Device]:
