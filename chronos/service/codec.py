@@ -125,6 +125,18 @@ def _union_decoder(kind: Any) -> _Decoder:
     arms = typing.get_args(kind)
     optional = type(None) in arms
     readers = [_decoder(arm) for arm in arms if arm is not type(None)]
+    if len(readers) == 1:  # ``X | None``, most of a record's fields: one reader, no loop
+        only = readers[0]
+
+        def read_one(data: Any, engine: LeaseOps | None) -> Any:
+            if data is None and optional:
+                return None
+            try:
+                return only(data, engine)
+            except CodecError as exc:
+                raise CodecError(f"{data!r} fits none of {kind}: {exc}") from None
+
+        return read_one
 
     def read(data: Any, engine: LeaseOps | None) -> Any:
         if data is None and optional:
@@ -220,24 +232,41 @@ def _dataclass_decoder(kind: type) -> _Decoder:
 
 
 def _plain_decoder(kind: type) -> _Decoder:
-    def read(data: Any, engine: LeaseOps | None) -> Any:
-        if kind is float:
+    """The reader of one plain type; the value's exact type is tried first (what JSON gives back)."""
+
+    def refuse(data: Any) -> Any:
+        raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+
+    if kind is float:
+        def read_float(data: Any, engine: LeaseOps | None) -> Any:
+            if type(data) is float:
+                return data
             if data in ("inf", "-inf"):
                 return float(data)
             if isinstance(data, (int, float)) and not isinstance(data, bool):
                 return float(data)
-        elif kind is int:
-            if isinstance(data, int) and not isinstance(data, bool):
-                return data
-        elif kind is Path:
-            if isinstance(data, str):
-                return Path(data)
-        elif kind in (str, bool):
-            if isinstance(data, kind):
-                return data
-        elif kind is dict or kind is list:
-            if isinstance(data, kind):
-                return data
-        raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+            return refuse(data)
 
-    return read
+        return read_float
+    if kind is int:
+        def read_int(data: Any, engine: LeaseOps | None) -> Any:
+            if type(data) is int or (isinstance(data, int) and not isinstance(data, bool)):
+                return data
+            return refuse(data)
+
+        return read_int
+    if kind is Path:
+        def read_path(data: Any, engine: LeaseOps | None) -> Any:
+            return Path(data) if isinstance(data, str) else refuse(data)
+
+        return read_path
+    if kind in (str, bool, dict, list):
+        def read_same(data: Any, engine: LeaseOps | None) -> Any:
+            return data if isinstance(data, kind) else refuse(data)
+
+        return read_same
+
+    def read_none(data: Any, engine: LeaseOps | None) -> Any:
+        return refuse(data)
+
+    return read_none
