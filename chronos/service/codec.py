@@ -47,8 +47,7 @@ def encode(value: Any) -> Any:
     if isinstance(value, Lease):
         return encode(value.record)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = ((name, getattr(value, name)) for name in _field_names(type(value)))
-        return {name: field if type(field) in _PLAIN else encode(field) for name, field in fields}
+        return _encode_record(value)
     if isinstance(value, dict):
         return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -56,6 +55,20 @@ def encode(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise CodecError(f"cannot send a {type(value).__name__} over the protocol")
+
+
+def _encode_record(value: Any) -> dict[str, Any]:
+    """A dataclass as the object of its fields; plain and finite float fields (most of them) taken as they are."""
+    state = getattr(value, "__dict__", None)
+    out: dict[str, Any] = {}
+    for name in _field_names(value.__class__):
+        field = state[name] if state is not None else getattr(value, name)
+        kind = type(field)
+        if kind in _PLAIN or (kind is float and math.isfinite(field)):
+            out[name] = field
+        else:
+            out[name] = encode(field)
+    return out
 
 
 @lru_cache(maxsize=256)
