@@ -179,6 +179,10 @@ class Ledger:
         #: Which read of the open leases ``_open_rows`` began as, and the ids this connection changed since.
         self._open_epoch = getattr(self, "_open_epoch", 0) + 1
         self._open_log: list[int] = []
+        #: Inside a write transaction (BEGIN IMMEDIATE: no other connection can commit until it ends), and
+        #: whether ``_open_rows`` was checked against ``data_version`` in it: then once is enough.
+        self._writing = False
+        self._checked_in_write = False
         self._wal_files: tuple[int, int] | None = None
         try:
             self._conn = sqlite3.connect(
@@ -279,11 +283,14 @@ class Ledger:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise ledger_error(exc, self.path) from None
+            self._writing, self._checked_in_write = True, False
             try:
                 self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
+                self._writing = False
                 self._conn.execute("COMMIT")
             except BaseException as exc:
+                self._writing = False
                 self._open_rows = None  # it holds this transaction's writes: read again
                 if self._conn.in_transaction:
                     try:
@@ -462,7 +469,10 @@ class Ledger:
             return list(self._open_now().values())
 
     def _open_now(self) -> dict[int, LeaseRecord]:
+        if self._writing and self._checked_in_write and self._open_rows is not None and self._conn.in_transaction:
+            return self._open_rows  # checked in this write, and no other connection has committed since
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        self._checked_in_write = self._writing
         if self._open_rows is None or version != self._open_version:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
                                       [str(state) for state in _OPEN]).fetchall()
