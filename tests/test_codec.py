@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -66,3 +67,33 @@ def test_whole_numbers_read_as_floats() -> None:
     data["duration_s"] = 600
     value = codec.decode(LeaseRecord, data).duration_s
     assert value == 600.0 and type(value) is float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    low: int
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise TypeError("low above high")
+
+
+def test_a_record_with_its_own_checks_is_made_through_them() -> None:
+    assert codec.decode(_Checked, {"low": 1, "high": 2}) == _Checked(1, 2)
+    with pytest.raises(codec.CodecError, match="low above high"):
+        codec.decode(_Checked, {"low": 5, "high": 2})
+
+
+def test_a_record_given_every_field_equals_the_one_its_init_makes() -> None:
+    record = _record(label="train", end_action=None)
+    back = codec.decode(LeaseRecord, codec.encode(record))
+    assert back == record and hash(back) == hash(record) and type(back) is LeaseRecord
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.label = "other"  # type: ignore[misc]
+    partial = codec.encode(record)
+    del partial["label"]  # a field left out takes its default, through __init__
+    assert codec.decode(LeaseRecord, partial).label is None
+    del partial["owner"]
+    with pytest.raises(codec.CodecError, match="incomplete LeaseRecord"):
+        codec.decode(LeaseRecord, partial)
