@@ -66,6 +66,10 @@ def _encode_record(value: Any) -> dict[str, Any]:
         kind = type(field)
         if kind in _PLAIN or (kind is float and math.isfinite(field)):
             out[name] = field
+        elif isinstance(field, enum.Enum):
+            out[name] = field.value
+        elif kind is tuple and all(type(item) in _PLAIN for item in field):  # a lease's devices, their uuids
+            out[name] = list(field)
         else:
             out[name] = encode(field)
     return out
