@@ -105,6 +105,7 @@ class Engine:
         self._view = LiveView()
         self._waiters_due = 0.0  # when the queued requests' waiters are next looked at in a write
         self._queue: tuple[int, tuple[scheduler.Request, ...]] | None = None
+        self._states: tuple[tuple[tuple[int, str, int, int], ...], tuple[scheduler.DeviceState, ...]] | None = None
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -344,14 +345,23 @@ class Engine:
             dist = None
         return scheduler.Snapshot(
             now=now,
-            devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
-                          for d in devices),
+            devices=self._device_states(devices, unmanaged),
             active=holdings,
             held=held,
             queue=queue,
             distances=dist,
             bookings=self.policies.snapshot_bookings(now),
         )
+
+    def _device_states(self, devices: list[Device], unmanaged: Mapping[int, int]) -> tuple[scheduler.DeviceState, ...]:
+        """The devices as admission sees them; the last snapshot's (frozen) states while nothing about them changed."""
+        key = tuple((d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0)) for d in devices)
+        last = self._states  # read once: another thread may replace it
+        if last is not None and last[0] == key:
+            return last[1]
+        states = tuple(scheduler.DeviceState(*fields) for fields in key)
+        self._states = (key, states)
+        return states
 
     def _queued_requests(self, queued: list[LeaseRecord]) -> list[scheduler.Request]:
         """The stored request of each queued lease; read once per lease (it never changes while queued)."""
