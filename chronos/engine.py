@@ -119,6 +119,9 @@ class Engine:
 
     @property
     def ledger(self) -> Ledger:
+        ledger = self._ledger  # open already (every lease operation asks many times): no lock to take
+        if ledger is not None:
+            return ledger
         with self._lock:
             if self._ledger is None:
                 ledger = Ledger(checked_state_dir(self.config))
