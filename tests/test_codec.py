@@ -97,3 +97,15 @@ def test_a_record_given_every_field_equals_the_one_its_init_makes() -> None:
     del partial["owner"]
     with pytest.raises(codec.CodecError, match="incomplete LeaseRecord"):
         codec.decode(LeaseRecord, partial)
+
+
+@dataclasses.dataclass(init=False)
+class _Converted:
+    count: int
+
+    def __init__(self, count: int) -> None:
+        self.count = count * 2
+
+
+def test_a_record_with_an_init_of_its_own_is_made_through_it() -> None:
+    assert codec.decode(_Converted, {"count": 2}).count == 4

@@ -234,7 +234,8 @@ def _dataclass_decoder(kind: type) -> _Decoder:
     made: list[list[tuple[str, _Decoder]]] = []  # worked out on first use: a record may hold its own kind
     # A record whose __init__ only stores its fields (no __post_init__, no slots, every field set by it) is
     # made without running it: a frozen record's __init__ sets each field through object.__setattr__.
-    plain = not hasattr(kind, "__post_init__") and "__slots__" not in vars(kind) \
+    plain = getattr(getattr(kind, "__dataclass_params__", None), "init", False) \
+        and not hasattr(kind, "__post_init__") and "__slots__" not in vars(kind) \
         and all(f.init for f in dataclasses.fields(kind))
 
     def read(data: Any, engine: LeaseOps | None) -> Any:
