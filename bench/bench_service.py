@@ -57,7 +57,10 @@ def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
     env.update({"CHRONOS_STATE_DIR": str(state), "CHRONOS_BACKEND": "simulated", "CHRONOS_SIM_GPUS": "8x80G",
                 "CHRONOS_CONFIG": str(state / "none.toml"), "CHRONOS_USER_CONFIG": str(state / "none.toml"),
-                "PYTHONPATH": str(tree)})
+                "PYTHONPATH": str(tree),
+                # ``python -m`` and ``-c`` put the working directory first on the path: without this, a
+                # run from the repository root would import its own Chronos whatever ``tree`` says.
+                "PYTHONSAFEPATH": "1"})
     if server is not None:
         env["CHRONOS_SERVER"] = str(server)
     return env
@@ -69,6 +72,7 @@ class _Mode:
 
     def __init__(self, name: str, tree: Path = ROOT) -> None:
         self.name = name
+        self.tree = tree
         self.dir = Path(tempfile.mkdtemp(prefix=f"chronos-bench-{name}-"))
         self.state = self.dir / "state"
         self.state.mkdir(mode=0o700)
@@ -98,6 +102,7 @@ class _Mode:
 
 def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
     code = ("import sys, time, chronos\n"
+            "print(chronos.__file__)\n"
             "chronos.leases()\n"
             "times = []\n"
             f"for _ in range({rounds}):\n"
@@ -105,7 +110,10 @@ def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
             "    times.append(time.perf_counter() - t)\n"
             "print(' '.join(map(str, times)))\n")
     out = subprocess.run([sys.executable, "-c", code], env=mode.env, capture_output=True, text=True, check=True)
-    times = sorted(float(x) for x in out.stdout.split())
+    source, _, measured = out.stdout.partition("\n")
+    if not Path(source).resolve().is_relative_to(mode.tree.resolve()):
+        raise SystemExit(f"the {mode.name} client ran the Chronos in {source}, not the one in {mode.tree}")
+    times = sorted(float(x) for x in measured.split())
     return statistics.median(times), times[int(len(times) * 0.99)]
 
 

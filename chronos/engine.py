@@ -41,7 +41,7 @@ from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the l
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
 from chronos.live import LiveView
-from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate
+from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate, evolve
 from chronos.policy import bookings, figures, idle
 from chronos.policy.report import Report
 from chronos.policy.retention import Retention
@@ -105,6 +105,7 @@ class Engine:
         self._view = LiveView()
         self._waiters_due = 0.0  # when the queued requests' waiters are next looked at in a write
         self._queue: tuple[int, tuple[scheduler.Request, ...]] | None = None
+        self._states: tuple[tuple[tuple[int, str, int, int], ...], tuple[scheduler.DeviceState, ...]] | None = None
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -118,6 +119,9 @@ class Engine:
 
     @property
     def ledger(self) -> Ledger:
+        ledger = self._ledger  # open already (every lease operation asks many times): no lock to take
+        if ledger is not None:
+            return ledger
         with self._lock:
             if self._ledger is None:
                 ledger = Ledger(checked_state_dir(self.config))
@@ -257,7 +261,7 @@ class Engine:
     def _end(self, lease: LeaseRecord, state: LeaseState, reason: str, who: User, *, at: float) -> LeaseRecord:
         self.ledger.update(lease.id, state=state, ended_at=at, end_reason=reason)
         self._event(lease.id, str(state), who, {"reason": reason, "ended_at": at})
-        return replace(lease, state=state, ended_at=at, end_reason=reason)
+        return evolve(lease, state=state, ended_at=at, end_reason=reason)
 
     def _alive(self, pid: int, started: float | None, *, fresh: bool = False) -> bool:
         """Whether a holder or waiter still runs. Unless ``fresh``, a live answer is trusted for
@@ -348,14 +352,23 @@ class Engine:
             dist = None
         return scheduler.Snapshot(
             now=now,
-            devices=tuple(scheduler.DeviceState(d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0))
-                          for d in devices),
+            devices=self._device_states(devices, unmanaged),
             active=holdings,
             held=held,
             queue=queue,
             distances=dist,
             bookings=self.policies.snapshot_bookings(now),
         )
+
+    def _device_states(self, devices: list[Device], unmanaged: Mapping[int, int]) -> tuple[scheduler.DeviceState, ...]:
+        """The devices as admission sees them; the last snapshot's (frozen) states while nothing about them changed."""
+        key = tuple((d.index, d.uuid, d.memory_total_bytes, unmanaged.get(d.index, 0)) for d in devices)
+        last = self._states  # read once: another thread may replace it
+        if last is not None and last[0] == key:
+            return last[1]
+        states = tuple(scheduler.DeviceState(*fields) for fields in key)
+        self._states = (key, states)
+        return states
 
     def _queued_requests(self, queued: list[LeaseRecord]) -> list[scheduler.Request]:
         """The stored request of each queued lease; read once per lease (it never changes while queued)."""
@@ -419,7 +432,7 @@ class Engine:
                 if claimed is not None:
                     return self._handle(claimed)
                 snapshot = self._snapshot(now, devices, gpu_procs, live)
-                request = replace(request, seq=scheduler.next_seq(snapshot),
+                request = evolve(request, seq=scheduler.next_seq(snapshot),
                                   share=self.policies.share_of(owner.name, now))
                 decision, snapshot, live = self._decide(snapshot, request, live, now, caller, devices, gpu_procs)
                 cause = decision.cause or cause
@@ -524,7 +537,7 @@ class Engine:
             pid=holder[0] if holder else None, pid_start=holder[1] if holder else None,
         )
         stored = {**request.to_json(holder[0] if holder else False), **own_rule}
-        record = replace(record, id=self.ledger.insert(record, stored))
+        record = evolve(record, id=self.ledger.insert(record, stored))
         self._event(record.id, "granted", caller, _grant_detail(record))
         return self._handle(record)
 
@@ -689,7 +702,12 @@ class Engine:
 
     def _owned(self, lease_id: str, caller: User, action: str, live: list[LeaseRecord] | None = None) -> LeaseRecord:
         key = parse_lease_id(lease_id)
-        lease = next((item for item in live or () if item.id == key), None) or self.ledger.get(key)
+        lease = next((item for item in live or () if item.id == key), None)
+        if lease is None:  # an open lease as the view holds it (kept true to the ledger), else a read
+            with self.ledger.locked():
+                lease = self._synced().record(int(key))
+        if lease is None:
+            lease = self.ledger.get(key)
         if lease is None:
             raise LeaseNotFoundError(f"no lease {lease_id}; see `chronos list --all`")
         if lease.uid != caller.uid and not is_admin(caller, self.config.admin_group):
@@ -745,7 +763,7 @@ class Engine:
             if lease.idle_since is not None:  # "still here": the idle spell is over
                 self._event(lease.id, "active", caller, {"idle_since": lease.idle_since, "by": "extend"})
             self._event(lease.id, "extended", caller, {"by_s": seconds, "expires_at": new_end})
-        return self._handle(replace(lease, expires_at=new_end, idle_since=None, idle_warning=None))
+        return self._handle(evolve(lease, expires_at=new_end, idle_since=None, idle_warning=None))
 
     def bind(self, lease_id: str, pid: int | None) -> Lease:
         """Make ``pid`` the lease's holder (its death ends the lease); None unbinds."""
@@ -759,7 +777,7 @@ class Engine:
             pid_, start = holder if holder else (None, None)
             self.ledger.update(lease.id, pid=pid_, pid_start=start)
             self._event(lease.id, "bound", caller, {"pid": pid_})
-        return self._handle(replace(lease, pid=pid_, pid_start=start))
+        return self._handle(evolve(lease, pid=pid_, pid_start=start))
 
     # -- bookings (:mod:`chronos.policy.bookings`) ---------------------------------------------
     def book(self, memory: str | int | float | MemorySpec, duration: str | int | float | None, at: str | float, *,

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -23,7 +23,7 @@ from typing import Any
 from chronos import procs
 from chronos.errors import StateError
 from chronos.ledger_faults import check_wal_files, ledger_error, patience, patience_ms
-from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority
+from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority, evolve
 from chronos.state import prepare_file
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
@@ -179,6 +179,10 @@ class Ledger:
         #: Which read of the open leases ``_open_rows`` began as, and the ids this connection changed since.
         self._open_epoch = getattr(self, "_open_epoch", 0) + 1
         self._open_log: list[int] = []
+        #: Inside a write transaction (BEGIN IMMEDIATE: no other connection can commit until it ends), and
+        #: whether ``_open_rows`` was checked against ``data_version`` in it: then once is enough.
+        self._writing = False
+        self._checked_in_write = False
         self._wal_files: tuple[int, int] | None = None
         #: What this transaction did outside the ledger, to put right if it is rolled back (:meth:`on_undo`).
         self._undo: list[Callable[[], None]] = []
@@ -282,11 +286,14 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise ledger_error(exc, self.path) from None
             self._undo = []
+            self._writing, self._checked_in_write = True, False
             try:
                 self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
+                self._writing = False
                 self._conn.execute("COMMIT")
             except BaseException as exc:
+                self._writing = False
                 self._open_rows = None  # it holds this transaction's writes: read again
                 if self._conn.in_transaction:
                     try:
@@ -402,7 +409,7 @@ class Ledger:
         )
         assert cur.lastrowid is not None
         if self._open_rows is not None and lease.state in _OPEN:
-            self._open_rows[cur.lastrowid] = replace(lease, id=str(cur.lastrowid))
+            self._open_rows[cur.lastrowid] = evolve(lease, id=str(cur.lastrowid))
             self._changed(cur.lastrowid)
         return str(cur.lastrowid)
 
@@ -432,7 +439,7 @@ class Ledger:
             return
         typed: dict[str, Any] = {k: tuple(v) if k in ("devices", "device_uuids") else LeaseState(v) if k == "state"
                  else Action(v) if k == "end_action" and v is not None else v for k, v in fields.items()}
-        record = replace(found, **typed)
+        record = evolve(found, **typed)
         if record.state in _OPEN:
             self._open_rows[seq] = record
         else:
@@ -486,7 +493,10 @@ class Ledger:
             return list(self._open_now().values())
 
     def _open_now(self) -> dict[int, LeaseRecord]:
+        if self._writing and self._checked_in_write and self._open_rows is not None and self._conn.in_transaction:
+            return self._open_rows  # checked in this write, and no other connection has committed since
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        self._checked_in_write = self._writing
         if self._open_rows is None or version != self._open_version:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
                                       [str(state) for state in _OPEN]).fetchall()
@@ -658,7 +668,7 @@ class Ledger:
         self._conn.execute(
             "INSERT INTO events (at, lease_seq, event, uid, user, pid, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (at if at is not None else time.time(), int(lease_id), event, uid, user, pid,
-             json.dumps(detail or {}, sort_keys=True)),
+             _EVENT_ENCODER.encode(detail or {})),
         )
 
     def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
@@ -675,6 +685,10 @@ class Ledger:
         rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {index}{where} "
                           "ORDER BY id", params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+
+
+#: ``json.dumps(..., sort_keys=True)`` made once: an audit line's detail, written by every lease operation.
+_EVENT_ENCODER = json.JSONEncoder(sort_keys=True)
 
 
 def _checkpointer(path: Path, wanted: threading.Event) -> None:

@@ -98,6 +98,10 @@ class LiveView:
                 self._ends.append((live.expires_at, seq))
 
     # -- what a write reads ---------------------------------------------------------------
+    def record(self, seq: int) -> LeaseRecord | None:
+        """Open lease ``seq`` (active, queued or booked) as the ledger holds it; None if it is not open."""
+        return self._live.get(seq) or self._booked.get(seq)
+
     def open_leases(self) -> tuple[list[LeaseRecord], list[LeaseRecord]]:
         """Active and queued leases, and unclaimed bookings (each oldest first); fresh lists, the caller's own."""
         if self._lists is None:

@@ -8,7 +8,7 @@ compare equal to their spelling, print as it, and go into JSON and SQLite as pla
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -26,10 +26,33 @@ __all__ = [
     "OnUnmanaged",
     "Priority",
     "WaitUpdate",
+    "evolve",
 ]
 
 
 _E = TypeVar("_E", bound="_Spelled")
+_R = TypeVar("_R")
+
+
+_INIT_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def evolve(record: _R, **changes: Any) -> _R:
+    """``dataclasses.replace`` for the plain frozen records (no ``__post_init__``, no slots, every field
+    set by ``__init__``): the copy made without running ``__init__`` again, about eight times cheaper,
+    which every lease operation does several times. A name that is not a field is a TypeError, as there."""
+    cls = type(record)
+    names = _INIT_FIELDS.get(cls)
+    if names is None:
+        names = _INIT_FIELDS[cls] = frozenset(f.name for f in fields(cls) if f.init)  # type: ignore[arg-type]
+    unknown = changes.keys() - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
+    copy: _R = object.__new__(cls)
+    state = copy.__dict__
+    state.update(record.__dict__)
+    state.update(changes)
+    return copy
 
 
 class _Spelled(str, Enum):

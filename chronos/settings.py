@@ -125,13 +125,25 @@ def from_environ(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 _lock = threading.Lock()
-_cached: tuple[tuple[str | None, ...], Settings] | None = None
+_cached: tuple[tuple[str | bytes | None, ...], Settings] | None = None
+#: :data:`ENV_KEYS` as the keys of the table behind ``os.environ`` on POSIX (bytes).
+_ENV_KEYS_RAW = tuple(os.fsencode(k) for k in ENV_KEYS)
+
+
+def _env_key() -> tuple[str | bytes | None, ...]:
+    """What the snapshot was read from: the values of :data:`ENV_KEYS` now. Every lease operation asks, so
+    on POSIX they are read from the table behind ``os.environ`` (what its own lookups read, as bytes):
+    through the mapping each key is encoded and each value decoded, about twenty times the cost."""
+    table = getattr(os.environ, "_data", None)
+    if os.name == "posix" and type(table) is dict:
+        return tuple(map(table.get, _ENV_KEYS_RAW))
+    return tuple(os.environ.get(k) for k in ENV_KEYS)
 
 
 def current() -> Settings:
     """This process's snapshot; read again only when one of :data:`ENV_KEYS` changes."""
     global _cached
-    key = tuple(os.environ.get(k) for k in ENV_KEYS)
+    key = _env_key()
     cached = _cached
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -393,6 +393,9 @@ class SimulatedBackend:
         self._uuids = [device_uuid(i, n) for i, n in enumerate(self.sizes)]
         self._names = [f"Chronos Simulated GPU ({format_bytes(n)})" for n in self.sizes]
         self._state_dir = Path(state_dir)
+        self._state_file = self._state_dir / STATE_FILE  # read on every poll: joined once
+        #: The live claims of the last :meth:`devices` call and what they gave (every write asks).
+        self._last_devices: tuple[dict[int, list[_Claim]], tuple[Device, ...]] | None = None
         self._shared = shared
 
     @classmethod
@@ -446,11 +449,14 @@ class SimulatedBackend:
             _write_raw(path, _serialise(claims))
 
     def _live_claims(self) -> dict[int, list[_Claim]]:
-        return _live(_claims(_read_raw(self._state_dir / STATE_FILE)))
+        return _live(_claims(_read_raw(self._state_file)))
 
     # -- the Backend interface -----------------------------------------------------------
     def devices(self) -> list[Device]:
         claims = self._live_claims()
+        last = self._last_devices
+        if last is not None and last[0] == claims:  # the same claims give the same (frozen) devices
+            return list(last[1])
         out = []
         for i, total in enumerate(self.sizes):
             items = claims.get(i, [])
@@ -463,6 +469,7 @@ class SimulatedBackend:
                 memory_used_bytes=sum(c.nbytes for c in items),
                 utilization_percent=util,
             ))
+        self._last_devices = (claims, tuple(out))
         return out
 
     def processes(self, indices: list[int] | None = None) -> list[GpuProcess]:

@@ -47,8 +47,7 @@ def encode(value: Any) -> Any:
     if isinstance(value, Lease):
         return encode(value.record)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = ((name, getattr(value, name)) for name in _field_names(type(value)))
-        return {name: field if type(field) in _PLAIN else encode(field) for name, field in fields}
+        return _encode_record(value)
     if isinstance(value, dict):
         return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -56,6 +55,24 @@ def encode(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise CodecError(f"cannot send a {type(value).__name__} over the protocol")
+
+
+def _encode_record(value: Any) -> dict[str, Any]:
+    """A dataclass as the object of its fields; plain and finite float fields (most of them) taken as they are."""
+    state = getattr(value, "__dict__", None)
+    out: dict[str, Any] = {}
+    for name in _field_names(value.__class__):
+        field = state[name] if state is not None else getattr(value, name)
+        kind = type(field)
+        if kind in _PLAIN or (kind is float and math.isfinite(field)):
+            out[name] = field
+        elif isinstance(field, enum.Enum):
+            out[name] = field.value
+        elif kind is tuple and all(type(item) in _PLAIN for item in field):  # a lease's devices, their uuids
+            out[name] = list(field)
+        else:
+            out[name] = encode(field)
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -125,6 +142,18 @@ def _union_decoder(kind: Any) -> _Decoder:
     arms = typing.get_args(kind)
     optional = type(None) in arms
     readers = [_decoder(arm) for arm in arms if arm is not type(None)]
+    if len(readers) == 1:  # ``X | None``, most of a record's fields: one reader, no loop
+        only = readers[0]
+
+        def read_one(data: Any, engine: LeaseOps | None) -> Any:
+            if data is None and optional:
+                return None
+            try:
+                return only(data, engine)
+            except CodecError as exc:
+                raise CodecError(f"{data!r} fits none of {kind}: {exc}") from None
+
+        return read_one
 
     def read(data: Any, engine: LeaseOps | None) -> Any:
         if data is None and optional:
@@ -203,6 +232,11 @@ def _enum_decoder(kind: type[enum.Enum]) -> _Decoder:
 
 def _dataclass_decoder(kind: type) -> _Decoder:
     made: list[list[tuple[str, _Decoder]]] = []  # worked out on first use: a record may hold its own kind
+    # A record whose __init__ only stores its fields (no __post_init__, no slots, every field set by it) is
+    # made without running it: a frozen record's __init__ sets each field through object.__setattr__.
+    plain = getattr(getattr(kind, "__dataclass_params__", None), "init", False) \
+        and not hasattr(kind, "__post_init__") and "__slots__" not in vars(kind) \
+        and all(f.init for f in dataclasses.fields(kind))
 
     def read(data: Any, engine: LeaseOps | None) -> Any:
         if not isinstance(data, dict):
@@ -211,6 +245,10 @@ def _dataclass_decoder(kind: type) -> _Decoder:
             hints = _hints(kind)
             made.append([(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(kind) if f.init])
         values = {name: reader(data[name], engine) for name, reader in made[0] if name in data}
+        if len(values) == len(made[0]) and plain:  # every field given: what __init__ would have stored
+            record: Any = object.__new__(kind)
+            record.__dict__.update(values)
+            return record
         try:
             return kind(**values)
         except TypeError as exc:
@@ -220,24 +258,41 @@ def _dataclass_decoder(kind: type) -> _Decoder:
 
 
 def _plain_decoder(kind: type) -> _Decoder:
-    def read(data: Any, engine: LeaseOps | None) -> Any:
-        if kind is float:
+    """The reader of one plain type; the value's exact type is tried first (what JSON gives back)."""
+
+    def refuse(data: Any) -> Any:
+        raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+
+    if kind is float:
+        def read_float(data: Any, engine: LeaseOps | None) -> Any:
+            if type(data) is float:
+                return data
             if data in ("inf", "-inf"):
                 return float(data)
             if isinstance(data, (int, float)) and not isinstance(data, bool):
                 return float(data)
-        elif kind is int:
-            if isinstance(data, int) and not isinstance(data, bool):
-                return data
-        elif kind is Path:
-            if isinstance(data, str):
-                return Path(data)
-        elif kind in (str, bool):
-            if isinstance(data, kind):
-                return data
-        elif kind is dict or kind is list:
-            if isinstance(data, kind):
-                return data
-        raise CodecError(f"expected {kind.__name__}, got {type(data).__name__}")
+            return refuse(data)
 
-    return read
+        return read_float
+    if kind is int:
+        def read_int(data: Any, engine: LeaseOps | None) -> Any:
+            if type(data) is int or (isinstance(data, int) and not isinstance(data, bool)):
+                return data
+            return refuse(data)
+
+        return read_int
+    if kind is Path:
+        def read_path(data: Any, engine: LeaseOps | None) -> Any:
+            return Path(data) if isinstance(data, str) else refuse(data)
+
+        return read_path
+    if kind in (str, bool, dict, list):
+        def read_same(data: Any, engine: LeaseOps | None) -> Any:
+            return data if isinstance(data, kind) else refuse(data)
+
+        return read_same
+
+    def read_none(data: Any, engine: LeaseOps | None) -> Any:
+        return refuse(data)
+
+    return read_none

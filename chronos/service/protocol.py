@@ -92,6 +92,10 @@ def read_message(line: bytes) -> dict[str, Any]:
     return message
 
 
+#: ``json.dumps(..., separators=(",", ":"), allow_nan=False)`` made once (each call would build it again).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def dump(message: dict[str, Any]) -> bytes:
     """``message`` as one line on the wire."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
