@@ -310,7 +310,11 @@ class Enforcer:
                     log.warning("%s", line)
             except ChronosError as exc:
                 self._error("mode", str(exc))
-        problems = set(self.gate.problems(mode_kept=mode is not None))
+        try:
+            problems = set(self.gate.problems(mode_kept=mode is not None))
+        except ChronosError as exc:  # the directory cannot be listed: the sync below says so too
+            self._error("problems", str(exc))
+            problems = self._gate_problems
         for line in sorted(problems - self._gate_problems):
             self.errors += 1
             log.error("%s", line)
