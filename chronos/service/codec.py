@@ -20,7 +20,7 @@ from typing import Any
 
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease, LeaseOps
-from chronos.model import LeaseRecord
+from chronos.model import LeaseRecord, build, plain_fields
 
 __all__ = ["CodecError", "decode", "encode"]
 
@@ -232,11 +232,7 @@ def _enum_decoder(kind: type[enum.Enum]) -> _Decoder:
 
 def _dataclass_decoder(kind: type) -> _Decoder:
     made: list[list[tuple[str, _Decoder]]] = []  # worked out on first use: a record may hold its own kind
-    # A record whose __init__ only stores its fields (no __post_init__, no slots, every field set by it) is
-    # made without running it: a frozen record's __init__ sets each field through object.__setattr__.
-    plain = getattr(getattr(kind, "__dataclass_params__", None), "init", False) \
-        and not hasattr(kind, "__post_init__") and "__slots__" not in vars(kind) \
-        and all(f.init for f in dataclasses.fields(kind))
+    plain = plain_fields(kind) is not None  # made without its __init__ when every field is given
 
     def read(data: Any, engine: LeaseOps | None) -> Any:
         if not isinstance(data, dict):
@@ -246,9 +242,7 @@ def _dataclass_decoder(kind: type) -> _Decoder:
             made.append([(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(kind) if f.init])
         values = {name: reader(data[name], engine) for name, reader in made[0] if name in data}
         if len(values) == len(made[0]) and plain:  # every field given: what __init__ would have stored
-            record: Any = object.__new__(kind)
-            record.__dict__.update(values)
-            return record
+            return build(kind, values)
         try:
             return kind(**values)
         except TypeError as exc:
