@@ -124,7 +124,8 @@ def driver_restores_modes(params: Path = DRIVER_PARAMS) -> bool:
     Then NVIDIA's libraries, whenever a root program starts NVML or CUDA (this service's own
     enforcer included), make the device files match ``DeviceFileMode`` again: on an H200 with
     driver 580 a ``0660`` /dev/nvidia0 was ``0666`` after every root ``nvmlInit`` or ``cuInit``
-    (docs/gpu-validation.md). Gating cannot hold there; it needs ``NVreg_ModifyDeviceFiles=0``.
+    (docs/gpu-validation.md). Gating cannot hold there without ``NVreg_ModifyDeviceFiles=0``
+    or ``[enforce] device_mode``, which puts the mode back every pass (:meth:`DeviceGate.keep_mode`).
     """
     try:
         text = params.read_text()
