@@ -5,6 +5,7 @@ main program, as Ctrl-C would reach it), ``terminate`` SIGTERM to every target a
 left after the kill wait (as Slurm does at a job's time limit), ``kill`` SIGKILL at once; ``warn``
 sends nothing. A process still there :data:`UNKILLABLE_AFTER_S` after SIGKILL is stuck in the kernel
 or the driver, and is reported once. Targets are (pid, start time), so a reused pid is never signalled.
+:func:`tell` writes the line that says why to the process's terminal or pipe, and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chronos import procs
 from chronos.model import Action
 
-__all__ = ["UNKILLABLE_AFTER_S", "Enforcement", "Step", "begin", "escalate", "send"]
+__all__ = ["UNKILLABLE_AFTER_S", "Enforcement", "Step", "begin", "escalate", "send", "tell"]
 
 #: After SIGKILL, a process still there this long later is reported as unkillable.
 UNKILLABLE_AFTER_S = 5.0
 
 Target = tuple[int, float]
+
+#: tty majors (``/dev/tty*``, ``/dev/console``, ``/dev/pts/*``): a warning is written only to a terminal or a pipe.
+_TTY_MAJORS = frozenset({4, 5, *range(136, 144)})
 
 
 @dataclass
@@ -101,3 +106,25 @@ def escalate(enf: Enforcement, now: float, kill_wait_s: float,
         enf.reported_unkillable = True
         return Step(unkillable=tuple(p for p, _ in alive))
     return Step()
+
+
+def tell(pid: int, line: str) -> None:
+    """Write ``line`` to the process's stderr when that is a terminal or a pipe (never a file, whose
+    content it would overwrite); nothing else is opened, and a full pipe is skipped."""
+    path = f"/proc/{pid}/fd/2"
+    try:
+        before = os.stat(path)
+        if not (stat.S_ISFIFO(before.st_mode)
+                or (stat.S_ISCHR(before.st_mode) and os.major(before.st_rdev) in _TTY_MAJORS)):
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        after = os.fstat(fd)
+        if (after.st_dev, after.st_ino, after.st_rdev) == (before.st_dev, before.st_ino, before.st_rdev):
+            os.write(fd, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

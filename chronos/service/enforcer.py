@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import stat
 import threading
 import time
 from collections import deque
@@ -53,8 +52,6 @@ WARN_AGAIN_S = 600.0
 PENDING_LIMIT = 1000
 #: The same failure is logged at most this often (the count of passes it hit is in the next line).
 SAY_AGAIN_S = 60.0
-#: tty majors (``/dev/tty*``, ``/dev/console``, ``/dev/pts/*``): a warning is written only to a terminal or a pipe.
-_TTY_MAJORS = frozenset({4, 5, *range(136, 144)})
 
 Target = tuple[int, float]
 
@@ -422,7 +419,7 @@ class Enforcer:
 
     def _tell(self, pids: Sequence[int], text: str) -> None:
         for pid in pids:
-            _tell(pid, f"chronos: {text}\n")
+            actions.tell(pid, f"chronos: {text}\n")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -458,25 +455,3 @@ def _uids(names: Sequence[str]) -> set[int]:
         except KeyError:
             log.warning("[enforce] unmanaged_exempt names %r, who is no user on this machine", name)
     return out
-
-
-def _tell(pid: int, line: str) -> None:
-    """Write ``line`` to the process's stderr when that is a terminal or a pipe (never a file, whose
-    content it would overwrite); nothing else is opened, and a full pipe is skipped."""
-    path = f"/proc/{pid}/fd/2"
-    try:
-        before = os.stat(path)
-        if not (stat.S_ISFIFO(before.st_mode)
-                or (stat.S_ISCHR(before.st_mode) and os.major(before.st_rdev) in _TTY_MAJORS)):
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        after = os.fstat(fd)
-        if (after.st_dev, after.st_ino, after.st_rdev) == (before.st_dev, before.st_ino, before.st_rdev):
-            os.write(fd, line.encode("utf-8", "replace"))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
