@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 
 import chronos
 from chronos.api import reset_default_engine
+from chronos.errors import StateError
 from tests.conftest import run_cli
 from tests.waiting import wait_for
 
@@ -73,6 +76,29 @@ def ledger_locked(db: Path) -> Iterator[subprocess.Popen[str]]:
 
 def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def test_a_write_waits_out_a_held_lock_for_its_patience_and_no_longer(chronos_env: Path) -> None:
+    """A writer tries again while another process holds the write lock: it goes on once the lock is
+    freed, and inside ``patience`` it gives up after that wait with the one-line error."""
+    engine = chronos.api.default_engine()
+    chronos.leases()  # the ledger exists before the other process locks it
+    granted: list[chronos.Lease] = []
+    with ledger_locked(chronos_env / "chronos.db") as locker:
+        started = time.monotonic()
+        with engine.patience(0.3), pytest.raises(StateError, match="is locked by another process"):
+            chronos.reserve("1G", "1h")
+        assert time.monotonic() - started >= 0.3
+        writer = threading.Thread(target=lambda: granted.append(chronos.reserve("1G", "1h")))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and not granted  # still waiting: the lock is held
+        locker.stdin.write("\n")  # type: ignore[union-attr]
+        locker.stdin.flush()  # type: ignore[union-attr]
+        locker.wait(30)
+        writer.join(30)
+    assert [lease.refresh().state for lease in granted] == ["active"]
+    granted[0].release()
 
 
 def test_enforcement_goes_on_while_another_process_holds_the_ledger_lock(chronos_env: Path, tmp_path: Path) -> None:
