@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 def _env(state: str) -> dict[str, str]:
@@ -32,17 +34,15 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(samples) * 1e3, "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1e3}
 
 
-def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
-    """reserve+release through the API, alternated in blocks of 100 with the floor: the same two write
-    transactions (an insert, then an update) on a bare SQLite file in WAL mode beside the ledger."""
+def _bare(path: str) -> tuple[object, Callable[[], None]]:
+    """The floor of a reserve+release: the same two write transactions (an insert, then an update) on a
+    bare SQLite file in WAL mode, as the ledger is; the connection and one round of it."""
     import sqlite3
 
-    import chronos
-
-    bare = sqlite3.connect(os.path.join(state, "bare.db"), isolation_level=None)
+    bare = sqlite3.connect(path, isolation_level=None, timeout=30)
     bare.execute("PRAGMA journal_mode = WAL")
     bare.execute("PRAGMA synchronous = NORMAL")
-    bare.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, state TEXT)")
+    bare.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, state TEXT)")
 
     def floor() -> None:
         bare.execute("BEGIN IMMEDIATE")
@@ -52,6 +52,15 @@ def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
         bare.execute("UPDATE t SET state = 'released' WHERE id = ?", (row,))
         bare.execute("COMMIT")
 
+    return bare, floor
+
+
+def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
+    """reserve+release through the API, alternated in blocks of 100 with the floor (:func:`_bare`)
+    on a file beside the ledger."""
+    import chronos
+
+    bare, floor = _bare(os.path.join(state, "bare.db"))
     for _ in range(50):  # warm up: ledger created, caches filled
         chronos.reserve("1G", "10m").release()
         floor()
@@ -66,7 +75,7 @@ def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
             t0 = time.perf_counter()
             floor()
             base.append(time.perf_counter() - t0)
-    bare.close()
+    bare.close()  # type: ignore[attr-defined]
     return {"chronos": _percentiles(ours), "bare": _percentiles(base)}
 
 
@@ -118,21 +127,48 @@ def _timed_worker(seconds: float, queue: mp.Queue) -> None:  # type: ignore[type
     queue.put((samples, busy))
 
 
-def fairness(procs: int, seconds: float) -> dict[str, float]:
-    """``procs`` writers at once: each one's p99 against the median of every round trip."""
+def _cpu_worker(seconds: float, unit_s: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Units of pure computation ``unit_s`` long, each timed: no lock, no file, no Chronos."""
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        cpu = time.thread_time()
+        while time.thread_time() - cpu < unit_s:
+            pass
+        samples.append(time.perf_counter() - t0)
+    queue.put((samples, 0))
+
+
+def _at_once(procs: int, target: Callable[..., None], *args: object) -> list[tuple[Any, int]]:
+    """``procs`` processes of ``target`` started together; what each put on its queue."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    workers = [ctx.Process(target=_timed_worker, args=(seconds, queue)) for _ in range(procs)]
+    workers = [ctx.Process(target=target, args=(*args, queue)) for _ in range(procs)]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
     for w in workers:
         w.join()
+    return results
+
+
+def _spread(procs: int, target: Callable[..., None], *args: object) -> dict[str, float]:
+    """``procs`` processes of ``target`` at once: each one's p99 against the median of every sample."""
+    results = _at_once(procs, target, *args)
     every = [x for samples, _ in results for x in samples]
     p99s = [_percentiles(samples)["p99_ms"] for samples, _ in results if samples]
     median = statistics.median(every) * 1e3
     return {"median_ms": median, "worst_p99_ms": max(p99s), "ratio": max(p99s) / median,
             "busy_errors": sum(b for _, b in results), "round_trips": len(every)}
+
+
+def fairness(procs: int, seconds: float) -> dict[str, dict[str, float]]:
+    """``procs`` writers at once, each one's p99 against the median of every round trip; then the
+    floor: as many processes computing, with no lock and no file, in units of CPU time as long as that
+    median (how evenly this machine's scheduler alone serves that many processes, whatever they do)."""
+    ours = _spread(procs, _timed_worker, seconds)
+    return {"chronos": ours, "floor": _spread(procs, _cpu_worker, seconds, ours["median_ms"] / 1e3)}
 
 
 def _worker(seconds: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -152,16 +188,22 @@ def _worker(seconds: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     queue.put((count, refused))
 
 
+def _bare_worker(path: str, seconds: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    bare, floor = _bare(path)
+    count = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        floor()
+        count += 1
+    bare.close()  # type: ignore[attr-defined]
+    queue.put((count, 0))
+
+
 def throughput(procs: int, seconds: float, state: str) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    workers = [ctx.Process(target=_worker, args=(seconds, queue)) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    results = [queue.get() for _ in workers]
-    for w in workers:
-        w.join()
-    granted = sum(r[0] for r in results)
+    """``procs`` processes reserving and releasing for ``seconds``, the audit log replayed; then the
+    floor: as many processes running the bare transactions (:func:`_bare`) on one file beside it."""
+    granted = sum(count for count, _ in _at_once(procs, _worker, seconds))
+    bare = sum(count for count, _ in _at_once(procs, _bare_worker, os.path.join(state, "bare.db"), seconds))
     import sqlite3
 
     conn = sqlite3.connect(os.path.join(state, "chronos.db"))
@@ -183,7 +225,7 @@ def throughput(procs: int, seconds: float, state: str) -> dict[str, float]:
                 held[d] -= memory
     conn.close()
     return {"processes": procs, "seconds": seconds, "grants": granted,
-            "grants_per_s": granted / seconds, "overcommits": overcommits}
+            "grants_per_s": granted / seconds, "overcommits": overcommits, "floor_per_s": bare / seconds}
 
 
 def cold_start(state: str, runs: int) -> dict[str, dict[str, float]]:
@@ -237,16 +279,20 @@ def main() -> None:
               f"{many['median_ms']:.3f} ms ({many['median_ms'] / one['median_ms']:.2f}x; goal <= 2x)")
     with tempfile.TemporaryDirectory() as state:
         os.environ.update(_env(state))
-        fair = fairness(args.writers, args.seconds)
+        both = fairness(args.writers, args.seconds)
+        fair, floor = both["chronos"], both["floor"]
         print(f"{args.writers} writers: median {fair['median_ms']:.2f} ms, worst process's p99 "
               f"{fair['worst_p99_ms']:.2f} ms ({fair['ratio']:.1f}x; goal <= 10x), {fair['busy_errors']} busy errors, "
-              f"{fair['round_trips']} round trips")
+              f"{fair['round_trips']} round trips; the floor, {args.writers} processes computing in units of that "
+              f"median: median {floor['median_ms']:.2f} ms, worst p99 {floor['worst_p99_ms']:.2f} ms "
+              f"({floor['ratio']:.1f}x)")
     for procs in (int(p) for p in args.procs.split(",")):
         with tempfile.TemporaryDirectory() as state:
             os.environ.update(_env(state))
             tp = throughput(procs, args.seconds, state)
             print(f"throughput, {tp['processes']} processes for {tp['seconds']:.0f} s: {tp['grants_per_s']:.0f} "
-                  f"reserve+release/s, {tp['overcommits']} over-commits (goal >= 3,000/s at 8 processes)")
+                  f"reserve+release/s, {tp['overcommits']} over-commits (goal >= 3,000/s at 8 processes); the floor, "
+                  f"as many processes running the bare transactions: {tp['floor_per_s']:.0f}/s")
     with tempfile.TemporaryDirectory() as state:
         subprocess.run([sys.executable, "-m", "chronos", "reserve", "1G"], env=_env(state), check=True,
                        stdout=subprocess.DEVNULL)

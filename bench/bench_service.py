@@ -11,7 +11,13 @@
 Each figure uses a fresh state directory; the service is ``chronos serve`` started by this script
 on a temporary socket, with simulated GPUs ``8x80G``.
 
-    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3] [--baseline TREE]
+``--floor`` adds the floor that any service in Python meets on this machine: a server that does no
+work (one selector thread answering every request line at once with a lease-sized answer line) and
+clients that send the two requests of a reserve+release and parse the two answers, with nothing of
+Chronos in either. What that pair reaches is the most a service can, whatever its engine does.
+
+    python bench/bench_service.py [--rounds 2000] [--procs 8,16] [--seconds 5] [--repeats 3] [--floor]
+                                  [--baseline TREE]
 
 The modes alternate, ``--repeats`` times per figure, and each figure is the median of its runs
 (over-commits: the sum), so that a change in the machine's load between runs hits both alike.
@@ -52,6 +58,64 @@ while time.time() < end:
 print(grants, time.process_time() - cpu, flush=True)
 """
 
+#: The floor's server (``--floor``): one selector thread, every request line answered at once.
+FLOOR_SERVER = """
+import json, os, selectors, socket, sys
+path = sys.argv[1]
+answer = (json.dumps({"v": 1, "id": 0, "ok": True, "result": {"lease": "x" * 600}}) + "\\n").encode()
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path + ".tmp")
+os.rename(path + ".tmp", path)
+listener.listen(128)
+listener.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(listener, selectors.EVENT_READ, None)
+inbox = {}
+while True:
+    for key, _ in sel.select():
+        if key.data is None:
+            conn, _ = listener.accept()
+            conn.setblocking(False)
+            inbox[conn] = b""
+            sel.register(conn, selectors.EVENT_READ, conn)
+            continue
+        conn = key.data
+        data = conn.recv(65536)
+        if not data:
+            sel.unregister(conn)
+            conn.close()
+            continue
+        inbox[conn] += data
+        while b"\\n" in inbox[conn]:
+            line, _, inbox[conn] = inbox[conn].partition(b"\\n")
+            json.loads(line)
+            conn.sendall(answer)
+"""
+
+#: The floor's client: the two request lines of a reserve+release sent, their answers read and parsed.
+FLOOR_WORKER = """
+import json, os, socket, sys, time
+start_file, seconds, path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(path)
+reader = sock.makefile("rb")
+request = {"v": 1, "id": 0, "op": "reserve", "args": {"request": {"memory": "1G", "duration": "10m"}, "bind": False}}
+def ask(message):
+    sock.sendall((json.dumps(message) + "\\n").encode())
+    return json.loads(reader.readline())
+print("ready", flush=True)
+while not os.path.exists(start_file):
+    time.sleep(0.001)
+end = time.time() + seconds
+cpu = time.process_time()
+grants = 0
+while time.time() < end:
+    ask(request)
+    ask({"v": 1, "id": 0, "op": "release", "args": {"lease": "x"}})
+    grants += 1
+print(grants, time.process_time() - cpu, flush=True)
+"""
+
 
 def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CHRONOS_SERVER"}
@@ -81,9 +145,10 @@ class _Mode:
         if name != "embedded":
             self.server = self.dir / "chronos.sock"
             self.ledger_dir = self.dir / "service-state"
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "chronos", "serve", "--socket", str(self.server), "--state-dir",
-                 str(self.ledger_dir)], env=_env(self.state, None, tree), stderr=subprocess.DEVNULL)
+            command = ([sys.executable, "-c", FLOOR_SERVER, str(self.server)] if name == "floor" else
+                       [sys.executable, "-m", "chronos", "serve", "--socket", str(self.server), "--state-dir",
+                        str(self.ledger_dir)])
+            self.process = subprocess.Popen(command, env=_env(self.state, None, tree), stderr=subprocess.DEVNULL)
             deadline = time.time() + 30
             while not self.server.exists():
                 if time.time() > deadline or self.process.poll() is not None:
@@ -101,6 +166,17 @@ class _Mode:
 
 
 def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
+    if mode.name == "floor":
+        code = (FLOOR_WORKER.split("print(\"ready\"")[0] + f"print('{mode.tree}')\n"
+                "times = []\n"
+                f"for _ in range({rounds}):\n"
+                "    t = time.perf_counter(); ask(request); ask({'v': 1, 'id': 0, 'op': 'release', 'args': {}})\n"
+                "    times.append(time.perf_counter() - t)\n"
+                "print(' '.join(map(str, times)))\n")
+        out = subprocess.run([sys.executable, "-c", code, "-", "0", str(mode.server)], env=mode.env,
+                             capture_output=True, text=True, check=True)
+        times = sorted(float(x) for x in out.stdout.partition("\n")[2].split())
+        return statistics.median(times), times[int(len(times) * 0.99)]
     code = ("import sys, time, chronos\n"
             "print(chronos.__file__)\n"
             "chronos.leases()\n"
@@ -126,8 +202,9 @@ def _cpu_s(pid: int) -> float:
 def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int, float]:
     """Grants per second, over-commits, and CPU milliseconds per grant (every client, plus the service)."""
     start_file = mode.dir / f"go-{procs}"
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(start_file), str(seconds)], env=mode.env,
-                                stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    command = ([sys.executable, "-c", FLOOR_WORKER, str(start_file), str(seconds), str(mode.server)]
+               if mode.name == "floor" else [sys.executable, "-c", WORKER, str(start_file), str(seconds)])
+    workers = [subprocess.Popen(command, env=mode.env, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     for worker in workers:
         assert worker.stdout is not None
         if worker.stdout.readline().strip() != "ready":
@@ -143,7 +220,8 @@ def throughput(mode: _Mode, procs: int, seconds: float) -> tuple[float, int, flo
     cpu = service_cpu + sum(float(used) for _count, used in results)
     print(f"# {mode.name}, {procs} processes: {grants} grants, CPU {cpu:.2f} s of which the service's "
           f"{service_cpu:.2f} s", flush=True)
-    return grants / elapsed, overcommits(mode.ledger_dir / "chronos.db", 80 * GIB), cpu * 1000 / max(grants, 1)
+    bad = 0 if mode.name == "floor" else overcommits(mode.ledger_dir / "chronos.db", 80 * GIB)
+    return grants / elapsed, bad, cpu * 1000 / max(grants, 1)
 
 
 def overcommits(db: Path, total: int) -> int:
@@ -174,11 +252,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternate the modes this many times per figure (the machine's load drifts)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the floor: a server that does no work and clients that only send and parse")
     parser.add_argument("--baseline", type=Path,
                         help="also run the service (and its clients) from this source tree, an earlier commit's "
                              "files (`git archive COMMIT chronos | tar -x -C TREE`), alternated with the others")
     args = parser.parse_args()
-    trees = {"embedded": ROOT, "service": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    trees = {"embedded": ROOT, "service": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {}),
+             **({"floor": ROOT} if args.floor else {})}
     print(f"# Python {platform.python_version()} on {os.cpu_count()} cores, simulated 8x80G, "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     samples: dict[str, dict[str, list[float]]] = {}

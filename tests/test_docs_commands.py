@@ -36,7 +36,7 @@ TINY: dict[str, str] = {
 #: Where a flag means something else in one script.
 TINY_IN = {"bench_enforce.py": {"--rounds": "1"}}
 #: Flags that take no value, and flags whose value is a choice or a path, kept as written.
-SWITCHES = {"--json"}
+SWITCHES = {"--json", "--floor"}
 KEPT = {"--backend", "--baseline"}
 #: Scratch paths the docs write to, each given the test's own folder instead.
 SCRATCH = ("/tmp/chronos-before",)
