@@ -41,11 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
-WORKER = """
-import os, sys, time
-import chronos
-start_file, seconds = sys.argv[1], float(sys.argv[2])
-chronos.leases()  # connect (or open the ledger) before the clock starts
+#: A throughput worker's timed loop, after its set-up: ``{round}`` is one reserve+release.
+_TIMED = """
 print("ready", flush=True)
 while not os.path.exists(start_file):
     time.sleep(0.001)
@@ -53,10 +50,17 @@ end = time.time() + seconds
 cpu = time.process_time()
 grants = 0
 while time.time() < end:
-    chronos.reserve("1G", "10m", bind=False).release()
+    {round}
     grants += 1
 print(grants, time.process_time() - cpu, flush=True)
 """
+
+WORKER = """
+import os, sys, time
+import chronos
+start_file, seconds = sys.argv[1], float(sys.argv[2])
+chronos.leases()  # connect (or open the ledger) before the clock starts
+""" + _TIMED.format(round='chronos.reserve("1G", "10m", bind=False).release()')
 
 #: The floor's server (``--floor``): one selector thread, every request line answered at once.
 FLOOR_SERVER = """
@@ -103,18 +107,7 @@ request = {"v": 1, "id": 0, "op": "reserve", "args": {"request": {"memory": "1G"
 def ask(message):
     sock.sendall((json.dumps(message) + "\\n").encode())
     return json.loads(reader.readline())
-print("ready", flush=True)
-while not os.path.exists(start_file):
-    time.sleep(0.001)
-end = time.time() + seconds
-cpu = time.process_time()
-grants = 0
-while time.time() < end:
-    ask(request)
-    ask({"v": 1, "id": 0, "op": "release", "args": {"lease": "x"}})
-    grants += 1
-print(grants, time.process_time() - cpu, flush=True)
-"""
+""" + _TIMED.format(round='ask(request); ask({"v": 1, "id": 0, "op": "release", "args": {"lease": "x"}})')
 
 
 def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
