@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -34,11 +35,9 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(samples) * 1e3, "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1e3}
 
 
-def _bare(path: str) -> tuple[object, Callable[[], None]]:
+def _bare(path: str) -> tuple[sqlite3.Connection, Callable[[], None]]:
     """The floor of a reserve+release: the same two write transactions (an insert, then an update) on a
     bare SQLite file in WAL mode, as the ledger is; the connection and one round of it."""
-    import sqlite3
-
     bare = sqlite3.connect(path, isolation_level=None, timeout=30)
     bare.execute("PRAGMA journal_mode = WAL")
     bare.execute("PRAGMA synchronous = NORMAL")
@@ -75,7 +74,7 @@ def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
             t0 = time.perf_counter()
             floor()
             base.append(time.perf_counter() - t0)
-    bare.close()  # type: ignore[attr-defined]
+    bare.close()
     return {"chronos": _percentiles(ours), "bare": _percentiles(base)}
 
 
@@ -195,7 +194,7 @@ def _bare_worker(path: str, seconds: float, queue: mp.Queue) -> None:  # type: i
     while time.perf_counter() < end:
         floor()
         count += 1
-    bare.close()  # type: ignore[attr-defined]
+    bare.close()
     queue.put((count, 0))
 
 
@@ -203,8 +202,9 @@ def throughput(procs: int, seconds: float, state: str) -> dict[str, float]:
     """``procs`` processes reserving and releasing for ``seconds``, the audit log replayed; then the
     floor: as many processes running the bare transactions (:func:`_bare`) on one file beside it."""
     granted = sum(count for count, _ in _at_once(procs, _worker, seconds))
-    bare = sum(count for count, _ in _at_once(procs, _bare_worker, os.path.join(state, "bare.db"), seconds))
-    import sqlite3
+    floor_db = os.path.join(state, "bare.db")
+    _bare(floor_db)[0].close()  # made (and switched to WAL) once: processes doing so at once can deadlock
+    bare = sum(count for count, _ in _at_once(procs, _bare_worker, floor_db, seconds))
 
     conn = sqlite3.connect(os.path.join(state, "chronos.db"))
     overcommits = 0
