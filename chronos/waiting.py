@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chronos import threads
 from chronos.state import file_mode_for
 
 if TYPE_CHECKING:
@@ -204,8 +205,7 @@ class Leadership:
         """Stop leading and free the lock (the caller rings the next waiter)."""
         self._stop.set()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        threads.join(thread)
         if self._fd is not None:
             os.close(self._fd)  # closing frees the flock
             self._fd = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import chronos
+from chronos import threads
 from chronos.model import LeaseState
 from chronos.status import used_total
 from chronos.text import plain
@@ -342,9 +343,7 @@ class LeaseWidget:
     def stop(self) -> None:
         """Stop refreshing (the widget keeps its last state)."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+        threads.join(self._thread, timeout=5)
         self._thread = None
 
     @property

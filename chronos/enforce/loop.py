@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from chronos import threads
+
 __all__ = ["PollLoop"]
 
 E = TypeVar("E")
@@ -53,9 +55,7 @@ class PollLoop(Generic[E]):
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop polling and wait for the thread (when there is one)."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        threads.join(self._thread, timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done; True when it is."""
