@@ -96,18 +96,22 @@ while True:
             conn.sendall(answer)
 """
 
-#: The floor's client: the two request lines of a reserve+release sent, their answers read and parsed.
-FLOOR_WORKER = """
+#: The floor's client, connected (argv: start file, seconds, socket); ``FLOOR_ROUND`` is its reserve+release:
+#: the two request lines sent, their answers read and parsed.
+FLOOR_CLIENT = """
 import json, os, socket, sys, time
 start_file, seconds, path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect(path)
 reader = sock.makefile("rb")
-request = {"v": 1, "id": 0, "op": "reserve", "args": {"request": {"memory": "1G", "duration": "10m"}, "bind": False}}
+reserve = {"v": 1, "id": 0, "op": "reserve", "args": {"request": {"memory": "1G", "duration": "10m"}, "bind": False}}
+release = {"v": 1, "id": 0, "op": "release", "args": {"lease": "x"}}
 def ask(message):
     sock.sendall((json.dumps(message) + "\\n").encode())
     return json.loads(reader.readline())
-""" + _TIMED.format(round='ask(request); ask({"v": 1, "id": 0, "op": "release", "args": {"lease": "x"}})')
+"""
+FLOOR_ROUND = "ask(reserve); ask(release)"
+FLOOR_WORKER = FLOOR_CLIENT + _TIMED.format(round=FLOOR_ROUND)
 
 
 def _env(state: Path, server: Path | None, tree: Path = ROOT) -> dict[str, str]:
@@ -160,15 +164,14 @@ class _Mode:
 
 def round_trips(mode: _Mode, rounds: int) -> tuple[float, float]:
     if mode.name == "floor":
-        code = (FLOOR_WORKER.split("print(\"ready\"")[0] + f"print('{mode.tree}')\n"
-                "times = []\n"
+        code = (FLOOR_CLIENT + "times = []\n"
                 f"for _ in range({rounds}):\n"
-                "    t = time.perf_counter(); ask(request); ask({'v': 1, 'id': 0, 'op': 'release', 'args': {}})\n"
+                f"    t = time.perf_counter(); {FLOOR_ROUND}\n"
                 "    times.append(time.perf_counter() - t)\n"
                 "print(' '.join(map(str, times)))\n")
         out = subprocess.run([sys.executable, "-c", code, "-", "0", str(mode.server)], env=mode.env,
                              capture_output=True, text=True, check=True)
-        times = sorted(float(x) for x in out.stdout.partition("\n")[2].split())
+        times = sorted(float(x) for x in out.stdout.split())
         return statistics.median(times), times[int(len(times) * 0.99)]
     code = ("import sys, time, chronos\n"
             "print(chronos.__file__)\n"
