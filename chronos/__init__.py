@@ -5,13 +5,12 @@
 ...     print(lease.id, lease.devices, lease.remaining)
 
 Every public name is re-exported here and imported on first use, so ``import chronos`` (and so
-every CLI start, ``chronos --version`` included) stays light.
+every CLI start) stays light: importing this package imports nothing else of Chronos.
 """
 
 from __future__ import annotations
 
 import importlib
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "2.0.0"
@@ -97,18 +96,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
-
-class _DevicesPackage(types.ModuleType):
-    """``chronos.devices`` is the backends package, and ``chronos.devices()`` (the 2.0 name of
-    :func:`chronos.gpus`) still lists the GPUs. Python documents setting a module's ``__class__``
-    to a subclass as the way to give a module such behaviour; typed code calls ``chronos.gpus()``."""
-
-    def __call__(self) -> list[DeviceStatus]:
-        return list(__getattr__("gpus")())
-
-
-_devices_package = importlib.import_module("chronos.devices")
-_devices_package.__class__ = _DevicesPackage
 
 __all__ = [
     "Action",

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
 from typing import TYPE_CHECKING
 
 from chronos.devices.base import Backend, Device, GpuProcess, ProcessUtilization
 from chronos.errors import BackendError
 
 if TYPE_CHECKING:  # the settings (and the config parser) load only when a backend is built
+    from chronos.accounting import DeviceStatus
     from chronos.settings import Settings
 
 __all__ = ["Backend", "Device", "GpuProcess", "ProcessUtilization", "backend_for", "get_backend", "is_simulated",
@@ -113,3 +115,18 @@ def _say_fallback_once(reason: str, count: int) -> None:
         file=sys.stderr,
     )
 
+
+
+class _CallablePackage(types.ModuleType):
+    """``chronos.devices`` is this package, and ``chronos.devices()`` (the 2.0 name of :func:`chronos.gpus`)
+    still lists the GPUs. Python documents setting a module's ``__class__`` to a subclass as the way to give
+    a module such behaviour; it is set here, where the package is made, so that it holds however the package
+    was first imported. Typed code calls ``chronos.gpus()``."""
+
+    def __call__(self) -> list[DeviceStatus]:
+        import chronos  # the package's lazy name, not an arrow down to the API from the backends
+
+        return chronos.gpus()
+
+
+sys.modules[__name__].__class__ = _CallablePackage
