@@ -13,19 +13,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from chronos import settings, stats
+from chronos import settings
 from chronos.engine import DeviceStatus, Engine, WaitUpdate
 from chronos.errors import InvalidRequestError
 from chronos.lease import Lease
 from chronos.limits import Limits
 from chronos.model import Priority
 from chronos.ops import EngineOps
-from chronos.policy import report as policy_report
 from chronos.request import parse_request
 from chronos.units import MemorySpec
 
-if TYPE_CHECKING:  # loaded by the calls that use it: a CLI start that does not pays nothing for it
+if TYPE_CHECKING:  # loaded by the calls that use them: a CLI start that does not pays nothing for them
+    from chronos import stats
     from chronos import status as status_module
+    from chronos.policy import report as policy_report
 
 __all__ = [
     "book",
@@ -188,16 +189,22 @@ def gpus() -> list[DeviceStatus]:
 
 def queue() -> list[stats.QueueEntry]:
     """Every queued request in grant order, with its position and estimated start."""
+    from chronos import stats
+
     return stats.queue(default_engine())
 
 
 def suggest(user: str | None = None) -> stats.Suggestion:
     """Advice for your next request (or ``user``'s): how much, how long, where, and the command."""
+    from chronos import stats
+
     return stats.suggest(default_engine(), user)
 
 
 def detailed_stats(user: str | None = None) -> stats.DetailedStats:
     """Per-GPU reserved against used memory, and GPU-hours (every user's, or only ``user``'s)."""
+    from chronos import stats
+
     return stats.detailed(default_engine(), user=user)
 
 

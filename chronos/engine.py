@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chronos import accounting, limits, procs, scheduler, waiting
 from chronos import settings as settings_module
@@ -42,14 +42,16 @@ from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
 from chronos.live import LiveView
 from chronos.model import ENDED_STATES, Action, LeaseRecord, LeaseState, Priority, WaitUpdate, evolve
-from chronos.policy import bookings, figures, idle
-from chronos.policy.report import Report
+from chronos.policy import bookings, idle
 from chronos.policy.retention import Retention
 from chronos.policy.runtime import Policies
 from chronos.request import RequestSpec, lease_duration, parse_lease_id, parse_request
 from chronos.settings import Settings
 from chronos.state import state_dir as checked_state_dir
 from chronos.units import MemorySpec, check_duration, format_duration, parse_instant
+
+if TYPE_CHECKING:  # the report and the metrics load with the calls that make them: most commands never do
+    from chronos.policy.report import Report
 
 __all__ = ["DeviceStatus", "Engine", "WaitUpdate"]
 
@@ -91,7 +93,7 @@ class Engine:
         self._lock = threading.RLock()
         #: Idle sampling, limits per user and group, bookings, fair share (:mod:`chronos.policy.runtime`).
         self.policies = Policies(self)
-        self.policies.on_tick = lambda: figures.write_metrics(self)
+        self.policies.on_tick = self._write_metrics
         #: Pruning of history past ``[history] keep`` (:mod:`chronos.policy.retention`).
         self.retention = Retention()
         #: What the queue's leader last saw, when this process leads (:meth:`_lead`).
@@ -891,11 +893,21 @@ class Engine:
 
     def report(self, *, since: float, by: str = "user") -> Report:
         """Usage over the audit log since ``since`` (:func:`chronos.policy.figures.gather_report`)."""
+        from chronos.policy import figures
+
         return figures.gather_report(self, since=since, by=by)
 
     def metrics(self) -> str:
         """The machine's figures in the Prometheus text format (:func:`chronos.policy.figures.collect_metrics`)."""
+        from chronos.policy import figures
+
         return figures.collect_metrics(self)
+
+    def _write_metrics(self) -> None:
+        """The ``[metrics] textfile`` written now (the policies' tick calls it, only where one is configured)."""
+        from chronos.policy import figures
+
+        figures.write_metrics(self)
 
     def limits_for(self, user: str | None = None) -> Limits:
         """A user's effective limits (default: the caller's), each with the rule that set it."""

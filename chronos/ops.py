@@ -9,7 +9,7 @@ needs to know) whether the ledger is in this process or behind a socket.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from chronos import accounting, scheduler
 from chronos.accounting import DeviceStatus
@@ -19,10 +19,12 @@ from chronos.lease import Lease, LeaseOps
 from chronos.ledger import Event  # noqa: TID251 - the audit log's record type only, no ledger access
 from chronos.limits import Limits
 from chronos.model import Action, LeaseRecord, Priority, WaitUpdate
-from chronos.policy.report import Report
 from chronos.request import RequestSpec
 from chronos.settings import Settings
 from chronos.units import MemorySpec
+
+if TYPE_CHECKING:
+    from chronos.policy.report import Report
 
 __all__ = ["EngineOps"]
 

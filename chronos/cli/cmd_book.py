@@ -7,8 +7,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from chronos.text import plain
-
 if TYPE_CHECKING:
     from chronos.lease import Lease
 
@@ -75,6 +73,7 @@ def list_bookings(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
     from chronos.policy.ics import calendar
+    from chronos.text import plain
     from chronos.units import format_duration, format_instant
 
     found = chronos.bookings(all=args.all, user=args.user)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from chronos.model import LeaseRecord, LeaseState
-from chronos.text import LEASE_COLUMNS, idle_text, lease_rows, plain
+from chronos.spellings import LeaseState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the records and their text load with the command that shows them, not with the parser
     from chronos.lease import Lease
+    from chronos.model import LeaseRecord
 
 
 #: How many leases ``list --all`` shows unless told otherwise.
@@ -42,6 +42,8 @@ def register(subparsers: Any) -> None:
 
 def _state(lease: Lease | LeaseRecord) -> str:
     from chronos.cli import render
+    from chronos.model import LeaseRecord
+    from chronos.text import idle_text
 
     colours = {LeaseState.ACTIVE: "green", LeaseState.QUEUED: "yellow", LeaseState.REVOKED: "red",
                LeaseState.BOOKED: "blue"}
@@ -54,6 +56,7 @@ def _state(lease: Lease | LeaseRecord) -> str:
 def list_leases(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
+    from chronos.text import LEASE_COLUMNS, lease_rows
 
     if args.before is not None and not args.all:
         from chronos.errors import InvalidRequestError
@@ -88,6 +91,7 @@ def list_leases(args: argparse.Namespace) -> int:
 def show(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
+    from chronos.text import idle_text, plain
 
     lease = chronos.get_lease(args.lease_id)
     if args.json:

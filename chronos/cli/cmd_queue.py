@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from chronos.text import plain
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -26,6 +24,7 @@ def show(args: argparse.Namespace) -> int:
 
     import chronos
     from chronos.cli import render
+    from chronos.text import plain
     from chronos.units import format_duration
 
     entries = chronos.queue()

@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from chronos.policy.report import BY
-from chronos.text import plain
+from chronos.spellings import REPORT_GROUPS
 
 
 def register(subparsers: Any) -> None:
@@ -17,7 +16,7 @@ def register(subparsers: Any) -> None:
                     "2026-12-01), per user, group, label or GPU, from the audit log.",
     )
     r.add_argument("--since", default="30d", metavar="WHEN", help="30d (default), 12h, or a date or time")
-    r.add_argument("--by", choices=BY, default="user", help="what each row is (default user)")
+    r.add_argument("--by", choices=REPORT_GROUPS, default="user", help="what each row is (default user)")
     fmt = r.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="comma-separated values, a header first")
     fmt.add_argument("--json", action="store_true", help="a JSON object")
@@ -37,6 +36,7 @@ def register(subparsers: Any) -> None:
 def report(args: argparse.Namespace) -> int:
     import chronos
     from chronos.cli import render
+    from chronos.text import plain
     from chronos.units import format_duration, format_instant
 
     found = chronos.report(args.since, by=args.by)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from chronos.cli import options
-from chronos.model import Action
+from chronos.spellings import Action
 
 
 def register(subparsers: Any) -> None:

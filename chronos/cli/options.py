@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from chronos.model import Priority
+from chronos.spellings import Priority
 
 
 def add_wait(parser: argparse.ArgumentParser) -> None:

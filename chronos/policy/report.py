@@ -27,11 +27,12 @@ from typing import Any
 
 from chronos.errors import InvalidRequestError
 from chronos.model import LeaseRecord
+from chronos.spellings import REPORT_GROUPS
 from chronos.text import plain
 
 __all__ = ["BY", "END_EVENTS", "Report", "ReportRow", "build"]
 
-BY = ("user", "group", "label", "gpu")
+BY = REPORT_GROUPS
 END_EVENTS = frozenset({"released", "expired", "revoked"})
 GIB = float(1 << 30)
 
