@@ -249,6 +249,31 @@ def test_version_does_not_load_the_engine() -> None:
     assert out.stdout.strip().endswith("[]"), out.stdout
 
 
+def test_the_quick_version_says_what_the_parser_says() -> None:
+    """``chronos --version`` alone skips the parser; its answer is the parser's own, and both are the version."""
+    import chronos
+    from chronos.cli.app import build_parser
+
+    quick = run_cli("--version")
+    assert quick.returncode == 0, quick.stderr
+    parser = build_parser()
+    version = next(action for action in parser._actions if "--version" in action.option_strings)
+    assert quick.stdout.strip() == version.version == f"chronos {chronos.__version__}"  # type: ignore[attr-defined]
+    late = run_cli("--version", "--help")  # not the quick path: the parser answers, and the same way
+    assert late.returncode == 0 and late.stdout.strip() == quick.stdout.strip()
+
+
+def test_the_whole_parser_loads_no_records() -> None:
+    """Every command's arguments, as ``chronos --help`` builds them, come from the spellings alone: the records,
+    their text and the dataclass machinery load with the command that runs."""
+    code = ("import sys\nfrom chronos.cli.app import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in sys.modules if m in ('dataclasses', 'chronos.model', 'chronos.text', "
+            "'chronos.units', 'chronos.policy.report', 'chronos.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_run_takes_options_after_its_command(tmp_path: Path) -> None:
     """Everything after ``--`` is the command's, its own options included."""
     out = run_cli("run", "1G", "1m", "--gpu", "1", "--", sys.executable, "-c",
