@@ -130,7 +130,10 @@ def start_time(pid: int) -> float | None:
 
 def is_alive(pid: int, started: float | None) -> bool:
     """True while ``pid`` runs and, when ``started`` is known, is the same process that started then."""
-    now_started = start_time(pid)
+    if _caller is not None and pid == _caller[0] == os.getpid():  # this process: running, its start read once
+        now_started: float | None = _caller[1]
+    else:
+        now_started = start_time(pid)
     if now_started is None:
         return False
     return started is None or abs(now_started - started) <= _TOLERANCE_S

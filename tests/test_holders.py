@@ -44,6 +44,27 @@ def test_a_process_is_known_by_its_start_tick(sleeper: subprocess.Popen[bytes]) 
     assert lease.pid_start == _stat_ticks(sleeper.pid)
 
 
+def test_this_process_is_known_without_reading_proc_and_by_the_same_start() -> None:
+    """The writer itself, as the holder of the lease it releases, is known alive from its own start read once;
+    another start under its pid is still another process, and a forked child is read afresh."""
+    me = procs.caller()
+    assert procs.is_alive(os.getpid(), me[1]) and procs.is_alive(os.getpid(), None)
+    assert not procs.is_alive(os.getpid(), me[1] + 100)
+    assert procs.start_time(os.getpid()) == me[1]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child's own pid, its own start: not the parent's cached one
+        os.close(read)
+        ok = procs.is_alive(os.getpid(), procs.start_time(os.getpid())) and not procs.is_alive(os.getpid(), me[1] - 1e6)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(child, 0)
+    os.close(read)
+    assert answer == b"1"
+
+
 def test_a_lease_stays_held_when_the_boot_time_reading_moves(
     sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
