@@ -1,6 +1,6 @@
 """Core benchmarks: reserve+release round trip, multi-process throughput, CLI cold start.
 
-Run: python bench/bench_core.py [--rounds N] [--procs P] [--seconds S] [--active N] [--writers N]
+Run: python bench/bench_core.py [--rounds N] [--procs P] [--seconds S] [--active N] [--writers N] [--baseline TREE]
 Each figure is printed with the baseline it is compared with, measured in the same run.
 Uses a fresh temporary state directory and simulated GPUs.
 """
@@ -228,22 +228,31 @@ def throughput(procs: int, seconds: float, state: str) -> dict[str, float]:
             "grants_per_s": granted / seconds, "overcommits": overcommits, "floor_per_s": bare / seconds}
 
 
-def cold_start(state: str, runs: int) -> dict[str, dict[str, float]]:
+def cold_start(state: str, runs: int, baseline: str | None = None) -> dict[str, dict[str, float]]:
     """Wall and CPU time of ``chronos --version``, ``--help`` and ``list`` against ``python -c pass``,
-    alternated in one run, with Chronos's bytecode compiled first (as ``pip install`` leaves it)."""
+    alternated in one run, with Chronos's bytecode compiled first (as ``pip install`` leaves it). With
+    ``baseline`` (a source tree holding an earlier ``chronos`` package), each command is timed for that
+    Chronos too, alternated with this one: its figures are named ``... (baseline)``."""
     import compileall
     import resource
 
     import chronos
 
-    compileall.compile_dir(os.path.dirname(chronos.__file__), quiet=1)
-    env = _env(state)
-    commands = {"python -c pass": ["-c", "pass"], "chronos --version": ["-m", "chronos", "--version"],
-                "chronos --help": ["-m", "chronos", "--help"], "chronos list": ["-m", "chronos", "list"]}
-    wall: dict[str, list[float]] = {name: [] for name in commands}
-    cpu: dict[str, list[float]] = {name: [] for name in commands}
+    trees = {"": os.path.dirname(os.path.dirname(chronos.__file__))}
+    if baseline is not None:
+        trees[" (baseline)"] = os.path.abspath(baseline)
+    for tree in trees.values():
+        compileall.compile_dir(os.path.join(tree, "chronos"), quiet=1)
+    commands = {"chronos --version": ["-m", "chronos", "--version"], "chronos --help": ["-m", "chronos", "--help"],
+                "chronos list": ["-m", "chronos", "list"]}
+    runs_of = {"python -c pass": (["-c", "pass"], _env(state))}
+    for name, args in commands.items():
+        for suffix, tree in trees.items():  # PYTHONSAFEPATH: the working directory's Chronos never wins
+            runs_of[name + suffix] = (args, {**_env(state), "PYTHONPATH": tree, "PYTHONSAFEPATH": "1"})
+    wall: dict[str, list[float]] = {name: [] for name in runs_of}
+    cpu: dict[str, list[float]] = {name: [] for name in runs_of}
     for _ in range(runs):  # alternate, so drift hits every command alike
-        for name, args in commands.items():
+        for name, (args, env) in runs_of.items():
             r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -254,7 +263,7 @@ def cold_start(state: str, runs: int) -> dict[str, dict[str, float]]:
     base_wall, base_cpu = statistics.median(wall["python -c pass"]), statistics.median(cpu["python -c pass"])
     return {name: {"wall_ms": statistics.median(wall[name]) * 1e3, "wall_x": statistics.median(wall[name]) / base_wall,
                    "cpu_ms": statistics.median(cpu[name]) * 1e3, "cpu_x": statistics.median(cpu[name]) / base_cpu}
-            for name in commands}
+            for name in runs_of}
 
 
 def main() -> None:
@@ -265,6 +274,8 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=20)
     parser.add_argument("--active", type=int, default=1000, help="active leases for the scaling figure")
     parser.add_argument("--writers", type=int, default=16, help="processes for the fairness figure")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="a source tree holding an earlier chronos package: its cold start too, alternated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         os.environ.update(_env(state))
@@ -296,9 +307,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         subprocess.run([sys.executable, "-m", "chronos", "reserve", "1G"], env=_env(state), check=True,
                        stdout=subprocess.DEVNULL)
-        cs = cold_start(state, args.cold_runs)
+        cs = cold_start(state, args.cold_runs, args.baseline)
         for name, fig in cs.items():
-            print(f"cold start: {name:18} wall {fig['wall_ms']:6.1f} ms ({fig['wall_x']:.2f}x), "
+            print(f"cold start: {name:29} wall {fig['wall_ms']:6.1f} ms ({fig['wall_x']:.2f}x), "
                   f"CPU {fig['cpu_ms']:6.1f} ms ({fig['cpu_x']:.2f}x)")
         print("  (goal: --version and --help < 2x python -c pass, list < 3x)")
 
