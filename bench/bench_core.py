@@ -78,6 +78,54 @@ def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
     return {"chronos": _percentiles(ours), "bare": _percentiles(base)}
 
 
+#: A round-trip worker for :func:`round_trip_against`: each line it reads is a block size; it answers with
+#: that many reserve+release times as a JSON list.
+_RT_WORKER = """
+import json, sys, time
+import chronos
+for _ in range(50):
+    chronos.reserve("1G", "10m").release()
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter()
+        chronos.reserve("1G", "10m").release()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+"""
+
+
+def round_trip_against(rounds: int, baseline: str) -> dict[str, dict[str, float]]:
+    """reserve+release through the API of this Chronos and of the one in ``baseline``, each in a process
+    of its own on a ledger of its own, alternated in blocks of 100."""
+    import chronos
+
+    trees = {"this": os.path.dirname(os.path.dirname(chronos.__file__)), "baseline": os.path.abspath(baseline)}
+    dirs, workers = [], {}
+    for name, tree in trees.items():
+        state = tempfile.mkdtemp(prefix=f"chronos-bench-{name}-")
+        dirs.append(state)
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-c", _RT_WORKER], env={**_env(state), "PYTHONPATH": tree, "PYTHONSAFEPATH": "1"},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    samples: dict[str, list[float]] = {name: [] for name in trees}
+    try:
+        while len(samples["this"]) < rounds:
+            for name, worker in workers.items():
+                assert worker.stdin is not None and worker.stdout is not None
+                worker.stdin.write("100\n")
+                worker.stdin.flush()
+                samples[name] += json.loads(worker.stdout.readline())
+    finally:
+        for worker in workers.values():
+            if worker.stdin is not None:
+                worker.stdin.close()
+            worker.wait(timeout=60)
+        for state in dirs:
+            shutil.rmtree(state, ignore_errors=True)
+    return {name: _percentiles(found) for name, found in samples.items()}
+
+
 def active_scaling(rounds: int, many: int) -> dict[str, dict[str, float]]:
     """The round trip with 1 active lease and with ``many``, two ledgers alternated in blocks of 50."""
     from chronos.engine import Engine
@@ -275,7 +323,8 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=1000, help="active leases for the scaling figure")
     parser.add_argument("--writers", type=int, default=16, help="processes for the fairness figure")
     parser.add_argument("--baseline", metavar="TREE",
-                        help="a source tree holding an earlier chronos package: its cold start too, alternated")
+                        help="a source tree holding an earlier chronos package: its round trip and cold start "
+                             "too, alternated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         os.environ.update(_env(state))
@@ -284,6 +333,12 @@ def main() -> None:
         print(f"round trip (reserve+release): median {c['median_ms']:.3f} ms, p99 {c['p99_ms']:.3f} ms; bare SQLite "
               f"(the floor, alternated): median {b['median_ms']:.3f} ms, p99 {b['p99_ms']:.3f} ms "
               "(goal: p99 <= ~1 ms, median <= half of it)")
+        if args.baseline is not None:
+            vs = round_trip_against(args.rounds, args.baseline)
+            ours, theirs = vs["this"], vs["baseline"]
+            print(f"round trip against the baseline tree, alternated in two processes: median {ours['median_ms']:.3f} "
+                  f"against {theirs['median_ms']:.3f} ms ({ours['median_ms'] / theirs['median_ms']:.2f}x), p99 "
+                  f"{ours['p99_ms']:.3f} against {theirs['p99_ms']:.3f} ms")
         sc = active_scaling(max(500, args.rounds // 2), args.active)
         one, many = sc["1"], sc[str(args.active)]
         print(f"round trip with 1 active lease: median {one['median_ms']:.3f} ms; with {args.active}: "
