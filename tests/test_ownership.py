@@ -249,6 +249,17 @@ def test_version_does_not_load_the_engine() -> None:
     assert out.stdout.strip().endswith("[]"), out.stdout
 
 
+def test_the_package_loads_nothing_until_a_name_is_used() -> None:
+    """``import chronos`` imports no other module of Chronos; every public name is listed and resolves."""
+    code = ("import sys\nimport chronos\nprint(sorted(m for m in sys.modules if m.startswith('chronos.')))\n"
+            "missing = [n for n in chronos.__all__ if n not in dir(chronos)]\n"
+            "[getattr(chronos, n) for n in chronos.__all__]\n"
+            "print(missing, callable(chronos.devices), chronos.devices.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "[] True chronos.devices"], out.stdout
+
+
 def test_the_quick_version_says_what_the_parser_says() -> None:
     """``chronos --version`` alone skips the parser; its answer is the parser's own, and both are the version."""
     import chronos
