@@ -293,9 +293,11 @@ def cold_start(state: str, runs: int, baseline: str | None = None) -> dict[str, 
         compileall.compile_dir(os.path.join(tree, "chronos"), quiet=1)
     commands = {"chronos --version": ["-m", "chronos", "--version"], "chronos --help": ["-m", "chronos", "--help"],
                 "chronos list": ["-m", "chronos", "list"]}
-    runs_of = {"python -c pass": (["-c", "pass"], _env(state))}
+    # Each run names its tree on the path and leaves the working directory off it (PYTHONSAFEPATH: so the
+    # directory's own Chronos never wins), ``python -c pass`` too: every start searches the same path.
+    runs_of = {"python -c pass": (["-c", "pass"], {**_env(state), "PYTHONPATH": trees[""], "PYTHONSAFEPATH": "1"})}
     for name, args in commands.items():
-        for suffix, tree in trees.items():  # PYTHONSAFEPATH: the working directory's Chronos never wins
+        for suffix, tree in trees.items():
             runs_of[name + suffix] = (args, {**_env(state), "PYTHONPATH": tree, "PYTHONSAFEPATH": "1"})
     wall: dict[str, list[float]] = {name: [] for name in runs_of}
     cpu: dict[str, list[float]] = {name: [] for name in runs_of}
