@@ -250,6 +250,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``jupyter chronos`` entry point; bad input prints one line and exits 2."""
+    from chronos.cli import exit_code_of
+
+    return exit_code_of(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command != "install-kernel":

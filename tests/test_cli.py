@@ -203,3 +203,25 @@ def test_stats_all_names_every_gpu_by_uuid() -> None:
     detailed = json.loads(run_cli("stats", "--all", "--json").stdout)
     assert {d["index"]: d["uuid"] for d in detailed["devices"]} == plain
     assert all(uuid in run_cli("stats", "--all").stdout for uuid in plain.values())
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["list"], ["reserve", "1G", "10m"]])
+def test_a_reader_that_went_away_is_an_exit_code_not_a_traceback(args: list[str], buffered: bool) -> None:
+    """``chronos list | head -0``: the pipe is closed before Chronos writes. No traceback, no "Exception
+    ignored" from Python's flush at exit (its 120): exit 1, "anything else", or argparse's own 0 where it
+    swallowed the error itself. What was asked is still done (the lease is granted)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED" or not buffered}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "chronos", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    assert err == "", err
+    assert code == (0 if args == ["--help"] and not buffered else 1)
+    if args[0] == "reserve":
+        assert [lease["memory_bytes"] for lease in json.loads(run_cli("list", "--json").stdout)] == [GIB]

@@ -135,6 +135,18 @@ def test_help_lists_the_command() -> None:
     assert done.returncode == 0 and "install-kernel" in done.stdout
 
 
+def test_help_to_a_reader_that_went_away_is_exit_1_and_no_traceback() -> None:
+    """The same rule as ``chronos``'s own (:func:`chronos.cli.exit_code_of`): a closed pipe is an exit code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered: the flush at exit fails
+    proc = subprocess.Popen([sys.executable, "-m", "chronos_jupyter.kernelspec", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and err == "", err
+
+
 def _modes(top: Path) -> dict[str, int]:
     return {str(p.relative_to(top)): p.stat().st_mode & 0o7777 for p in [top, *sorted(top.rglob("*"))]}
 

@@ -136,6 +136,9 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"chronos: stopped by {signal.Signals(stopped.signum).name}\n")
         return 128 + stopped.signum
     except BrokenPipeError:
+        from chronos.cli import quiet_stdout
+
+        quiet_stdout()
         return 1
     except Exception as exc:
         known = as_chronos_error(exc)
