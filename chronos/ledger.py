@@ -176,6 +176,9 @@ class Ledger:
         #: The open leases by id, oldest first, as of ``_open_version`` plus this connection's own writes.
         self._open_rows: dict[int, LeaseRecord] | None = None
         self._open_version = -1
+        #: The rows of the open leases as last read, for those whose kept record was built from them and not
+        #: changed by this connection since: read again, an equal row is the same record, not a change.
+        self._open_raw: dict[int, tuple[Any, ...]] = {}
         #: Which read of the open leases ``_open_rows`` began as, and the ids this connection changed since.
         self._open_epoch = getattr(self, "_open_epoch", 0) + 1
         self._open_log: list[int] = []
@@ -448,6 +451,7 @@ class Ledger:
 
     def _changed(self, seq: int) -> None:
         """Note a change to the kept open lease ``seq`` for :meth:`open_changes`; a long log starts a new epoch."""
+        self._open_raw.pop(seq, None)  # its kept record is no longer the one its last-read row made
         if len(self._open_log) >= 4096:
             self._open_log = []
             self._open_epoch += 1
@@ -500,11 +504,33 @@ class Ledger:
         if self._open_rows is None or version != self._open_version:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?) ORDER BY seq",
                                       [str(state) for state in _OPEN]).fetchall()
-            self._open_rows = {row[0]: _lease(row) for row in rows}  # new ids are the largest: order holds
+            self._open_rows = self._reread(rows)
             self._open_version = version
+        return self._open_rows
+
+    def _reread(self, rows: list[tuple[Any, ...]]) -> dict[int, LeaseRecord]:
+        """The open leases from ``rows``, read afresh after another connection committed. A lease whose row is
+        as last read keeps its record; the others are logged as changed (:meth:`open_changes`), so a view
+        applies what another process changed instead of being rebuilt. With nothing kept, a new epoch."""
+        kept, raw = self._open_rows, self._open_raw
+        fresh: dict[int, LeaseRecord] = {}  # new ids are the largest: order holds
+        changed: list[int] = []
+        for row in rows:
+            seq = row[0]
+            if kept is not None and seq in kept and raw.get(seq) == row:
+                fresh[seq] = kept[seq]
+            else:
+                fresh[seq] = _lease(row)
+                changed.append(seq)
+        if kept is None:
             self._open_epoch += 1
             self._open_log = []
-        return self._open_rows
+        else:
+            changed += [seq for seq in kept if seq not in fresh]
+            for seq in changed:
+                self._changed(seq)
+        self._open_raw = {row[0]: row for row in rows}
+        return fresh
 
     def open_changes(self, since: tuple[int, int]
                      ) -> tuple[tuple[int, int], Mapping[int, LeaseRecord], list[int] | None]:
