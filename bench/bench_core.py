@@ -78,26 +78,41 @@ def round_trip(rounds: int, state: str) -> dict[str, dict[str, float]]:
     return {"chronos": _percentiles(ours), "bare": _percentiles(base)}
 
 
-#: A round-trip worker for :func:`round_trip_against`: each line it reads is a block size; it answers with
-#: that many reserve+release times as a JSON list.
+#: A round-trip worker for :func:`round_trip_against`: each line it reads is a block size and a mode; it
+#: answers with that many reserve+release times as a JSON list, 8 other leases held all along. In mode
+#: ``after`` another connection commits to the ledger file before each reserve and each release, as another
+#: process's write would.
 _RT_WORKER = """
-import json, sys, time
+import json, os, sqlite3, sys, time
 import chronos
 for _ in range(50):
     chronos.reserve("1G", "10m").release()
+other = sqlite3.connect(os.path.join(os.environ["CHRONOS_STATE_DIR"], "chronos.db"), isolation_level=None)
+other.execute("CREATE TABLE IF NOT EXISTS bench_other (x INTEGER)")
+held = [chronos.reserve("1G", "2h", bind=False) for _ in range(8)]  # a machine's worth of leases, read again
+chronos.reserve("1G", "10m").release()  # the new table read once
 for line in sys.stdin:
+    count, mode = line.split()
     times = []
-    for _ in range(int(line)):
+    for _ in range(int(count)):
+        if mode == "after":
+            other.execute("INSERT INTO bench_other VALUES (1)")
         t0 = time.perf_counter()
-        chronos.reserve("1G", "10m").release()
-        times.append(time.perf_counter() - t0)
+        lease = chronos.reserve("1G", "10m")
+        t1 = time.perf_counter()
+        if mode == "after":
+            other.execute("INSERT INTO bench_other VALUES (1)")
+        t2 = time.perf_counter()
+        lease.release()
+        times.append(time.perf_counter() - t2 + t1 - t0)
     print(json.dumps(times), flush=True)
 """
 
 
 def round_trip_against(rounds: int, baseline: str) -> dict[str, dict[str, float]]:
-    """reserve+release through the API of this Chronos and of the one in ``baseline``, each in a process
-    of its own on a ledger of its own, alternated in blocks of 100."""
+    """reserve+release through the API of this Chronos and of the one in ``baseline``, each in a process of
+    its own on a ledger of its own, alternated in blocks of 100: alone, and each operation just after another
+    connection's commit (``... after``: the ledger read again, as in any process that shares it)."""
     import chronos
 
     trees = {"this": os.path.dirname(os.path.dirname(chronos.__file__)), "baseline": os.path.abspath(baseline)}
@@ -108,14 +123,15 @@ def round_trip_against(rounds: int, baseline: str) -> dict[str, dict[str, float]
         workers[name] = subprocess.Popen(
             [sys.executable, "-c", _RT_WORKER], env={**_env(state), "PYTHONPATH": tree, "PYTHONSAFEPATH": "1"},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    samples: dict[str, list[float]] = {name: [] for name in trees}
+    samples: dict[str, list[float]] = {f"{name}{mode}": [] for name in trees for mode in ("", " after")}
     try:
         while len(samples["this"]) < rounds:
-            for name, worker in workers.items():
-                assert worker.stdin is not None and worker.stdout is not None
-                worker.stdin.write("100\n")
-                worker.stdin.flush()
-                samples[name] += json.loads(worker.stdout.readline())
+            for mode in ("alone", "after"):
+                for name, worker in workers.items():
+                    assert worker.stdin is not None and worker.stdout is not None
+                    worker.stdin.write(f"100 {mode}\n")
+                    worker.stdin.flush()
+                    samples[name + ("" if mode == "alone" else " after")] += json.loads(worker.stdout.readline())
     finally:
         for worker in workers.values():
             if worker.stdin is not None:
@@ -337,10 +353,13 @@ def main() -> None:
               "(goal: p99 <= ~1 ms, median <= half of it)")
         if args.baseline is not None:
             vs = round_trip_against(args.rounds, args.baseline)
-            ours, theirs = vs["this"], vs["baseline"]
-            print(f"round trip against the baseline tree, alternated in two processes: median {ours['median_ms']:.3f} "
-                  f"against {theirs['median_ms']:.3f} ms ({ours['median_ms'] / theirs['median_ms']:.2f}x), p99 "
-                  f"{ours['p99_ms']:.3f} against {theirs['p99_ms']:.3f} ms")
+            for mode in ("", " after"):
+                ours, theirs = vs["this" + mode], vs["baseline" + mode]
+                what = " after another connection's commit" if mode else ""
+                print(f"round trip{what} against the baseline tree, alternated in two processes: median "
+                      f"{ours['median_ms']:.3f} against {theirs['median_ms']:.3f} ms "
+                      f"({ours['median_ms'] / theirs['median_ms']:.2f}x), p99 {ours['p99_ms']:.3f} against "
+                      f"{theirs['p99_ms']:.3f} ms")
         sc = active_scaling(max(500, args.rounds // 2), args.active)
         one, many = sc["1"], sc[str(args.active)]
         print(f"round trip with 1 active lease: median {one['median_ms']:.3f} ms; with {args.active}: "
