@@ -266,8 +266,8 @@ class Ledger:
         if ms is None:
             yield
             return
-        self._conn.execute(f"PRAGMA busy_timeout = {ms}")
-        try:
+        try:  # set inside: a stop raised as it returns must not leave this thread's patience for every later write
+            self._conn.execute(f"PRAGMA busy_timeout = {ms}")
             yield
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -284,20 +284,25 @@ class Ledger:
                 yield self
             return
         with self._lock, self._waiting():
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise ledger_error(exc, self.path) from None
             self._undo = []
             self._writing, self._checked_in_write = True, False
+            began = False
             try:
+                # BEGIN is inside the ``try``: a signal raised as an exception the moment it returns (a stop while
+                # it waited for the lock) must roll it back too, or this connection's next write fails.
+                if self._conn.in_transaction:  # one that such a stop left open all the same: nothing of it stands
+                    self._open_rows = None
+                    self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                began = True
                 self._wal_files = check_wal_files(self.path, self._wal_files)
                 yield self
                 self._writing = False
                 self._conn.execute("COMMIT")
             except BaseException as exc:
                 self._writing = False
-                self._open_rows = None  # it holds this transaction's writes: read again
+                if began or self._conn.in_transaction:
+                    self._open_rows = None  # it holds this transaction's writes: read again
                 if self._conn.in_transaction:
                     try:
                         self._conn.execute("ROLLBACK")

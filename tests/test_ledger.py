@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +138,90 @@ def test_processes_that_find_no_ledger_at_once_agree_on_one(tmp_path: Path) -> N
     assert sorted(int(lease.id) for lease in engine.leases()) == list(range(1, 13))
     engine.close()
     assert [p.name for p in state.iterdir() if p.name.startswith(".")] == []
+
+
+#: A writer whose BEGIN waits for the lock when SIGUSR1 arrives; its handler raises, as the CLI's does for
+#: SIGTERM, the moment BEGIN returns. Then it writes again. It waits for a line before it begins (the lock
+#: is taken then) and another before it exits.
+_STOPPED_IN_BEGIN = """
+import signal, sys
+from chronos.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+with ledger.transaction():  # open, before the blocker takes the lock
+    pass
+seen = []
+class Stop(BaseException):
+    pass
+def stop(signum, frame):
+    seen.append(ledger._conn.in_transaction)
+    raise Stop
+signal.signal(signal.SIGUSR1, stop)
+print("open", flush=True)
+sys.stdin.readline()  # the lock is taken now
+try:
+    with ledger.transaction():
+        print("the body ran", flush=True)
+except Stop:
+    pass
+print("stopped with its transaction begun" if seen == [True] else f"stopped elsewhere: {seen}", flush=True)
+try:
+    with ledger.transaction():
+        pass
+    print("the next write went through", flush=True)
+except Exception as exc:
+    print(f"the next write failed: {exc}", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_stop_raised_as_begin_returns_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A signal that arrives while a write waits for the lock is raised when BEGIN returns: that transaction is
+    rolled back like any other, so the process's next write (a waiting command withdrawing its request as it
+    stops) goes through, and the lock is free for everyone else."""
+    Ledger(tmp_path).close()
+    blocker = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    with subprocess.Popen([sys.executable, "-c", _STOPPED_IN_BEGIN, str(tmp_path)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as writer:
+        assert writer.stdout is not None and writer.stdin is not None
+        try:
+            assert writer.stdout.readline() == "open\n"
+            blocker.execute("BEGIN IMMEDIATE")
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            time.sleep(0.5)  # its BEGIN is waiting for the blocker's lock
+            writer.send_signal(signal.SIGUSR1)
+            time.sleep(0.2)
+            blocker.execute("ROLLBACK")
+            assert writer.stdout.readline() == "stopped with its transaction begun\n"
+            assert writer.stdout.readline() == "the next write went through\n"
+            blocker.execute("BEGIN IMMEDIATE")  # while the writer still runs: it holds no lock
+            blocker.execute("ROLLBACK")
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            assert writer.wait(timeout=30) == 0
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+            blocker.close()
+
+
+def test_a_transaction_left_open_on_the_connection_is_rolled_back_by_the_next_write(tmp_path: Path) -> None:
+    """However a stop left this connection inside a transaction, the next write starts afresh: what the open one
+    did is not committed with it, and the write itself goes through."""
+    ledger = Ledger(tmp_path)
+    try:
+        with ledger.transaction():
+            pass
+        ledger._conn.execute("BEGIN IMMEDIATE")  # as a stop at the wrong moment would leave it
+        ledger._conn.execute("INSERT INTO host (key, value) VALUES ('left-open', 'x')")
+        with ledger.transaction():
+            ledger._conn.execute("INSERT INTO host (key, value) VALUES ('next', 'y')")
+        other = sqlite3.connect(tmp_path / DB_NAME)
+        try:
+            keys = {row[0] for row in other.execute("SELECT key FROM host")}
+        finally:
+            other.close()
+        assert "next" in keys and "left-open" not in keys
+    finally:
+        ledger.close()
+
