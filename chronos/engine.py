@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +37,7 @@ from chronos.errors import (
 )
 from chronos.identity import User, current_user, groups_of, is_admin, lookup_user
 from chronos.lease import Lease
-from chronos.ledger import Event, Ledger  # noqa: TID251 - the engine owns the ledger
+from chronos.ledger import Event, Ledger, queue_patience  # noqa: TID251 - the engine owns the ledger
 from chronos.ledger import patience as ledger_patience  # noqa: TID251
 from chronos.limits import Limits
 from chronos.live import LiveView
@@ -426,8 +426,9 @@ class Engine:
         request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
         cause = "capacity"
+        patient = queue_patience(spec.wait_s) if spec.wait_s is not None else nullcontext()
         try:
-            with self.ledger.transaction():
+            with patient, self.ledger.transaction():
                 now = time.time()
                 live = self._reclaim(now, caller)
                 claimed = bookings.claim_matching(self, owner, caller, spec, holder, now, devices, request.visible)
@@ -558,7 +559,8 @@ class Engine:
             lead = waiting.Leadership(self.ledger.path, self._lead)
             while True:
                 if decide:
-                    granted, decision, snapshot, request = self._try_grant(lease_id, caller, holder)
+                    with queue_patience(deadline - time.monotonic()):
+                        granted, decision, snapshot, request = self._try_grant(lease_id, caller, holder)
                     if granted is not None:
                         return granted
                     reason, position = decision.reason, decision.position

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,13 +26,15 @@ from chronos.ledger_faults import check_wal_files, ledger_error, patience, patie
 from chronos.model import Action, IdleNotice, LeaseRecord, LeaseState, OnIdle, Priority, evolve
 from chronos.state import prepare_file
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Event", "Ledger", "patience", "queue_patience"]
 
 DB_NAME = "chronos.db"
 BUSY_TIMEOUT_MS = 30_000
 #: Every this many commits a process asks its checkpoint thread to copy the WAL into the database, so that
 #: no request waits for a checkpoint's fsync; SQLite's own checkpoint (in a commit) is only the backstop.
 CHECKPOINT_EVERY = 32
+#: The longest a request that may wait in the queue also waits for the ledger's write lock.
+QUEUE_LOCK_WAIT_S = 600.0
 AUTOCHECKPOINT_PAGES = 8000
 
 
@@ -144,6 +146,16 @@ _COLUMNS = (
     "priority, state, label, pid, pid_start, ended_at, end_reason, peak_memory_bytes, gpu_seconds, request, "
     "starts_at, idle_since, idle_warning, end_action"
 )
+
+
+def queue_patience(wait_s: float) -> AbstractContextManager[None]:
+    """The lock wait of a write by a request that may still wait ``wait_s`` in the queue: as long as that (at
+    most :data:`QUEUE_LOCK_WAIT_S`), never shorter than the ledger's own. Hundreds of processes starting on a
+    small machine can keep the lock from one for longer than the usual wait; a request that asked to wait
+    must not fail for that. A shorter patience already set (the watchdog's) stands."""
+    if patience_ms() is not None:
+        return nullcontext()
+    return patience(min(max(wait_s, BUSY_TIMEOUT_MS / 1000), QUEUE_LOCK_WAIT_S))
 
 
 class Ledger:

@@ -15,7 +15,8 @@ import pytest
 import chronos
 from chronos.config import Config
 from chronos.errors import StateError
-from chronos.ledger import DB_NAME, SCHEMA_VERSION, Ledger
+from chronos.ledger import BUSY_TIMEOUT_MS, DB_NAME, QUEUE_LOCK_WAIT_S, SCHEMA_VERSION, Ledger, patience, queue_patience
+from chronos.ledger_faults import patience_ms
 from chronos.state import state_dir
 from tests.conftest import run_cli
 
@@ -225,3 +226,15 @@ def test_a_transaction_left_open_on_the_connection_is_rolled_back_by_the_next_wr
     finally:
         ledger.close()
 
+
+@pytest.mark.parametrize(("wait_s", "expected_s"), [(5.0, BUSY_TIMEOUT_MS / 1000), (-3.0, BUSY_TIMEOUT_MS / 1000),
+                                                    (120.0, 120.0), (float("inf"), QUEUE_LOCK_WAIT_S)])
+def test_a_request_that_may_wait_in_the_queue_waits_as_long_for_the_lock(wait_s: float, expected_s: float) -> None:
+    """A waiting request's writes wait for the lock as long as it may still wait (within a bound), never less than
+    the ledger's own wait; a shorter patience already set (the watchdog's) stands."""
+    assert patience_ms() is None
+    with queue_patience(wait_s):
+        assert patience_ms() == int(expected_s * 1000)
+    assert patience_ms() is None
+    with patience(2.0), queue_patience(wait_s):
+        assert patience_ms() == 2000
