@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -426,9 +426,8 @@ class Engine:
         request = self._request_for(spec, devices)
         own_rule = idle.rule_json(spec.idle_after_s, spec.on_idle)
         cause = "capacity"
-        patient = queue_patience(spec.wait_s) if spec.wait_s is not None else nullcontext()
         try:
-            with patient, self.ledger.transaction():
+            with queue_patience(spec.wait_s), self.ledger.transaction():
                 now = time.time()
                 live = self._reclaim(now, caller)
                 claimed = bookings.claim_matching(self, owner, caller, spec, holder, now, devices, request.visible)

@@ -148,12 +148,13 @@ _COLUMNS = (
 )
 
 
-def queue_patience(wait_s: float) -> AbstractContextManager[None]:
+def queue_patience(wait_s: float | None) -> AbstractContextManager[None]:
     """The lock wait of a write by a request that may still wait ``wait_s`` in the queue: as long as that (at
     most :data:`QUEUE_LOCK_WAIT_S`), never shorter than the ledger's own. Hundreds of processes starting on a
     small machine can keep the lock from one for longer than the usual wait; a request that asked to wait
-    must not fail for that. A shorter patience already set (the watchdog's) stands."""
-    if patience_ms() is not None:
+    must not fail for that. A request that does not wait (None), or a shorter patience already set (the
+    watchdog's), keeps the wait it has."""
+    if wait_s is None or patience_ms() is not None:
         return nullcontext()
     return patience(min(max(wait_s, BUSY_TIMEOUT_MS / 1000), QUEUE_LOCK_WAIT_S))
 
