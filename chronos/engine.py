@@ -108,6 +108,8 @@ class Engine:
         self._waiters_due = 0.0  # when the queued requests' waiters are next looked at in a write
         self._queue: tuple[int, tuple[scheduler.Request, ...]] | None = None
         self._states: tuple[tuple[tuple[int, str, int, int], ...], tuple[scheduler.DeviceState, ...]] | None = None
+        #: History read apart from the writes (:meth:`read_history_apart`).
+        self._history_apart = False
         _engines.setdefault((chosen, id(backend)), self)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -132,6 +134,8 @@ class Engine:
                 except ChronosError:
                     ledger.close()
                     raise
+                if self._history_apart:
+                    ledger.read_history_apart()
                 self._ledger = ledger
             return self._ledger
 
@@ -150,6 +154,15 @@ class Engine:
         if self._backend is None:
             self._backend = backend_for(self.settings)
         return self._backend
+
+    def read_history_apart(self) -> None:
+        """Reads of history from threads outside a write go through a connection of their own
+        (:meth:`chronos.ledger.Ledger.read_history_apart`): the service asks it, so that one client's long
+        read never holds the others' writes."""
+        with self._lock:
+            self._history_apart = True
+            if self._ledger is not None:
+                self._ledger.read_history_apart()
 
     def close(self) -> None:
         with self._lock:
@@ -825,13 +838,14 @@ class Engine:
     def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
                before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:
         """Active and queued leases; or one user's. With ``all``, every lease newest first: ``limit`` at most,
-        older than lease ``before`` (a page); with ``ended_since``, live leases and those ended since then."""
+        older than lease ``before`` (a page); with ``ended_since``, live leases and those ended since then (newest
+        first, a page the same way)."""
         live = self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
+        page = parse_lease_id(str(before)) if before is not None else None
         if ended_since is not None:
-            found = self.ledger.recent(ended_since, uid)
+            found = self.ledger.recent(ended_since, uid, limit=limit, before=page)
         elif all:
-            page = parse_lease_id(str(before)) if before is not None else None
             found = self.ledger.history(uid=uid, limit=limit, before=page)
         else:
             found = [r for r in live if uid is None or r.uid == uid]
@@ -888,9 +902,11 @@ class Engine:
         with self.ledger.transaction():
             self._event(parse_lease_id(lease_id), "enforced", current_user(), detail)
 
-    def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
-        """The audit log, oldest first."""
-        return self.ledger.events(since=since, lease_id=parse_lease_id(lease_id) if lease_id is not None else None)
+    def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
+               limit: int | None = None) -> list[Event]:
+        """The audit log, oldest first; with ``limit``, a page of at most that many lines after line ``after``."""
+        return self.ledger.events(since=since, lease_id=parse_lease_id(lease_id) if lease_id is not None else None,
+                                  after=after, limit=limit)
 
     def report(self, *, since: float, by: str = "user") -> Report:
         """Usage over the audit log since ``since`` (:func:`chronos.policy.figures.gather_report`)."""

@@ -38,6 +38,33 @@ QUEUE_LOCK_WAIT_S = 600.0
 AUTOCHECKPOINT_PAGES = 8000
 
 
+class _Lock:
+    """The connection's re-entrant lock, which knows whether the calling thread holds it (a read apart
+    must not miss that thread's own uncommitted writes)."""
+
+    __slots__ = ("_depth", "_lock", "_owner")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> _Lock:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._owner = None
+        self._lock.release()
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+
 @dataclass(frozen=True)
 class Event:
     """One line of the audit log: who did what to which lease, when."""
@@ -169,7 +196,11 @@ class Ledger:
 
     def __init__(self, directory: Path) -> None:
         path = Path(directory) / DB_NAME
-        self._lock = threading.RLock()
+        self._lock = _Lock()
+        #: History reads through a second connection of their own (:meth:`read_history_apart`).
+        self._apart = False
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
         if not os.path.lexists(path):
             _create(path)
         self.path = prepare_file(path)
@@ -181,6 +212,7 @@ class Ledger:
         self._connect()
 
     def _connect(self) -> None:
+        self._close_reader()  # a connection made again (the file was replaced): its reads apart too
         self._commits = 0
         #: The thread running a :meth:`batch` (its transactions are savepoints), and whether the batch failed.
         self._batch_owner: int | None = None
@@ -235,6 +267,35 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        self._close_reader()
+
+    def read_history_apart(self) -> None:
+        """From now on, reads of history (ended leases, the audit log, counts over them) made by a thread
+        that holds no transaction go through a second connection, which in WAL mode reads the last
+        committed state while writes go on. The service asks this: one client's long report must not
+        hold every other client's writes for its whole length."""
+        self._apart = True
+
+    def _close_reader(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def _read_history(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one query over history: apart, where asked and this thread is not inside a transaction
+        (whose own writes it must see), else under the connection's lock like every read."""
+        if not self._apart or self._lock.held_here():
+            return self._read(sql, params)
+        with self._reader_lock:
+            try:
+                if self._reader is None:
+                    self._reader = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                                   check_same_thread=False)
+                    self._reader.execute("PRAGMA query_only = 1")
+                return self._reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise ledger_error(exc, self.path) from None
 
     # -- schema ---------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -581,8 +642,8 @@ class Ledger:
     def count_granted(self) -> int:
         """Leases ever granted: active ones and those that ended after their grant (an index-only count)."""
         states = (LeaseState.ACTIVE, LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED)
-        rows = self._read(f"SELECT COUNT(*) FROM leases WHERE state IN ({', '.join('?' for _ in states)})",
-                          [str(s) for s in states])
+        rows = self._read_history(f"SELECT COUNT(*) FROM leases WHERE state IN ({', '.join('?' for _ in states)})",
+                                  [str(s) for s in states])
         return int(rows[0][0])
 
     def booked(self) -> list[LeaseRecord]:
@@ -614,8 +675,8 @@ class Ledger:
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
             marks = ", ".join("?" for _ in chunk)
-            out.extend(_lease(r) for r in self._read(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({marks}) "
-                                                     "ORDER BY seq", chunk))
+            out.extend(_lease(r) for r in self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({marks}) "
+                                                             "ORDER BY seq", chunk))
         return out
 
     def held_since(self, since: float) -> list[LeaseRecord]:
@@ -634,8 +695,9 @@ class Ledger:
 
     def count_events(self, event: str) -> dict[str, int]:
         """How many events of one rare kind (refused, no-show, idle-warning) the log holds, by their ``reason``."""
-        rows = self._read("SELECT json_extract(detail, '$.reason'), COUNT(*) FROM events INDEXED BY events_rare "
-                          "WHERE event = ? AND event IN ('refused', 'no-show', 'idle-warning') GROUP BY 1", (event,))
+        rows = self._read_history("SELECT json_extract(detail, '$.reason'), COUNT(*) FROM events INDEXED BY "
+                                  "events_rare WHERE event = ? AND event IN ('refused', 'no-show', 'idle-warning') "
+                                  "GROUP BY 1", (event,))
         return {str(reason): int(n) for reason, n in rows}
 
     def history(self, *, uid: int | None = None, since: float | None = None, limit: int | None = None,
@@ -655,7 +717,7 @@ class Ledger:
             params.append(int(before))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         tail = f" LIMIT {int(limit)}" if limit else ""
-        rows = self._read(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
+        rows = self._read_history(f"SELECT {_COLUMNS} FROM leases {where} ORDER BY seq DESC{tail}", params)
         return [_lease(r) for r in rows]
 
     # -- the host ---------------------------------------------------------------------------
@@ -672,15 +734,24 @@ class Ledger:
         self._conn.execute("UPDATE leases SET pid_start = -1 WHERE pid IS NOT NULL AND state IN ('active', 'queued')")
         self._open_rows = None
 
-    def recent(self, since: float, uid: int | None = None) -> list[LeaseRecord]:
-        """Live leases and those that ended at or after ``since`` (a window of history, read by index)."""
+    def recent(self, since: float, uid: int | None = None, *, limit: int | None = None,
+               before: str | None = None) -> list[LeaseRecord]:
+        """Live leases and those that ended at or after ``since`` (a window of history, read by index), newest
+        first; ``limit`` at most, older than lease ``before`` (a page)."""
         owner = " AND uid = ?" if uid is not None else ""
+        if before is not None:
+            owner += f" AND seq < {int(before)}"
         extra: list[Any] = [uid] if uid is not None else []
-        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
-                          f"SELECT {_COLUMNS} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner} "
-                          "ORDER BY seq DESC",
-                          [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since,
-                           *extra])
+        window = (f"SELECT seq FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                  f"SELECT seq FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner}")
+        params = [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since, *extra]
+        if limit:  # a page: the window's ids alone are sorted (from the indexes), then only the page's rows read
+            rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({window} ORDER BY seq DESC "
+                                      f"LIMIT {int(limit)}) ORDER BY seq DESC", params)
+        else:
+            rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                                      f"SELECT {_COLUMNS} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?"
+                                      f"{owner} ORDER BY seq DESC", params)
         return [_lease(r) for r in rows]
 
     def prune(self, before: float, batch: int) -> int:
@@ -715,22 +786,40 @@ class Ledger:
              _EVENT_ENCODER.encode(detail or {})),
         )
 
-    def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
-        clauses, params = [], []
+    def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
+               limit: int | None = None) -> list[Event]:
+        """The audit log's lines, oldest first: at or after ``since``, of one lease; with ``limit``, a page of at
+        most that many lines after line ``after`` (the last one of the page before)."""
+        clauses: list[str] = []
+        params: list[Any] = []
         if since is not None:
             clauses.append("at >= ?")
             params.append(since)
         if lease_id is not None:
             clauses.append("lease_seq = ?")
             params.append(int(lease_id))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        # A window of the log is read through its index (SQLite would otherwise walk the whole log in id order).
-        index = "INDEXED BY events_at " if since is not None else ""
-        rows = self._read(f"SELECT id, at, lease_seq, event, uid, user, pid, detail FROM events {index}{where} "
-                          "ORDER BY id", params)
+        if not limit:
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            # A window of the log is read through its index (SQLite would otherwise walk the whole log in id order).
+            index = "INDEXED BY events_at " if since is not None else ""
+            rows = self._read_history(f"SELECT {_COLUMNS_EVENTS} FROM events {index}{where} ORDER BY id", params)
+        else:
+            # A page walks the log in id order from ``after``: the first one of a window starts at the window's
+            # first line (found once through the index), not at the log's beginning.
+            if after is None and since is not None:
+                first = self._read_history("SELECT MIN(id) FROM events INDEXED BY events_at WHERE at >= ?",
+                                           (since,))[0][0]
+                if first is None:
+                    return []
+                after = int(first) - 1
+            clauses.append("id > ?")
+            params.append(after or 0)
+            rows = self._read_history(f"SELECT {_COLUMNS_EVENTS} FROM events WHERE {' AND '.join(clauses)} "
+                                      f"ORDER BY id LIMIT {int(limit)}", params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
 
+_COLUMNS_EVENTS = "id, at, lease_seq, event, uid, user, pid, detail"
 #: ``json.dumps(..., sort_keys=True)`` made once: an audit line's detail, written by every lease operation.
 _EVENT_ENCODER = json.JSONEncoder(sort_keys=True)
 
@@ -756,7 +845,8 @@ def _create(path: Path) -> None:
     prepare_file(temp)
     try:
         fresh = Ledger.__new__(Ledger)
-        fresh.path, fresh._lock = temp, threading.RLock()
+        fresh.path, fresh._lock, fresh._apart = temp, _Lock(), False
+        fresh._reader, fresh._reader_lock = None, threading.Lock()
         fresh._connect()
         fresh.close()
         try:

@@ -19,6 +19,7 @@ from chronos.api import default_engine, reset_default_engine
 from chronos.devices import simulated
 from chronos.errors import UnavailableError
 from chronos.identity import current_user
+from chronos.policy import figures
 from tests.conftest import run_cli
 from tests.waiting import wait_for
 
@@ -101,6 +102,12 @@ def test_the_report_equals_a_hand_computation_over_the_audit_log() -> None:
     assert [row["key"] for row in report["rows"]] == [me]
     assert report["rows"][0]["gpu_hours_reserved"] == pytest.approx(total["gpu_hours_reserved"], abs=1e-5)
     assert total["peak_percent"] == pytest.approx(50.0)  # 4 GiB peak on the 8 GiB lease
+    # The log is read a page at a time: pages of one, a few, or all lines give the same report, a lease's
+    # grant, idle spell and end falling on different pages.
+    whole = figures.gather_report(default_engine(), since=since, now=report["until"], page=10**6).to_dict()
+    assert whole["total"]["leases"] == 4
+    for page in (1, 2, 3, 7):
+        assert figures.gather_report(default_engine(), since=since, now=report["until"], page=page).to_dict() == whole
 
     by_gpu = json.loads(run_cli("report", "--since", "1h", "--by", "gpu", "--json").stdout)
     # Each row is rounded to six places, so the rows' sum may differ from the rounded total in the last place.

@@ -4,6 +4,7 @@ and :mod:`~chronos.policy.metrics`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from chronos.identity import groups_of, lookup_user
@@ -23,15 +24,31 @@ class Source(Protocol):
 
     def devices(self) -> Any: ...
 
-    def events(self, *, since: float | None = None, lease_id: str | None = None) -> Any: ...
+    def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
+               limit: int | None = None) -> Any: ...
 
 
-def gather_report(engine: Source, *, since: float, by: str = "user", now: float | None = None) -> report.Report:
+#: The audit log is read a page of this many lines at a time: a report over months holds one page of the
+#: log in memory, and a read never takes longer than one page's.
+REPORT_PAGE = 5000
+
+
+def gather_report(engine: Source, *, since: float, by: str = "user", now: float | None = None,
+                  page: int = REPORT_PAGE) -> report.Report:
     """:func:`chronos.policy.report.build` over the audit log since ``since`` and the leases it names."""
     now = time.time() if now is None else now
-    events = engine.events(since=since)
-    ids = {e.lease_id for e in events if e.lease_id != "0"}
-    records = {r.id: r for r in engine.ledger.records(sorted(ids))}
+    records: dict[str, Any] = {}
+
+    def lines() -> Iterator[Any]:
+        after = None
+        while True:
+            events = engine.events(since=since, after=after, limit=page)
+            named = {e.lease_id for e in events if e.lease_id != "0" and e.lease_id not in records}
+            records.update((r.id, r) for r in engine.ledger.records(sorted(named)))
+            yield from events
+            if len(events) < page:
+                return
+            after = events[-1].id
 
     def groups(user: str) -> set[str]:
         try:
@@ -39,7 +56,7 @@ def gather_report(engine: Source, *, since: float, by: str = "user", now: float 
         except Exception:  # a user gone from the machine: no groups
             return set()
 
-    return report.build(events, records, since=since, now=now, by=by, groups_of=groups)
+    return report.build(lines(), records, since=since, now=now, by=by, groups_of=groups)
 
 
 def collect_metrics(engine: Source) -> str:

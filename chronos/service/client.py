@@ -31,7 +31,15 @@ from chronos.model import Action, LeaseRecord, Priority, WaitUpdate
 from chronos.policy.report import Report
 from chronos.request import FOREVER, RequestSpec, parse_request
 from chronos.service import codec
-from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, error_from_wire, read_message
+from chronos.service.protocol import (
+    MAX_MESSAGE_BYTES,
+    MAX_ROWS,
+    VERSION,
+    ProtocolError,
+    dump,
+    error_from_wire,
+    read_message,
+)
 from chronos.settings import Settings
 from chronos.units import MemorySpec
 
@@ -278,9 +286,18 @@ class ServiceEngine:
 
     def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
                before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:
-        return self._leases(self.call("leases", {"all": all, "user": user, "limit": limit,
-                                                 "before": None if before is None else str(before),
-                                                 "ended_since": ended_since}))
+        args: dict[str, Any] = {"all": all, "user": user, "limit": limit,
+                                "before": None if before is None else str(before), "ended_since": ended_since}
+        if not all and ended_since is None:
+            return self._leases(self.call("leases", args))
+        found: list[Lease] = []
+        while True:  # history comes a page at a time (MAX_ROWS an answer)
+            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
+            page = self._leases(self.call("leases", {**args, "limit": want}))
+            found.extend(page)
+            if len(page) < want or (limit and len(found) >= limit):
+                return found
+            args["before"] = page[-1].id
 
     def active_records(self) -> list[LeaseRecord]:
         found: list[LeaseRecord] = codec.decode(list[LeaseRecord], self.call("active_records"))
@@ -294,9 +311,17 @@ class ServiceEngine:
         self.call("record_usage", {"lease_id": str(lease_id), "peak_bytes": int(peak_bytes),
                                    "gpu_seconds": float(gpu_seconds), "note": note})
 
-    def events(self, *, since: float | None = None, lease_id: str | None = None) -> list[Event]:
-        found: list[Event] = codec.decode(list[Event], self.call("events", {"since": since, "lease_id": lease_id}))
-        return found
+    def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
+               limit: int | None = None) -> list[Event]:
+        found: list[Event] = []
+        while True:  # the log comes a page at a time (MAX_ROWS an answer)
+            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
+            page: list[Event] = codec.decode(list[Event], self.call(
+                "events", {"since": since, "lease_id": lease_id, "after": after, "limit": want}))
+            found.extend(page)
+            if len(page) < want or (limit and len(found) >= limit):
+                return found
+            after = page[-1].id
 
     def report(self, *, since: float, by: str = "user") -> Report:
         found: Report = codec.decode(Report, self.call("report", {"since": since, "by": by}))

@@ -22,7 +22,7 @@ from chronos.lease import Lease
 from chronos.model import WaitUpdate
 from chronos.request import RequestSpec, parse_request
 from chronos.service import codec
-from chronos.service.protocol import VERSION, ProtocolError
+from chronos.service.protocol import MAX_ROWS, VERSION, ProtocolError
 from chronos.text import plain
 
 __all__ = ["OPS", "WAITING_OPS", "WRITE_OPS", "Call", "Peer", "handle", "undo_grant"]
@@ -178,8 +178,11 @@ def _leases(call: Call) -> Any:
     since = call.arg("ended_since", (int, float))
     if since is not None and not math.isfinite(since):
         raise InvalidRequestError("ended_since must be a finite time in seconds since the epoch")
-    return codec.encode(call.engine.leases(all=bool(call.arg("all", (bool,), False)), user=call.arg("user", (str,)),
-                                           limit=limit, before=call.arg("before", (str,)),
+    every = bool(call.arg("all", (bool,), False))
+    if every or since is not None:  # history: a page at a time
+        limit = min(limit or MAX_ROWS, MAX_ROWS)
+    return codec.encode(call.engine.leases(all=every, user=call.arg("user", (str,)), limit=limit,
+                                           before=call.arg("before", (str,)),
                                            ended_since=None if since is None else float(since)))
 
 
@@ -244,7 +247,12 @@ def _lease_usage(call: Call) -> Any:
 def _events(call: Call) -> Any:
     since = call.arg("since", (int, float))
     lease_id = call.arg("lease_id", (str, int))
-    return codec.encode(call.engine.events(since=since, lease_id=str(lease_id) if lease_id is not None else None))
+    after = call.arg("after", (int,))
+    limit = call.arg("limit", (int,))
+    if (after is not None and after < 0) or (limit is not None and limit < 0):
+        raise InvalidRequestError("after and limit must be zero or more")
+    return codec.encode(call.engine.events(since=since, lease_id=str(lease_id) if lease_id is not None else None,
+                                           after=after, limit=min(limit or MAX_ROWS, MAX_ROWS)))
 
 
 def _report(call: Call) -> Any:

@@ -26,6 +26,7 @@ from chronos.errors import (
 __all__ = [
     "ERROR_CODES",
     "MAX_MESSAGE_BYTES",
+    "MAX_ROWS",
     "VERSION",
     "ProtocolError",
     "dump",
@@ -37,6 +38,10 @@ __all__ = [
 VERSION = 1
 #: The longest line either side accepts, newline included (a longer one is refused, never buffered).
 MAX_MESSAGE_BYTES = 1 << 20
+#: The most rows of history (ended leases, audit lines) one answer holds; a client asks for the next page
+#: (``before``, ``after``). Every request then costs the service a bounded read, memory and time, whatever
+#: the history's length.
+MAX_ROWS = 1000
 
 #: Wire code -> error class; the most specific class first, so a reply names exactly what was raised.
 ERROR_CODES: dict[str, type[ChronosError]] = {

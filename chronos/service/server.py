@@ -2,11 +2,12 @@
 
 One selector thread does all socket I/O (accepting, reading lines, writing answers), so a client
 that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
-nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on
-a small pool of workers; a queued reservation waits on a thread of its own (at most
-:data:`MAX_WAITERS`). The short writes read in one turn of the loop run together in one ledger
-transaction (group commit: one commit for many clients), each decided in turn and answered as if it
-had run alone, and answered only once committed. A connection serves one request at a time.
+nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on a
+small pool of workers, shared fairly between users (:mod:`chronos.service.workers`); a queued
+reservation waits on a thread of its own (at most :data:`MAX_WAITERS`). The short writes read in one
+turn of the loop run together in one ledger transaction (group commit: one commit for many clients),
+each decided in turn and answered as if it had run alone, and answered only once committed. A
+connection serves one request at a time.
 Identity comes from SO_PEERCRED, never from the request.
 """
 
@@ -38,6 +39,7 @@ from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_gr
 from chronos.service.holders import HolderWatch
 from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, read_message
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
+from chronos.service.workers import FairWorkers
 
 __all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
 
@@ -97,10 +99,12 @@ class Server:
             base = settings_module.current()
             engine = Engine(backend=backend_for(base), settings=base.with_state_dir(private_dir(self.state_dir)))
         self.engine = engine
+        self.engine.read_history_apart()  # one client's long read of history holds no one's writes
         self.watch = HolderWatch(self.engine)
         self.stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
+        self._work = FairWorkers(self._pool)
         self._waiters = threading.BoundedSemaphore(MAX_WAITERS)
         self._done: queue.SimpleQueue[tuple[_Conn, bytes, str | None, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -287,7 +291,7 @@ class Server:
         elif op in INLINE_OPS:
             self._serve(conn, request_id, op, args, None)
         else:
-            self._pool.submit(self._serve, conn, request_id, op, args, None)
+            self._work.submit(conn.peer.uid, partial(self._serve, conn, request_id, op, args, None))
 
     def _answer_now(self, conn: _Conn, request_id: Any, exc: ChronosError, *, close: bool = False) -> None:
         self._queue_out(conn, answers.error_line(request_id, exc))

@@ -1,0 +1,65 @@
+"""The service's worker threads, shared fairly between users.
+
+Reads of many leases, the GPUs' processes or the audit log run on a few workers. One user's requests run
+on at most :data:`PER_USER` of them at once; the rest wait in that user's own line and are handed on one by
+one as that user's earlier ones finish. A user who sends many long reads therefore delays only their own
+requests, and another user's request waits for at most one running request to finish.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["PER_USER", "FairWorkers"]
+
+#: The most workers one user's requests hold at once.
+PER_USER = 2
+
+
+class FairWorkers:
+    """Run each user's jobs on ``pool``, at most ``per_user`` of one user's at a time, in the order sent."""
+
+    def __init__(self, pool: ThreadPoolExecutor, per_user: int = PER_USER) -> None:
+        self._pool = pool
+        self._per_user = per_user
+        self._lock = threading.Lock()
+        self._running: dict[int, int] = {}
+        self._waiting: dict[int, deque[Callable[[], None]]] = {}
+
+    def submit(self, uid: int, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._running.get(uid, 0) >= self._per_user:
+                self._waiting.setdefault(uid, deque()).append(job)
+                return
+            self._running[uid] = self._running.get(uid, 0) + 1
+        self._pool.submit(self._run, uid, job)
+
+    def queued(self, uid: int) -> int:
+        """How many of a user's jobs wait for one of their running ones to finish."""
+        with self._lock:
+            return len(self._waiting.get(uid, ()))
+
+    def _run(self, uid: int, job: Callable[[], None]) -> None:
+        try:
+            job()
+        finally:
+            self._next(uid)
+
+    def _next(self, uid: int) -> None:
+        """Hand the user's next waiting job to the pool, at the back of its queue (behind other users')."""
+        with self._lock:
+            line = self._waiting.get(uid)
+            if not line:
+                self._waiting.pop(uid, None)
+                self._running[uid] -= 1
+                if not self._running[uid]:
+                    del self._running[uid]
+                return
+            job = line.popleft()
+        try:
+            self._pool.submit(self._run, uid, job)
+        except RuntimeError:  # the pool is shut down (the service stops): nothing more runs
+            pass
