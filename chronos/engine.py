@@ -819,11 +819,14 @@ class Engine:
 
         return bookings.claim(self, booking_id, caller, holder, self._owned, usage_check)
 
-    def bookings(self, *, all: bool = False, user: str | None = None) -> list[Lease]:
-        """Bookings to come (every booking, claimed and past ones too, with ``all``), by start."""
+    def bookings(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
+                 after: str | None = None) -> list[Lease]:
+        """Bookings to come (every booking, claimed and past ones too, with ``all``: ``limit`` at most, those
+        after booking ``after``, a page), by start."""
         self._reclaim_if_due()
         uid = lookup_user(user).uid if user is not None else None
-        found = self.ledger.bookings_of(uid) if all else \
+        page = parse_lease_id(after) if after is not None else None
+        found = self.ledger.bookings_of(uid, after=page, limit=limit) if all else \
             [b for b in self.ledger.booked() if uid is None or b.uid == uid]
         return [self._handle(record) for record in found]
 

@@ -650,11 +650,15 @@ class Ledger:
         """Bookings not yet claimed, oldest first."""
         return [r for r in self._open() if r.state == LeaseState.BOOKED]
 
-    def bookings_of(self, uid: int | None = None, since: float | None = None,
-                    until: float | None = None) -> list[LeaseRecord]:
-        """Leases that were booked ahead (any state), by planned start; optionally one owner's, in a window."""
+    def bookings_of(self, uid: int | None = None, since: float | None = None, until: float | None = None, *,
+                    after: str | None = None, limit: int | None = None) -> list[LeaseRecord]:
+        """Leases that were booked ahead (any state), by planned start; optionally one owner's, in a window;
+        ``limit`` at most, those after booking ``after`` in that order (a page)."""
         clauses: list[str] = ["starts_at IS NOT NULL"]
         params: list[float] = []
+        if after is not None:
+            clauses.append("(starts_at, seq) > (SELECT starts_at, seq FROM leases WHERE seq = ?)")
+            params.append(int(after))
         if uid is not None:
             clauses.append("uid = ?")
             params.append(uid)
@@ -664,8 +668,9 @@ class Ledger:
         if until is not None:
             clauses.append("starts_at < ?")
             params.append(until)
-        rows = self._read(f"SELECT {_COLUMNS} FROM leases WHERE {' AND '.join(clauses)} ORDER BY starts_at, seq",
-                          params)
+        tail = f" LIMIT {int(limit)}" if limit else ""
+        rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE {' AND '.join(clauses)} "
+                                  f"ORDER BY starts_at, seq{tail}", params)
         return [_lease(r) for r in rows]
 
     def records(self, ids: Sequence[str]) -> list[LeaseRecord]:

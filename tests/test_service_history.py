@@ -31,10 +31,12 @@ def _fill(db: Path, ended: int) -> None:
         first = (conn.execute("SELECT MAX(seq) FROM leases").fetchone()[0] or 0) + 1
         for seq in range(first, first + ended):
             end = now - 86400 + seq
+            # Each was booked ahead, in pairs for the same start and in an order of starts unlike the ids'.
+            starts = now - 86400 - (seq // 2) * (1 if seq % 4 < 2 else -1)
             conn.execute("INSERT INTO leases (seq, uid, owner, devices, device_uuids, memory_bytes, created_at, "
-                         "started_at, expires_at, duration_s, priority, state, ended_at, end_reason) VALUES "
-                         "(?, 0, 'root', '[0]', '[\"GPU-0\"]', ?, ?, ?, ?, 3600, 'normal', 'released', ?, 'released')",
-                         (seq, 1 << 30, end - 60, end - 60, end + 3540, end))
+                         "started_at, expires_at, duration_s, priority, state, ended_at, end_reason, starts_at) "
+                         "VALUES (?, 0, 'root', '[0]', '[\"GPU-0\"]', ?, ?, ?, ?, 3600, 'normal', 'released', ?, "
+                         "'released', ?)", (seq, 1 << 30, end - 60, end - 60, end + 3540, end, starts))
             conn.execute("INSERT INTO events (at, lease_seq, event, uid, user, pid, detail) VALUES "
                          "(?, ?, 'granted', 0, 'root', 1, ?)", (end - 60, seq, json.dumps({"devices": [0]})))
             conn.execute("INSERT INTO events (at, lease_seq, event, uid, user, pid, detail) VALUES "
@@ -77,6 +79,11 @@ def test_history_comes_a_bounded_page_at_a_time_and_the_client_pages_through_it(
     assert [str(e.id) for e in default_engine().events()] == lines
     window = _ledger_ids(db, f"SELECT id FROM events WHERE at >= {time.time() - 3600} ORDER BY id")
     assert [str(e.id) for e in default_engine().events(since=time.time() - 3600)] == window
+    booked = _ledger_ids(db, "SELECT seq FROM leases WHERE starts_at IS NOT NULL ORDER BY starts_at, seq")
+    assert len(booked) == ENDED
+    code, answer = _raw(service, "bookings", {"all": True})
+    assert code == 0 and [x["id"] for x in answer["result"]] == booked[:MAX_ROWS]  # type: ignore
+    assert [lease.id for lease in chronos.bookings(all=True)] == booked
     report = chronos.report("2d")
     assert report.total.leases == ENDED + 1
     live.release()

@@ -121,7 +121,7 @@ def book(engine: EngineCore, owner: User, caller: User, spec: RequestSpec, start
         theirs = [b for b in engine.ledger.bookings_of(owner.uid, week[0] - 7 * 86400, week[1])
                   if b.state != LeaseState.WITHDRAWN]
         check(mine, owner.name, start, duration_s, info.gpus, now,
-              sum(1 for b in engine.ledger.bookings_of(owner.uid) if b.state == LeaseState.BOOKED),
+              sum(1 for b in engine.ledger.booked() if b.uid == owner.uid),
               [b for b in theirs if b.starts_at is not None and week[0] <= b.starts_at < week[1]])
         slot = scheduler.place_booking(snapshot, request, start)
         if slot.start != start:

@@ -281,8 +281,19 @@ class ServiceEngine:
     def claim(self, booking_id: str, *, bind: bool | int = True) -> Lease:
         return self._lease(self.call("claim", {"booking_id": str(booking_id), "bind": _bind(bind)}))
 
-    def bookings(self, *, all: bool = False, user: str | None = None) -> list[Lease]:
-        return self._leases(self.call("bookings", {"all": all, "user": user}))
+    def bookings(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
+                 after: str | None = None) -> list[Lease]:
+        args: dict[str, Any] = {"all": all, "user": user, "after": after}
+        if not all:
+            return self._leases(self.call("bookings", args))
+        found: list[Lease] = []
+        while True:  # every booking comes a page at a time (MAX_ROWS an answer)
+            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
+            page = self._leases(self.call("bookings", {**args, "limit": want}))
+            found.extend(page)
+            if len(page) < want or (limit and len(found) >= limit):
+                return found
+            args["after"] = page[-1].id
 
     def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
                before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:

@@ -9,6 +9,7 @@ nothing in a request says who is asking. Every engine call runs as that user and
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,8 +188,13 @@ def _leases(call: Call) -> Any:
 
 
 def _bookings(call: Call) -> Any:
-    return codec.encode(call.engine.bookings(all=bool(call.arg("all", (bool,), False)),
-                                             user=call.arg("user", (str,))))
+    every = bool(call.arg("all", (bool,), False))
+    limit = call.arg("limit", (int,))
+    if limit is not None and limit < 0:
+        raise InvalidRequestError("limit must be zero or more")
+    return codec.encode(call.engine.bookings(all=every, user=call.arg("user", (str,)),
+                                             limit=min(limit or MAX_ROWS, MAX_ROWS) if every else None,
+                                             after=call.arg("after", (str,))))
 
 
 def _book(call: Call) -> Any:
@@ -255,11 +261,17 @@ def _events(call: Call) -> Any:
                                            after=after, limit=min(limit or MAX_ROWS, MAX_ROWS)))
 
 
+#: A report holds the leases of its window in memory while it reads the log: the service builds one at a
+#: time, so that many at once (one user's two workers, several users') cannot hold many windows.
+_REPORTING = threading.Lock()
+
+
 def _report(call: Call) -> Any:
     since = call.arg("since", (int, float))
     if since is None:
         raise InvalidRequestError("argument 'since' is missing: give a time in epoch seconds")
-    return codec.encode(call.engine.report(since=float(since), by=call.arg("by", (str,), "user")))
+    with _REPORTING:
+        return codec.encode(call.engine.report(since=float(since), by=call.arg("by", (str,), "user")))
 
 
 def _metrics(call: Call) -> Any:
