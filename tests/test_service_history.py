@@ -161,3 +161,13 @@ def test_one_users_many_jobs_hold_at_most_two_workers_and_another_user_runs_at_o
 def test_bad_pages_are_refused_in_one_line(service: Service, args: dict[str, object]) -> None:
     code, answer = _raw(service, "events", args)
     assert code == 2 and answer["error"]["code"] == "bad_input"  # type: ignore[index]
+
+
+def test_the_protocol_reference_gives_the_page_and_worker_limits_the_service_keeps() -> None:
+    from chronos.service.server import WORKERS
+    from chronos.service.workers import PER_USER
+
+    text = " ".join((Path(__file__).parents[1] / "docs" / "protocol.md").read_text().split())
+    words = {2: "two", 4: "four"}
+    assert f"holds at most **{MAX_ROWS:,}** rows" in text
+    assert f"run on {words[WORKERS]} workers" in text and f"hold at most **{words[PER_USER]}** of them" in text
