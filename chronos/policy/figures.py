@@ -28,8 +28,8 @@ class Source(Protocol):
                limit: int | None = None) -> Any: ...
 
 
-#: The audit log is read a page of this many lines at a time: a report over months holds one page of the
-#: log in memory, and a read never takes longer than one page's.
+#: The audit log is read a page of this many lines at a time: a report over months holds one page of the log
+#: (and the leases still open at that point) in memory, and a read never takes longer than one page's.
 REPORT_PAGE = 5000
 
 
@@ -37,15 +37,14 @@ def gather_report(engine: Source, *, since: float, by: str = "user", now: float 
                   page: int = REPORT_PAGE) -> report.Report:
     """:func:`chronos.policy.report.build` over the audit log since ``since`` and the leases it names."""
     now = time.time() if now is None else now
-    records: dict[str, Any] = {}
 
-    def lines() -> Iterator[Any]:
+    def lines() -> Iterator[tuple[Any, Any]]:
         after = None
         while True:
             events = engine.events(since=since, after=after, limit=page)
-            named = {e.lease_id for e in events if e.lease_id != "0" and e.lease_id not in records}
-            records.update((r.id, r) for r in engine.ledger.records(sorted(named)))
-            yield from events
+            named = sorted({e.lease_id for e in events if e.lease_id != "0"})
+            records = {r.id: r for r in engine.ledger.records(named)}
+            yield from ((e, records.get(e.lease_id)) for e in events)
             if len(events) < page:
                 return
             after = events[-1].id
@@ -56,7 +55,7 @@ def gather_report(engine: Source, *, since: float, by: str = "user", now: float 
         except Exception:  # a user gone from the machine: no groups
             return set()
 
-    return report.build(lines(), records, since=since, now=now, by=by, groups_of=groups)
+    return report.build(lines(), since=since, now=now, by=by, groups_of=groups)
 
 
 def collect_metrics(engine: Source) -> str:

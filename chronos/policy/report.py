@@ -1,5 +1,5 @@
 """Usage reports over the audit log: GPU-hours reserved, used and held idle, leases, waits, refusals,
-no-shows. Pure: :func:`build` takes the events and the lease records they name.
+no-shows. Pure: :func:`build` takes the events, each with the lease record it names.
 
 A lease counts in the window it was granted in, whole (its hours are not cut at the window's edge),
 so that each lease is in exactly one report of consecutive windows. Figures:
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -130,18 +131,37 @@ def _add(row: ReportRow, lease: _Lease, now: float, share: float) -> None:
         row.wait_s += lease.waited_s
 
 
-def build(events: Iterable[Any], records: Mapping[str, LeaseRecord], *, since: float, now: float, by: str = "user",
+def build(lines: Iterable[tuple[Any, LeaseRecord | None]], *, since: float, now: float, by: str = "user",
           groups_of: Callable[[str], Iterable[str]] = lambda user: ()) -> Report:
-    """The report over ``events`` (the audit log, oldest first) for leases granted in ``[since, now]``."""
+    """The report over ``lines`` (the audit log, oldest first, each line with the record of its lease, or
+    None where the lease is no longer on file) for leases granted in ``[since, now]``.
+
+    A lease is added to its rows as its end is read, and forgotten: the report holds the leases still
+    open at that point of the log, not every lease of the window."""
     if by not in BY:
         raise InvalidRequestError(f"cannot report by {by!r}: use one of {', '.join(BY)}")
-    leases: dict[str, _Lease] = {}
-    counts: list[tuple[str, str, str | None]] = []  # (kind, owner, label) of waits, refusals, no-shows, bookings
-    for event in events:
+    rows: dict[str, ReportRow] = {}
+    total = ReportRow("TOTAL")
+
+    def row(key: str) -> ReportRow:
+        return rows.setdefault(key, ReportRow(key))
+
+    def count(lease: _Lease) -> None:
+        _add(total, lease, now, 1.0)
+        owner, label = lease.record.owner, lease.record.label
+        if by == "gpu":
+            for index in lease.devices or (0,):
+                _add(row(str(index)), lease, now, 1.0 / max(1, len(lease.devices)))
+        else:
+            for key in _keys(by, owner, label, groups_of):
+                _add(row(key), lease, now, 1.0)
+
+    leases: dict[str, _Lease] = {}  # granted in the window and not ended yet, as far as the log has been read
+    counts: Counter[tuple[str, str, str | None]] = Counter()  # (kind, owner, label) of waits, refusals, ...
+    for event, record in lines:
         detail = event.detail
-        record = records.get(event.lease_id)
         if event.event == "refused" and since <= event.at <= now:
-            counts.append(("refusals", str(detail.get("owner", event.user)), None))
+            counts["refusals", str(detail.get("owner", event.user)), None] += 1
             continue
         if record is None:
             continue
@@ -151,37 +171,24 @@ def build(events: Iterable[Any], records: Mapping[str, LeaseRecord], *, since: f
                                             waited_s=detail.get("waited_s"))
         elif event.event in ("queued", "no-show", "booked") and since <= event.at <= now:
             kind = {"queued": "waits", "no-show": "no_shows", "booked": "bookings"}[event.event]
-            counts.append((kind, record.owner, record.label))
+            counts[kind, record.owner, record.label] += 1
         lease = leases.get(event.lease_id)
         if lease is None:
             continue
-        if event.event in END_EVENTS and lease.ended_at is None:
+        if event.event in END_EVENTS:
             lease.ended_at = float(detail.get("ended_at", event.at))
+            count(leases.pop(event.lease_id))
         elif event.event == "idle":
             lease.idle.append((float(detail.get("since", event.at)), None))
         elif event.event == "active" and lease.idle and lease.idle[-1][1] is None:
             lease.idle[-1] = (lease.idle[-1][0], event.at)
-
-    rows: dict[str, ReportRow] = {}
-
-    def row(key: str) -> ReportRow:
-        return rows.setdefault(key, ReportRow(key))
-
-    total = ReportRow("TOTAL")
-    for lease in leases.values():
-        _add(total, lease, now, 1.0)
-        owner, label = lease.record.owner, lease.record.label
-        if by == "gpu":
-            for index in lease.devices or (0,):
-                _add(row(str(index)), lease, now, 1.0 / max(1, len(lease.devices)))
-        else:
-            for key in _keys(by, owner, label, groups_of):
-                _add(row(key), lease, now, 1.0)
-    for kind, owner, label in counts:
-        setattr(total, kind, getattr(total, kind) + 1)
+    for lease in leases.values():  # still active
+        count(lease)
+    for (kind, owner, label), n in counts.items():
+        setattr(total, kind, getattr(total, kind) + n)
         keys = ["-"] if by == "gpu" else _keys(by, owner, label, groups_of)
         for key in keys:
-            setattr(row(key), kind, getattr(row(key), kind) + 1)
+            setattr(row(key), kind, getattr(row(key), kind) + n)
     ordered = sorted(rows.values(), key=lambda r: (-r.gpu_hours_reserved, r.key))
     return Report(since, now, by, ordered, total)
 
