@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from chronos import accounting, scheduler
 from chronos import settings as settings_module
@@ -44,6 +44,15 @@ from chronos.settings import Settings
 from chronos.units import MemorySpec
 
 __all__ = ["DEFAULT_SOCKET", "ServiceEngine", "request_to_wire"]
+
+
+class _Identified(Protocol):
+    @property
+    def id(self) -> Any: ...
+
+
+#: A row of history as the client reads it: a lease or an audit line.
+_Row = TypeVar("_Row", bound=_Identified)
 
 DEFAULT_SOCKET = Path("/run/chronos/chronos.sock")
 #: How long an answer may take (a write waits at most the ledger's busy timeout); a queued request
@@ -176,6 +185,19 @@ class ServiceEngine:
         lease: Lease = codec.decode(Lease, data, self)
         return lease
 
+    def _pages(self, op: str, args: dict[str, Any], cursor: str, limit: int | None,
+               decode: Callable[[Any], list[_Row]]) -> list[_Row]:
+        """Every row of a history request (``limit`` at most), a page at a time: an answer holds at most
+        :data:`MAX_ROWS`, and the next page starts after the last row's id (the ``cursor`` argument)."""
+        found: list[_Row] = []
+        while True:
+            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
+            page = decode(self.call(op, {**args, "limit": want}))
+            found.extend(page)
+            if len(page) < want or (limit and len(found) >= limit):
+                return found
+            args = {**args, cursor: page[-1].id}
+
     def _leases(self, data: Any) -> list[Lease]:
         found: list[Lease] = codec.decode(list[Lease], data, self)
         return found
@@ -286,14 +308,7 @@ class ServiceEngine:
         args: dict[str, Any] = {"all": all, "user": user, "after": after}
         if not all:
             return self._leases(self.call("bookings", args))
-        found: list[Lease] = []
-        while True:  # every booking comes a page at a time (MAX_ROWS an answer)
-            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
-            page = self._leases(self.call("bookings", {**args, "limit": want}))
-            found.extend(page)
-            if len(page) < want or (limit and len(found) >= limit):
-                return found
-            args["after"] = page[-1].id
+        return self._pages("bookings", args, "after", limit, self._leases)
 
     def leases(self, *, all: bool = False, user: str | None = None, limit: int | None = None,
                before: str | int | None = None, ended_since: float | None = None) -> list[Lease]:
@@ -301,14 +316,7 @@ class ServiceEngine:
                                 "before": None if before is None else str(before), "ended_since": ended_since}
         if not all and ended_since is None:
             return self._leases(self.call("leases", args))
-        found: list[Lease] = []
-        while True:  # history comes a page at a time (MAX_ROWS an answer)
-            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
-            page = self._leases(self.call("leases", {**args, "limit": want}))
-            found.extend(page)
-            if len(page) < want or (limit and len(found) >= limit):
-                return found
-            args["before"] = page[-1].id
+        return self._pages("leases", args, "before", limit, self._leases)
 
     def active_records(self) -> list[LeaseRecord]:
         found: list[LeaseRecord] = codec.decode(list[LeaseRecord], self.call("active_records"))
@@ -324,15 +332,11 @@ class ServiceEngine:
 
     def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
                limit: int | None = None) -> list[Event]:
-        found: list[Event] = []
-        while True:  # the log comes a page at a time (MAX_ROWS an answer)
-            want = MAX_ROWS if not limit else min(MAX_ROWS, limit - len(found))
-            page: list[Event] = codec.decode(list[Event], self.call(
-                "events", {"since": since, "lease_id": lease_id, "after": after, "limit": want}))
-            found.extend(page)
-            if len(page) < want or (limit and len(found) >= limit):
-                return found
-            after = page[-1].id
+        def lines(data: Any) -> list[Event]:
+            found: list[Event] = codec.decode(list[Event], data)
+            return found
+
+        return self._pages("events", {"since": since, "lease_id": lease_id, "after": after}, "after", limit, lines)
 
     def report(self, *, since: float, by: str = "user") -> Report:
         found: Report = codec.decode(Report, self.call("report", {"since": since, "by": by}))
