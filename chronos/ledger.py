@@ -747,16 +747,17 @@ class Ledger:
         if before is not None:
             owner += f" AND seq < {int(before)}"
         extra: list[Any] = [uid] if uid is not None else []
-        window = (f"SELECT seq FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
-                  f"SELECT seq FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner}")
+        def window(columns: str) -> str:
+            return (f"SELECT {columns} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
+                    f"SELECT {columns} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?{owner} "
+                    "ORDER BY seq DESC")
+
         params = [str(LeaseState.ACTIVE), str(LeaseState.QUEUED), str(LeaseState.BOOKED), *extra, since, *extra]
         if limit:  # a page: the window's ids alone are sorted (from the indexes), then only the page's rows read
-            rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({window} ORDER BY seq DESC "
+            rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE seq IN ({window('seq')} "
                                       f"LIMIT {int(limit)}) ORDER BY seq DESC", params)
         else:
-            rows = self._read_history(f"SELECT {_COLUMNS} FROM leases WHERE state IN (?, ?, ?){owner} UNION ALL "
-                                      f"SELECT {_COLUMNS} FROM leases INDEXED BY leases_ended WHERE ended_at >= ?"
-                                      f"{owner} ORDER BY seq DESC", params)
+            rows = self._read_history(window(_COLUMNS), params)
         return [_lease(r) for r in rows]
 
     def prune(self, before: float, batch: int) -> int:
@@ -793,8 +794,8 @@ class Ledger:
 
     def events(self, *, since: float | None = None, lease_id: str | None = None, after: int | None = None,
                limit: int | None = None) -> list[Event]:
-        """The audit log's lines, oldest first: at or after ``since``, of one lease; with ``limit``, a page of at
-        most that many lines after line ``after`` (the last one of the page before)."""
+        """The audit log's lines, oldest first: at or after ``since``, of one lease, after line ``after`` (the last
+        one of the page before); ``limit`` at most (a page)."""
         clauses: list[str] = []
         params: list[Any] = []
         if since is not None:
@@ -803,7 +804,7 @@ class Ledger:
         if lease_id is not None:
             clauses.append("lease_seq = ?")
             params.append(int(lease_id))
-        if not limit:
+        if not limit and after is None:
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             # A window of the log is read through its index (SQLite would otherwise walk the whole log in id order).
             index = "INDEXED BY events_at " if since is not None else ""
@@ -819,11 +820,13 @@ class Ledger:
                 after = int(first) - 1
             clauses.append("id > ?")
             params.append(after or 0)
+            tail = f" LIMIT {int(limit)}" if limit else ""
             rows = self._read_history(f"SELECT {_COLUMNS_EVENTS} FROM events WHERE {' AND '.join(clauses)} "
-                                      f"ORDER BY id LIMIT {int(limit)}", params)
+                                      f"ORDER BY id{tail}", params)
         return [Event(r[0], r[1], str(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
 
+#: An audit line's columns, in the order :class:`Event` takes them.
 _COLUMNS_EVENTS = "id, at, lease_seq, event, uid, user, pid, detail"
 #: ``json.dumps(..., sort_keys=True)`` made once: an audit line's detail, written by every lease operation.
 _EVENT_ENCODER = json.JSONEncoder(sort_keys=True)

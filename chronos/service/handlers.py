@@ -171,16 +171,24 @@ def _get(call: Call) -> Any:
     return codec.encode(call.engine.get(_lease_id(call)))
 
 
-def _leases(call: Call) -> Any:
-    limit = call.arg("limit", (int,))
+def _limit(call: Call) -> int | None:
+    limit: int | None = call.arg("limit", (int,))
     if limit is not None and limit < 0:
         raise InvalidRequestError("limit must be zero or more")
+    return limit
+
+
+def _page(call: Call) -> int:
+    """A read of history's ``limit``: at most one page (:data:`MAX_ROWS`), a page if none is asked for."""
+    return min(_limit(call) or MAX_ROWS, MAX_ROWS)
+
+
+def _leases(call: Call) -> Any:
     since = call.arg("ended_since", (int, float))
     if since is not None and not math.isfinite(since):
         raise InvalidRequestError("ended_since must be a finite time in seconds since the epoch")
     every = bool(call.arg("all", (bool,), False))
-    if every or since is not None:  # history: a page at a time
-        limit = min(limit or MAX_ROWS, MAX_ROWS)
+    limit = _page(call) if every or since is not None else _limit(call)  # history: a page at a time
     return codec.encode(call.engine.leases(all=every, user=call.arg("user", (str,)), limit=limit,
                                            before=call.arg("before", (str,)),
                                            ended_since=None if since is None else float(since)))
@@ -188,11 +196,8 @@ def _leases(call: Call) -> Any:
 
 def _bookings(call: Call) -> Any:
     every = bool(call.arg("all", (bool,), False))
-    limit = call.arg("limit", (int,))
-    if limit is not None and limit < 0:
-        raise InvalidRequestError("limit must be zero or more")
     return codec.encode(call.engine.bookings(all=every, user=call.arg("user", (str,)),
-                                             limit=min(limit or MAX_ROWS, MAX_ROWS) if every else None,
+                                             limit=_page(call) if every else None,
                                              after=call.arg("after", (str,))))
 
 
@@ -253,11 +258,10 @@ def _events(call: Call) -> Any:
     since = call.arg("since", (int, float))
     lease_id = call.arg("lease_id", (str, int))
     after = call.arg("after", (int,))
-    limit = call.arg("limit", (int,))
-    if (after is not None and after < 0) or (limit is not None and limit < 0):
-        raise InvalidRequestError("after and limit must be zero or more")
+    if after is not None and after < 0:
+        raise InvalidRequestError("after must be zero or more")
     return codec.encode(call.engine.events(since=since, lease_id=str(lease_id) if lease_id is not None else None,
-                                           after=after, limit=min(limit or MAX_ROWS, MAX_ROWS)))
+                                           after=after, limit=_page(call)))
 
 
 def _report(call: Call) -> Any:
