@@ -23,6 +23,7 @@ from chronos.model import WaitUpdate
 from chronos.request import RequestSpec, parse_request
 from chronos.service import codec
 from chronos.service.protocol import MAX_ROWS, VERSION, ProtocolError
+from chronos.service.reports import ReportChildren
 from chronos.text import plain
 
 __all__ = ["OPS", "WAITING_OPS", "WRITE_OPS", "Call", "Peer", "handle", "undo_grant"]
@@ -50,6 +51,8 @@ class Call:
     granted: str | None = None
     #: The process a lease was just granted or bound to (the holder watch watches it from now on).
     holder: tuple[int, float | None] | None = None
+    #: Where reports are built: the service's child processes (:mod:`chronos.service.reports`); None: here.
+    reports: ReportChildren | None = None
 
     def took(self, lease: Lease, *, granted: bool) -> Any:
         """Note what a grant or bind did, and the lease's wire form."""
@@ -268,7 +271,10 @@ def _report(call: Call) -> Any:
     since = call.arg("since", (int, float))
     if since is None:
         raise InvalidRequestError("argument 'since' is missing: give a time in epoch seconds")
-    return codec.encode(call.engine.report(since=float(since), by=call.arg("by", (str,), "user")))
+    by = call.arg("by", (str,), "user")
+    if call.reports is None:
+        return codec.encode(call.engine.report(since=float(since), by=by))
+    return codec.encode(call.reports.build(since=float(since), by=by))
 
 
 def _metrics(call: Call) -> Any:

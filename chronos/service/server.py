@@ -38,6 +38,7 @@ from chronos.service import answers, codec
 from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_grant
 from chronos.service.holders import HolderWatch
 from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, read_message
+from chronos.service.reports import ReportChildren
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
 from chronos.service.workers import FairWorkers
 
@@ -101,6 +102,7 @@ class Server:
         self.engine = engine
         self.engine.read_history_apart()  # one client's long read of history holds no one's writes
         self.watch = HolderWatch(self.engine)
+        self.reports = ReportChildren(self.engine.settings)
         self.stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
@@ -158,10 +160,10 @@ class Server:
         self._poke()
 
     def close(self) -> None:
-        self.stop_event.set()
-        self._poke()
+        self.stop()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.reports.close()  # a report being built ends now, not when its child is done
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._listener is not None:
             self._listener.close()
@@ -448,7 +450,7 @@ class Server:
                 self._poke()
 
         try:
-            return answers.answer(Call(self.engine, conn.peer, args, progress), op, request_id)
+            return answers.answer(Call(self.engine, conn.peer, args, progress, reports=self.reports), op, request_id)
         finally:
             if done is not None:
                 done()
