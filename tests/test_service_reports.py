@@ -20,6 +20,7 @@ from chronos.errors import EXIT_NOT_ALLOWED, ChronosError, InvalidRequestError, 
 from chronos.policy.report import Report
 from chronos.service.reports import CPU_LIMIT_S, NICE, ReportChildren
 from tests.service_fixture import Service
+from tests.test_service_protocol import _connect
 from tests.waiting import wait_for
 
 #: Enough history that a report takes a few seconds of CPU here, so that it can be watched while it runs.
@@ -111,12 +112,7 @@ def _without_until(report: Report) -> dict[str, object]:
 
 def test_a_report_through_the_service_is_built_by_a_child_at_low_priority_and_equals_embedded(
         history: Path, service: Service) -> None:
-    chronos.leases()  # the service's ledger exists
-    service.stop()
-    shutil.copy(history, service.state_dir / "chronos.db")
-    for suffix in ("-wal", "-shm"):
-        (service.state_dir / f"chronos.db{suffix}").unlink(missing_ok=True)
-    service.start()
+    _long_history(service, history)
     assert service.process is not None
     thread, outcome = _in_thread(lambda: chronos.report(since=0, by="gpu"))
     child = wait_for(lambda: _children(service.process.pid), timeout=30, what="the report's child process")[0]  # type: ignore[union-attr]
@@ -131,6 +127,42 @@ def test_a_report_through_the_service_is_built_by_a_child_at_low_priority_and_eq
     embedded = Engine(state_dir=service.state_dir).report(since=0, by="gpu")
     assert _without_until(served) == _without_until(embedded)
     assert not _children(service.process.pid)
+
+
+def _long_history(service: Service, history: Path) -> int:
+    """The service restarted on a copy of the long history; its pid."""
+    chronos.leases()  # the service's ledger exists
+    service.stop()
+    shutil.copy(history, service.state_dir / "chronos.db")
+    for suffix in ("-wal", "-shm"):
+        (service.state_dir / f"chronos.db{suffix}").unlink(missing_ok=True)
+    service.start()
+    assert service.process is not None
+    return service.process.pid
+
+
+def test_clients_gone_mid_report_or_before_their_turn_cost_no_more_cpu(history: Path, service: Service) -> None:
+    pid = _long_history(service, history)
+    # Three reports of one user: two run (a user's share of the workers), the third waits its turn.
+    socks = [_connect(service) for _ in range(3)]
+    for sock in socks:
+        sock.sendall(json.dumps({"v": 1, "id": 1, "op": "report", "args": {"since": 0}}).encode() + b"\n")
+    running = wait_for(lambda: len(_children(pid)) == 2 and _children(pid), timeout=30, what="two report children")
+    for sock in socks:
+        sock.close()
+    # The two running are ended within a look or two at their clients, and the third is never started.
+    wait_for(lambda: not any(Path(f"/proc/{child}").exists() for child in running), timeout=5,
+             what="the gone clients' report children to end")
+    seen = set()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        seen.update(_children(pid))
+        time.sleep(0.01)
+    assert not seen, "a report was built for a client that had gone before its turn"
+    lease = chronos.reserve("1G", "1m", bind=False)  # and the service serves on
+    assert lease.active
+    lease.release()
+    assert not lease.active
 
 
 def test_a_report_past_its_cpu_limit_is_stopped_and_says_why(filled: Path) -> None:

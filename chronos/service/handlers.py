@@ -53,6 +53,8 @@ class Call:
     holder: tuple[int, float | None] | None = None
     #: Where reports are built: the service's child processes (:mod:`chronos.service.reports`); None: here.
     reports: ReportChildren | None = None
+    #: Whether the client has gone away (a long read then stops).
+    gone: Callable[[], bool] = lambda: False
 
     def took(self, lease: Lease, *, granted: bool) -> Any:
         """Note what a grant or bind did, and the lease's wire form."""
@@ -274,7 +276,7 @@ def _report(call: Call) -> Any:
     by = call.arg("by", (str,), "user")
     if call.reports is None:
         return codec.encode(call.engine.report(since=float(since), by=by))
-    return codec.encode(call.reports.build(since=float(since), by=by))
+    return codec.encode(call.reports.build(since=float(since), by=by, gone=call.gone))
 
 
 def _metrics(call: Call) -> Any:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,6 +38,8 @@ __all__ = ["CPU_LIMIT_S", "NICE", "ReportChildren"]
 NICE = 10
 #: The CPU seconds one report may use; past them the kernel stops it (SIGXCPU).
 CPU_LIMIT_S = 600
+#: How often a report being built looks whether its client is still there.
+GONE_CHECK_S = 0.5
 
 log = logging.getLogger("chronos.service")
 
@@ -56,8 +59,9 @@ class ReportChildren:
         self._running: set[subprocess.Popen[bytes]] = set()
         self._closed = False
 
-    def build(self, *, since: float, by: str = "user") -> Report:
-        """The report :meth:`chronos.engine.Engine.report` gives, built in a child; its errors raised here."""
+    def build(self, *, since: float, by: str = "user", gone: Callable[[], bool] = lambda: False) -> Report:
+        """The report :meth:`chronos.engine.Engine.report` gives, built in a child; its errors raised here.
+        Once ``gone()`` (the client went away), the child is ended: no one would read its report."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_SOURCE, os.environ.get("PYTHONPATH")) if p)}
         with self._lock:
             if self._closed:
@@ -67,7 +71,17 @@ class ReportChildren:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=env)
             self._running.add(child)
         try:
-            out, err = child.communicate(pickle.dumps((self._settings, since, by, self._cpu_limit_s)))
+            message: bytes | None = pickle.dumps((self._settings, since, by, self._cpu_limit_s))
+            while True:
+                try:
+                    out, err = child.communicate(message, timeout=GONE_CHECK_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    message = None  # sent already (communicate goes on with what it had begun)
+                    if gone():
+                        child.kill()
+                        child.communicate()
+                        raise UnavailableError("the client went away before its report was built") from None
         finally:
             with self._lock:
                 self._running.discard(child)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -167,11 +168,9 @@ class Server:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._listener is not None:
             self._listener.close()
-            try:
+            with suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                     os.unlink(self.socket_path)
-            except OSError:
-                pass
         for conn in list(self._conns):
             conn.sock.close()
         self._conns.clear()
@@ -179,10 +178,8 @@ class Server:
         self.engine.close()
 
     def _poke(self) -> None:
-        try:
+        with suppress(OSError):
             self._wake_w.send(b"x")
-        except OSError:
-            pass
 
     # -- the I/O thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -224,11 +221,9 @@ class Server:
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _drain_wake(self) -> None:
-        try:
+        with suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def _io(self, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -329,28 +324,22 @@ class Server:
             self._watch(conn, selectors.EVENT_READ)
 
     def _watch(self, conn: _Conn, events: int) -> None:
-        try:
+        with suppress(KeyError, ValueError):
             self._selector.modify(conn.sock, events, conn)
-        except (KeyError, ValueError):
-            pass
 
     def _drop(self, conn: _Conn) -> None:
         """Forget a connection; a grant it never received is undone."""
         conn.closed = True
         if conn.busy:  # its worker finishes, sees it closed, and undoes what it did
-            try:
+            with suppress(KeyError, ValueError):
                 self._selector.unregister(conn.sock)  # a closed socket reads as ready: stop watching it
-            except (KeyError, ValueError):
-                pass
             if conn.waiting is not None:  # a queued wait: woken now, it sees the client gone and withdraws
                 waiting.ring(self.engine.ledger_id, conn.waiting, {"check": True})
             return
         if conn in self._conns:
             self._conns.discard(conn)
-            try:
+            with suppress(KeyError, ValueError):
                 self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
             conn.sock.close()
         if conn.undo is not None:
             lease_id, conn.undo = conn.undo, None
@@ -450,7 +439,10 @@ class Server:
                 self._poke()
 
         try:
-            return answers.answer(Call(self.engine, conn.peer, args, progress, reports=self.reports), op, request_id)
+            if conn.closed:  # the client went before its turn came: nothing is done for it, and no line is owed
+                return b"", None, None
+            call = Call(self.engine, conn.peer, args, progress, reports=self.reports, gone=lambda: conn.closed)
+            return answers.answer(call, op, request_id)
         finally:
             if done is not None:
                 done()
