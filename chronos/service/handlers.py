@@ -23,10 +23,11 @@ from chronos.model import WaitUpdate
 from chronos.request import RequestSpec, parse_request
 from chronos.service import codec
 from chronos.service.protocol import MAX_ROWS, VERSION, ProtocolError
+from chronos.service.rates import WriteRates
 from chronos.service.reports import ReportChildren
 from chronos.text import plain
 
-__all__ = ["OPS", "WAITING_OPS", "WRITE_OPS", "Call", "Peer", "handle", "undo_grant"]
+__all__ = ["OPS", "RATED_OPS", "WAITING_OPS", "WRITE_OPS", "Call", "Peer", "handle", "undo_grant"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Call:
     reports: ReportChildren | None = None
     #: Whether the client has gone away (a long read then stops).
     gone: Callable[[], bool] = lambda: False
+    #: How fast each user may write (:mod:`chronos.service.rates`); None: no limit.
+    rates: WriteRates | None = None
 
     def took(self, lease: Lease, *, granted: bool) -> Any:
         """Note what a grant or bind did, and the lease's wire form."""
@@ -297,6 +300,9 @@ OPS: dict[str, Callable[[Call], Any]] = {
 }
 #: Operations that change the ledger.
 WRITE_OPS = frozenset({"reserve", "release", "extend", "bind", "book", "claim"})
+#: Writes counted against their user's rate (:mod:`chronos.service.rates`): all but a release, which ends what
+#: a counted write began, and is never held back (a lease it could not end would stay held).
+RATED_OPS = WRITE_OPS - {"release"}
 #: Operations that may wait in the queue (served on a thread of their own, not the worker pool).
 WAITING_OPS = frozenset({"reserve"})
 
@@ -313,6 +319,8 @@ def handle(call: Call, op: str) -> Any:
     if handler is None:
         raise ProtocolError(f"unknown operation {op!r}: see docs/protocol.md")
     with _as(call.peer):
+        if op in RATED_OPS and call.rates is not None and not call.admin:
+            call.rates.take(call.peer.uid)
         return handler(call)
 
 

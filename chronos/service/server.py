@@ -39,6 +39,7 @@ from chronos.service import answers, codec
 from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_grant
 from chronos.service.holders import HolderWatch
 from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, dump, read_message
+from chronos.service.rates import WriteRates
 from chronos.service.reports import ReportChildren
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
 from chronos.service.workers import FairWorkers
@@ -104,6 +105,7 @@ class Server:
         self.engine.read_history_apart()  # one client's long read of history holds no one's writes
         self.watch = HolderWatch(self.engine)
         self.reports = ReportChildren(self.engine.settings)
+        self.rates = WriteRates()
         self.stop_event = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
@@ -441,7 +443,8 @@ class Server:
         try:
             if conn.closed:  # the client went before its turn came: nothing is done for it, and no line is owed
                 return b"", None, None
-            call = Call(self.engine, conn.peer, args, progress, reports=self.reports, gone=lambda: conn.closed)
+            call = Call(self.engine, conn.peer, args, progress, reports=self.reports, gone=lambda: conn.closed,
+                        rates=self.rates)
             return answers.answer(call, op, request_id)
         finally:
             if done is not None:

@@ -1,0 +1,203 @@
+"""One user's writes through the service are bounded in rate, so that no user can fill the disk holding the
+ledger with refused requests; releases, root and the admin group are never held back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import chronos
+from chronos.errors import UnavailableError
+from chronos.service.rates import BURST, PER_SECOND, WriteRates
+from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, user_python
+from tests.service_fixture import Service, running_service
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_user_may_write_a_burst_then_at_the_rate_and_users_are_counted_apart() -> None:
+    clock = Clock()
+    rates = WriteRates(per_second=10, burst=5, clock=clock)
+    for _ in range(5):
+        rates.take(1000)
+    with pytest.raises(UnavailableError, match=r"^too many writes: one user may make 5 at once and 10 a second "
+                                               r"after that; try again in 0\.10 s$"):
+        rates.take(1000)
+    rates.take(1001)  # another user's bucket is full
+    clock.now += 0.25  # two and a half writes' worth
+    rates.take(1000)
+    rates.take(1000)
+    with pytest.raises(UnavailableError, match=r"try again in 0\.05 s"):
+        rates.take(1000)
+    clock.now += 3600  # a quiet hour fills the bucket to the burst, no further
+    for _ in range(5):
+        rates.take(1000)
+    with pytest.raises(UnavailableError):
+        rates.take(1000)
+
+
+def test_full_buckets_are_forgotten_once_many_users_have_written() -> None:
+    clock = Clock()
+    rates = WriteRates(per_second=10, burst=5, clock=clock)
+    for uid in range(1100):
+        rates.take(uid)
+        clock.now += 0.001
+    clock.now += 10
+    rates.take(5000)
+    for _ in range(4):
+        rates.take(5000)
+    assert len(rates._buckets) < 1100  # the users who filled up again are gone from memory
+    with pytest.raises(UnavailableError):
+        rates.take(5000)
+
+
+#: The user's flood: ``n`` reservations on one connection as fast as answers come; each answer's error
+#: message (or "ok"), and how long it all took.
+FLOOD = """
+import json, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+answers = sock.makefile("rb")
+start = time.monotonic()
+said = []
+for i in range(int(sys.argv[2])):
+    request = {"v": 1, "id": i, "op": "reserve", "args": {"request": {"memory": "1G"}}}
+    sock.sendall(json.dumps(request).encode() + b"\\n")
+    answer = json.loads(answers.readline())
+    said.append("ok" if answer["ok"] else answer["error"]["message"])
+print(json.dumps({"said": said, "seconds": time.monotonic() - start}))
+"""
+
+
+@pytest.fixture(scope="module")
+def people() -> Iterator[dict[str, str]]:
+    users = OsUsers()
+    try:
+        admins = users.group("rateadm")
+        yield {"admins": admins, "mallory": users.user("ratemal"), "boss": users.user("rateboss", [admins])}
+    finally:
+        users.remove()
+
+
+@pytest.fixture
+def full_machine(people: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch, chronos_env: Path) -> Iterator[Service]:
+    """A service whose two GPUs root holds whole: every other reservation is refused, and audited."""
+    base = Path("/var/tmp") / f"chronos-rates-{os.getpid()}"
+    config = base / "etc" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'admin_group = "{people["admins"]}"\n')
+    for directory in (base, config.parent):
+        directory.chmod(0o755)
+    try:
+        with running_service(base / "service", env={"CHRONOS_CONFIG": str(config)}) as service:
+            monkeypatch.setenv("CHRONOS_SERVER", str(service.socket))
+            chronos.api.reset_default_engine()
+            chronos.reserve("80G", "1h", gpus=2, bind=False)
+            yield service
+            chronos.api.reset_default_engine()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _flood(service: Service, who: str, n: int) -> tuple[list[str], float]:
+    python = user_python()
+    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+    try:
+        out = run_as(who, [str(python), "-I", "-c", FLOOD, str(service.socket), str(n)],
+                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    return found["said"], found["seconds"]
+
+
+def _refused_lines(service: Service, user: str) -> int:
+    conn = sqlite3.connect(service.state_dir / "chronos.db")
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM events WHERE event = 'refused' AND user = ?",
+                                (user,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+needs_users = pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)
+
+
+@needs_users
+def test_a_user_flooding_refused_requests_writes_at_most_the_burst_and_the_rate(
+        people: dict[str, str], full_machine: Service) -> None:
+    n = BURST + 150
+    said, seconds = _flood(full_machine, people["mallory"], n)
+    limited = [s for s in said if s.startswith("too many writes")]
+    refused = [s for s in said if not s.startswith("too many writes")]
+    assert all("ok" != s for s in said)  # the machine is full: the engine refuses each one it sees
+    assert said[:BURST] == refused[:BURST]  # the burst reaches the engine whole
+    assert len(refused) <= BURST + PER_SECOND * seconds + 1
+    assert len(limited) >= n - (BURST + PER_SECOND * seconds + 1) > 0
+    assert limited[0].startswith(f"too many writes: one user may make {BURST} at once and {PER_SECOND:g} a second "
+                                 "after that; try again in ")
+    # each request the engine refused is one audit line; those held back wrote nothing
+    assert _refused_lines(full_machine, people["mallory"]) == len(refused)
+    assert f"uid {pwd.getpwnam(people['mallory']).pw_uid} writes faster than" in full_machine.logs()
+
+
+@needs_users
+def test_root_and_the_admin_group_are_not_held_back(people: dict[str, str], full_machine: Service) -> None:
+    for who in ("root", people["boss"]):
+        said, _seconds = _flood(full_machine, who, BURST + 50)
+        assert not [s for s in said if s.startswith("too many writes")], who
+
+
+@needs_users
+def test_a_user_past_the_rate_can_still_release_their_lease(people: dict[str, str], full_machine: Service) -> None:
+    chronos.leases()[0].release()  # room for the user's own lease, and the user's flood is refused by the engine
+    code = ("import chronos, sys\n"
+            "lease = chronos.reserve('1G', '1h', bind=False)\n"
+            f"for _ in range({BURST + 20}):\n"
+            "    try:\n"
+            "        chronos.reserve('80G', '1h', gpus=2, bind=False)\n"
+            "    except chronos.ChronosError as exc:\n"
+            "        last = str(exc)\n"
+            "assert last.startswith('too many writes'), last\n"
+            "lease.release()\n"
+            "print(lease.active)\n")
+    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+    try:
+        out = run_as(people["mallory"], [str(user_python()), "-c", code],
+                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src), "NO_COLOR": "1",
+                          "CHRONOS_SERVER": str(full_machine.socket), "CHRONOS_BACKEND": "simulated",
+                          "CHRONOS_STATE_DIR": "/root/never-opened", "CHRONOS_CONFIG": "/nonexistent/config.toml",
+                          "CHRONOS_USER_CONFIG": "/nonexistent/user.toml"}, timeout=120)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_the_docs_give_the_limits_the_service_keeps() -> None:
+    from chronos.service.handlers import RATED_OPS, WRITE_OPS
+
+    docs = Path(__file__).parents[1] / "docs"
+    protocol = " ".join((docs / "protocol.md").read_text().split())
+    assert f"may come **{BURST}** at once and **{PER_SECOND:g}** a second after that" in protocol
+    assert f"`too many writes: one user may make {BURST} at once and {PER_SECOND:g} a second after that;" in protocol
+    listed = protocol.split("One user's writes (", 1)[1].split(")", 1)[0]
+    assert set(listed.replace("`", "").replace("not ", "").replace(";", ",").split(", ")) == set(WRITE_OPS)
+    assert f"not `{next(iter(WRITE_OPS - RATED_OPS))}`" in listed
+    trust = " ".join((docs / "trust-model.md").read_text().split())
+    assert f"may come {BURST} at once and {PER_SECOND:g} a second after that" in trust
