@@ -300,9 +300,10 @@ OPS: dict[str, Callable[[Call], Any]] = {
 }
 #: Operations that change the ledger.
 WRITE_OPS = frozenset({"reserve", "release", "extend", "bind", "book", "claim"})
-#: Writes counted against their user's rate (:mod:`chronos.service.rates`): all but a release, which ends what
-#: a counted write began, and is never held back (a lease it could not end would stay held).
-RATED_OPS = WRITE_OPS - {"release"}
+#: Writes counted against their user's rate (:mod:`chronos.service.rates`): every one that may add to the
+#: audit log (a usage record may carry a note), but a release, which ends what a counted write began, and is
+#: never held back (a lease it could not end would stay held).
+RATED_OPS = (WRITE_OPS - {"release"}) | {"record_usage"}
 #: Operations that may wait in the queue (served on a thread of their own, not the worker pool).
 WAITING_OPS = frozenset({"reserve"})
 
