@@ -1,5 +1,6 @@
-"""One user's writes through the service are bounded in rate, so that no user can fill the disk holding the
-ledger with refused requests; releases, root and the admin group are never held back."""
+"""One user's share of the service: writes bounded in rate, so that no user can fill the disk holding the
+ledger with refused requests (releases, root and the admin group are never held back), and waiting
+requests bounded in number, so that one user's leave room for everyone else's."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 
 import chronos
 from chronos.errors import UnavailableError
+from chronos.service.handlers import RATED_OPS, WRITE_OPS
 from chronos.service.rates import BURST, PER_SECOND, WriteRates
+from chronos.service.server import MAX_WAITERS, MAX_WAITERS_PER_USER
 from tests.os_users import CAN_RUN, WHY_NOT, OsUsers, readable_copy, run_as, user_python
 from tests.service_fixture import Service, running_service
+from tests.test_service_protocol import _connect, _line
 
 
 class Clock:
@@ -195,8 +199,6 @@ def test_a_user_past_the_rate_can_still_release_their_lease(people: dict[str, st
 
 
 def test_the_docs_give_the_limits_the_service_keeps() -> None:
-    from chronos.service.handlers import RATED_OPS, WRITE_OPS
-
     docs = Path(__file__).parents[1] / "docs"
     protocol = " ".join((docs / "protocol.md").read_text().split())
     assert f"may come **{BURST}** at once and **{PER_SECOND:g}** a second after that" in protocol
@@ -206,3 +208,50 @@ def test_the_docs_give_the_limits_the_service_keeps() -> None:
     assert [f"not `{op}`" for op in WRITE_OPS - RATED_OPS] == [listed.split("; ")[1]]
     trust = " ".join((docs / "trust-model.md").read_text().split())
     assert f"may come {BURST} at once and {PER_SECOND:g} a second after that" in trust
+    assert f"at most **{MAX_WAITERS_PER_USER}** of one user's wait at once, and **{MAX_WAITERS}** in all" in protocol
+    assert f"(at most {MAX_WAITERS_PER_USER} a user): end some" in protocol
+    assert f"waiting reservations ({MAX_WAITERS_PER_USER} a user, {MAX_WAITERS} in all)" in trust
+
+
+WAIT = {"v": 1, "id": 1, "op": "reserve", "args": {"request": {"memory": "1G", "duration": "1h", "wait": "10m"},
+                                                   "bind": False}}
+
+#: Another user's waiting request: its first line.
+WAIT_ONCE = f"""
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(json.dumps({WAIT!r}).encode() + b"\\n")
+print(sock.makefile("rb").readline().decode())
+"""
+
+
+@needs_users
+def test_one_users_waiting_requests_are_bounded_and_leave_room_for_others(people: dict[str, str],
+                                                                          full_machine: Service) -> None:
+    socks = []
+    try:
+        for _ in range(MAX_WAITERS_PER_USER):
+            sock = _connect(full_machine)
+            socks.append(sock)
+            sock.sendall(json.dumps(WAIT).encode() + b"\n")
+            assert "wait" in _line(sock)  # queued, and told so
+        sock = _connect(full_machine)
+        socks.append(sock)
+        sock.sendall(json.dumps(WAIT).encode() + b"\n")
+        answer = _line(sock)
+        message = (f"too many of your queued requests waiting (at most {MAX_WAITERS_PER_USER} a user): end some, "
+                   "or try again later")
+        assert answer["ok"] is False
+        assert answer["error"] == {"code": "unavailable", "exit": 3, "message": message}
+        src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+        try:
+            out = run_as(people["mallory"], [str(user_python()), "-I", "-c", WAIT_ONCE, str(full_machine.socket)],
+                         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+        assert out.returncode == 0, out.stderr
+        assert "wait" in json.loads(out.stdout), out.stdout  # another user still queues
+    finally:
+        for sock in socks:
+            sock.close()

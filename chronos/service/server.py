@@ -4,10 +4,10 @@ One selector thread does all socket I/O (accepting, reading lines, writing answe
 that sends nothing, sends half a line, or never reads its answers costs a file descriptor and
 nothing else. Short operations on one lease run on that thread (:data:`INLINE_OPS`), the rest on a
 small pool of workers, shared fairly between users (:mod:`chronos.service.workers`); a queued
-reservation waits on a thread of its own (at most :data:`MAX_WAITERS`). The short writes read in one
-turn of the loop run together in one ledger transaction (group commit: one commit for many clients),
-each decided in turn and answered as if it had run alone, and answered only once committed. A
-connection serves one request at a time.
+reservation waits on a thread of its own (at most :data:`MAX_WAITERS`, :data:`MAX_WAITERS_PER_USER` of
+one user's). The short writes read in one turn of the loop run together in one ledger transaction (group
+commit: one commit for many clients), each decided in turn and answered as if it had run alone, and
+answered only once committed. A connection serves one request at a time.
 Identity comes from SO_PEERCRED, never from the request.
 """
 
@@ -33,7 +33,7 @@ from chronos import settings as settings_module
 from chronos import waiting
 from chronos.devices import backend_for
 from chronos.engine import Engine
-from chronos.errors import ChronosError
+from chronos.errors import ChronosError, UnavailableError
 from chronos.model import WaitUpdate
 from chronos.service import answers, codec
 from chronos.service.handlers import WAITING_OPS, WRITE_OPS, Call, Peer, undo_grant
@@ -42,7 +42,7 @@ from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, 
 from chronos.service.rates import WriteRates
 from chronos.service.reports import ReportChildren
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
-from chronos.service.workers import FairWorkers
+from chronos.service.workers import FairWorkers, Shares
 
 __all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
 
@@ -50,6 +50,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/chronos")
 MAX_CONNECTIONS = 1024
 MAX_PER_USER = 128
 MAX_WAITERS = 256
+MAX_WAITERS_PER_USER = 32
 #: The ledger serialises every read and write, so more workers than this only contend for it.
 WORKERS = 4
 #: Short operations on one lease, served on the I/O thread itself: no hand-over to a worker and back
@@ -110,7 +111,7 @@ class Server:
         self._selector = selectors.DefaultSelector()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
         self._work = FairWorkers(self._pool)
-        self._waiters = threading.BoundedSemaphore(MAX_WAITERS)
+        self._waiters = Shares(MAX_WAITERS, MAX_WAITERS_PER_USER, "queued requests waiting")
         self._done: queue.SimpleQueue[tuple[_Conn, bytes, str | None, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -278,12 +279,13 @@ class Server:
         request_id = answers.plain_id(request_id)
         conn.busy = True
         if op in WAITING_OPS and answers.waits(args):
-            if not self._waiters.acquire(blocking=False):
+            refusal = self._waiters.take(conn.peer.uid)
+            if refusal is not None:
                 conn.busy = False
-                self._answer_now(conn, request_id, ChronosError(f"too many queued requests waiting (at most "
-                                                                 f"{MAX_WAITERS}); try again later"))
+                self._answer_now(conn, request_id, UnavailableError(refusal))
                 return
-            threading.Thread(target=self._serve, args=(conn, request_id, op, args, self._waiters.release),
+            threading.Thread(target=self._serve, args=(conn, request_id, op, args,
+                                                       partial(self._waiters.give, conn.peer.uid)),
                              name="chronos-waiter", daemon=True).start()
         elif op in GROUPED_OPS:  # in this turn's group commit (:meth:`_run_writes`)
             self._writes.append((conn, request_id, op, args))

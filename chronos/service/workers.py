@@ -1,9 +1,12 @@
-"""The service's worker threads, shared fairly between users.
+"""The service's threads, shared fairly between users.
 
 Reads of many leases, the GPUs' processes or the audit log run on a few workers. One user's requests run
 on at most :data:`PER_USER` of them at once; the rest wait in that user's own line and are handed on one by
 one as that user's earlier ones finish. A user who sends many long reads therefore delays only their own
 requests, and another user's request waits for at most one running request to finish.
+
+A queued reservation waits on a thread of its own: :class:`Shares` bounds those threads in all and per
+user, so that one user's waiting requests leave room for everyone else's.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["PER_USER", "FairWorkers"]
+__all__ = ["PER_USER", "FairWorkers", "Shares"]
 
 #: The most workers one user's requests hold at once.
 PER_USER = 2
@@ -63,3 +66,33 @@ class FairWorkers:
             self._pool.submit(self._run, uid, job)
         except RuntimeError:  # the pool is shut down (the service stops): nothing more runs
             pass
+
+
+class Shares:
+    """At most ``total`` things held at once, and at most ``per_user`` of them by one user."""
+
+    def __init__(self, total: int, per_user: int, what: str) -> None:
+        self._total, self._per_user, self._what = total, per_user, what
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}
+
+    def take(self, uid: int) -> str | None:
+        """Take one for ``uid``; or, taking nothing, why not (a line for the user)."""
+        with self._lock:
+            mine = self._held.get(uid, 0)
+            if mine >= self._per_user:
+                return (f"too many of your {self._what} (at most {self._per_user} a user): end some, or try again "
+                        "later")
+            if sum(self._held.values()) >= self._total:
+                return f"too many {self._what} (at most {self._total} in all): try again later"
+            self._held[uid] = mine + 1
+            return None
+
+    def give(self, uid: int) -> None:
+        """Give back one that ``uid`` took."""
+        with self._lock:
+            left = self._held[uid] - 1
+            if left:
+                self._held[uid] = left
+            else:
+                del self._held[uid]
