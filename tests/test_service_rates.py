@@ -255,3 +255,36 @@ def test_one_users_waiting_requests_are_bounded_and_leave_room_for_others(people
     finally:
         for sock in socks:
             sock.close()
+
+
+#: Jobs on threads of their own under a limit on the user's processes, until one cannot start.
+NO_THREADS = """
+import json, resource, threading
+from chronos.service.workers import Threads
+threads, release, started = Threads(100, 100, "jobs"), threading.Event(), []
+resource.setrlimit(resource.RLIMIT_NPROC, (4, 4))  # this process and three threads
+while True:
+    refusal = threads.start(1000, release.wait, "job")
+    if refusal is not None:
+        break
+    started.append(1)
+release.set()
+for thread in threading.enumerate():
+    if thread is not threading.main_thread():
+        thread.join()
+print(json.dumps({"refusal": refusal, "started": len(started), "held": threads._held}))
+"""
+
+
+@needs_users
+def test_a_waiting_request_with_no_thread_to_be_had_is_refused_and_holds_nothing(people: dict[str, str]) -> None:
+    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+    try:
+        out = run_as(people["mallory"], [str(user_python()), "-c", NO_THREADS],
+                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["refusal"] == "the service cannot start a thread for more jobs now: try again later"
+    assert 1 <= found["started"] <= 3 and found["held"] == {}

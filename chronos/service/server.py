@@ -21,7 +21,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from chronos.service.protocol import MAX_MESSAGE_BYTES, VERSION, ProtocolError, 
 from chronos.service.rates import WriteRates
 from chronos.service.reports import ReportChildren
 from chronos.service.sockets import listen, peer_of, private_dir, raise_fd_limit, refuse
-from chronos.service.workers import FairWorkers, Shares
+from chronos.service.workers import FairWorkers, Threads
 
 __all__ = ["DEFAULT_STATE_DIR", "MAX_CONNECTIONS", "MAX_PER_USER", "Server", "serve"]
 
@@ -111,7 +110,7 @@ class Server:
         self._selector = selectors.DefaultSelector()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chronos-worker")
         self._work = FairWorkers(self._pool)
-        self._waiters = Shares(MAX_WAITERS, MAX_WAITERS_PER_USER, "queued requests waiting")
+        self._waiters = Threads(MAX_WAITERS, MAX_WAITERS_PER_USER, "queued requests waiting")
         self._done: queue.SimpleQueue[tuple[_Conn, bytes, str | None, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -279,20 +278,17 @@ class Server:
         request_id = answers.plain_id(request_id)
         conn.busy = True
         if op in WAITING_OPS and answers.waits(args):
-            refusal = self._waiters.take(conn.peer.uid)
+            refusal = self._waiters.start(conn.peer.uid, partial(self._serve, conn, request_id, op, args),
+                                          "chronos-waiter")
             if refusal is not None:
                 conn.busy = False
                 self._answer_now(conn, request_id, UnavailableError(refusal))
-                return
-            threading.Thread(target=self._serve, args=(conn, request_id, op, args,
-                                                       partial(self._waiters.give, conn.peer.uid)),
-                             name="chronos-waiter", daemon=True).start()
         elif op in GROUPED_OPS:  # in this turn's group commit (:meth:`_run_writes`)
             self._writes.append((conn, request_id, op, args))
         elif op in INLINE_OPS:
-            self._serve(conn, request_id, op, args, None)
+            self._serve(conn, request_id, op, args)
         else:
-            self._work.submit(conn.peer.uid, partial(self._serve, conn, request_id, op, args, None))
+            self._work.submit(conn.peer.uid, partial(self._serve, conn, request_id, op, args))
 
     def _answer_now(self, conn: _Conn, request_id: Any, exc: ChronosError, *, close: bool = False) -> None:
         self._queue_out(conn, answers.error_line(request_id, exc))
@@ -373,11 +369,11 @@ class Server:
         them gets that error, and nothing of the group was written."""
         writes, self._writes = self._writes, []
         if len(writes) == 1:
-            self._serve(*writes[0], None)
+            self._serve(*writes[0])
         if len(writes) <= 1:
             return
         outcomes = answers.run_group(self.engine, [
-            (request_id, partial(self._outcome, conn, request_id, op, args, None))
+            (request_id, partial(self._outcome, conn, request_id, op, args))
             for conn, request_id, op, args in writes])
         for (conn, *_request), outcome in zip(writes, outcomes, strict=True):
             self._finish(conn, *outcome)
@@ -421,12 +417,10 @@ class Server:
                 self._drop(conn)
 
     # -- the workers ----------------------------------------------------------------------
-    def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
-               done: Callable[[], None] | None) -> None:
-        self._finish(conn, *self._outcome(conn, request_id, op, args, done))
+    def _serve(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any]) -> None:
+        self._finish(conn, *self._outcome(conn, request_id, op, args))
 
-    def _outcome(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any],
-                 done: Callable[[], None] | None) -> answers.Outcome:
+    def _outcome(self, conn: _Conn, request_id: Any, op: str, args: dict[str, Any]) -> answers.Outcome:
         """One request served; a queued one's progress lines go out as it waits (while its client is there)."""
         last: list[tuple[WaitUpdate, float]] = []
         conn.waiting = None
@@ -442,15 +436,11 @@ class Server:
                                 False))
                 self._poke()
 
-        try:
-            if conn.closed:  # the client went before its turn came: nothing is done for it, and no line is owed
-                return b"", None, None
-            call = Call(self.engine, conn.peer, args, progress, reports=self.reports, gone=lambda: conn.closed,
-                        rates=self.rates)
-            return answers.answer(call, op, request_id)
-        finally:
-            if done is not None:
-                done()
+        if conn.closed:  # the client went before its turn came: nothing is done for it, and no line is owed
+            return b"", None, None
+        call = Call(self.engine, conn.peer, args, progress, reports=self.reports, gone=lambda: conn.closed,
+                    rates=self.rates)
+        return answers.answer(call, op, request_id)
 
     def _finish(self, conn: _Conn, data: bytes, granted: str | None, holder: tuple[int, float | None] | None) -> None:
         """A served request's answer handed to the I/O thread (woken, unless it is the one that served it)."""

@@ -5,7 +5,7 @@ on at most :data:`PER_USER` of them at once; the rest wait in that user's own li
 one as that user's earlier ones finish. A user who sends many long reads therefore delays only their own
 requests, and another user's request waits for at most one running request to finish.
 
-A queued reservation waits on a thread of its own: :class:`Shares` bounds those threads in all and per
+A queued reservation waits on a thread of its own: :class:`Threads` bounds those threads in all and per
 user, so that one user's waiting requests leave room for everyone else's.
 """
 
@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["PER_USER", "FairWorkers", "Shares"]
+__all__ = ["PER_USER", "FairWorkers", "Threads"]
 
 #: The most workers one user's requests hold at once.
 PER_USER = 2
@@ -68,16 +68,16 @@ class FairWorkers:
             pass
 
 
-class Shares:
-    """At most ``total`` things held at once, and at most ``per_user`` of them by one user."""
+class Threads:
+    """Jobs each on a thread of its own: at most ``total`` at once, and at most ``per_user`` of one user's."""
 
     def __init__(self, total: int, per_user: int, what: str) -> None:
         self._total, self._per_user, self._what = total, per_user, what
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
 
-    def take(self, uid: int) -> str | None:
-        """Take one for ``uid``; or, taking nothing, why not (a line for the user)."""
+    def start(self, uid: int, job: Callable[[], None], name: str) -> str | None:
+        """Start ``job`` for ``uid``; or, starting nothing, why not (a line for the user)."""
         with self._lock:
             mine = self._held.get(uid, 0)
             if mine >= self._per_user:
@@ -86,10 +86,21 @@ class Shares:
             if sum(self._held.values()) >= self._total:
                 return f"too many {self._what} (at most {self._total} in all): try again later"
             self._held[uid] = mine + 1
-            return None
 
-    def give(self, uid: int) -> None:
-        """Give back one that ``uid`` took."""
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._give(uid)
+
+        try:
+            threading.Thread(target=run, name=name, daemon=True).start()
+        except RuntimeError:  # no thread to be had now (a limit on the service's processes)
+            self._give(uid)
+            return f"the service cannot start a thread for more {self._what} now: try again later"
+        return None
+
+    def _give(self, uid: int) -> None:
         with self._lock:
             left = self._held[uid] - 1
             if left:
