@@ -90,6 +90,9 @@ class Policies:
         self.samples = 0
         self._next_sample = 0.0
         self._booked: tuple[float, list[LeaseRecord]] | None = None
+        #: Each booking's planner form, by id, with the record it was made from (a record is kept between
+        #: writes while unchanged: its form is made again only when it changes).
+        self._planned: dict[str, tuple[LeaseRecord, scheduler.Booked]] = {}
         self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
         self._next_tick = 0.0
         # The service runs operations in several threads: one samples (or writes the metrics) at a
@@ -236,7 +239,8 @@ class Policies:
     def _apply_no_shows(self, booked: list[LeaseRecord], now: float, who: User) -> None:
         left = []
         for booking in booked:
-            if booking.starts_at is not None and now >= self._no_show_at(booking):
+            # A booking not yet started cannot be a no-show: its grace (a limit per owner) is not looked up.
+            if booking.starts_at is not None and booking.starts_at <= now and now >= self._no_show_at(booking):
                 grace = self.grace_of(booking)
                 self.host._end(booking, LeaseState.NO_SHOW,
                                f"not claimed within {format_duration(grace)} of its start "
@@ -268,16 +272,24 @@ class Policies:
 
     def snapshot_bookings(self, now: float) -> tuple[scheduler.Booked, ...]:
         """The bookings the planner must protect, read afresh."""
-        return tuple(scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at, b.starts_at + b.duration_s)
-                     for b in self.booked(fresh=True) if b.starts_at is not None
-                     and b.starts_at + b.duration_s > now)
+        known, planned = self._planned, {}
+        for b in self.booked(fresh=True):
+            form = known.get(b.id)
+            if form is None or form[0] is not b:
+                if b.starts_at is None:
+                    continue
+                form = (b, scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at, b.starts_at + b.duration_s))
+            planned[b.id] = form
+        self._planned = planned
+        return tuple(form[1] for form in planned.values() if form[1].end > now)
 
     # -- the engine's hooks ----------------------------------------------------------------
     def due(self, live: Sequence[LeaseRecord], now: float) -> bool:
         """Whether a write is needed: an idle transition, or a booking past its grace."""
         if self.idle_decisions(live):
             return True
-        return any(b.starts_at is not None and now >= self._no_show_at(b) for b in self.booked())
+        return any(b.starts_at is not None and b.starts_at <= now and now >= self._no_show_at(b)
+                   for b in self.booked())
 
     def reclaim(self, live: list[LeaseRecord], booked: list[LeaseRecord], now: float, who: User
                 ) -> list[LeaseRecord]:
