@@ -167,3 +167,24 @@ def test_the_planner_refuses_a_booking_that_would_delay_the_queue(one_gpu: None)
     assert scheduler.place_booking(snapshot, request, time.time()).start >= holder.expires_at
     with pytest.raises(UnavailableError, match="the earliest it could start is"):
         chronos.book("80G", "1h", "+10m")
+
+
+def test_with_many_bookings_to_come_each_write_plans_with_the_bookings_as_they_are_now(one_gpu: None) -> None:
+    """Writes keep each booking's planner form between them (while its record is unchanged): a booking
+    cancelled or made between two writes is seen by the second."""
+    start = time.time() + 86400
+    for i in range(200):  # tomorrow on, an hour each: none in the way of the requests below
+        chronos.book("10G", "30m", start + i * 3600)
+    booking = chronos.book("70G", "1h", "+1h")
+    refused = run_cli("reserve", "40G", "2h")
+    assert refused.returncode == 3 and f"run into booking {booking.id}" in refused.stderr
+    with pytest.raises(UnavailableError, match=f"run into booking {booking.id}"):
+        chronos.reserve("40G", "2h", bind=False)
+    booking.release()  # cancelled: the same request fits now
+    lease = chronos.reserve("40G", "2h", bind=False)
+    assert lease.state == "active"
+    lease.release()
+    another = chronos.book("70G", "1h", "+1h")
+    with pytest.raises(UnavailableError, match=f"run into booking {another.id}"):
+        chronos.reserve("40G", "2h", bind=False)
+    assert len(chronos.bookings()) == 201
