@@ -105,7 +105,7 @@ class LiveView:
     def open_leases(self) -> tuple[list[LeaseRecord], list[LeaseRecord]]:
         """Active and queued leases, and unclaimed bookings (each oldest first); fresh lists, the caller's own."""
         if self._lists is None:
-            self._lists = (list(self._live.values()), [r for _seq, r in sorted(self._booked.items())])
+            self._lists = (list(self._live.values()), list(self._booked.values()))  # each kept in id order
         self._given = list(self._lists[0])
         return self._given, list(self._lists[1])
 

@@ -211,7 +211,7 @@ def claim_matching(engine: EngineCore, owner: User, caller: User, spec: RequestS
     """Inside a request's write: its owner's booking in its window that the request fits, claimed; or None."""
     if spec.wait_s is not None and spec.wait_s < 0:
         return None
-    mine = [b for b in engine.policies.booked(fresh=True) if b.uid == owner.uid]
+    mine = [b for b in engine.policies.started(now) if b.uid == owner.uid]
     if not mine:
         return None
     totals = {d.index: d.memory_total_bytes for d in devices}

@@ -11,6 +11,7 @@ modules beside this one; the service calls the same functions from its own loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -90,9 +91,8 @@ class Policies:
         self.samples = 0
         self._next_sample = 0.0
         self._booked: tuple[float, list[LeaseRecord]] | None = None
-        #: Each booking's planner form, by id, with the record it was made from (a record is kept between
-        #: writes while unchanged: its form is made again only when it changes).
-        self._planned: dict[str, tuple[LeaseRecord, scheduler.Booked]] = {}
+        #: What writes ask of the bookings to come, worked out for the last set of them seen.
+        self._facts: _Bookings | None = None
         self._shares: tuple[float, tuple[Any, ...], dict[str, float]] | None = None
         self._next_tick = 0.0
         # The service runs operations in several threads: one samples (or writes the metrics) at a
@@ -236,7 +236,26 @@ class Policies:
         assert booking.starts_at is not None
         return min(booking.starts_at + self.grace_of(booking), booking.starts_at + booking.duration_s)
 
+    def _facts_of(self, booked: list[LeaseRecord]) -> _Bookings:
+        """:class:`_Bookings` for ``booked``: those of the last set, if it holds the same records (an identity
+        walk in C: the open leases' records are kept between writes while unchanged), else worked out."""
+        facts = self._facts
+        if facts is None or facts.records != booked:
+            facts = self._facts = _Bookings.of(booked)
+        return facts
+
+    def started(self, now: float) -> list[LeaseRecord]:
+        """Inside a write: the unclaimed bookings whose window has begun (those a request may claim)."""
+        booked = self.booked(fresh=True)
+        if now < self._facts_of(booked).first_start:
+            return []
+        return [b for b in booked if b.starts_at is not None and b.starts_at <= now]
+
     def _apply_no_shows(self, booked: list[LeaseRecord], now: float, who: User) -> None:
+        if now < self._facts_of(booked).first_start:  # none has begun: none can be a no-show
+            self._booked = (time.monotonic(), booked)
+            self._write.booked = booked
+            return
         left = []
         for booking in booked:
             # A booking not yet started cannot be a no-show: its grace (a limit per owner) is not looked up.
@@ -272,24 +291,20 @@ class Policies:
 
     def snapshot_bookings(self, now: float) -> tuple[scheduler.Booked, ...]:
         """The bookings the planner must protect, read afresh."""
-        known, planned = self._planned, {}
-        for b in self.booked(fresh=True):
-            form = known.get(b.id)
-            if form is None or form[0] is not b:
-                if b.starts_at is None:
-                    continue
-                form = (b, scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at, b.starts_at + b.duration_s))
-            planned[b.id] = form
-        self._planned = planned
-        return tuple(form[1] for form in planned.values() if form[1].end > now)
+        facts = self._facts_of(self.booked(fresh=True))
+        if now < facts.first_end:
+            return facts.planned
+        return tuple(b for b in facts.planned if b.end > now)
 
     # -- the engine's hooks ----------------------------------------------------------------
     def due(self, live: Sequence[LeaseRecord], now: float) -> bool:
         """Whether a write is needed: an idle transition, or a booking past its grace."""
         if self.idle_decisions(live):
             return True
-        return any(b.starts_at is not None and b.starts_at <= now and now >= self._no_show_at(b)
-                   for b in self.booked())
+        booked = self.booked()
+        if now < self._facts_of(booked).first_start:
+            return False
+        return any(b.starts_at is not None and b.starts_at <= now and now >= self._no_show_at(b) for b in booked)
 
     def reclaim(self, live: list[LeaseRecord], booked: list[LeaseRecord], now: float, who: User
                 ) -> list[LeaseRecord]:
@@ -332,3 +347,22 @@ class Policies:
 
     def share_of(self, owner: str, now: float) -> float:
         return self.use(now).get(owner, 0.0) if self.config.fair_share else 0.0
+
+
+class _Bookings:
+    """One set of unclaimed bookings and what each write asks of them: their planner forms, the first
+    start (before it, none can be claimed or be a no-show) and the first end (before it, every form holds)."""
+
+    __slots__ = ("first_end", "first_start", "planned", "records")
+
+    def __init__(self, records: list[LeaseRecord], planned: tuple[scheduler.Booked, ...]) -> None:
+        self.records = records
+        self.planned = planned
+        self.first_start = min((b.start for b in planned), default=math.inf)
+        self.first_end = min((b.end for b in planned), default=math.inf)
+
+    @classmethod
+    def of(cls, booked: list[LeaseRecord]) -> _Bookings:
+        return cls(list(booked), tuple(scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at,
+                                                        b.starts_at + b.duration_s)
+                                       for b in booked if b.starts_at is not None))
