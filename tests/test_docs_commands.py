@@ -31,7 +31,7 @@ TINY: dict[str, str] = {
     "--rounds": "20", "--seconds": "0.3", "--cold-runs": "2", "--procs": "2", "--active": "20",
     "--writers": "3", "--waiters": "4", "--idle": "0.5", "--grants": "2", "--ended": "2000", "--runs": "2",
     "--leases": "4", "--n": "1", "--repeats": "1", "--queued": "20", "--devices": "2", "--trials": "2",
-    "--cpu-seconds": "0.5", "--rate": "4",
+    "--cpu-seconds": "0.5", "--rate": "4", "--bookings": "20",
 }
 #: Where a flag means something else in one script.
 TINY_IN = {"bench_enforce.py": {"--rounds": "1"}}
