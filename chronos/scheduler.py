@@ -696,6 +696,21 @@ def place_booking(snapshot: Snapshot, request: Request, start: float) -> Slot:
     request's planned slot (so a booking delays nobody waiting); ``slot.start`` is later than
     ``start`` when it cannot begin then (inf: no known end frees enough)."""
     validate(snapshot, request)
+    begin = max(start, snapshot.now)
+    if not snapshot.queue:
+        # No queued request's slot to keep: whether it fits from ``begin`` (and where) depends only on the
+        # bookings overlapping its window, however many are booked beyond. Where it does not fit, the
+        # earliest start it could have is worked out over them all.
+        end = begin + request.duration_s
+        near = replace(snapshot, bookings=tuple(b for b in snapshot.bookings if b.start < end and b.end > begin))
+        at, devices, nbytes = _place(near, _Profile(near, _free_now(near)), request, begin)
+        if at == begin:
+            return Slot(request.lease_id, 0, at, devices, nbytes)
+    return _place_booking_in_full(snapshot, request, start)
+
+
+def _place_booking_in_full(snapshot: Snapshot, request: Request, start: float) -> Slot:
+    """:func:`place_booking` with every booking and queued request in the profile."""
     profile = _Profile(snapshot, _free_now(snapshot))
     _plan(snapshot, profile, queue_order(snapshot))
     at, devices, nbytes = _place(snapshot, profile, request, max(start, snapshot.now))

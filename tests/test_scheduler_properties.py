@@ -385,3 +385,26 @@ def test_kept_order_and_sums_decide_as_a_fresh_pass(data: st.DataObject) -> None
     for queued in snapshot.queue:
         assert S._ahead(snapshot, queued) == S._ahead(fresh, queued)
         assert S.decide(snapshot, queued) == S.decide(fresh, queued)
+
+
+@PROPS
+@given(st.data())
+def test_a_booking_is_placed_as_over_every_booking_though_only_those_in_its_window_are_looked_at(
+        data: st.DataObject) -> None:
+    """With no queue, :func:`place_booking` plans only the bookings overlapping the new one's window, and
+    all of them only where it does not fit: the slot is the one planned over everything."""
+    snapshot = data.draw(snapshots(max_queue=data.draw(st.sampled_from([0, 0, 0, 3]))))
+    bookings: list[S.Booked] = []
+    for i in range(data.draw(st.integers(0, 12))):  # placed as the engine places them, densely
+        want = data.draw(requests(snapshot.devices))
+        want = replace(want, memory=MemorySpec(nbytes=want.memory.nbytes or G))
+        start = NOW + data.draw(st.integers(0, 80)) * 10
+        slot = S._place_booking_in_full(replace(snapshot, bookings=tuple(bookings)), want, start)
+        if slot.start == start:
+            bookings.append(S.Booked(f"b{i}", slot.devices, slot.memory_bytes, start, start + want.duration_s))
+    snapshot = replace(snapshot, bookings=tuple(bookings))
+    for _ in range(3):
+        want = data.draw(requests(snapshot.devices))
+        want = replace(want, memory=MemorySpec(nbytes=want.memory.nbytes or G))
+        start = NOW + data.draw(st.integers(0, 100)) * 10
+        assert S.place_booking(snapshot, want, start) == S._place_booking_in_full(snapshot, want, start)
