@@ -241,7 +241,7 @@ class Policies:
         walk in C: the open leases' records are kept between writes while unchanged), else worked out."""
         facts = self._facts
         if facts is None or facts.records != booked:
-            facts = self._facts = _Bookings.of(booked)
+            facts = self._facts = _Bookings.of(booked, facts)
         return facts
 
     def started(self, now: float) -> list[LeaseRecord]:
@@ -353,16 +353,25 @@ class _Bookings:
     """One set of unclaimed bookings and what each write asks of them: their planner forms, the first
     start (before it, none can be claimed or be a no-show) and the first end (before it, every form holds)."""
 
-    __slots__ = ("first_end", "first_start", "planned", "records")
+    __slots__ = ("first_end", "first_start", "forms", "planned", "records")
 
-    def __init__(self, records: list[LeaseRecord], planned: tuple[scheduler.Booked, ...]) -> None:
+    def __init__(self, records: list[LeaseRecord], forms: dict[str, tuple[LeaseRecord, scheduler.Booked]]) -> None:
         self.records = records
-        self.planned = planned
-        self.first_start = min((b.start for b in planned), default=math.inf)
-        self.first_end = min((b.end for b in planned), default=math.inf)
+        self.forms = forms
+        self.planned = tuple(form for _record, form in forms.values())
+        self.first_start = min((b.start for b in self.planned), default=math.inf)
+        self.first_end = min((b.end for b in self.planned), default=math.inf)
 
     @classmethod
-    def of(cls, booked: list[LeaseRecord]) -> _Bookings:
-        return cls(list(booked), tuple(scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at,
-                                                        b.starts_at + b.duration_s)
-                                       for b in booked if b.starts_at is not None))
+    def of(cls, booked: list[LeaseRecord], before: _Bookings | None) -> _Bookings:
+        """The facts of ``booked``; a booking whose record is the one ``before`` had keeps its planner form."""
+        known = before.forms if before is not None else {}
+        forms = {}
+        for b in booked:
+            if b.starts_at is None:
+                continue
+            form = known.get(b.id)
+            if form is None or form[0] is not b:
+                form = (b, scheduler.Booked(b.id, b.devices, b.memory_bytes, b.starts_at, b.starts_at + b.duration_s))
+            forms[b.id] = form
+        return cls(list(booked), forms)
