@@ -1,6 +1,7 @@
 """One user's share of the service: writes bounded in rate, so that no user can fill the disk holding the
 ledger with refused requests (releases, root and the admin group are never held back), and waiting
-requests bounded in number, so that one user's leave room for everyone else's."""
+requests bounded in number, so that one user's leave room for everyone else's; and a request the service
+has no thread or process for, under a real task limit, refused in one line."""
 
 from __future__ import annotations
 
@@ -275,6 +276,20 @@ for thread in threading.enumerate():
 print(json.dumps({"refusal": refusal, "started": len(started), "held": threads._held}))
 """
 
+#: A report with no process to be had for its child.
+NO_PROCESS = """
+import resource
+from chronos.engine import Engine
+from chronos.errors import UnavailableError
+from chronos.service.reports import ReportChildren
+reports = ReportChildren(Engine(state_dir="/tmp/never-made").settings)
+resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # this process alone
+try:
+    reports.build(since=0)
+except UnavailableError as exc:
+    print(exc)
+"""
+
 
 @needs_users
 def test_a_waiting_request_with_no_thread_to_be_had_is_refused_and_holds_nothing(people: dict[str, str]) -> None:
@@ -288,3 +303,16 @@ def test_a_waiting_request_with_no_thread_to_be_had_is_refused_and_holds_nothing
     found = json.loads(out.stdout)
     assert found["refusal"] == "the service cannot start a thread for more jobs now: try again later"
     assert 1 <= found["started"] <= 3 and found["held"] == {}
+
+
+@needs_users
+def test_a_report_with_no_process_to_be_had_is_refused_in_one_line(people: dict[str, str]) -> None:
+    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+    try:
+        out = run_as(people["mallory"], [str(user_python()), "-c", NO_PROCESS],
+                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("the service cannot start a process for the report now (Resource temporarily "
+                                  "unavailable): try again later")

@@ -10,7 +10,8 @@ report costs the machine more than that.
 The child is ``python -m chronos.service.reports``: it reads the engine's settings and the report's
 arguments (a pickle) on its standard input, builds the report as embedded mode does
 (:meth:`chronos.engine.Engine.report`) over the same ledger, and writes the report, or the error it
-raised, as a pickle on its standard output. Both ends are this package, run by the service's user.
+raised (in its wire form, :func:`chronos.service.protocol.error_to_wire`), as a pickle on its standard
+output. Both ends are this package, run by the service's user.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, NoReturn
 from chronos.engine import Engine
 from chronos.errors import ChronosError, LimitError, UnavailableError
 from chronos.policy.report import Report
+from chronos.service.protocol import error_from_wire, error_to_wire
 from chronos.settings import Settings
 
 __all__ = ["CPU_LIMIT_S", "NICE", "ReportChildren"]
@@ -66,9 +68,12 @@ class ReportChildren:
         with self._lock:
             if self._closed:
                 raise UnavailableError(_STOPPING)
-            # cwd "/": ``python -m`` puts the working directory first on the path, and "/" is root's alone.
-            child = subprocess.Popen([sys.executable, "-m", "chronos.service.reports"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=env)
+            try:  # cwd "/": ``python -m`` puts the working directory first on the path, and "/" is root's alone
+                child = subprocess.Popen([sys.executable, "-m", "chronos.service.reports"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=env)
+            except OSError as exc:  # no process to be had now (a limit on the service's tasks)
+                raise UnavailableError(f"the service cannot start a process for the report now ({exc.strerror}): "
+                                       "try again later") from None
             self._running.add(child)
         try:
             message: bytes | None = pickle.dumps((self._settings, since, by, self._cpu_limit_s))
@@ -88,7 +93,7 @@ class ReportChildren:
         if child.returncode == 0:
             kind, value = pickle.loads(out)
             if kind == "error":
-                raise value
+                raise error_from_wire(value)
             assert isinstance(value, Report)
             return value
         self._failed(child.returncode, err)
@@ -133,7 +138,7 @@ def _child() -> None:
     try:
         outcome = ("report", engine.report(since=since, by=by))
     except ChronosError as exc:
-        outcome = ("error", exc)
+        outcome = ("error", error_to_wire(exc))  # as an answer carries it: the class, the message, the rule
     finally:
         engine.close()
     sys.stdout.buffer.write(pickle.dumps(outcome))
