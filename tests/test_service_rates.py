@@ -54,6 +54,25 @@ def test_a_user_may_write_a_burst_then_at_the_rate_and_users_are_counted_apart()
         rates.take(1000)
 
 
+def test_whether_a_user_is_exempt_is_asked_only_past_the_limit() -> None:
+    clock = Clock()
+    rates = WriteRates(per_second=10, burst=3, clock=clock)
+    asked: list[int] = []
+
+    def admin() -> bool:
+        asked.append(1)
+        return True
+
+    for _ in range(3):
+        rates.take(1000, exempt=admin)
+    assert asked == []  # within the limit: no lookup of the groups
+    for _ in range(4):
+        rates.take(1000, exempt=admin)  # past it, an admin goes on
+    assert len(asked) == 4
+    with pytest.raises(UnavailableError):
+        rates.take(1000, exempt=lambda: False)
+
+
 def test_full_buckets_are_forgotten_once_many_users_have_written() -> None:
     clock = Clock()
     rates = WriteRates(per_second=10, burst=5, clock=clock)

@@ -320,8 +320,8 @@ def handle(call: Call, op: str) -> Any:
     if handler is None:
         raise ProtocolError(f"unknown operation {op!r}: see docs/protocol.md")
     with _as(call.peer):
-        if op in RATED_OPS and call.rates is not None and not call.admin:
-            call.rates.take(call.peer.uid)
+        if op in RATED_OPS and call.rates is not None:
+            call.rates.take(call.peer.uid, exempt=lambda: call.admin)
         return handler(call)
 
 

@@ -43,24 +43,32 @@ class WriteRates:
         #: uid -> when the service's log last said it was refused.
         self._warned: dict[int, float] = {}
 
-    def take(self, uid: int) -> None:
-        """Spend one of ``uid``'s writes; raises :class:`UnavailableError` (nothing spent) past the limit."""
+    def take(self, uid: int, exempt: Callable[[], bool] = lambda: False) -> None:
+        """Spend one of ``uid``'s writes; past the limit, raises :class:`UnavailableError` (nothing spent)
+        unless ``exempt()``. That is asked only then: whether a user is an admin may mean a lookup of the
+        groups (NSS, perhaps LDAP), which the service's I/O thread should not wait for on every write."""
         now = self._clock()
         with self._lock:
             tokens, then = self._buckets.get(uid, (self._burst, now))
             tokens = min(self._burst, tokens + (now - then) * self._per_second)
-            if tokens < 1.0:
-                self._buckets[uid] = (tokens, now)
-                wait = (1.0 - tokens) / self._per_second
-                if now - self._warned.get(uid, -WARN_EVERY_S) >= WARN_EVERY_S:
-                    self._warned[uid] = now
-                    log.warning("uid %d writes faster than %g a second: its writes are refused until it slows down",
-                                uid, self._per_second)
-                raise UnavailableError(f"too many writes: one user may make {self._burst:.0f} at once and "
-                                       f"{self._per_second:g} a second after that; try again in {wait:.2f} s")
-            self._buckets[uid] = (tokens - 1.0, now)
-            if len(self._buckets) > 1024:
-                self._forget_full(now)
+            if tokens >= 1.0:
+                self._buckets[uid] = (tokens - 1.0, now)
+                if len(self._buckets) > 1024:
+                    self._forget_full(now)
+                return
+            self._buckets[uid] = (tokens, now)
+        if exempt():
+            return
+        with self._lock:
+            warn = now - self._warned.get(uid, -WARN_EVERY_S) >= WARN_EVERY_S
+            if warn:
+                self._warned[uid] = now
+        if warn:
+            log.warning("uid %d writes faster than %g a second: its writes are refused until it slows down", uid,
+                        self._per_second)
+        raise UnavailableError(f"too many writes: one user may make {self._burst:.0f} at once and "
+                               f"{self._per_second:g} a second after that; try again in "
+                               f"{(1.0 - tokens) / self._per_second:.2f} s")
 
     def _forget_full(self, now: float) -> None:
         full = [uid for uid, (tokens, then) in self._buckets.items()
