@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,15 +138,25 @@ def full_machine(people: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _flood(service: Service, who: str, n: int) -> tuple[list[str], float]:
-    python = user_python()
-    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
-    try:
-        out = run_as(who, [str(python), "-I", "-c", FLOOD, str(service.socket), str(n)],
-                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
+@pytest.fixture(scope="module")
+def src() -> Iterator[Path]:
+    """This checkout's Chronos, copied once where the test users may read it."""
+    copy = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
+    yield copy
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def _python_as(who: str, src: Path, *argv: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The users' Python run as ``who`` with ``argv`` and ``src`` on its path; it must exit 0."""
+    out = run_as(who, [str(user_python()), *argv], timeout=timeout,
+                 env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src), **(env or {})})
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def _flood(service: Service, who: str, n: int, src: Path) -> tuple[list[str], float]:
+    out = _python_as(who, src, "-I", "-c", FLOOD, str(service.socket), str(n))
     found = json.loads(out.stdout)
     return found["said"], found["seconds"]
 
@@ -164,9 +175,9 @@ needs_users = pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)
 
 @needs_users
 def test_a_user_flooding_refused_requests_writes_at_most_the_burst_and_the_rate(
-        people: dict[str, str], full_machine: Service) -> None:
+        people: dict[str, str], full_machine: Service, src: Path) -> None:
     n = BURST + 150
-    said, seconds = _flood(full_machine, people["mallory"], n)
+    said, seconds = _flood(full_machine, people["mallory"], n, src)
     limited = [s for s in said if s.startswith("too many writes")]
     refused = [s for s in said if not s.startswith("too many writes")]
     assert all("ok" != s for s in said)  # the machine is full: the engine refuses each one it sees
@@ -181,14 +192,16 @@ def test_a_user_flooding_refused_requests_writes_at_most_the_burst_and_the_rate(
 
 
 @needs_users
-def test_root_and_the_admin_group_are_not_held_back(people: dict[str, str], full_machine: Service) -> None:
+def test_root_and_the_admin_group_are_not_held_back(people: dict[str, str], full_machine: Service,
+                                                     src: Path) -> None:
     for who in ("root", people["boss"]):
-        said, _seconds = _flood(full_machine, who, BURST + 50)
+        said, _seconds = _flood(full_machine, who, BURST + 50, src)
         assert not [s for s in said if s.startswith("too many writes")], who
 
 
 @needs_users
-def test_a_user_past_the_rate_can_still_release_their_lease(people: dict[str, str], full_machine: Service) -> None:
+def test_a_user_past_the_rate_can_still_release_their_lease(people: dict[str, str], full_machine: Service,
+                                                            src: Path) -> None:
     chronos.leases()[0].release()  # room for the user's own lease, and the user's flood is refused by the engine
     code = ("import chronos, sys\n"
             "lease = chronos.reserve('1G', '1h', bind=False)\n"
@@ -205,16 +218,10 @@ def test_a_user_past_the_rate_can_still_release_their_lease(people: dict[str, st
             "    print(str(exc).split(':')[0])\n"
             "lease.release()\n"
             "print(lease.active)\n")
-    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
-    try:
-        out = run_as(people["mallory"], [str(user_python()), "-c", code],
-                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src), "NO_COLOR": "1",
-                          "CHRONOS_SERVER": str(full_machine.socket), "CHRONOS_BACKEND": "simulated",
-                          "CHRONOS_STATE_DIR": "/root/never-opened", "CHRONOS_CONFIG": "/nonexistent/config.toml",
-                          "CHRONOS_USER_CONFIG": "/nonexistent/user.toml"}, timeout=120)
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
-    assert out.returncode == 0, out.stderr
+    out = _python_as(people["mallory"], src, "-c", code, timeout=120, env={
+        "NO_COLOR": "1", "CHRONOS_SERVER": str(full_machine.socket), "CHRONOS_BACKEND": "simulated",
+        "CHRONOS_STATE_DIR": "/root/never-opened", "CHRONOS_CONFIG": "/nonexistent/config.toml",
+        "CHRONOS_USER_CONFIG": "/nonexistent/user.toml"})
     assert out.stdout.split() == ["too", "many", "writes", "False"]
 
 
@@ -248,7 +255,7 @@ print(sock.makefile("rb").readline().decode())
 
 @needs_users
 def test_one_users_waiting_requests_are_bounded_and_leave_room_for_others(people: dict[str, str],
-                                                                          full_machine: Service) -> None:
+                                                                          full_machine: Service, src: Path) -> None:
     socks = []
     try:
         for _ in range(MAX_WAITERS_PER_USER):
@@ -264,13 +271,7 @@ def test_one_users_waiting_requests_are_bounded_and_leave_room_for_others(people
                    "or try again later")
         assert answer["ok"] is False
         assert answer["error"] == {"code": "unavailable", "exit": 3, "message": message}
-        src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
-        try:
-            out = run_as(people["mallory"], [str(user_python()), "-I", "-c", WAIT_ONCE, str(full_machine.socket)],
-                         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
-        finally:
-            shutil.rmtree(src, ignore_errors=True)
-        assert out.returncode == 0, out.stderr
+        out = _python_as(people["mallory"], src, "-I", "-c", WAIT_ONCE, str(full_machine.socket))
         assert "wait" in json.loads(out.stdout), out.stdout  # another user still queues
     finally:
         for sock in socks:
@@ -311,27 +312,16 @@ except UnavailableError as exc:
 
 
 @needs_users
-def test_a_waiting_request_with_no_thread_to_be_had_is_refused_and_holds_nothing(people: dict[str, str]) -> None:
-    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
-    try:
-        out = run_as(people["mallory"], [str(user_python()), "-c", NO_THREADS],
-                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
-    assert out.returncode == 0, out.stderr
+def test_a_waiting_request_with_no_thread_to_be_had_is_refused_and_holds_nothing(people: dict[str, str],
+                                                                                 src: Path) -> None:
+    out = _python_as(people["mallory"], src, "-c", NO_THREADS)
     found = json.loads(out.stdout)
     assert found["refusal"] == "the service cannot start a thread for more jobs now: try again later"
     assert 1 <= found["started"] <= 3 and found["held"] == {}
 
 
 @needs_users
-def test_a_report_with_no_process_to_be_had_is_refused_in_one_line(people: dict[str, str]) -> None:
-    src = readable_copy(Path("/var/tmp") / f"chronos-src-rates-{os.getpid()}")
-    try:
-        out = run_as(people["mallory"], [str(user_python()), "-c", NO_PROCESS],
-                     env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(src)})
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
-    assert out.returncode == 0, out.stderr
+def test_a_report_with_no_process_to_be_had_is_refused_in_one_line(people: dict[str, str], src: Path) -> None:
+    out = _python_as(people["mallory"], src, "-c", NO_PROCESS)
     assert out.stdout.strip() == ("the service cannot start a process for the report now (Resource temporarily "
                                   "unavailable): try again later")
