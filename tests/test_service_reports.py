@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,13 +90,13 @@ def _cpu_limit(pid: int) -> list[str]:
     return line.split()[3:5]
 
 
-def _in_thread(build: object) -> tuple[threading.Thread, list[object]]:
+def _in_thread(build: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     """``build()`` on a thread of its own; what it returned or raised lands in the list."""
     outcome: list[object] = []
 
     def run() -> None:
         try:
-            outcome.append(build())  # type: ignore[operator]
+            outcome.append(build())
         except Exception as exc:
             outcome.append(exc)
 
@@ -112,13 +113,12 @@ def _without_until(report: Report) -> dict[str, object]:
 
 def test_a_report_through_the_service_is_built_by_a_child_at_low_priority_and_equals_embedded(
         history: Path, service: Service) -> None:
-    _long_history(service, history)
-    assert service.process is not None
+    pid = _long_history(service, history)
     thread, outcome = _in_thread(lambda: chronos.report(since=0, by="gpu"))
-    child = wait_for(lambda: _children(service.process.pid), timeout=30, what="the report's child process")[0]  # type: ignore[union-attr]
+    child = wait_for(lambda: _children(pid), timeout=30, what="the report's child process")[0]
     # the child lowers its priority, then sets its CPU limit, as soon as it has read its arguments
     wait_for(lambda: _cpu_limit(child) == [str(CPU_LIMIT_S), str(CPU_LIMIT_S + 5)], what="the child's CPU limit")
-    assert _nice(child) == _nice(service.process.pid) + NICE
+    assert _nice(child) == _nice(pid) + NICE
     thread.join(timeout=120)
     assert len(outcome) == 1 and isinstance(outcome[0], Report), outcome
     served = outcome[0]
@@ -126,7 +126,7 @@ def test_a_report_through_the_service_is_built_by_a_child_at_low_priority_and_eq
     service.stop()
     embedded = Engine(state_dir=service.state_dir).report(since=0, by="gpu")
     assert _without_until(served) == _without_until(embedded)
-    assert not _children(service.process.pid)
+    assert not _children(pid)
 
 
 def _long_history(service: Service, history: Path) -> int:
